@@ -41,9 +41,7 @@ def config_from_dict(cls: type[C], data: dict[str, Any]) -> C:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(
-            f"{cls.__name__}: unknown field(s) {', '.join(unknown)}; known: {', '.join(fields)}"
-        )
+        raise ConfigError(f"{cls.__name__}: unknown field(s) {', '.join(unknown)}; known: {', '.join(fields)}")
     hints = typing.get_type_hints(cls)
     kwargs = {k: _coerce(v, hints.get(k)) for k, v in data.items()}
     try:

@@ -1,0 +1,5 @@
+import sys
+
+from notelab.cli import main
+
+sys.exit(main())

@@ -1,0 +1,44 @@
+"""``notelab <family> <verb>`` and ``notelab reproduce``: parse, call the library, print.
+
+Bad input anywhere in the library raises a :class:`NotelabError`; here it becomes one line on
+stderr and exit code 2, so scripts can tell a usage error from a crash.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from notelab import __version__
+from notelab.core.errors import NotelabError
+
+# Each module registers its subcommands through `add_parser(subparsers)`.
+COMMANDS = ("notelab.cli.reproduce", "notelab.cli.diffusion", "notelab.cli.seq", "notelab.cli.lm")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="notelab", description="ML study notes as working, tested code.")
+    parser.add_argument("--version", action="version", version=f"notelab {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in COMMANDS:
+        importlib.import_module(module).add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (0 ok, 2 bad input or usage)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    try:
+        return int(args.func(args) or 0)
+    except NotelabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,26 @@
+"""Normalisation layers.
+
+RMSNorm (Zhang & Sennrich 2019), used by LLaMA (Touvron et al. 2023) in place of LayerNorm:
+
+    RMSNorm(x) = x / sqrt(mean(x^2) + eps) * g
+
+No mean subtraction and no bias: cheaper than LayerNorm and as good in practice. The statistic is
+computed in float32 whatever the input dtype, then cast back (as the reference Llama code does).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)

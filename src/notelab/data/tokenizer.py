@@ -1,0 +1,118 @@
+"""Byte-level BPE tokenizer shared by every text model (Sennrich et al. 2016; GPT-2's byte-level variant).
+
+BPE starts from the 256 byte values (so any text, in any script, encodes with no unknown token)
+and repeatedly merges the most frequent adjacent pair into a new token until the vocabulary has
+``vocab_size`` entries. Training and encoding run in Hugging Face ``tokenizers`` (Rust); the file
+format is its ``tokenizer.json``, the one Llama 3 checkpoints ship, so an existing
+``tokenizer.json`` loads the same way.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from tokenizers import Tokenizer as _HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+from notelab.core.errors import ConfigError, DataError
+from notelab.core.io import atomic_write_text
+
+PAD = "<|pad|>"
+BOS = "<|begin_of_text|>"
+EOS = "<|end_of_text|>"
+# Llama 3 chat-format tokens, reserved in every tokenizer notelab trains so the chat template works.
+CHAT_TOKENS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+DEFAULT_SPECIALS = (PAD, BOS, EOS, *CHAT_TOKENS)
+
+
+class Tokenizer:
+    """Text <-> token ids. ``pad_id`` / ``bos_id`` / ``eos_id`` are ``None`` when the vocabulary lacks them."""
+
+    def __init__(self, backend: _HFTokenizer) -> None:
+        self.backend = backend
+        self.pad_id = backend.token_to_id(PAD)
+        self.bos_id = backend.token_to_id(BOS)
+        self.eos_id = backend.token_to_id(EOS)
+
+    @classmethod
+    def train(
+        cls,
+        texts: Iterable[str],
+        vocab_size: int = 4096,
+        special_tokens: Sequence[str] = DEFAULT_SPECIALS,
+        min_frequency: int = 2,
+    ) -> Tokenizer:
+        """Learn byte-level BPE merges on ``texts``; ids 0.. are the ``special_tokens`` in order."""
+        if vocab_size < 256 + len(special_tokens):
+            raise ConfigError(
+                f"vocab_size must be at least {256 + len(special_tokens)} (bytes + specials), got {vocab_size}"
+            )
+        backend = _HFTokenizer(models.BPE())
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        backend.post_processor = processors.ByteLevel(trim_offsets=False)
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=list(special_tokens),
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        backend.train_from_iterator(texts, trainer=trainer)
+        return cls(backend)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> Tokenizer:
+        """Load a ``tokenizer.json`` (a file, or a directory holding one)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        if not path.is_file():
+            raise DataError(f"expected a tokenizer.json at {path}, found none")
+        try:
+            return cls(_HFTokenizer.from_file(str(path)))
+        except Exception as e:  # the Rust side raises a bare Exception on malformed JSON
+            raise DataError(f"{path}: not a valid tokenizer.json ({e})") from e
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write ``tokenizer.json`` (to ``path`` or into the directory ``path``) atomically."""
+        path = Path(path)
+        if path.is_dir() or not path.suffix:
+            path = path / "tokenizer.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, self.backend.to_str(pretty=False))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def id_to_token(self, idx: int) -> str | None:
+        return self.backend.id_to_token(idx)
+
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        if add_bos:
+            ids = [self._need(self.bos_id, BOS), *ids]
+        if add_eos:
+            ids = [*ids, self._need(self.eos_id, EOS)]
+        return ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        bad = [i for i in ids if not 0 <= int(i) < self.vocab_size]
+        if bad:
+            raise DataError(f"decode: token ids must be in [0, {self.vocab_size}), got {bad[:5]}")
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    @staticmethod
+    def _need(idx: int | None, name: str) -> int:
+        if idx is None:
+            raise ConfigError(f"this tokenizer has no {name} token")
+        return idx

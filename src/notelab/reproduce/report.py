@@ -1,0 +1,86 @@
+"""The HTML report: one section per claim, tables and PNG figures, no JavaScript."""
+
+from __future__ import annotations
+
+import datetime
+import html
+import platform
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from notelab import __version__
+from notelab.core.io import atomic_write_text
+from notelab.reproduce.base import ClaimResult, Table
+
+_CSS = """
+body { font-family: system-ui, sans-serif; max-width: 60rem; margin: 2rem auto; padding: 0 1rem; color: #222; }
+h1 { margin-bottom: .2rem; } .meta { color: #666; font-size: .9rem; }
+section { border-top: 1px solid #ddd; margin-top: 2rem; padding-top: 1rem; }
+blockquote { color: #444; border-left: 3px solid #bbb; margin: .5rem 0; padding-left: .8rem; }
+table { border-collapse: collapse; margin: .8rem 0; font-size: .9rem; }
+th, td { border: 1px solid #ccc; padding: .25rem .6rem; text-align: right; } th { background: #f4f4f4; }
+td:first-child, th:first-child { text-align: left; }
+.verdict { font-weight: bold; padding: .1rem .5rem; border-radius: .3rem; }
+.holds { background: #d9f2d9; } .does-not-hold { background: #f8d7d7; } .inconclusive { background: #fdf0c4; }
+figure { margin: 1rem 0; } figure img { max-width: 100%; border: 1px solid #eee; }
+figcaption { color: #555; font-size: .9rem; } .note { color: #555; font-size: .85rem; }
+"""
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return html.escape(str(value))
+
+
+def _table(t: Table) -> str:
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in t.columns)
+    body = "".join("<tr>" + "".join(f"<td>{_cell(v)}</td>" for v in row) + "</tr>" for row in t.rows)
+    note = f'<p class="note">{html.escape(t.note)}</p>' if t.note else ""
+    return f"<h3>{html.escape(t.title)}</h3><table><tr>{head}</tr>{body}</table>{note}"
+
+
+def _section(r: ClaimResult) -> str:
+    figs = "".join(
+        f'<figure><img src="{html.escape(r.name)}/{html.escape(f.path)}" alt="{html.escape(f.title)}">'
+        f"<figcaption><b>{html.escape(f.title)}.</b> {html.escape(f.caption)}</figcaption></figure>"
+        for f in r.figures
+    )
+    settings = ", ".join(f"{k}={v}" for k, v in r.settings.items())
+    return (
+        f'<section id="{html.escape(r.name)}"><h2>{html.escape(r.title)}</h2>'
+        f"<blockquote>{html.escape(r.claim)}</blockquote>"
+        f'<p>Verdict: <span class="verdict {r.verdict.replace(" ", "-")}">{html.escape(r.verdict)}</span> '
+        f'<span class="note">({r.seconds:.0f} s; {html.escape(settings)})</span></p>'
+        f"<p>{html.escape(r.summary)}</p>{''.join(_table(t) for t in r.tables)}{figs}</section>"
+    )
+
+
+def write_report(results: Sequence[ClaimResult], out_dir: str | Path, quick: bool, failures: dict[str, str]) -> Path:
+    """Write ``out_dir/index.html`` summarising ``results`` (figures are already in ``out_dir/<claim>/``)."""
+    out_dir = Path(out_dir)
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or 'cpu'})"
+    rows = "".join(
+        f'<tr><td><a href="#{r.name}">{html.escape(r.title)}</a></td>'
+        f'<td><span class="verdict {r.verdict.replace(" ", "-")}">{r.verdict}</span></td><td>{r.seconds:.0f}</td></tr>'
+        for r in results
+    )
+    rows += "".join(
+        f'<tr><td>{html.escape(n)}</td><td><span class="verdict does-not-hold">failed to run</span></td>'
+        f"<td>{html.escape(e)}</td></tr>"
+        for n, e in failures.items()
+    )
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>notelab report</title><style>{_CSS}</style>"
+        f"</head><body><h1>notelab: the notes' claims, reproduced</h1>"
+        f'<p class="meta">{now} &middot; notelab {__version__} &middot; torch {torch.__version__} &middot; '
+        f"{html.escape(device)} &middot; {'quick mode (small budgets)' if quick else 'full runs'}</p>"
+        f"<table><tr><th>claim</th><th>verdict</th><th>seconds</th></tr>{rows}</table>"
+        f"{''.join(_section(r) for r in results)}</body></html>\n"
+    )
+    path = out_dir / "index.html"
+    atomic_write_text(path, page)
+    return path
