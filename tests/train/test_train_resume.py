@@ -1,0 +1,159 @@
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from train_toys import mse_loss, run_resumable, toy_data, toy_model
+
+from notelab.core.errors import CheckpointError
+from notelab.train import TrainConfig, find_checkpoint, fit, load_checkpoint, save_checkpoint
+from notelab.train import state as state_mod
+
+HERE = Path(__file__).parent
+
+
+class Interrupt(Exception):
+    pass
+
+
+def stop_at(k):
+    def cb(step, logs):
+        if step == k:
+            raise Interrupt
+
+    return cb
+
+
+def checkpoint_tensors(out_dir):
+    ckpt = Path(out_dir) / "checkpoint"
+    return {f: load_file(ckpt / f) for f in ("model.safetensors", "ema.safetensors", "optimizer.safetensors")}
+
+
+def assert_identical(a, b):
+    for name in a:
+        assert a[name].keys() == b[name].keys(), name
+        for key in a[name]:
+            assert torch.equal(a[name][key], b[name][key]), f"{name}:{key}"
+
+
+def comparable(records):
+    drop = ("seconds", "samples_per_s")
+    return [{k: v for k, v in r.items() if k not in drop} for r in records]
+
+
+def test_interrupted_and_resumed_run_is_bit_identical(tmp_path):
+    ref = run_resumable(str(tmp_path / "ref"))
+    with pytest.raises(Interrupt):
+        run_resumable(str(tmp_path / "cut"), callbacks=[stop_at(8)])
+    assert json.loads((tmp_path / "cut/checkpoint/trainer_state.json").read_text())["step"] == 6
+    # A model built from another seed: every weight must come from the checkpoint.
+    res = run_resumable(str(tmp_path / "cut"), resume=True, seed=123)
+    assert res.step == 10
+    for p, q in zip(ref.model.parameters(), res.model.parameters()):
+        assert torch.equal(p, q)
+    assert_identical(checkpoint_tensors(tmp_path / "ref"), checkpoint_tensors(tmp_path / "cut"))
+    # The log of the resumed run continues the old one: records after the checkpoint are redone.
+    assert comparable(res.history) == comparable(ref.history)
+    assert [r["step"] for r in res.history] == [2, 4, 6, 8, 10]
+
+
+def test_sigkilled_subprocess_resumes_bit_identical(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(HERE / "fit_worker.py"), str(tmp_path / "cut")]
+    killed = subprocess.run([*cmd, "8"], env=env, capture_output=True, timeout=120)
+    assert killed.returncode == -9, killed.stderr.decode()[-2000:]
+    assert json.loads((tmp_path / "cut/checkpoint/trainer_state.json").read_text())["step"] == 6
+    run_resumable(str(tmp_path / "cut"), resume=True, seed=1)
+    run_resumable(str(tmp_path / "ref"))
+    assert_identical(checkpoint_tensors(tmp_path / "ref"), checkpoint_tensors(tmp_path / "cut"))
+
+
+def test_failure_mid_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    model = toy_model()
+    fit(model, mse_loss, toy_data(), TrainConfig(steps=4, batch_size=8, out_dir=str(tmp_path), progress=False))
+    before = load_file(tmp_path / "checkpoint" / "model.safetensors")
+    real_save = state_mod.save_weights
+
+    def save_then_crash(state, path, metadata=None):
+        real_save(state, path, metadata)
+        if Path(path).name == "optimizer.safetensors":
+            raise OSError("disk full")
+
+    monkeypatch.setattr(state_mod, "save_weights", save_then_crash)
+    with pytest.raises(OSError, match="disk full"):
+        fit(
+            model,
+            mse_loss,
+            toy_data(),
+            TrainConfig(steps=8, batch_size=8, out_dir=str(tmp_path), progress=False, resume=True),
+        )
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint", "log.jsonl"]  # no half-written directory left behind
+    after = load_file(tmp_path / "checkpoint" / "model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    loaded = load_checkpoint(tmp_path / "checkpoint", model=toy_model(seed=5))
+    assert loaded.step == 4
+
+
+def test_checkpoint_moved_aside_by_a_crash_is_still_found(tmp_path):
+    fit(toy_model(), mse_loss, toy_data(), TrainConfig(steps=2, batch_size=8, out_dir=str(tmp_path), progress=False))
+    os.replace(tmp_path / "checkpoint", tmp_path / ".checkpoint.old")  # the instant inside atomic_dir
+    assert find_checkpoint(tmp_path) == tmp_path / ".checkpoint.old"
+    res = fit(
+        toy_model(),
+        mse_loss,
+        toy_data(),
+        TrainConfig(steps=3, batch_size=8, out_dir=str(tmp_path), progress=False, resume=True),
+    )
+    assert res.step == 3 and res.history[-1]["step"] == 3
+    assert find_checkpoint(tmp_path) == tmp_path / "checkpoint"
+
+
+def test_resume_into_a_different_model_is_a_checkpoint_error(tmp_path):
+    cfg = TrainConfig(steps=2, batch_size=8, out_dir=str(tmp_path), progress=False)
+    fit(toy_model(hidden=16), mse_loss, toy_data(), cfg)
+    resume = TrainConfig(steps=4, batch_size=8, out_dir=str(tmp_path), progress=False, resume=True)
+    with pytest.raises(CheckpointError, match="shape mismatch"):
+        fit(toy_model(hidden=8), mse_loss, toy_data(), resume)
+
+
+def test_truncated_checkpoint_is_a_checkpoint_error(tmp_path):
+    fit(toy_model(), mse_loss, toy_data(), TrainConfig(steps=2, batch_size=8, out_dir=str(tmp_path), progress=False))
+    weights = tmp_path / "checkpoint" / "optimizer.safetensors"
+    weights.write_bytes(weights.read_bytes()[:40])
+    with pytest.raises(CheckpointError, match="optimizer.safetensors"):
+        load_checkpoint(
+            tmp_path / "checkpoint", model=toy_model(), optimizer=torch.optim.AdamW(toy_model().parameters())
+        )
+
+
+def test_resume_without_checkpoint_starts_fresh_with_a_warning(tmp_path, caplog):
+    cfg = TrainConfig(steps=3, batch_size=8, out_dir=str(tmp_path / "new"), progress=False, resume=True)
+    with caplog.at_level(logging.WARNING, logger="notelab.train"):
+        res = fit(toy_model(), mse_loss, toy_data(), cfg)
+    assert "no checkpoint" in caplog.text and res.step == 3
+    fresh = fit(toy_model(), mse_loss, toy_data(), TrainConfig(steps=3, batch_size=8, progress=False))
+    assert all(torch.equal(p, q) for p, q in zip(res.model.parameters(), fresh.model.parameters()))
+
+
+def test_optimizer_state_round_trip(tmp_path):
+    model = toy_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.8, 0.95))
+    for _ in range(2):
+        mse_loss(model, toy_data(8), None).backward()
+        opt.step()
+    save_checkpoint(tmp_path / "ck", step=2, config=TrainConfig(), model=model, optimizer=opt)
+    model2 = toy_model(seed=3)
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=1.0)
+    load_checkpoint(tmp_path / "ck", model=model2, optimizer=opt2)
+    a, b = opt.state_dict(), opt2.state_dict()
+    assert a["param_groups"] == b["param_groups"]  # betas come back as a tuple
+    for pid in a["state"]:
+        for key in a["state"][pid]:
+            assert torch.equal(a["state"][pid][key], b["state"][pid][key])
+    assert not list(Path(tmp_path).rglob("*.pkl")) and not list(Path(tmp_path).rglob("*.pt"))
