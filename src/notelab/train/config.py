@@ -18,6 +18,7 @@ class TrainConfig:
     lr: float = 3e-4  # peak learning rate
     weight_decay: float = 0.0  # decoupled (AdamW); never applied to 1-D params (norms, biases)
     betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8  # Adam's epsilon (the Transformer paper used 1e-9)
     warmup_steps: int = 0  # linear warmup from 0
     min_lr_ratio: float = 0.0  # cosine decays from lr to lr * min_lr_ratio at `steps`
     schedule: str = "cosine"  # "cosine" | "constant"; `fit(lr_fn=...)` overrides both

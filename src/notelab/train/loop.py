@@ -81,7 +81,7 @@ def build_optimizer(model: nn.Module, config: TrainConfig, device: torch.device)
     """AdamW over ``param_groups``; the fused CUDA kernel when on GPU."""
     fused = device.type == "cuda" and all(p.is_floating_point() for p in model.parameters())
     return torch.optim.AdamW(
-        param_groups(model, config.weight_decay), lr=config.lr, betas=config.betas, fused=fused or None
+        param_groups(model, config.weight_decay), lr=config.lr, betas=config.betas, eps=config.eps, fused=fused or None
     )
 
 
@@ -90,6 +90,7 @@ def _apply_config_hparams(optimizer: torch.optim.Optimizer, config: TrainConfig)
     for group in optimizer.param_groups:
         group["initial_lr"] = config.lr
         group["betas"] = config.betas
+        group["eps"] = config.eps
         if group["weight_decay"] != 0.0:
             group["weight_decay"] = config.weight_decay
 
