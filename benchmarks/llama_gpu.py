@@ -1,0 +1,380 @@
+"""Llama-3.2-1B shape on one GPU: training MFU and batch-1 greedy decode, notelab against transformers.
+
+Both models have the Llama-3.2-1B shape (1.24B parameters, tied embeddings, GQA 32/8, vocab
+128,256), random weights (speed does not depend on them), and run in the same process:
+
+(0) the card: bf16 matmul peak (TFLOP/s of large ``torch.mm``) and device copy bandwidth
+    (``dst.copy_(src)`` of a multi-GB buffer, bytes read + written per second), both measured here;
+(a) training at ``--batch`` x ``--seq`` (8 x 2048): fp32 master weights, bf16 autocast, fused AdamW,
+    next-token cross-entropy. notelab eager and ``torch.compile``d (forward + loss), transformers
+    ``LlamaForCausalLM`` with ``attn_implementation="sdpa"``. tokens/s, MFU = (6 N + 12 L d T) * tokens/s
+    / measured peak (``notelab.lm.flops``), peak memory;
+(b) batch-1 greedy decode in bf16 (``--prompt`` prompt tokens, ``--new-tokens`` new ones): notelab
+    eager (dynamic cache) and compiled static-cache decode step (CUDA graphs), transformers
+    ``generate`` eager and with its static cache + compiled forward. tokens/s against the HBM
+    roofline, weight bytes / copy bandwidth (each token reads every weight once).
+
+Every phase is guarded: a failure prints its error and the others still run. A JSON with every
+figure goes to ``--out``.
+
+    python benchmarks/llama_gpu.py --out llama_gpu.json            # on the GPU (about 5 minutes)
+    python benchmarks/llama_gpu.py --tiny --device cpu             # smoke test on CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import signal
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+from notelab.lm import Llama, LlamaConfig, generate
+from notelab.lm.convert import config_to_hf, ours_to_hf
+from notelab.lm.flops import count_parameters, flops_per_token, weight_bytes
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def clear(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gb(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
+
+
+def matmul_peak(device: torch.device, n: int, iters: int) -> float:
+    """Measured bf16 matmul FLOP/s: best of a few timed batches of ``n x n @ n x n``."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    best = 0.0
+    for _ in range(3):
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            torch.mm(a, b)
+        sync(device)
+        best = max(best, 2 * n**3 * iters / (time.perf_counter() - t0))
+    return best
+
+
+def copy_bandwidth(device: torch.device, nbytes: int, iters: int) -> float:
+    """Measured device copy bandwidth in bytes/s, counting the bytes read and the bytes written."""
+    src = torch.empty(nbytes // 2, device=device, dtype=torch.bfloat16).fill_(1.0)
+    dst = torch.empty_like(src)
+    best = 0.0
+    for _ in range(3):
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            dst.copy_(src)
+        sync(device)
+        best = max(best, 2 * nbytes * iters / (time.perf_counter() - t0))
+    return best
+
+
+def hf_model(config: LlamaConfig, device: torch.device, dtype: torch.dtype):
+    import transformers
+
+    cfg = transformers.LlamaConfig.from_dict(config_to_hf(config, dtype))
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
+    return model.to(dtype)
+
+
+def copy_weights_to_hf(ours: Llama, hf) -> None:
+    state = {ours_to_hf(k): v for k, v in ours.state_dict().items()}
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    if [k for k in missing if "rotary" not in k] or unexpected:
+        raise RuntimeError(f"weight copy to transformers failed: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
+def next_token_loss(model, hf: bool):
+    """``loss(x, y)``: cross-entropy of the logits (upcast to fp32) against the next tokens."""
+
+    def loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = model(input_ids=x).logits if hf else model(x)
+        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+
+    return loss
+
+
+def train_run(step_fn, params, device, batch, seq, vocab, warmup, steps) -> dict:
+    """Time ``steps`` optimizer steps (after ``warmup``) of next-token loss ``step_fn(x, y)``; fused AdamW."""
+    fused = device.type == "cuda"
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1, fused=fused)
+    g = torch.Generator(device=device).manual_seed(0)
+    data = torch.randint(0, vocab, (batch, seq + 1), device=device, generator=g)
+    x, y = data[:, :-1].contiguous(), data[:, 1:].contiguous()
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    losses = []
+    t_compile = time.perf_counter()
+    for i in range(warmup + steps):
+        if i == warmup:
+            sync(device)
+            t_warm = time.perf_counter() - t_compile
+            t0 = time.perf_counter()
+        with amp:
+            loss = step_fn(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i in (0, warmup + steps - 1):
+            losses.append(float(loss.detach()))
+    sync(device)
+    dt = time.perf_counter() - t0
+    del opt
+    return {"step_ms": 1e3 * dt / steps, "tokens_per_s": batch * seq * steps / dt, "warmup_s": t_warm, "loss": losses}
+
+
+def _alarm(signum, frame):
+    raise TimeoutError("phase ran past --phase-timeout-s")
+
+
+def phase(name: str, results: list, fn, timeout_s: float = 0.0) -> None:
+    """Run one guarded phase: its error (or a timeout, via SIGALRM) is recorded and the script goes on."""
+    print(f"\n== {name}", flush=True)
+    t0 = time.perf_counter()
+    if timeout_s > 0 and hasattr(signal, "SIGALRM"):
+        signal.signal(signal.SIGALRM, _alarm)
+        signal.alarm(int(timeout_s))
+    try:
+        out = fn()
+        out["name"] = name
+        out["seconds"] = time.perf_counter() - t0
+        results.append(out)
+        print("   " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in out.items()))
+    except Exception as e:  # one failed phase must not lose the others' figures
+        traceback.print_exc()
+        results.append({"name": name, "error": f"{type(e).__name__}: {e}"[:500]})
+    finally:
+        if timeout_s > 0 and hasattr(signal, "SIGALRM"):
+            signal.alarm(0)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--preset", default="llama3.2-1b")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--prompt", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
+    p.add_argument("--skip-hf", action="store_true", help="skip the transformers phases")
+    p.add_argument("--budget-s", type=float, default=380.0, help="skip the remaining phases past this wall time")
+    p.add_argument("--phase-timeout-s", type=float, default=180.0, help="stop any one phase after this long")
+    p.add_argument("--tiny", action="store_true", help="a small model and sizes: a CPU smoke test of the script")
+    p.add_argument("--out", default=None, help="write every figure as JSON here")
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    overrides = {}
+    if args.tiny:
+        args.preset, args.batch, args.seq, args.steps, args.warmup = "llama3-tiny", 2, 128, 2, 1
+        args.prompt, args.new_tokens = 8, 16
+        overrides = {"vocab_size": 1024}
+    config = LlamaConfig.from_name(args.preset, **overrides)
+    start = time.perf_counter()
+    results: list[dict] = []
+    info = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "preset": args.preset,
+        "params": count_parameters(config),
+        "batch": args.batch,
+        "seq": args.seq,
+        "prompt": args.prompt,
+        "new_tokens": args.new_tokens,
+    }
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        args.skip_hf = True
+    print(json.dumps(info))
+    card: dict[str, float] = {}
+
+    def over_budget() -> bool:
+        return time.perf_counter() - start > args.budget_s
+
+    # (0) the card
+    def measure_card():
+        n, iters, nbytes = (512, 5, 2**24) if args.tiny else (8192, 50, 2**32)
+        card["peak_flops"] = matmul_peak(device, n, iters)
+        card["copy_bytes_per_s"] = copy_bandwidth(device, nbytes, 5 if args.tiny else 20)
+        clear(device)
+        return {"peak_tflops": card["peak_flops"] / 1e12, "copy_gb_per_s": card["copy_bytes_per_s"] / 1e9}
+
+    def run_phase(name: str, fn, timeout_s: float = 0.0) -> None:
+        phase(name, results, fn, timeout_s)
+        save(args.out, info, card, results, start)  # after every phase: a later crash keeps these figures
+
+    run_phase("card: bf16 matmul peak, copy bandwidth", measure_card)
+    peak = card.get("peak_flops", float("nan"))
+    fpt = flops_per_token(config, args.seq, training=True)
+
+    def train(kind: str):
+        def run():
+            clear(device)
+            torch.manual_seed(0)
+            if kind.startswith("notelab"):
+                with torch.device(device):
+                    model = Llama(config)
+                fn = next_token_loss(model, hf=False)
+                fn = torch.compile(fn, dynamic=False) if kind.endswith("compile") else fn
+            else:
+                model = hf_model(config, device, torch.float32)
+                fn = next_token_loss(model, hf=True)
+            model.train()
+            out = train_run(fn, model.parameters(), device, args.batch, args.seq, config.vocab_size,
+                            args.warmup, args.steps)  # fmt: skip
+            out["mfu"] = fpt * out["tokens_per_s"] / peak
+            out["peak_mem_gb"] = peak_memory_gb(device)
+            model = fn = None
+            clear(device)
+            return out
+
+        return run
+
+    train_kinds = ["notelab eager"] + ([] if args.no_compile else ["notelab compile"])
+    train_kinds += [] if args.skip_hf else ["transformers sdpa"]
+    for kind in train_kinds:
+        if over_budget():
+            results.append({"name": f"train {kind}", "error": "skipped: over the time budget"})
+            continue
+        run_phase(f"train {kind}", train(kind), args.phase_timeout_s)
+
+    # (b) decode: one bf16 model shared by every variant
+    shared: dict = {}
+
+    def build_decode_models():
+        clear(device)
+        torch.manual_seed(0)
+        with torch.device(device):
+            ours = Llama(config)
+        ours = ours.to(torch.bfloat16).eval()
+        shared["ours"] = ours
+        g = torch.Generator().manual_seed(1)
+        shared["prompt"] = torch.randint(1, config.vocab_size, (1, args.prompt), generator=g).to(device)
+        if not args.skip_hf:
+            hf = hf_model(config, device, torch.bfloat16).eval()
+            copy_weights_to_hf(ours, hf)
+            hf.generation_config.eos_token_id = None  # random weights: never stop early
+            hf.generation_config.pad_token_id = 0
+            shared["hf"] = hf
+        wb = weight_bytes(ours)
+        shared["roofline"] = card.get("copy_bytes_per_s", float("nan")) / wb
+        return {"weight_gb": wb / 1e9, "roofline_tokens_per_s": shared["roofline"]}
+
+    run_phase("decode: build bf16 models, HBM roofline", build_decode_models)
+
+    def timed(fn) -> tuple[float, list[int]]:
+        sync(device)
+        t0 = time.perf_counter()
+        tokens = fn()
+        sync(device)
+        return time.perf_counter() - t0, tokens
+
+    def decode(kind: str):
+        def run():
+            ours, prompt, n = shared["ours"], shared["prompt"], args.new_tokens
+            if kind == "notelab eager":
+                fn = lambda m: generate(ours, prompt, m)[0]  # noqa: E731
+            elif kind == "notelab compiled static":
+                fn = lambda m: generate(ours, prompt, m, compile=True)[0]  # noqa: E731
+            elif kind == "notelab compiled static, no CUDA graphs":
+                fn = lambda m: generate(ours, prompt, m, compile="default")[0]  # noqa: E731
+            else:
+                hf = shared["hf"]
+                kw = {}
+                if kind == "transformers static compiled":
+                    kw = {"cache_implementation": "static"}
+                    hf.forward = torch.compile(hf.forward, mode="reduce-overhead", fullgraph=True)
+                P = prompt.shape[1]
+
+                def fn(m):
+                    out = hf.generate(prompt, max_new_tokens=m, do_sample=False, **kw)
+                    return out[0, P:].tolist()
+
+            # Warm up (compile, record CUDA graphs, fill the allocator); compiled kinds need the timed shapes.
+            warm_s, _ = timed(lambda: fn(n if "compiled" in kind else min(n, 16)))
+            dt, tokens = timed(lambda: fn(n))
+            shared.setdefault("tokens", {})[kind] = tokens
+            tps = len(tokens) / dt
+            return {"tokens_per_s": tps, "roofline_fraction": tps / shared["roofline"], "warmup_s": warm_s}
+
+        return run
+
+    decode_kinds = ["notelab eager"] + ([] if args.no_compile else ["notelab compiled static"])
+    decode_kinds += [] if args.skip_hf else ["transformers eager"]
+    decode_kinds += [] if args.skip_hf or args.no_compile else ["transformers static compiled"]
+    for kind in decode_kinds:
+        if "ours" not in shared:
+            break
+        if over_budget():
+            results.append({"name": f"decode {kind}", "error": "skipped: over the time budget"})
+            continue
+        run_phase(f"decode {kind}", decode(kind), args.phase_timeout_s)
+        if kind == "notelab compiled static" and "error" in results[-1] and not over_budget():
+            fallback = "notelab compiled static, no CUDA graphs"  # the compiled step without CUDA graphs
+            run_phase(f"decode {fallback}", decode(fallback), args.phase_timeout_s)
+    toks = shared.get("tokens", {})
+    if "notelab eager" in toks:
+        ref = toks["notelab eager"]
+        info["greedy_tokens_equal_to_notelab_eager"] = {k: v == ref for k, v in toks.items()}
+
+    print_table(info, card, results)
+    return save(args.out, info, card, results, start)
+
+
+def save(out: str | None, info: dict, card: dict, results: list[dict], start: float) -> dict:
+    report = {"info": info, "card": card, "results": results, "seconds": time.perf_counter() - start}
+    if out:
+        with open(out, "w") as f:
+            json.dump(report, f, indent=2)
+    return report
+
+
+def print_table(info: dict, card: dict, results: list[dict]) -> None:
+    print(f"\n# {info['preset']} ({info['params'] / 1e9:.3f}B params) on {info['device']}, torch {info['torch']}, "
+          f"transformers {info.get('transformers', '-')}")  # fmt: skip
+    if card:
+        print(f"# measured bf16 matmul peak {card['peak_flops'] / 1e12:.0f} TFLOP/s, "
+              f"copy bandwidth {card['copy_bytes_per_s'] / 1e9:.0f} GB/s")  # fmt: skip
+    print(f"# train: B={info['batch']} x T={info['seq']}, bf16 autocast, fused AdamW, MFU vs the measured peak")
+    print(f"# decode: batch 1 greedy, P={info['prompt']}, N={info['new_tokens']}, bf16, fraction of the HBM roofline")
+    print(f"| {'run':<62} | {'tokens/s':>10} | {'MFU / roofline':>14} | {'peak GB':>7} |")
+    print(f"|{'-' * 64}|{'-' * 12}|{'-' * 16}|{'-' * 9}|")
+    for r in results:
+        if "error" in r:
+            print(f"| {r['name'][:62]:<62} | {'failed':>10} | {r['error'][:14]:>14} | {'':>7} |")
+        elif "tokens_per_s" in r:
+            frac = r.get("mfu", r.get("roofline_fraction"))
+            mem = r.get("peak_mem_gb")
+            mem_s = f"{mem:7.1f}" if mem is not None else f"{'-':>7}"
+            print(f"| {r['name'][:62]:<62} | {r['tokens_per_s']:>10.1f} | {100 * frac:>13.1f}% | {mem_s} |")
+    if "greedy_tokens_equal_to_notelab_eager" in info:
+        print(f"# greedy tokens equal to notelab eager: {info['greedy_tokens_equal_to_notelab_eager']}")
+
+
+if __name__ == "__main__":
+    main()

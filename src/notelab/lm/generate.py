@@ -1,0 +1,268 @@
+"""Autoregressive generation with a static KV cache: greedy, temperature, top-k, top-p, repetition penalty.
+
+Each step picks ``x_{t+1} ~ p(. | x_{<=t})`` from the logits of the last position, processed in
+the order Hugging Face uses:
+
+    repetition penalty  l_i <- l_i / r if l_i > 0 else l_i * r, for tokens already in the sequence
+                        (Keskar et al. 2019, "CTRL", section 4.1)
+    temperature         l <- l / tau;  tau = 0 means greedy (argmax), as in the reference Llama code
+    top-k               keep the k largest logits (Fan et al. 2018)
+    top-p (nucleus)     keep the smallest set of tokens whose probability reaches p (Holtzman et al. 2020)
+
+Prompts of different lengths are left-padded into one batch; an attention mask hides the padding
+and each row's positions start at 0 at its first real token, so a padded row computes what it
+would alone. The prompt is run once (prefill), then one token per step reads the cache.
+
+Two decode steps: "dynamic" attends to the filled prefix of the cache (``KVCache.update``);
+"static" writes with ``KVCache.write`` and masks the whole preallocated cache, so every step has
+the same shapes and ``torch.compile`` (with CUDA graphs on GPU) compiles it once.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from notelab.core.errors import ConfigError, ShapeError
+from notelab.lm.model import Llama
+
+Prompts = Sequence[Sequence[int]] | torch.Tensor
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's penalty on ``logits`` ``(B, V)`` at the tokens where ``seen`` ``(B, V)`` is True."""
+    if penalty == 1.0:
+        return logits
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Set all but the ``k`` largest logits of each row to -inf."""
+    k = min(k, logits.shape[-1])
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose total probability is >= ``p`` (at least one)."""
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    # A token is dropped when the tokens ranked above it already reach p.
+    drop_sorted = (probs.cumsum(dim=-1) - probs) >= p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def next_token(
+    logits: torch.Tensor,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One token per row ``(B,)`` from last-position logits ``(B, V)`` (greedy when temperature is 0)."""
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        logits = top_k_filter(logits, top_k)
+    if top_p is not None and top_p < 1.0:
+        logits = top_p_filter(logits, top_p)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
+
+
+def left_pad(prompts: Prompts, pad_id: int = 0, device: torch.device | str | None = None):
+    """Prompts -> ``tokens (B, P)`` left-padded with ``pad_id`` and ``mask (B, P)`` (True at real tokens)."""
+    if isinstance(prompts, torch.Tensor):
+        tokens = prompts[None] if prompts.ndim == 1 else prompts
+        if tokens.ndim != 2 or tokens.shape[1] == 0:
+            raise ShapeError(f"generate: expected prompts (B, P) with P >= 1, got {tuple(prompts.shape)}")
+        return tokens.long().to(device), torch.ones(tokens.shape, dtype=torch.bool, device=device)
+    rows = [list(map(int, p)) for p in prompts]
+    if not rows or min(len(r) for r in rows) == 0:
+        raise ShapeError("generate: expected at least one non-empty prompt, got an empty one")
+    width = max(len(r) for r in rows)
+    tokens = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], dtype=torch.long, device=device)
+    mask = torch.tensor([[False] * (width - len(r)) + [True] * len(r) for r in rows], device=device)
+    return tokens, mask
+
+
+def _decode_static(model: Llama, token, slot, positions, mask, cache) -> torch.Tensor:
+    """One decode step on the whole static cache; every argument keeps its shape from step to step."""
+    return model._forward(token, slot, positions, mask, cache, 1)[:, -1].float()
+
+
+_COMPILED: dict[str, Callable] = {}
+
+
+def compiled_decode_step(mode: str | None = "reduce-overhead") -> Callable:
+    """``torch.compile`` of the static decode step (one compiled function per mode, reused across calls)."""
+    key = str(mode)
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(_decode_static, mode=mode, fullgraph=True, dynamic=False)
+    return _COMPILED[key]
+
+
+_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _reusable_cache(model: Llama, batch: int, max_len: int, dtype: torch.dtype) -> nn.ModuleList:
+    """One cache per model and shape, kept across calls: new buffers would make the compiled step recompile.
+
+    Reuse is safe: prefill overwrites slots ``[0, P)`` and each step masks the slots after its own.
+    """
+    key = (batch, max_len, dtype)
+    held = _CACHES.get(model)
+    if held is None or held[0] != key:
+        cache = model.make_cache(batch, max_len, dtype=dtype)
+        for kv in cache:  # CUDA graphs read the buffers in place instead of copying them in each step
+            torch._dynamo.mark_static_address(kv.k)
+            torch._dynamo.mark_static_address(kv.v)
+        held = _CACHES[model] = (key, cache)
+    return held[1]
+
+
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
+
+
+@torch.inference_mode()
+def stream(
+    model: Llama,
+    prompts: Prompts,
+    max_new_tokens: int = 64,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    stop_tokens: Sequence[int] = (),
+    generator: torch.Generator | None = None,
+    pad_id: int = 0,
+    static: bool = False,
+    compile: bool | str = False,
+) -> Iterator[list[int | None]]:
+    """Yield, step by step, the new token of every row (``None`` for rows already stopped).
+
+    ``prompts``: lists of token ids (left-padded here), or a ``(B, P)`` / ``(P,)`` tensor taken as
+    unpadded.
+
+    A row stops after one of ``stop_tokens`` (which is not yielded) or after ``max_new_tokens``;
+    generation also stops when the context (``max_seq_len``) is full. ``static`` uses the
+    constant-shape decode step; ``compile`` compiles it (``True``: CUDA graphs on GPU, or a
+    ``torch.compile`` mode string) and implies ``static``.
+    """
+    if temperature < 0 or repetition_penalty <= 0 or (top_k is not None and top_k < 1):
+        raise ConfigError(
+            f"generate: expected temperature >= 0, repetition_penalty > 0 and top_k >= 1, got "
+            f"{temperature}, {repetition_penalty}, {top_k}"
+        )
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ConfigError(f"generate: expected top_p in (0, 1], got {top_p}")
+    device = model.embed_tokens.weight.device
+    tokens, prompt_mask = left_pad(prompts, pad_id, device)
+    B, P = tokens.shape
+    max_len = model.config.max_seq_len
+    if P >= max_len:
+        raise ShapeError(f"generate: prompt of {P} tokens leaves no room in the context of {max_len} tokens")
+    model.check_tokens(tokens)
+    steps = min(max_new_tokens, max_len - P)
+    if steps <= 0:
+        return
+    total = P + steps
+    padded = not bool(prompt_mask.all())
+    mask = torch.ones(B, total, dtype=torch.bool, device=device)
+    mask[:, :P] = prompt_mask
+    n_pad = (~prompt_mask).sum(dim=1, keepdim=True)  # (B, 1)
+    dtype = _autocast_dtype(device) or model.embed_tokens.weight.dtype
+    static = static or bool(compile)
+    if compile:
+        mode = "reduce-overhead" if compile is True and device.type == "cuda" else None
+        step_fn = compiled_decode_step(compile if isinstance(compile, str) else mode)
+        cache = _reusable_cache(model, B, total, dtype)
+    else:
+        step_fn = _decode_static
+        cache = model.make_cache(B, total, dtype=dtype)
+    seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device)
+    if repetition_penalty != 1.0:
+        seen.scatter_(1, tokens, prompt_mask)
+    stops = {int(t) for t in stop_tokens}
+    done = [False] * B
+    done_t: torch.Tensor | None = None  # on the device, once some row has stopped
+    n_done_t = 0
+    slot = torch.tensor(P, device=device)
+
+    def advance(tok: torch.Tensor, s: int) -> torch.Tensor:
+        """Logits ``(B, V)`` after feeding ``tok`` ``(B,)`` at cache slot ``s``."""
+        pos = (s - n_pad) if padded else None
+        if static:
+            if device.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()
+            cur = slot + (s - P)
+            return step_fn(model, tok[:, None], cur, pos if padded else cur.view(1), mask, cache)
+        return model._forward(tok[:, None], s, pos, mask[:, : s + 1] if padded else None, cache, 1)[:, -1].float()
+
+    positions = (prompt_mask.long().cumsum(1) - 1).clamp(min=0) if padded else None
+    logits = model._forward(tokens, 0, positions, mask[:, :P] if padded else None, cache, 1)[:, -1].float()
+    for i in range(steps):
+        if repetition_penalty != 1.0:
+            logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+        tok = next_token(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        if done_t is not None:
+            tok = tok.masked_fill(done_t, pad_id)
+        if repetition_penalty != 1.0:
+            seen.scatter_(1, tok[:, None], True)
+        # Queue the next step before reading this token on the host, so the device never waits for Python.
+        host = tok.to("cpu", non_blocking=True)
+        ready = torch.cuda.Event() if device.type == "cuda" else None
+        if ready is not None:
+            ready.record()
+        if i < steps - 1:
+            logits = advance(tok, P + i)
+        if ready is not None:
+            ready.synchronize()
+        row_tokens: list[int | None] = []
+        for row, t in enumerate(host.tolist()):
+            done[row] = done[row] or t in stops
+            row_tokens.append(None if done[row] else t)
+        yield row_tokens
+        if all(done):
+            return
+        if sum(done) != n_done_t:
+            done_t, n_done_t = torch.tensor(done, device=device), sum(done)
+
+
+def generate(
+    model: Llama,
+    prompts: Prompts,
+    max_new_tokens: int = 64,
+    *,
+    callback: Callable[[int, int], None] | None = None,
+    **kwargs,
+) -> list[list[int]]:
+    """New tokens for each prompt (stop tokens not included); ``callback(row, token)`` streams them.
+
+    ``kwargs`` are those of :func:`stream` (temperature, top_k, top_p, repetition_penalty,
+    stop_tokens, generator, pad_id, static, compile).
+    """
+    n = 1 if isinstance(prompts, torch.Tensor) and prompts.ndim == 1 else len(prompts)
+    out: list[list[int]] = [[] for _ in range(n)]
+    was_training = model.training
+    model.eval()
+    try:
+        for step in stream(model, prompts, max_new_tokens, **kwargs):
+            for row, tok in enumerate(step):
+                if tok is not None:
+                    out[row].append(tok)
+                    if callback is not None:
+                        callback(row, tok)
+    finally:
+        model.train(was_training)
+    return out

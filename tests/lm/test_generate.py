@@ -1,0 +1,119 @@
+"""Generation: KV-cache decoding equals recomputation, padded batches equal single prompts, sampling filters."""
+
+import pytest
+import torch
+
+from notelab.core.errors import ConfigError, ShapeError
+from notelab.lm import Llama, LlamaConfig, generate, next_token, stream
+from notelab.lm.generate import apply_repetition_penalty, left_pad, top_k_filter, top_p_filter
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models: one thread avoids OpenMP spin-waits on a shared 2-core machine (20x faster under load).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def model_of(dtype=torch.float64, **kw) -> Llama:
+    base = dict(vocab_size=101, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=16, max_seq_len=64)
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig(**{**base, **kw})).to(dtype).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    return model
+
+
+def greedy_by_recompute(model: Llama, prompt: list[int], n: int) -> list[int]:
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    return seq[len(prompt) :]
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_cached_greedy_equals_recompute(static):
+    model = model_of()
+    prompt = torch.randint(0, 101, (9,)).tolist()
+    assert generate(model, [prompt], 12, static=static)[0] == greedy_by_recompute(model, prompt, 12)
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_padded_batch_equals_each_prompt_alone(static):
+    model = model_of(dtype=torch.float32)
+    prompts = [torch.randint(1, 101, (n,)).tolist() for n in (3, 11, 7)]
+    batched = generate(model, prompts, 10, static=static)
+    alone = [generate(model, [p], 10)[0] for p in prompts]
+    assert batched == alone
+
+
+def test_stop_tokens_and_streaming():
+    model = model_of()
+    prompt = [5, 17, 33, 2]
+    full = generate(model, [prompt], 10)[0]
+    stop = full[3]
+    first = full.index(stop)
+    seen = []
+    out = generate(model, [prompt], 10, stop_tokens=[stop], callback=lambda row, tok: seen.append((row, tok)))
+    assert out[0] == full[:first]
+    assert seen == [(0, t) for t in full[:first]]
+    steps = list(stream(model, [prompt, prompt[:2]], 4))
+    assert len(steps) == 4 and all(len(s) == 2 for s in steps)
+
+
+def test_sampling_reproducible_and_degenerate_cases_greedy():
+    model = model_of(dtype=torch.float32)
+    prompt = [[3, 4, 5]]
+    greedy = generate(model, prompt, 8)
+    assert generate(model, prompt, 8, temperature=0.7, top_k=1) == greedy
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    a = generate(model, prompt, 8, temperature=1.5, top_p=0.9, generator=g1)
+    assert a == generate(model, prompt, 8, temperature=1.5, top_p=0.9, generator=g2)
+    samples = {tuple(generate(model, prompt, 8, temperature=5.0, generator=g1)[0]) for _ in range(4)}
+    assert len(samples) > 1
+
+
+def test_filters():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isinf(top_p_filter(logits, 0.7)).tolist() == [[False, False, True, True]]
+    assert torch.isinf(top_p_filter(logits, 0.8)).tolist() == [[False, False, True, True]]
+    assert torch.isinf(top_p_filter(logits, 0.81)).tolist() == [[False, False, False, True]]
+    assert torch.isinf(top_k_filter(logits[:, [3, 0, 2, 1]], 2)).tolist() == [[True, False, True, False]]
+    seen = torch.tensor([[True, False, True, False]])
+    out = apply_repetition_penalty(torch.tensor([[2.0, 2.0, -1.0, -1.0]]), seen, 2.0)
+    assert out.tolist() == [[1.0, 2.0, -2.0, -1.0]]
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([next_token(logits.repeat(2000, 1), temperature=1.0, generator=g) for _ in range(1)])
+    freq = torch.bincount(draws.flatten(), minlength=4).float() / draws.numel()
+    assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.04)
+
+
+def test_left_pad():
+    tokens, mask = left_pad([[1, 2, 3], [4]], pad_id=0)
+    assert tokens.tolist() == [[1, 2, 3], [0, 0, 4]]
+    assert mask.tolist() == [[True, True, True], [False, False, True]]
+
+
+def test_context_limits_and_bad_input():
+    model = model_of()
+    with pytest.raises(ShapeError, match="64"):
+        generate(model, [list(range(64))], 5)
+    assert len(generate(model, [list(range(60))], 10)[0]) == 4  # stops when the context is full
+    with pytest.raises(ShapeError, match="empty"):
+        generate(model, [[]], 5)
+    with pytest.raises(ShapeError, match="101"):
+        generate(model, [[1, 200]], 5)
+    with pytest.raises(ConfigError, match="top_p"):
+        generate(model, [[1]], 5, temperature=1.0, top_p=1.5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiling on CPU takes minutes; checked by benchmarks")
+def test_compiled_decode_step_matches_eager():
+    model = model_of(dtype=torch.float32).cuda()
+    prompts = [[1, 2, 3, 4, 5], [7, 8]]
+    assert generate(model, prompts, 6, compile=True) == generate(model, prompts, 6)
