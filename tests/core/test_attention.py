@@ -31,6 +31,20 @@ def test_attention_matches_softmax_formula_with_gqa(hkv):
     )
 
 
+def test_gqa_with_mask_folds_groups_without_changing_the_result():
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 6, 3, 8, generator=g)
+    k, v = torch.randn(2, 2, 2, 9, 8, generator=g).unbind(0)
+    pad = torch.zeros(2, 9, dtype=torch.bool)
+    pad[1, :4] = True  # left padding in row 1
+    for mask in (padding_mask(pad), padding_mask(pad)[0, 0]):
+        expected = reference(q, k, v, mask & causal_mask(3, 9))
+        torch.testing.assert_close(attention(q, k, v, mask=mask, is_causal=True), expected, atol=1e-5, rtol=1e-5)
+    per_head = torch.rand(2, 6, 3, 9, generator=g) > 0.2
+    per_head[..., -1] = True
+    torch.testing.assert_close(attention(q, k, v, mask=per_head), reference(q, k, v, per_head), atol=1e-5, rtol=1e-5)
+
+
 def test_causal_with_cache_is_aligned_bottom_right():
     g = torch.Generator().manual_seed(1)
     q, k, v = torch.randn(3, 1, 2, 6, 4, generator=g).unbind(0)

@@ -67,11 +67,33 @@ def attention(
     if is_causal:
         cm = causal_mask(tq, tk, q.device)
         mask = cm if mask is None else mask & cm
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=hq != hkv)
+    if hq != hkv and mask is not None and (mask.ndim < 3 or mask.shape[-3] == 1):
+        out = _grouped_masked(q, k, v, mask, dropout_p)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=hq != hkv)
     if mask is not None:
         # SDPA gives NaN for a row with no visible key (e.g. a padded query); such rows carry no information.
         out = out.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
     return out
+
+
+def _grouped_masked(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, dropout_p: float
+) -> torch.Tensor:
+    """GQA with a head-independent mask, without copying keys/values.
+
+    SDPA's fused kernels take either a mask or grouped heads, not both; the fallback repeats
+    k/v for every query head (a copy of the whole KV cache per decode step). Instead the ``G``
+    query heads of a group are folded into the query-length axis, ``(B, Hkv, G*Tq, D)``, which
+    attend to their shared kv head with the mask repeated ``G`` times.
+    """
+    b, hq, tq, d = q.shape
+    hkv, tk = k.shape[1], k.shape[2]
+    g = hq // hkv
+    m = mask.reshape(*(1,) * (4 - mask.ndim), *mask.shape).expand(-1, 1, tq, tk)
+    m = m.unsqueeze(2).expand(-1, 1, g, tq, tk).reshape(m.shape[0], 1, g * tq, tk)
+    out = F.scaled_dot_product_attention(q.reshape(b, hkv, g * tq, d), k, v, attn_mask=m, dropout_p=dropout_p)
+    return out.reshape(b, hq, tq, d)
 
 
 class KVCache(nn.Module):
