@@ -10,14 +10,20 @@ Both models have the Llama-3.2-1B shape (1.24B parameters, tied embeddings, GQA 
     ``LlamaForCausalLM`` with ``attn_implementation="sdpa"``. tokens/s, MFU = (6 N + 12 L d T) * tokens/s
     / measured peak (``notelab.lm.flops``), peak memory;
 (b) batch-1 greedy decode in bf16 (``--prompt`` prompt tokens, ``--new-tokens`` new ones): notelab
-    eager (dynamic cache) and compiled static-cache decode step (CUDA graphs), transformers
-    ``generate`` eager and with its static cache + compiled forward. tokens/s against the HBM
-    roofline, weight bytes / copy bandwidth (each token reads every weight once).
+    eager (dynamic cache); the general static-cache path (compiled step in CUDA graphs, sampling and
+    host read-back outside them); the greedy fast path (the whole step, argmax and counter included,
+    one CUDA graph replay per token, host read every ``--sync-every`` tokens) with the inductor step
+    captured by hand, torch.compile's reduce-overhead, the eager step captured, and (``--max-autotune``)
+    tuned GEMMs; transformers ``generate`` eager and with its static cache + compiled forward. tokens/s
+    against the HBM roofline, weight bytes / copy bandwidth (each token reads every weight once); for
+    the fast path also the step's replays alone (no prefill, no host reads), and with ``--profile``
+    its kernels by device time.
 
 Every phase is guarded: a failure prints its error and the others still run. A JSON with every
 figure goes to ``--out``.
 
     python benchmarks/llama_gpu.py --out llama_gpu.json            # on the GPU (about 5 minutes)
+    python benchmarks/llama_gpu.py --only decode --skip-hf --max-autotune   # decode only (about 4 minutes)
     python benchmarks/llama_gpu.py --tiny --device cpu             # smoke test on CPU
 """
 
@@ -32,11 +38,13 @@ import time
 import traceback
 
 import torch
+import torch._inductor.config as inductor_config
 import torch.nn.functional as F
 
 from notelab.lm import Llama, LlamaConfig, generate
 from notelab.lm.convert import config_to_hf, ours_to_hf
 from notelab.lm.flops import count_parameters, flops_per_token, weight_bytes
+from notelab.lm.generate import _GREEDY
 
 
 def sync(device: torch.device) -> None:
@@ -178,11 +186,20 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--skip-hf", action="store_true", help="skip the transformers phases")
     p.add_argument("--budget-s", type=float, default=380.0, help="skip the remaining phases past this wall time")
     p.add_argument("--phase-timeout-s", type=float, default=180.0, help="stop any one phase after this long")
+    p.add_argument("--only", choices=["all", "train", "decode"], default="all", help="run only these phases")
+    p.add_argument("--sync-every", type=int, nargs="+", default=[1, 16],
+                   help="fast path host read-back intervals (tokens) to time; the last for others")  # fmt: skip
+    p.add_argument("--kinds", default="", help="decode: only the notelab kinds whose name contains this")
+    p.add_argument("--max-autotune", action="store_true", help="decode: also the max-autotune GEMM fast path")
+    p.add_argument("--coordinate-descent", action="store_true", help="inductor coordinate-descent tuning (gpt-fast)")
+    p.add_argument("--profile", action="store_true", help="decode: print the kernels of the fast path's step")
     p.add_argument("--tiny", action="store_true", help="a small model and sizes: a CPU smoke test of the script")
     p.add_argument("--out", default=None, help="write every figure as JSON here")
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
+    if args.coordinate_descent:
+        inductor_config.coordinate_descent_tuning = True
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -257,6 +274,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     train_kinds = ["notelab eager"] + ([] if args.no_compile else ["notelab compile"])
     train_kinds += [] if args.skip_hf else ["transformers sdpa"]
+    train_kinds = [] if args.only == "decode" else train_kinds
     for kind in train_kinds:
         if over_budget():
             results.append({"name": f"train {kind}", "error": "skipped: over the time budget"})
@@ -285,7 +303,8 @@ def main(argv: list[str] | None = None) -> dict:
         shared["roofline"] = card.get("copy_bytes_per_s", float("nan")) / wb
         return {"weight_gb": wb / 1e9, "roofline_tokens_per_s": shared["roofline"]}
 
-    run_phase("decode: build bf16 models, HBM roofline", build_decode_models)
+    if args.only != "train":
+        run_phase("decode: build bf16 models, HBM roofline", build_decode_models)
 
     def timed(fn) -> tuple[float, list[int]]:
         sync(device)
@@ -294,15 +313,42 @@ def main(argv: list[str] | None = None) -> dict:
         sync(device)
         return time.perf_counter() - t0, tokens
 
+    # notelab variants: generate() keyword arguments. "greedy graph" kinds are the fast path (one CUDA graph
+    # replay per token, host read every k tokens); "general path" is the per-token loop with ops outside the graph.
+    ours_kinds = {
+        "notelab eager": {},
+        "notelab compiled static, general path": {"compile": True, "fast_greedy": False},
+    }
+    last = args.sync_every[-1]
+    if not args.no_compile:
+        for k in args.sync_every:
+            ours_kinds[f"notelab greedy graph: inductor + CUDA graph, sync {k}"] = {"compile": True, "sync_every": k}
+    ours_kinds[f"notelab greedy graph: eager + CUDA graph, sync {last}"] = {"static": True, "sync_every": last}
+    if not args.no_compile:
+        ours_kinds[f"notelab greedy graph: compile reduce-overhead, sync {last}"] = {
+            "compile": "reduce-overhead",
+            "sync_every": last,
+        }
+    if args.max_autotune:  # Triton GEMM templates tuned per shape against cuBLAS (minutes of compiling)
+        ours_kinds[f"notelab greedy graph: max-autotune GEMMs + CUDA graph, sync {last}"] = {
+            "compile": "max-autotune-no-cudagraphs",
+            "sync_every": last,
+        }
+    if args.no_compile:
+        ours_kinds.pop("notelab compiled static, general path")
+    if args.kinds:
+        ours_kinds = {k: v for k, v in ours_kinds.items() if args.kinds in k}
+
     def decode(kind: str):
         def run():
             ours, prompt, n = shared["ours"], shared["prompt"], args.new_tokens
-            if kind == "notelab eager":
-                fn = lambda m: generate(ours, prompt, m)[0]  # noqa: E731
-            elif kind == "notelab compiled static":
-                fn = lambda m: generate(ours, prompt, m, compile=True)[0]  # noqa: E731
+            if kind in ours_kinds:
+                kw = ours_kinds[kind]
+                fn = lambda m: generate(ours, prompt, m, **kw)[0]  # noqa: E731
+                static = bool(kw)
             elif kind == "notelab compiled static, no CUDA graphs":
-                fn = lambda m: generate(ours, prompt, m, compile="default")[0]  # noqa: E731
+                fn = lambda m: generate(ours, prompt, m, compile="default", fast_greedy=False)[0]  # noqa: E731
+                static = True
             else:
                 hf = shared["hf"]
                 kw = {}
@@ -315,18 +361,53 @@ def main(argv: list[str] | None = None) -> dict:
                     out = hf.generate(prompt, max_new_tokens=m, do_sample=False, **kw)
                     return out[0, P:].tolist()
 
-            # Warm up (compile, record CUDA graphs, fill the allocator); compiled kinds need the timed shapes.
-            warm_s, _ = timed(lambda: fn(n if "compiled" in kind else min(n, 16)))
+                static = "compiled" in kind
+
+            # Warm up (compile, record CUDA graphs, fill the allocator); static kinds need the timed shapes.
+            warm_s, _ = timed(lambda: fn(n if static else min(n, 16)))
             dt, tokens = timed(lambda: fn(n))
             shared.setdefault("tokens", {})[kind] = tokens
             tps = len(tokens) / dt
-            return {"tokens_per_s": tps, "roofline_fraction": tps / shared["roofline"], "warmup_s": warm_s}
+            out = {"tokens_per_s": tps, "roofline_fraction": tps / shared["roofline"], "warmup_s": warm_s}
+            if "greedy graph" in kind:
+                out["replay_tokens_per_s"] = replay_only(ours, prompt.shape[1], n)
+                if args.profile and device.type == "cuda":
+                    profile_replay(ours)
+            return out
 
         return run
 
-    decode_kinds = ["notelab eager"] + ([] if args.no_compile else ["notelab compiled static"])
-    decode_kinds += [] if args.skip_hf else ["transformers eager"]
-    decode_kinds += [] if args.skip_hf or args.no_compile else ["transformers static compiled"]
+    @torch.inference_mode()
+    def profile_replay(ours, n: int = 20) -> None:
+        """Print the kernels of ``n`` decode-step replays, by total device time (from slot 0: stays in range)."""
+        from torch.profiler import ProfilerActivity, profile
+
+        state = _GREEDY[ours][1]
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(n):
+                state.slot.fill_(0)
+                state.step(ours)
+            sync(device)
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=90))
+
+    @torch.inference_mode()  # the fast path's buffers are inference tensors
+    def replay_only(ours, P: int, n: int) -> float:
+        """Tokens/s of the fast path's decode step alone: n - 1 replays, no prefill and no host reads."""
+        state = _GREEDY[ours][1]
+        dt = float("inf")
+        for _ in range(3):
+            state.slot.fill_(P)  # replays advance the slot; from P they stay inside the cache
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(n - 1):
+                state.step(ours)
+            sync(device)
+            dt = min(dt, time.perf_counter() - t0)
+        return (n - 1) / dt
+
+    decode_kinds = list(ours_kinds) if args.only != "train" else []
+    decode_kinds += [] if args.skip_hf or args.only == "train" else ["transformers eager"]
+    decode_kinds += [] if args.skip_hf or args.no_compile or args.only == "train" else ["transformers static compiled"]
     for kind in decode_kinds:
         if "ours" not in shared:
             break
@@ -334,7 +415,7 @@ def main(argv: list[str] | None = None) -> dict:
             results.append({"name": f"decode {kind}", "error": "skipped: over the time budget"})
             continue
         run_phase(f"decode {kind}", decode(kind), args.phase_timeout_s)
-        if kind == "notelab compiled static" and "error" in results[-1] and not over_budget():
+        if kind == "notelab compiled static, general path" and "error" in results[-1] and not over_budget():
             fallback = "notelab compiled static, no CUDA graphs"  # the compiled step without CUDA graphs
             run_phase(f"decode {fallback}", decode(fallback), args.phase_timeout_s)
     toks = shared.get("tokens", {})
@@ -372,6 +453,10 @@ def print_table(info: dict, card: dict, results: list[dict]) -> None:
             mem = r.get("peak_mem_gb")
             mem_s = f"{mem:7.1f}" if mem is not None else f"{'-':>7}"
             print(f"| {r['name'][:62]:<62} | {r['tokens_per_s']:>10.1f} | {100 * frac:>13.1f}% | {mem_s} |")
+            if "replay_tokens_per_s" in r and "roofline_fraction" in r:
+                rep = r["replay_tokens_per_s"]
+                rf = rep / r["tokens_per_s"] * r["roofline_fraction"]
+                print(f"| {'  (decode step replay alone)':<62} | {rep:>10.1f} | {100 * rf:>13.1f}% | {'-':>7} |")
     if "greedy_tokens_equal_to_notelab_eager" in info:
         print(f"# greedy tokens equal to notelab eager: {info['greedy_tokens_equal_to_notelab_eager']}")
 

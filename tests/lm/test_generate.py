@@ -116,4 +116,40 @@ def test_context_limits_and_bad_input():
 def test_compiled_decode_step_matches_eager():
     model = model_of(dtype=torch.float32).cuda()
     prompts = [[1, 2, 3, 4, 5], [7, 8]]
-    assert generate(model, prompts, 6, compile=True) == generate(model, prompts, 6)
+    eager = generate(model, prompts, 6)
+    assert generate(model, prompts, 6, compile=True) == eager  # greedy fast path: inductor step in a CUDA graph
+    assert generate(model, prompts, 6, compile=True, sync_every=4) == eager
+    assert generate(model, prompts, 6, compile="reduce-overhead") == eager  # torch.compile's own CUDA graphs
+    assert generate(model, prompts, 6, static=True) == eager  # the eager step captured in a CUDA graph
+    assert generate(model, prompts, 6, compile=True, fast_greedy=False) == eager  # general per-token path
+
+
+@pytest.mark.parametrize("sync_every", [1, 3, 64])
+def test_fast_greedy_equals_eager_path(sync_every):
+    model = model_of(dtype=torch.float32)
+    prompts = [torch.randint(1, 101, (n,)).tolist() for n in (3, 11, 7)]
+    eager = generate(model, prompts, 10)  # dynamic cache, general per-token path
+    general = generate(model, prompts, 10, static=True, fast_greedy=False)
+    fast = generate(model, prompts, 10, static=True, sync_every=sync_every)
+    assert fast == eager == general
+    # The buffers are reused on a second call of the same shape, and one new token needs no decode step.
+    assert generate(model, prompts, 10, static=True, sync_every=sync_every) == eager
+    assert generate(model, [prompts[0]], 1, static=True)[0] == eager[0][:1]
+
+
+@pytest.mark.parametrize("sync_every", [1, 4])
+def test_fast_greedy_stop_tokens_and_streaming(sync_every):
+    model = model_of()
+    prompt = [5, 17, 33, 2]
+    full = generate(model, [prompt], 10)[0]
+    stop = full[3]
+    first = full.index(stop)
+    kw = dict(static=True, sync_every=sync_every, stop_tokens=[stop])
+    seen = []
+    out = generate(model, [prompt], 10, callback=lambda row, tok: seen.append((row, tok)), **kw)
+    assert out[0] == full[:first] and seen == [(0, t) for t in full[:first]]
+    steps = list(stream(model, [prompt, [9, 9]], 10, **kw))
+    ref = list(stream(model, [prompt, [9, 9]], 10, stop_tokens=[stop]))
+    assert steps == ref and len(steps) <= 10
+    with pytest.raises(ConfigError, match="sync_every"):
+        generate(model, [prompt], 3, static=True, sync_every=0)
