@@ -1,0 +1,320 @@
+"""``notelab lm train|generate|eval|convert|sft|dpo``: parse, call notelab.lm, print.
+
+    notelab lm train --preset llama-tiny --data stdlib|PATH --steps N --out DIR
+    notelab lm generate --checkpoint DIR --prompt "def " --max-new-tokens 64 [--temperature --top-k --top-p --stream]
+    notelab lm eval --checkpoint DIR [--data stdlib|PATH]          perplexity on the held-out split
+    notelab lm convert --from-hf HF_DIR --out DIR  |  --to-hf DIR --out HF_DIR
+    notelab lm sft --checkpoint DIR --data built-in|FILE.jsonl --out DIR
+    notelab lm dpo --checkpoint DIR --data built-in|FILE.jsonl --out DIR [--beta 0.1]
+
+Cheap checks (names, numbers, files) run before any data is read or anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+from notelab.core.errors import ConfigError, DataError
+
+BUILT_IN = "built-in"
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("lm", help="LLaMA / Llama 3: pre-train, generate, evaluate, convert, SFT, DPO")
+    verbs = p.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    t = verbs.add_parser("train", help="pre-train a Llama on text; writes model, tokenizer.json and logs")
+    t.add_argument("--preset", default="llama-tiny", help="a LlamaConfig preset, e.g. llama-tiny, llama3-tiny")
+    t.add_argument("--data", default="stdlib", help="'stdlib', a text file, or a directory of text files")
+    t.add_argument("--out", required=True, help="run directory")
+    t.add_argument("--steps", type=int, default=1000)
+    t.add_argument("--batch-size", type=int, default=16)
+    t.add_argument("--seq-len", type=int, help="training window (default: min(256, the preset's max_seq_len))")
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--warmup-steps", type=int, default=50)
+    t.add_argument("--vocab-size", type=int, help="BPE vocabulary (default: the preset's vocab_size)")
+    t.add_argument("--max-chars", type=int, help="use at most this many characters of training text")
+    t.add_argument("--ckpt-every", type=int, default=0)
+    t.add_argument("--log-every", type=int, default=50)
+    t.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
+    t.add_argument("--device", default="auto")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(func=train)
+
+    g = verbs.add_parser("generate", help="generate text from a checkpoint")
+    g.add_argument("--checkpoint", required=True, help="a run directory (model + tokenizer.json)")
+    g.add_argument("--prompt", action="append", help="prompt text; repeat for a batch")
+    g.add_argument("--prompt-ids", help="a prompt as comma-separated token ids instead of text")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of the Llama 3 chat template")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto")
+    g.set_defaults(func=generate)
+
+    e = verbs.add_parser("eval", help="perplexity on the held-out split of the run's text")
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--data", help="'stdlib', a file or a directory (default: what the run was trained on)")
+    e.add_argument("--max-chars", type=int)
+    e.add_argument("--seq-len", type=int, help="window length (default: min(256, max_seq_len))")
+    e.add_argument("--max-windows", type=int, help="evaluate at most this many windows")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--device", default="auto")
+    e.set_defaults(func=evaluate)
+
+    c = verbs.add_parser("convert", help="Hugging Face LlamaForCausalLM <-> notelab checkpoint")
+    src = c.add_mutually_exclusive_group(required=True)
+    src.add_argument("--from-hf", help="a Hugging Face checkpoint directory (config.json + *.safetensors)")
+    src.add_argument("--to-hf", help="a notelab checkpoint directory to write in the Hugging Face layout")
+    c.add_argument("--out", required=True)
+    c.set_defaults(func=convert)
+
+    for verb, text in (
+        ("sft", "supervised fine-tuning on the response tokens"),
+        ("dpo", "direct preference optimization"),
+    ):
+        s = verbs.add_parser(verb, help=text)
+        s.add_argument("--checkpoint", required=True, help="the model to start from (with tokenizer.json)")
+        jsonl = '{"prompt", "response"}' if verb == "sft" else '{"prompt", "chosen", "rejected"}'
+        s.add_argument("--data", default=BUILT_IN, help=f"'{BUILT_IN}' (stdlib docstrings) or a JSONL file of {jsonl}")
+        s.add_argument("--out", required=True)
+        s.add_argument("--n", type=int, help="built-in set: use this many examples")
+        s.add_argument("--steps", type=int, default=200)
+        s.add_argument("--batch-size", type=int, default=16)
+        s.add_argument("--lr", type=float, default=1e-4 if verb == "sft" else 5e-5)
+        s.add_argument("--max-len", type=int, default=128, help="longest example in tokens")
+        if verb == "dpo":
+            s.add_argument("--beta", type=float, default=0.1)
+        s.add_argument("--device", default="auto")
+        s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--no-progress", action="store_true")
+        s.set_defaults(func=sft if verb == "sft" else dpo)
+
+
+def _positive(name: str, value: int | float | None) -> None:
+    if value is not None and not value > 0:
+        raise ConfigError(f"--{name}: expected a positive number, got {value}")
+
+
+def train(args: argparse.Namespace) -> int:
+    from notelab.data.tokenizer import Tokenizer
+    from notelab.lm.config import LlamaConfig
+    from notelab.lm.train import mean_nll, prepare_data, pretrain
+    from notelab.train import TrainConfig
+
+    for name in ("steps", "batch_size", "lr", "seq_len", "vocab_size", "max_chars"):
+        _positive(name.replace("_", "-"), getattr(args, name))
+    base = LlamaConfig.from_name(args.preset)
+    seq_len = args.seq_len or min(256, base.max_seq_len)
+    if seq_len > base.max_seq_len:
+        raise ConfigError(f"--seq-len: expected at most {args.preset}'s max_seq_len {base.max_seq_len}, got {seq_len}")
+    out = Path(args.out)
+    tokenizer = Tokenizer.from_file(out) if args.resume and (out / "tokenizer.json").is_file() else None
+    t0 = time.perf_counter()
+    data = prepare_data(args.data, args.vocab_size or base.vocab_size, args.max_chars, tokenizer=tokenizer)
+    config = LlamaConfig.from_name(args.preset, vocab_size=data.tokenizer.vocab_size)
+    print(f"data: {data.train.numel():,} train / {data.val.numel():,} val tokens, vocab {data.tokenizer.vocab_size}")
+    train_config = TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup_steps=min(args.warmup_steps, args.steps - 1),
+        min_lr_ratio=0.1,
+        weight_decay=0.1,
+        betas=(0.9, 0.95),
+        ckpt_every=args.ckpt_every,
+        log_every=args.log_every,
+        device=args.device,
+        seed=args.seed,
+        out_dir=str(out),
+        resume=args.resume,
+        progress=not args.no_progress,
+    )
+    result = pretrain(config, data, out, train_config, seq_len=seq_len)
+    last = result.history[-1]["loss"] if result.history else float("nan")
+    val = mean_nll(result.model, data.val, seq_len, max_windows=32)
+    print(
+        f"trained {args.preset} for {result.step} steps in {time.perf_counter() - t0:.1f} s: train loss {last:.3f}, "
+        f"val loss {val:.3f} (perplexity {math.exp(val):.2f} on up to 32 windows)"
+    )
+    print(f"wrote {out}")
+    return 0
+
+
+def _load(path: str, device: str):
+    from notelab.core.runtime import get_device
+    from notelab.lm.train import load_run
+
+    return load_run(path, device=get_device(device))
+
+
+def generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from notelab.lm.chat import apply_chat_template, chat_stop_tokens
+    from notelab.lm.generate import generate as generate_tokens
+
+    _positive("max-new-tokens", args.max_new_tokens)
+    if not args.prompt and args.prompt_ids is None:
+        raise ConfigError("expected --prompt TEXT or --prompt-ids IDS, got neither")
+    model, tokenizer = _load(args.checkpoint, args.device)
+    if args.prompt_ids is not None:
+        try:
+            prompts = [[int(i) for i in args.prompt_ids.split(",")]]
+        except ValueError as e:
+            raise ConfigError(f"--prompt-ids: expected comma-separated integers, got {args.prompt_ids!r}") from e
+    else:
+        texts = [apply_chat_template([{"role": "user", "content": p}], True) if args.chat else p for p in args.prompt]
+        prompts = [tokenizer.encode(t, add_bos=tokenizer.bos_id is not None and not args.chat) for t in texts]
+    stops = chat_stop_tokens(tokenizer) if args.chat else [i for i in (tokenizer.eos_id,) if i is not None]
+    device = model.embed_tokens.weight.device
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    callback = None
+    if args.stream and len(prompts) == 1:
+        shown: list[int] = []
+
+        def callback(row: int, token: int) -> None:
+            # Decode the whole suffix so multi-token characters print whole.
+            before = tokenizer.decode(shown)
+            shown.append(token)
+            sys.stdout.write(tokenizer.decode(shown)[len(before) :])
+            sys.stdout.flush()
+
+    t0 = time.perf_counter()
+    outs = generate_tokens(
+        model,
+        prompts,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        stop_tokens=stops,
+        generator=generator,
+        pad_id=tokenizer.pad_id or 0,
+        callback=callback,
+    )
+    seconds = time.perf_counter() - t0
+    if callback is not None:
+        print()
+    else:
+        for prompt, new in zip(prompts, outs):
+            print(tokenizer.decode(prompt) + tokenizer.decode(new))
+            if len(prompts) > 1:
+                print("-" * 40)
+    n = sum(len(o) for o in outs)
+    print(f"[{n} tokens in {seconds:.2f} s, {n / max(seconds, 1e-9):.1f} tok/s]", file=sys.stderr)
+    return 0
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    from notelab.lm.train import load_data_info, mean_nll, prepare_data
+
+    for name in ("seq_len", "max_windows", "batch_size", "max_chars"):
+        _positive(name.replace("_", "-"), getattr(args, name))
+    model, tokenizer = _load(args.checkpoint, args.device)
+    info = load_data_info(args.checkpoint)
+    source = args.data or info["data"]
+    max_chars = args.max_chars if args.max_chars is not None else info.get("max_chars")
+    seq_len = args.seq_len or min(256, model.config.max_seq_len)
+    if seq_len > model.config.max_seq_len:
+        raise ConfigError(
+            f"--seq-len: expected at most the model's max_seq_len {model.config.max_seq_len}, got {seq_len}"
+        )
+    data = prepare_data(source, max_chars=max_chars, tokenizer=tokenizer)
+    nll = mean_nll(model, data.val, seq_len, args.batch_size, args.max_windows)
+    print(
+        f"{source} val: {data.val.numel():,} tokens, seq_len {seq_len}: loss {nll:.4f} nats/token, "
+        f"perplexity {math.exp(nll):.2f}"
+    )
+    return 0
+
+
+def convert(args: argparse.Namespace) -> int:
+    import shutil
+
+    from notelab.lm import convert as conv
+    from notelab.lm.model import Llama
+
+    src = Path(args.from_hf or args.to_hf)
+    if not src.is_dir():
+        raise DataError(f"expected a checkpoint directory at {src}, found none")
+    out = Path(args.out)
+    if args.from_hf:
+        model = conv.from_hf(src)
+        model.save_pretrained(out)
+    else:
+        model = Llama.from_pretrained(src)
+        conv.to_hf(model, out)
+    if (src / "tokenizer.json").is_file():
+        shutil.copyfile(src / "tokenizer.json", out / "tokenizer.json")
+    n = sum(p.numel() for p in model.parameters())
+    print(f"converted {src} ({n:,} parameters) -> {out}")
+    return 0
+
+
+def _posttrain_setup(args: argparse.Namespace):
+    from notelab.train import TrainConfig
+
+    for name in ("steps", "batch_size", "lr", "max_len", "n"):
+        _positive(name.replace("_", "-"), getattr(args, name))
+    if args.data != BUILT_IN and not Path(args.data).is_file():
+        raise DataError(f"--data: expected '{BUILT_IN}' or a JSONL file, got {args.data!r} (no such file)")
+    model, tokenizer = _load(args.checkpoint, args.device)
+    args.max_len = min(args.max_len, model.config.max_seq_len)  # examples are cut to the model's context
+    config = TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup_steps=min(10, args.steps - 1),
+        device=args.device,
+        seed=args.seed,
+        log_every=max(1, args.steps // 20),
+        out_dir=args.out,
+        progress=not args.no_progress,
+    )
+    return model, tokenizer, config
+
+
+def _save(model, tokenizer, out: str) -> None:
+    model.save_pretrained(out)
+    tokenizer.save(Path(out))
+
+
+def sft(args: argparse.Namespace) -> int:
+    from notelab.lm.data import load_sft_jsonl, stdlib_sft_examples
+    from notelab.lm.posttrain import sft as run_sft
+
+    model, tokenizer, config = _posttrain_setup(args)
+    examples = stdlib_sft_examples("train", args.n) if args.data == BUILT_IN else load_sft_jsonl(args.data)
+    result = run_sft(model, tokenizer, examples, config, max_len=args.max_len)
+    _save(result.model, tokenizer, args.out)
+    print(
+        f"SFT on {len(examples)} examples, {result.step} steps: loss {result.history[-1]['loss']:.3f}; wrote {args.out}"
+    )
+    return 0
+
+
+def dpo(args: argparse.Namespace) -> int:
+    from notelab.lm.data import load_preference_jsonl, stdlib_preference_pairs
+    from notelab.lm.posttrain import dpo as run_dpo
+
+    _positive("beta", args.beta)
+    model, tokenizer, config = _posttrain_setup(args)
+    pairs = stdlib_preference_pairs("train", args.n) if args.data == BUILT_IN else load_preference_jsonl(args.data)
+    result = run_dpo(model, tokenizer, pairs, config, beta=args.beta, max_len=args.max_len)
+    last = result.history[-1]
+    print(
+        f"DPO on {len(pairs)} pairs, {result.step} steps: loss {last['loss']:.3f}, "
+        f"reward margin {last['reward_margin']:.3f}, accuracy {last['reward_accuracy']:.2f}; wrote {args.out}"
+    )
+    return 0

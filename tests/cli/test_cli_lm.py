@@ -1,0 +1,127 @@
+"""End-to-end tests of `notelab lm ...` on a small slice of the stdlib corpus."""
+
+import json
+
+import pytest
+
+import notelab.cli as cli
+
+
+@pytest.fixture
+def main(monkeypatch):
+    # Only the lm commands, so these tests do not depend on the other families' CLI modules.
+    monkeypatch.setattr(cli, "COMMANDS", ("notelab.cli.lm",))
+    return cli.main
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lm") / "run"
+    args = ["lm", "train", "--preset", "llama-tiny", "--data", "stdlib", "--max-chars", "60000", "--vocab-size", "400"]
+    args += [
+        "--steps",
+        "6",
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "32",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--log-every",
+        "3",
+    ]
+    orig = cli.COMMANDS
+    cli.COMMANDS = ("notelab.cli.lm",)
+    try:
+        assert cli.main(args) == 0
+    finally:
+        cli.COMMANDS = orig
+    return out
+
+
+def test_train_writes_run_directory(run_dir):
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "data.json", "log.jsonl"):
+        assert (run_dir / name).is_file(), name
+    assert json.loads((run_dir / "config.json").read_text())["vocab_size"] <= 400
+
+
+def test_generate_eval_and_stream(main, run_dir, capsys):
+    assert main(["lm", "generate", "--checkpoint", str(run_dir), "--prompt", "def ", "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out.startswith("def ")
+    args = ["lm", "generate", "--checkpoint", str(run_dir), "--prompt", "import", "--max-new-tokens", "5", "--stream"]
+    assert main([*args, "--temperature", "0.9", "--top-k", "10", "--top-p", "0.9"]) == 0
+    assert "tok/s" in capsys.readouterr().err
+    batch = ["lm", "generate", "--checkpoint", str(run_dir), "--prompt", "x", "--prompt", "def f(a, b):", "--chat"]
+    assert main([*batch, "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.count("-" * 40) == 2  # one block per prompt
+    assert main(["lm", "eval", "--checkpoint", str(run_dir), "--seq-len", "32", "--max-windows", "4"]) == 0
+    out = capsys.readouterr().out
+    ppl = float(out.split("perplexity")[1])
+    assert 1.0 < ppl < 400 * 1.5  # a trained model beats the uniform guess (at most ~vocab)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--prompt-ids", "1,2,99999"], "token ids must lie in"),
+        (["--prompt", "x " * 400], "context"),
+        (["--prompt", "a", "--max-new-tokens", "0"], "--max-new-tokens"),
+    ],
+)
+def test_generate_bad_input(main, run_dir, capsys, extra, message):
+    assert main(["lm", "generate", "--checkpoint", str(run_dir), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_convert_round_trip_and_bad_dirs(main, run_dir, tmp_path, capsys):
+    hf = tmp_path / "hf"
+    assert main(["lm", "convert", "--to-hf", str(run_dir), "--out", str(hf)]) == 0
+    assert json.loads((hf / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    back = tmp_path / "back"
+    assert main(["lm", "convert", "--from-hf", str(hf), "--out", str(back)]) == 0
+    assert (back / "model.safetensors").is_file() and (back / "tokenizer.json").is_file()
+    # A notelab run directory is not a Hugging Face checkpoint, and a missing shard is reported.
+    assert main(["lm", "convert", "--from-hf", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+    assert main(["lm", "convert", "--from-hf", str(gpt2), "--out", str(tmp_path / "z")]) == 2
+    assert main(["lm", "eval", "--checkpoint", str(gpt2)]) == 2
+    assert capsys.readouterr().err.count("'gpt2'") == 2
+    (hf / "model.safetensors").unlink()
+    assert main(["lm", "convert", "--from-hf", str(hf), "--out", str(tmp_path / "y")]) == 2
+    assert "model.safetensors" in capsys.readouterr().err
+
+
+def test_config_weight_mismatch_is_one_line_error(main, run_dir, tmp_path, capsys):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(run_dir, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["dim"] = 64
+    (bad / "config.json").write_text(json.dumps(cfg))
+    assert main(["lm", "generate", "--checkpoint", str(bad), "--prompt", "a"]) == 2
+    assert "shape mismatch" in capsys.readouterr().err
+
+
+def test_sft_and_dpo_commands(main, run_dir, tmp_path, capsys):
+    data = tmp_path / "sft.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"def f{i}():", "response": f" return {i}"}) for i in range(6)))
+    common = ["--steps", "2", "--batch-size", "2", "--no-progress", "--max-len", "32"]
+    out = tmp_path / "sft"
+    assert main(["lm", "sft", "--checkpoint", str(run_dir), "--data", str(data), "--out", str(out), *common]) == 0
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    pairs = tmp_path / "dpo.jsonl"
+    rows = [{"prompt": f"def f{i}():", "chosen": f" return {i}", "rejected": " pass"} for i in range(6)]
+    pairs.write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "dpo"
+    assert main(["lm", "dpo", "--checkpoint", str(run_dir), "--data", str(pairs), "--out", str(out), *common]) == 0
+    assert "reward margin" in capsys.readouterr().out
+    # A malformed JSONL line is named; nothing is written.
+    data.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a"}\n')
+    out = tmp_path / "dpo_bad"
+    assert main(["lm", "dpo", "--checkpoint", str(run_dir), "--data", str(data), "--out", str(out), *common]) == 2
+    assert ":2:" in capsys.readouterr().err and not out.exists()
