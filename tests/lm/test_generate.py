@@ -5,7 +5,15 @@ import torch
 
 from notelab.core.errors import ConfigError, ShapeError
 from notelab.lm import Llama, LlamaConfig, generate, next_token, stream
-from notelab.lm.generate import apply_repetition_penalty, left_pad, top_k_filter, top_p_filter
+from notelab.lm.generate import (
+    _GREEDY,
+    _decode_forward,
+    apply_repetition_penalty,
+    left_pad,
+    matmul_attention,
+    top_k_filter,
+    top_p_filter,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -122,6 +130,8 @@ def test_compiled_decode_step_matches_eager():
     assert generate(model, prompts, 6, compile="reduce-overhead") == eager  # torch.compile's own CUDA graphs
     assert generate(model, prompts, 6, static=True) == eager  # the eager step captured in a CUDA graph
     assert generate(model, prompts, 6, compile=True, fast_greedy=False) == eager  # general per-token path
+    assert generate(model, prompts, 6, compile=True, fuse=False) == eager  # the plain step, no stacked weights
+    assert generate(model, prompts, 6, compile=True, decode_attention="reduce") == eager
 
 
 @pytest.mark.parametrize("sync_every", [1, 3, 64])
@@ -153,3 +163,56 @@ def test_fast_greedy_stop_tokens_and_streaming(sync_every):
     assert steps == ref and len(steps) <= 10
     with pytest.raises(ConfigError, match="sync_every"):
         generate(model, [prompt], 3, static=True, sync_every=0)
+
+
+@pytest.mark.parametrize("variant", [{}, dict(norm="layernorm", mlp="gelu", pos="learned")])
+def test_fused_decode_step_equals_forward(variant):
+    model = model_of(**variant)  # float64: the stacked step must equal the plain one to rounding
+    fused = model.fused_decode_weights()
+    hidden = model.config.hidden_dim
+    assert [w.shape[0] for w in fused[0] if w is not None] == [64 + 32 + 32] + ([] if variant else [2 * hidden])
+    assert (fused[0][1] is None) == bool(variant)  # no [gate; up] for a GELU MLP
+    tokens = torch.tensor([[0, 5, 9, 2], [4, 8, 1, 7]])
+    attention_mask = torch.tensor([[False, True, True, True], [True] * 4]).repeat(1, 3)
+    positions = torch.tensor([[-1, 0, 1, 2], [0, 1, 2, 3]]).clamp(min=0)
+    cache, ref_cache = model.make_cache(2, 12), model.make_cache(2, 12)
+    with torch.no_grad():
+        model._forward(tokens, 0, positions, attention_mask[:, :4], cache, 1)
+        model._forward(tokens, 0, positions, attention_mask[:, :4], ref_cache, 1)
+        slot, tok = torch.tensor(4), torch.tensor([[3], [6]])
+        ref = model._forward(tok, slot, positions[:, -1:] + 1, attention_mask, ref_cache, 1)
+        for attn in ("sdpa", "matmul", "reduce"):
+            out = _decode_forward(model, fused, tok, slot, positions[:, -1:] + 1, attention_mask, cache, attn)
+            torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
+            torch.testing.assert_close(cache[1].k, ref_cache[1].k, rtol=1e-12, atol=1e-12)
+
+
+def test_matmul_attention_equals_sdpa_with_grouped_heads():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 2, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
+    kr, vr = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)  # query heads 2h, 2h+1 read kv head h
+    per_row = torch.rand(2, 1, 2, 6) > 0.3
+    per_row[..., 0] = True
+    causal = torch.ones(2, 6, dtype=torch.bool).tril(4)  # (T, S), shared by the batch
+    for mask in (per_row, causal):
+        ref = torch.nn.functional.scaled_dot_product_attention(q, kr, vr, attn_mask=mask)
+        for elementwise in (False, True):
+            torch.testing.assert_close(matmul_attention(q, k, v, mask, elementwise=elementwise), ref)
+
+
+@pytest.mark.parametrize("decode_attention", ["sdpa", "matmul", "reduce"])
+def test_fused_fast_path_equals_eager_and_follows_weight_changes(decode_attention):
+    model = model_of(dtype=torch.float32)
+    prompts = [torch.randint(1, 101, (n,)).tolist() for n in (3, 11, 7)]
+    kw = dict(static=True, sync_every=4, fuse=True, decode_attention=decode_attention)
+    assert generate(model, prompts, 10, **kw) == generate(model, prompts, 10)
+    with torch.no_grad():  # in place, as an optimizer step: the stacked copies must be refreshed
+        for layer in model.layers:
+            layer.mlp.up_proj.weight.mul_(-1.0)
+            layer.self_attn.k_proj.weight.mul_(0.5)
+    eager = generate(model, prompts, 10)
+    assert generate(model, prompts, 10, **kw) == eager
+    generate(model, prompts, 2, static=True)
+    assert _GREEDY[model][1].attn == "sdpa" and _GREEDY[model][1].fused is not None  # defaults, uncompiled
+    with pytest.raises(ConfigError, match="decode_attention"):
+        generate(model, prompts, 2, **{**kw, "decode_attention": "flash"})

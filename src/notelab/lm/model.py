@@ -44,6 +44,7 @@ from notelab.lm.config import LlamaConfig
 
 NormFactory = Callable[[int, float], nn.Module]  # (dim, eps) -> module
 MLPFactory = Callable[[int, int], nn.Module]  # (dim, hidden) -> module
+FusedWeights = list[tuple[torch.Tensor, torch.Tensor | None]]  # per layer: [q; k; v], [gate; up] or None
 
 
 def block_parts(config: LlamaConfig) -> tuple[NormFactory, MLPFactory]:
@@ -171,6 +172,27 @@ class Llama(PretrainedMixin, nn.Module):
             KVCache(batch, c.n_kv_heads, max_len, c.head_dim, dtype=dtype or w.dtype, device=device or w.device)
             for _ in range(c.n_layers)
         )
+
+    @torch.no_grad()
+    def fused_decode_weights(self, out: FusedWeights | None = None) -> FusedWeights:
+        """Per layer, ``[W_q; W_k; W_v]`` and (bias-free SwiGLU, else None) ``[W_gate; W_up]``, stacked by rows.
+
+        Copies for decoding: one matrix-vector product per group reads the same bytes as three (two)
+        small ones in one larger kernel. The parameters keep their names and layout. ``out`` (an
+        earlier result) is refilled in place, so its addresses stay valid in a captured CUDA graph.
+        """
+        fused: FusedWeights = []
+        for i, layer in enumerate(self.layers):
+            a, m = layer.self_attn, layer.mlp
+            groups = [[a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], None]
+            if isinstance(m, SwiGLU) and m.gate_proj.bias is None and m.up_proj.bias is None:
+                groups[1] = [m.gate_proj.weight, m.up_proj.weight]
+            pair = [
+                None if ws is None else torch.cat(ws) if out is None else torch.cat(ws, out=out[i][j])
+                for j, ws in enumerate(groups)
+            ]
+            fused.append((pair[0], pair[1]))
+        return fused
 
     def check_tokens(self, tokens: torch.Tensor, start_pos: int | torch.Tensor = 0) -> None:
         """Raise :class:`ShapeError` unless ``tokens`` are (B, T) integer ids in the vocabulary within max_seq_len."""
