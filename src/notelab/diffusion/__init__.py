@@ -35,4 +35,5 @@ from notelab.diffusion.parametrization import (
     x0_eps_from_v,
     x0_from_eps,
 )
+from notelab.diffusion.pipeline import DiffusionConfig, DiffusionModel, default_net_config, train_diffusion
 from notelab.diffusion.schedules import BETA_SCHEDULES, NoiseSchedule

@@ -1,0 +1,275 @@
+"""A DDPM as a model directory: one network, its noise schedule, training and sampling.
+
+Training minimises the simple objective of Ho et al. 2020 (DDPM, eq. 14):
+
+    L_simple = E_{t ~ U{0..T-1}, x0, eps ~ N(0, I)} || eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t) ||^2
+
+(or its x0 / v counterpart, set by ``prediction_type``). Sampling runs either DDPM's ancestral
+sampler through all T steps (Algorithm 2) or DDIM's generalised step (Song et al. 2021, eq. 12)
+over a sub-sequence of S << T timesteps, with ``eta`` scaling the noise of eq. 16 (eta=0:
+deterministic DDIM; eta=1: the DDPM posterior variance). The same trained network serves both:
+that is DDIM's point, and what ``notelab reproduce ddim`` measures.
+
+A run directory holds ``config.json`` (a :class:`DiffusionConfig`, model_type "ddpm") and
+``model.safetensors`` (the EMA weights), and loads with ``DiffusionModel.from_pretrained(dir)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from notelab.core.checkpoint import PretrainedMixin
+from notelab.core.config import config_from_dict, config_to_dict
+from notelab.core.denoisers import MLPDenoiser, MLPDenoiserConfig, UNet, UNetConfig
+from notelab.core.errors import ConfigError, ShapeError, unknown_name
+from notelab.diffusion.ddim import sample_ddim
+from notelab.diffusion.ddpm import VARIANCE_TYPES, ddpm_loss, sample_ddpm
+from notelab.diffusion.parametrization import PREDICTION_TYPES
+from notelab.diffusion.schedules import BETA_SCHEDULES, NoiseSchedule
+from notelab.train import fit, plot_history
+
+NETS = {"unet": (UNet, UNetConfig), "mlp": (MLPDenoiser, MLPDenoiserConfig)}
+SAMPLERS = ("ddim", "ddpm")
+
+
+def default_net_config(sample_shape: tuple[int, ...]) -> dict[str, Any]:
+    """A network sized for the data: an MLP for points ``(D,)``, a UNet for images ``(C, H, W)``.
+
+    The UNet gets one more level (one more downsampling) per doubling of the image size above 8,
+    so the attention always runs on a 4x4..8x8 map; width grows with the image size.
+    """
+    if len(sample_shape) == 1:
+        return {"dim": sample_shape[0], "hidden": 256, "n_layers": 4, "time_dim": 64}
+    if len(sample_shape) != 3 or sample_shape[1] != sample_shape[2]:
+        raise ConfigError(f"sample_shape: expected (D,) or square (C, H, H), got {tuple(sample_shape)}")
+    channels, size = sample_shape[0], sample_shape[1]
+    if size <= 8:
+        base, mults = 32, (1, 2)
+    elif size <= 16:
+        base, mults = 32, (1, 2, 2)
+    elif size <= 32:
+        base, mults = 64, (1, 2, 2)
+    else:
+        base, mults = 64, (1, 2, 2, 2)
+    while size % 2 ** (len(mults) - 1):  # each level halves the map: drop levels an odd size cannot take
+        mults = mults[:-1]
+    return {
+        "in_channels": channels,
+        "image_size": size,
+        "base_channels": base,
+        "channel_mults": mults,
+        "num_res_blocks": 1 if size <= 8 else 2,
+    }
+
+
+@dataclass
+class DiffusionConfig:
+    sample_shape: tuple[int, ...] = (1, 8, 8)  # one sample: (C, H, W) for images, (D,) for points
+    net: str = "unet"  # "unet" (images) or "mlp" (points), the networks of notelab.core.denoisers
+    net_config: dict[str, Any] = field(default_factory=dict)  # fields of UNetConfig / MLPDenoiserConfig
+    beta_schedule: str = "linear"  # "linear", "scaled_linear", "cosine" (notelab.diffusion.schedules)
+    num_train_timesteps: int = 1000  # T
+    beta_start: float = 1e-4  # beta_1 (DDPM's value)
+    beta_end: float = 0.02  # beta_T
+    prediction_type: str = "epsilon"  # what the network outputs: "epsilon", "sample" (x0) or "v_prediction"
+    variance_type: str = "fixed_small"  # DDPM sampler's sigma_t^2: posterior beta_tilde or beta_t
+
+    def __post_init__(self) -> None:
+        if dataclasses.is_dataclass(self.net_config):
+            self.net_config = config_to_dict(self.net_config)
+        self.sample_shape = tuple(int(s) for s in self.sample_shape)
+        if not self.sample_shape or any(s < 1 for s in self.sample_shape):
+            raise ConfigError(f"sample_shape: expected positive sizes, got {self.sample_shape}")
+        if self.net not in NETS:
+            raise unknown_name("net", self.net, NETS)
+        if self.beta_schedule not in BETA_SCHEDULES:
+            raise unknown_name("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise unknown_name("prediction_type", self.prediction_type, PREDICTION_TYPES)
+        if self.variance_type not in VARIANCE_TYPES:
+            raise unknown_name("variance_type", self.variance_type, VARIANCE_TYPES)
+        if self.num_train_timesteps < 1:
+            raise ConfigError(f"num_train_timesteps: expected >= 1, got {self.num_train_timesteps}")
+        # The fields the data fixes are filled from sample_shape and must agree with it when given.
+        fixed = _shape_fields(self.net, self.sample_shape)
+        for k, v in fixed.items():
+            if k in self.net_config and self.net_config[k] != v:
+                raise ConfigError(
+                    f"net_config.{k}: sample_shape {self.sample_shape} implies {v}, config gives {self.net_config[k]}"
+                )
+        # Stored in full and in JSON form (tuples as lists), so a config equals its reloaded copy.
+        self.net_config = config_to_dict(self.net_config_object({**self.net_config, **fixed}))
+
+    def net_config_object(self, data: dict[str, Any] | None = None) -> Any:
+        """``net_config`` as the network's dataclass config (UNetConfig or MLPDenoiserConfig)."""
+        config_cls = NETS[self.net][1]
+        try:
+            return config_from_dict(config_cls, dict(self.net_config if data is None else data))
+        except ValueError as e:
+            raise ConfigError(f"net_config: {e}") from e
+
+    def build_net(self) -> nn.Module:
+        return NETS[self.net][0](self.net_config_object())
+
+    @classmethod
+    def for_shape(cls, sample_shape: tuple[int, ...], **overrides: Any) -> DiffusionConfig:
+        """DDPM's defaults (linear betas 1e-4..0.02, T=1000, epsilon) with a network sized for the data.
+
+        ``overrides`` replace fields; a ``net_config`` override updates the default network's fields.
+        """
+        sample_shape = tuple(sample_shape)
+        net = "mlp" if len(sample_shape) == 1 else "unet"
+        net_config = {**default_net_config(sample_shape), **dict(overrides.pop("net_config", None) or {})}
+        return cls(sample_shape=sample_shape, net=net, net_config=net_config, **overrides)
+
+
+def _shape_fields(net: str, sample_shape: tuple[int, ...]) -> dict[str, int]:
+    if net == "mlp":
+        if len(sample_shape) != 1:
+            raise ConfigError(f"net 'mlp': expected sample_shape (D,), got {sample_shape}")
+        return {"dim": sample_shape[0]}
+    if len(sample_shape) != 3 or sample_shape[1] != sample_shape[2]:
+        raise ConfigError(f"net 'unet': expected a square sample_shape (C, H, H), got {sample_shape}")
+    return {"in_channels": sample_shape[0], "image_size": sample_shape[1]}
+
+
+class DiffusionModel(PretrainedMixin, nn.Module):
+    """A denoising network ``f(x_t, t)`` together with the noise schedule it was trained under.
+
+    ``model(x, t)`` is the network's output (eps, x0 or v per ``config.prediction_type``); the
+    schedule is derived from the config and holds no learned state, so it is not in the weights.
+    """
+
+    config_class = DiffusionConfig
+    model_type = "ddpm"
+
+    def __init__(self, config: DiffusionConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.net = config.build_net()
+        # Kept outside the module tree: the schedule is a pure function of the config.
+        self.__dict__["schedule"] = NoiseSchedule.from_name(
+            config.beta_schedule, config.num_train_timesteps, config.beta_start, config.beta_end
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.net(x, t)
+
+    def loss(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """DDPM's simple loss (eq. 14) on a batch of clean samples ``x0``."""
+        return ddpm_loss(self, x0, self.schedule, generator=generator, prediction_type=self.config.prediction_type)
+
+    def check_steps(self, sampler: str, steps: int) -> None:
+        """Raise :class:`ConfigError` unless ``sampler`` is known and ``1 <= steps <= T``."""
+        if sampler not in SAMPLERS:
+            raise unknown_name("sampler", sampler, SAMPLERS)
+        T = self.config.num_train_timesteps
+        if not 1 <= int(steps) <= T:
+            raise ConfigError(f"steps: expected 1..{T} (the model's training timesteps), got {steps}")
+
+    @torch.no_grad()
+    def sample(
+        self,
+        n: int,
+        sampler: str = "ddim",
+        steps: int = 50,
+        eta: float = 0.0,
+        spacing: str = "leading",
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+        x_T: torch.Tensor | None = None,
+        clip_sample: bool = False,
+    ) -> torch.Tensor:
+        """Draw ``n`` samples of shape ``(n, *sample_shape)`` from N(0, I) noise ``x_T``.
+
+        ``sampler="ddim"`` takes ``steps`` network calls (DDIM eq. 12 with ``eta``, timesteps by
+        ``spacing``); ``sampler="ddpm"`` always takes all T ancestral steps and ignores ``steps``,
+        ``eta`` and ``spacing``. Noise comes from ``generator`` when given (reproducible).
+        """
+        self.check_steps(sampler, steps if sampler == "ddim" else self.config.num_train_timesteps)
+        if n < 1:
+            raise ConfigError(f"n: expected at least 1 sample, got {n}")
+        shape = (n, *self.config.sample_shape)
+        if x_T is None:
+            # Draw on the generator's device, then move: same noise on CPU and GPU for one seed.
+            gen_device = generator.device if generator is not None else self.device
+            x_T = torch.randn(shape, generator=generator, device=gen_device).to(self.device)
+        elif tuple(x_T.shape) != shape:
+            raise ShapeError(f"x_T: expected shape {shape}, got {tuple(x_T.shape)}")
+        was_training = self.training
+        self.eval()
+        try:
+            if sampler == "ddpm":
+                return sample_ddpm(
+                    self,
+                    x_T,
+                    self.schedule,
+                    variance_type=self.config.variance_type,
+                    prediction_type=self.config.prediction_type,
+                    clip_sample=clip_sample,
+                    generator=generator,
+                    progress=progress,
+                )
+            return sample_ddim(
+                self,
+                x_T,
+                self.schedule,
+                steps,
+                eta=eta,
+                spacing=spacing,
+                prediction_type=self.config.prediction_type,
+                clip_sample=clip_sample,
+                generator=generator,
+                progress=progress,
+            )
+        finally:
+            self.train(was_training)
+
+
+def train_diffusion(
+    dataset: Any,
+    out_dir: str | os.PathLike,
+    train_config: Any,
+    diffusion_config: DiffusionConfig | None = None,
+    callbacks: tuple = (),
+) -> DiffusionModel:
+    """Train a DDPM on ``dataset`` (a ``notelab.data`` ``ArrayDataset``) with ``notelab.train.fit``.
+
+    Writes ``out_dir/config.json`` + ``out_dir/model.safetensors`` (the EMA weights, or the last
+    weights when EMA is off), ``out_dir/loss.png``, and fit's own ``log.jsonl`` and resumable
+    ``checkpoint/``. Returns the saved model, in eval mode.
+    """
+    shape = tuple(dataset.sample_shape)
+    config = diffusion_config or DiffusionConfig.for_shape(shape)
+    if tuple(config.sample_shape) != shape:
+        raise ConfigError(f"sample_shape: the data has {shape}, the diffusion config says {config.sample_shape}")
+    out_dir = Path(out_dir)
+    model = DiffusionModel(config)
+    schedule, prediction_type = model.schedule, config.prediction_type
+
+    def loss_fn(net: nn.Module, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        # ``net`` may be a DDP / compiled wrapper of the model, so the schedule comes from the closure.
+        return ddpm_loss(net, x0, schedule, generator=generator, prediction_type=prediction_type)
+
+    # The samples as one tensor: fit keeps a small data set on the device whole.
+    data = torch.as_tensor(dataset.x, dtype=torch.float32)
+    train_config = dataclasses.replace(train_config, out_dir=str(out_dir))
+    result = fit(model, loss_fn, data, train_config, callbacks=callbacks)
+    final = result.ema_model if result.ema_model is not None else result.model
+    saved = DiffusionModel(config)
+    saved.load_state_dict({k: v.detach().cpu() for k, v in final.state_dict().items()})
+    saved.save_pretrained(out_dir)
+    if (out_dir / "log.jsonl").is_file():
+        plot_history(out_dir / "log.jsonl", out_dir / "loss.png")
+    return saved.eval()
