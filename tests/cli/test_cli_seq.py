@@ -1,0 +1,65 @@
+"""`notelab seq train` / `notelab seq translate` end to end, and their one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from notelab.cli import main
+
+
+def test_train_then_translate(tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    args = [
+        "seq",
+        "train",
+        "--model",
+        "gru",
+        "--task",
+        "reverse",
+        "--length",
+        "5",
+        "--steps",
+        "5",
+        "--batch-size",
+        "8",
+        "--d-model",
+        "16",
+        "--layers",
+        "1",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
+    assert main(args) == 0
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file() and (out / "task.json").is_file()
+    assert "trained gru" in capsys.readouterr().out
+    assert main(["seq", "translate", "--checkpoint", str(out), "--input", "3 4 5 6 7", "--beam", "2"]) == 0
+    printed = capsys.readouterr().out.split()
+    assert 1 <= len(printed) <= 6 and all(p.isdigit() for p in printed)
+
+    for bad_input, message in [("", "non-empty"), ("3 4 999", "token ids"), (" ".join(["3"] * 40), "max_len")]:
+        assert main(["seq", "translate", "--checkpoint", str(out), "--input", bad_input]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "mamba", "--task", "copy"], "unknown model"),
+        (["--model", "lstm", "--task", "sort"], "unknown task"),
+        (["--model", "lstm", "--task", "copy", "--length", "0"], "--length"),
+        (["--model", "lstm", "--task", "copy", "--length", "100000"], "--length"),
+    ],
+)
+def test_train_bad_input_exits_2(tmp_path, capsys, args, message) -> None:
+    out = tmp_path / "run"
+    assert main(["seq", "train", *args, "--out", str(out), "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and message in err
+    assert not out.exists()
+
+
+def test_translate_missing_checkpoint(tmp_path, capsys) -> None:
+    assert main(["seq", "translate", "--checkpoint", str(tmp_path / "none"), "--input", "3 4"]) == 2
+    assert "error:" in capsys.readouterr().err
