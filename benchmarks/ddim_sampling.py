@@ -20,6 +20,7 @@ import contextlib
 import platform
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -28,8 +29,11 @@ from notelab.core.runtime import get_device
 from notelab.diffusion.ddim import ddim_timesteps, sample_ddim
 from notelab.diffusion.schedules import NoiseSchedule
 
+if TYPE_CHECKING:
+    from diffusers import DDIMScheduler
 
-def diffusers_ddim(net: torch.nn.Module, x_T: torch.Tensor, scheduler, steps: int) -> torch.Tensor:
+
+def diffusers_ddim(net: torch.nn.Module, x_T: torch.Tensor, scheduler: DDIMScheduler, steps: int) -> torch.Tensor:
     scheduler.set_timesteps(steps, device=x_T.device)
     x = x_T
     for t in scheduler.timesteps:
@@ -149,7 +153,12 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def compare(
-    net, x_T: torch.Tensor, schedule: NoiseSchedule, scheduler, steps: int, repeats: int
+    net: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x_T: torch.Tensor,
+    schedule: NoiseSchedule,
+    scheduler: DDIMScheduler,
+    steps: int,
+    repeats: int,
 ) -> tuple[list[str], float]:
     """Table cells (agreement of the two loops, ms per step of the network alone and of each loop)
     and the relative max abs difference of the two loops' samples."""

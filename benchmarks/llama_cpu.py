@@ -18,13 +18,14 @@ import argparse
 import platform
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 
 import torch
 
 from notelab.lm import Llama, LlamaConfig, generate, to_hf
 
 
-def best_times(fns, repeats: int) -> list[float]:
+def best_times(fns: Sequence[Callable[[], object]], repeats: int) -> list[float]:
     """Best wall time of each function, the functions interleaved so that machine load hits all alike."""
     best = [float("inf")] * len(fns)
     for _ in range(repeats):

@@ -38,6 +38,8 @@ import platform
 import signal
 import time
 import traceback
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, NoReturn
 
 import torch
 import torch._inductor.config as inductor_config
@@ -47,6 +49,11 @@ from notelab.lm import Llama, LlamaConfig, generate
 from notelab.lm.convert import config_to_hf, ours_to_hf
 from notelab.lm.flops import count_parameters, flops_per_token, weight_bytes
 from notelab.lm.generate import _GREEDY
+
+if TYPE_CHECKING:
+    from types import FrameType
+
+    import transformers
 
 
 def sync(device: torch.device) -> None:
@@ -95,7 +102,7 @@ def copy_bandwidth(device: torch.device, nbytes: int, iters: int) -> float:
     return best
 
 
-def hf_model(config: LlamaConfig, device: torch.device, dtype: torch.dtype):
+def hf_model(config: LlamaConfig, device: torch.device, dtype: torch.dtype) -> transformers.PreTrainedModel:
     import transformers
 
     cfg = transformers.LlamaConfig.from_dict(config_to_hf(config, dtype))
@@ -104,14 +111,14 @@ def hf_model(config: LlamaConfig, device: torch.device, dtype: torch.dtype):
     return model.to(dtype)
 
 
-def copy_weights_to_hf(ours: Llama, hf) -> None:
+def copy_weights_to_hf(ours: Llama, hf: transformers.PreTrainedModel) -> None:
     state = {ours_to_hf(k): v for k, v in ours.state_dict().items()}
     missing, unexpected = hf.load_state_dict(state, strict=False)
     if [k for k in missing if "rotary" not in k] or unexpected:
         raise RuntimeError(f"weight copy to transformers failed: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
 
-def next_token_loss(model, hf: bool):
+def next_token_loss(model: torch.nn.Module, hf: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """``loss(x, y)``: cross-entropy of the logits (upcast to fp32) against the next tokens."""
 
     def loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -121,7 +128,16 @@ def next_token_loss(model, hf: bool):
     return loss
 
 
-def train_run(step_fn, params, device, batch, seq, vocab, warmup, steps) -> dict:
+def train_run(
+    step_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    params: Iterable[torch.nn.Parameter],
+    device: torch.device,
+    batch: int,
+    seq: int,
+    vocab: int,
+    warmup: int,
+    steps: int,
+) -> dict:
     """Time ``steps`` optimizer steps (after ``warmup``) of next-token loss ``step_fn(x, y)``; fused AdamW."""
     fused = device.type == "cuda"
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1, fused=fused)
@@ -149,11 +165,11 @@ def train_run(step_fn, params, device, batch, seq, vocab, warmup, steps) -> dict
     return {"step_ms": 1e3 * dt / steps, "tokens_per_s": batch * seq * steps / dt, "warmup_s": t_warm, "loss": losses}
 
 
-def _alarm(signum, frame):
+def _alarm(signum: int, frame: FrameType | None) -> NoReturn:
     raise TimeoutError("phase ran past --phase-timeout-s")
 
 
-def phase(name: str, results: list, fn, timeout_s: float = 0.0) -> None:
+def phase(name: str, results: list, fn: Callable[[], dict], timeout_s: float = 0.0) -> None:
     """Run one guarded phase: its error (or a timeout, via SIGALRM) is recorded and the script goes on."""
     print(f"\n== {name}", flush=True)
     t0 = time.perf_counter()
@@ -239,14 +255,14 @@ def main(argv: list[str] | None = None) -> dict:
         return time.perf_counter() - start > args.budget_s
 
     # (0) the card
-    def measure_card():
+    def measure_card() -> dict[str, float]:
         n, iters, nbytes = (512, 5, 2**24) if args.tiny else (8192, 50, 2**32)
         card["peak_flops"] = matmul_peak(device, n, iters)
         card["copy_bytes_per_s"] = copy_bandwidth(device, nbytes, 5 if args.tiny else 20)
         clear(device)
         return {"peak_tflops": card["peak_flops"] / 1e12, "copy_gb_per_s": card["copy_bytes_per_s"] / 1e9}
 
-    def run_phase(name: str, fn, timeout_s: float = 0.0) -> None:
+    def run_phase(name: str, fn: Callable[[], dict], timeout_s: float = 0.0) -> None:
         phase(name, results, fn, timeout_s)
         save(args.out, info, card, results, start)  # after every phase: a later crash keeps these figures
 
@@ -254,8 +270,8 @@ def main(argv: list[str] | None = None) -> dict:
     peak = card.get("peak_flops", float("nan"))
     fpt = flops_per_token(config, args.seq, training=True)
 
-    def train(kind: str):
-        def run():
+    def train(kind: str) -> Callable[[], dict]:
+        def run() -> dict:
             clear(device)
             torch.manual_seed(0)
             if kind.startswith("notelab"):
@@ -289,7 +305,7 @@ def main(argv: list[str] | None = None) -> dict:
     # (b) decode: one bf16 model shared by every variant
     shared: dict = {}
 
-    def build_decode_models():
+    def build_decode_models() -> dict[str, float]:
         clear(device)
         torch.manual_seed(0)
         with torch.device(device):
@@ -311,7 +327,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.only != "train":
         run_phase("decode: build bf16 models, HBM roofline", build_decode_models)
 
-    def timed(fn) -> tuple[float, list[int]]:
+    def timed(fn: Callable[[], list[int]]) -> tuple[float, list[int]]:
         sync(device)
         t0 = time.perf_counter()
         tokens = fn()
@@ -357,8 +373,8 @@ def main(argv: list[str] | None = None) -> dict:
         # in the order of the patterns, so that the variants that matter most run first
         ours_kinds = {k: v for w in args.kinds.split("|") for k, v in ours_kinds.items() if w in k}
 
-    def decode(kind: str):
-        def run():
+    def decode(kind: str) -> Callable[[], dict]:
+        def run() -> dict:
             ours, prompt, n = shared["ours"], shared["prompt"], args.new_tokens
             if kind in ours_kinds:
                 kw = ours_kinds[kind]
@@ -375,7 +391,7 @@ def main(argv: list[str] | None = None) -> dict:
                     hf.forward = torch.compile(hf.forward, mode="reduce-overhead", fullgraph=True)
                 P = prompt.shape[1]
 
-                def fn(m):
+                def fn(m: int) -> list[int]:
                     out = hf.generate(prompt, max_new_tokens=m, do_sample=False, **kw)
                     return out[0, P:].tolist()
 
@@ -396,7 +412,7 @@ def main(argv: list[str] | None = None) -> dict:
         return run
 
     @torch.inference_mode()
-    def profile_replay(ours, n: int = 20) -> None:
+    def profile_replay(ours: Llama, n: int = 20) -> None:
         """Print the kernels of ``n`` decode-step replays, by total device time (from slot 0: stays in range)."""
         from torch.profiler import ProfilerActivity, profile
 
@@ -409,7 +425,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=90))
 
     @torch.inference_mode()  # the fast path's buffers are inference tensors
-    def replay_only(ours, P: int, n: int) -> float:
+    def replay_only(ours: Llama, P: int, n: int) -> float:
         """Tokens/s of the fast path's decode step alone: n - 1 replays, no prefill and no host reads."""
         state = _GREEDY[ours][1]
         dt = float("inf")

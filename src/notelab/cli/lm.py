@@ -17,8 +17,14 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from notelab.core.errors import ConfigError, DataError
+
+if TYPE_CHECKING:  # imported lazily at run time, so `notelab --help` stays fast
+    from notelab.data.tokenizer import Tokenizer
+    from notelab.lm.model import Llama
+    from notelab.train import TrainConfig
 
 BUILT_IN = "built-in"
 
@@ -150,7 +156,7 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load(path: str, device: str):
+def _load(path: str, device: str) -> tuple[Llama, Tokenizer]:
     from notelab.core.runtime import get_device
     from notelab.lm.train import load_run
 
@@ -262,7 +268,7 @@ def convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _posttrain_setup(args: argparse.Namespace):
+def _posttrain_setup(args: argparse.Namespace) -> tuple[Llama, Tokenizer, TrainConfig]:
     from notelab.train import TrainConfig
 
     for name in ("steps", "batch_size", "lr", "max_len", "n"):
@@ -285,7 +291,7 @@ def _posttrain_setup(args: argparse.Namespace):
     return model, tokenizer, config
 
 
-def _save(model, tokenizer, out: str) -> None:
+def _save(model: Llama, tokenizer: Tokenizer, out: str) -> None:
     model.save_pretrained(out)
     tokenizer.save(Path(out))
 

@@ -93,7 +93,9 @@ def next_token(
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
 
 
-def left_pad(prompts: Prompts, pad_id: int = 0, device: torch.device | str | None = None):
+def left_pad(
+    prompts: Prompts, pad_id: int = 0, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompts -> ``tokens (B, P)`` left-padded with ``pad_id`` and ``mask (B, P)`` (True at real tokens)."""
     if isinstance(prompts, torch.Tensor):
         tokens = prompts[None] if prompts.ndim == 1 else prompts
@@ -109,7 +111,14 @@ def left_pad(prompts: Prompts, pad_id: int = 0, device: torch.device | str | Non
     return tokens, mask
 
 
-def _decode_static(model: Llama, token, slot, positions, mask, cache) -> torch.Tensor:
+def _decode_static(
+    model: Llama,
+    token: torch.Tensor,
+    slot: torch.Tensor,
+    positions: torch.Tensor | None,
+    mask: torch.Tensor,
+    cache: nn.ModuleList,
+) -> torch.Tensor:
     """One decode step on the whole static cache; every argument keeps its shape from step to step."""
     return model._forward(token, slot, positions, mask, cache, 1)[:, -1].float()
 
@@ -172,7 +181,16 @@ def matmul_attention(
     return out.reshape(b, hq, t, d).to(q.dtype)
 
 
-def _decode_forward(model: Llama, fused: FusedWeights | None, tok, slot, positions, mask, cache, attn: str):
+def _decode_forward(
+    model: Llama,
+    fused: FusedWeights | None,
+    tok: torch.Tensor,
+    slot: torch.Tensor,
+    positions: torch.Tensor | None,
+    mask: torch.Tensor,
+    cache: nn.ModuleList,
+    attn: str,
+) -> torch.Tensor:
     """``Llama._forward`` for one static decode step, with stacked projections and a choice of attention.
 
     Only the decode step's shapes are handled: ``tok`` ``(B, T)`` at cache slots ``slot + [0, T)``,
@@ -219,7 +237,17 @@ def _decode_forward(model: Llama, fused: FusedWeights | None, tok, slot, positio
     return model.lm_head(model.norm(x))
 
 
-def _greedy_step(model: Llama, tok, slot, n_pad, mask, cache, out, fused=None, attn: str = "sdpa") -> None:
+def _greedy_step(
+    model: Llama,
+    tok: torch.Tensor,
+    slot: torch.Tensor,
+    n_pad: torch.Tensor | None,
+    mask: torch.Tensor,
+    cache: nn.ModuleList,
+    out: torch.Tensor,
+    fused: FusedWeights | None = None,
+    attn: str = "sdpa",
+) -> None:
     """One greedy step, in place: ``tok`` ``(B, 1)`` at cache slot ``slot`` (0-d) -> ``out[:, slot + 1]``, ``tok``.
 
     Every argument is a fixed buffer, so the step can be captured once and replayed for every token.
@@ -477,7 +505,17 @@ def stream(
             done_t, n_done_t = torch.tensor(done, device=device), sum(done)
 
 
-def _stream_greedy(model, state: _GreedyState, tokens, prompt_mask, mask, n_pad, steps, stop_tokens, sync_every):
+def _stream_greedy(
+    model: Llama,
+    state: _GreedyState,
+    tokens: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    mask: torch.Tensor,
+    n_pad: torch.Tensor,
+    steps: int,
+    stop_tokens: Sequence[int],
+    sync_every: int,
+) -> Iterator[list[int | None]]:
     """Greedy decoding on the fast path; yields what :func:`stream` yields, read back in chunks of ``sync_every``."""
     B, P = tokens.shape
     padded = state.n_pad is not None

@@ -99,7 +99,15 @@ class Block(nn.Module):
         self.post_attention_layernorm = norm(config.dim, config.norm_eps)
         self.mlp = mlp(config.dim, config.hidden_dim)
 
-    def forward(self, x: torch.Tensor, rope, mask, is_causal: bool, cache: KVCache | None, start) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: torch.Tensor | None,
+        is_causal: bool,
+        cache: KVCache | None,
+        start: int | torch.Tensor,
+    ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), rope, mask, is_causal, cache, start)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -148,7 +156,7 @@ class Llama(PretrainedMixin, nn.Module):
         inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling) if c.pos == "rope" else torch.empty(0)
         self.inv_freq = inv_freq.to(device)
 
-    def _apply(self, fn, recurse=True):
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Llama:
         super()._apply(fn, recurse)
         # model.to(bfloat16) would round the frequencies, and positions * theta_i would lose whole radians.
         if self.embed_tokens.weight.device.type != "meta":
@@ -232,7 +240,15 @@ class Llama(PretrainedMixin, nn.Module):
             self.check_tokens(tokens, start_pos)
         return self._forward(tokens, start_pos, positions, attention_mask, cache, logits_to_keep)
 
-    def _forward(self, tokens, start_pos, positions, attention_mask, cache, logits_to_keep) -> torch.Tensor:
+    def _forward(
+        self,
+        tokens: torch.Tensor,
+        start_pos: int | torch.Tensor,
+        positions: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        cache: nn.ModuleList | None,
+        logits_to_keep: int,
+    ) -> torch.Tensor:
         B, T = tokens.shape
         static = isinstance(start_pos, torch.Tensor)
         slots = start_pos + torch.arange(T, device=tokens.device) if static else None
@@ -252,7 +268,15 @@ class Llama(PretrainedMixin, nn.Module):
             x = x[:, -logits_to_keep:]
         return self.lm_head(self.norm(x))
 
-    def _mask(self, T, start_pos, slots, attention_mask, cache, device) -> tuple[torch.Tensor | None, bool]:
+    def _mask(
+        self,
+        T: int,
+        start_pos: int | torch.Tensor,
+        slots: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        cache: nn.ModuleList | None,
+        device: torch.device,
+    ) -> tuple[torch.Tensor | None, bool]:
         """The boolean attention mask over the keys (True = attend) and whether SDPA adds the causal part."""
         if slots is not None:  # static cache: key slot j is visible from query slot s when j <= s
             n_keys = cache[0].max_len

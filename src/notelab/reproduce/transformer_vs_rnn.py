@@ -35,7 +35,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -387,7 +387,7 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0, tiny: bool = False) -
     seed_everything(seed)
     seconds = {}
 
-    def timed(name: str, fn, *args) -> Section:
+    def timed(name: str, fn: Callable[..., Section], *args: Any) -> Section:
         t0 = time.perf_counter()
         out = fn(*args)
         seconds[name] = round(time.perf_counter() - t0, 1)

@@ -1,8 +1,10 @@
-"""Sequence-to-sequence models: the Transformer and its RNN / LSTM / GRU baselines (issue 3)."""
+"""Sequence-to-sequence models: the Transformer and its RNN / LSTM / GRU baselines, tasks and experiments (issue 3)."""
 
 from notelab.seq.decoding import beam_search, generate, gnmt_length_penalty, greedy_decode
+from notelab.seq.experiments import build_model, evaluate, load_model, train_seq, translate
 from notelab.seq.losses import label_smoothed_ce, noam_lr, noam_peak_lr, noam_schedule, seq2seq_loss
 from notelab.seq.rnn import RNNCache, RNNMemory, RNNSeq2Seq, RNNSeq2SeqConfig
+from notelab.seq.tasks import StdlibDocTask, SyntheticTask, corpus_bleu, exact_match, make_task, sequence_accuracy
 from notelab.seq.transformer import (
     DecoderLayer,
     EncoderLayer,
@@ -24,16 +26,27 @@ __all__ = [
     "RNNMemory",
     "RNNSeq2Seq",
     "RNNSeq2SeqConfig",
+    "StdlibDocTask",
+    "SyntheticTask",
     "Transformer",
     "TransformerCache",
     "TransformerConfig",
     "beam_search",
+    "build_model",
+    "corpus_bleu",
+    "evaluate",
+    "exact_match",
     "generate",
     "gnmt_length_penalty",
     "greedy_decode",
     "label_smoothed_ce",
+    "load_model",
+    "make_task",
     "noam_lr",
     "noam_peak_lr",
     "noam_schedule",
     "seq2seq_loss",
+    "sequence_accuracy",
+    "train_seq",
+    "translate",
 ]

@@ -74,7 +74,9 @@ def _trim(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
     return tokens[:, : int(ends.max())]
 
 
-def _prepare(model: nn.Module, src: torch.Tensor, src_pad: torch.Tensor | None, max_len: int | None):
+def _prepare(
+    model: nn.Module, src: torch.Tensor, src_pad: torch.Tensor | None, max_len: int | None
+) -> tuple[torch.Tensor, Any, int]:
     c = model.config
     steps = c.max_len if max_len is None else max_len
     if not isinstance(steps, int) or steps < 1 or steps > c.max_len:

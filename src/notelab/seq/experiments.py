@@ -237,7 +237,7 @@ def train_seq(
         if time_budget is not None and time.perf_counter() - t0 > time_budget:
             raise _TimeUp
 
-    def loss_fn(m: nn.Module, batch: Any, generator: torch.Generator):
+    def loss_fn(m: nn.Module, batch: Any, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         loss, metrics = seq2seq_loss(m, batch, generator, eps=label_smoothing)
         metrics["tokens"] = float((batch[2] != task.pad_id).sum())
         return loss, metrics
@@ -323,7 +323,7 @@ def make_train_step(
     precision: str = "auto",
     seed: int = 0,
     compile: bool = False,
-):
+) -> Callable[[], None]:
     """A closure running one forward + backward of the cross entropy on a random ``(batch, length)`` pair.
 
     Source and target both have ``length`` tokens; gradients are dropped after each call (no

@@ -240,7 +240,9 @@ class RNNSeq2Seq(PretrainedMixin, nn.Module):
         keys = states.new_zeros(b, s, 0) if self.attn is None else self.attn.keys(states)
         return RNNMemory(states, keys, h0, c0)
 
-    def init_cache(self, memory: RNNMemory, src_pad: torch.Tensor | None = None, max_len: int | None = None):
+    def init_cache(
+        self, memory: RNNMemory, src_pad: torch.Tensor | None = None, max_len: int | None = None
+    ) -> RNNCache:
         """A ``RNNCache`` holding s_0 (the decoder state before BOS)."""
         max_len = self.config.max_len if max_len is None else max_len
         if max_len > self.config.max_len:

@@ -36,15 +36,18 @@ from __future__ import annotations
 import functools
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from notelab.core.errors import ConfigError, DataError, ShapeError, unknown_name
 from notelab.core.io import atomic_write_text
+
+if TYPE_CHECKING:
+    from notelab.data.tokenizer import Tokenizer
 
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 DIGIT = 3  # ids 3..12: the digits / symbols 0..9
@@ -266,7 +269,7 @@ class StdlibDocTask:
         ys = [self.tokenizer.encode(r.summary)[: self.max_tgt_len] for r in self.train_records]
         return src, self._pad(ys, self.max_tgt_len)
 
-    def _tokenizer(self):
+    def _tokenizer(self) -> Tokenizer:
         from notelab.data.tokenizer import Tokenizer
 
         # Loading a cached tokenizer never touches the data: `translate` only needs this file.
@@ -308,7 +311,7 @@ class StdlibDocTask:
         idx = torch.randint(0, src.shape[0], (self.batch_size,), generator=generator)
         return self._batch(src[idx], y[idx])
 
-    def test_batches(self, batch_size: int = 64):
+    def test_batches(self, batch_size: int = 64) -> Iterator[tuple[torch.Tensor, list[str]]]:
         """Yield ``(src, references)`` over the test functions, in order."""
         recs = self.test_records
         for i in range(0, len(recs), batch_size):
@@ -336,7 +339,7 @@ class StdlibDocTask:
 
 def make_task(
     name: str, *, length: int = 16, batch_size: int = 32, run_dir: str | os.PathLike | None = None, **kw: Any
-):
+) -> SyntheticTask | StdlibDocTask:
     """A task by name: ``SyntheticTask(name, length, ...)`` or ``StdlibDocTask(run_dir, ...)``."""
     if name in SYNTHETIC_TASKS:
         return SyntheticTask(name, length, batch_size, **kw)
@@ -350,7 +353,7 @@ def save_task(task: Any, run_dir: str | os.PathLike) -> None:
     atomic_write_text(Path(run_dir) / "task.json", json.dumps(task.spec(), indent=2))
 
 
-def load_task(run_dir: str | os.PathLike, **overrides: Any):
+def load_task(run_dir: str | os.PathLike, **overrides: Any) -> SyntheticTask | StdlibDocTask:
     """Rebuild the task a run was trained on from its ``task.json`` (and cached ``tokenizer.json``)."""
     path = Path(run_dir) / "task.json"
     if not path.is_file():

@@ -368,7 +368,9 @@ class Transformer(PretrainedMixin, nn.Module):
             x = layer(x, mask)
         return self.enc_norm(x)
 
-    def init_cache(self, memory: torch.Tensor, src_pad: torch.Tensor | None = None, max_len: int | None = None):
+    def init_cache(
+        self, memory: torch.Tensor, src_pad: torch.Tensor | None = None, max_len: int | None = None
+    ) -> TransformerCache:
         """A fresh ``TransformerCache`` for decoding up to ``max_len`` target positions (BOS included)."""
         c = self.config
         max_len = c.max_len if max_len is None else max_len
