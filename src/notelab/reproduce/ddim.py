@@ -61,7 +61,7 @@ class Settings:
 
 
 QUICK = Settings(
-    train_steps=1200,
+    train_steps=400,
     batch_size=64,
     lr=2e-3,
     warmup_steps=20,
