@@ -61,11 +61,11 @@ class Settings:
 
 
 QUICK = Settings(
-    train_steps=400,
+    train_steps=2500,
     batch_size=64,
     lr=2e-3,
     warmup_steps=20,
-    ema_decay=0.99,
+    ema_decay=0.995,
     base_channels=16,
     num_res_blocks=1,
     n_samples=96,
