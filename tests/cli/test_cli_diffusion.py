@@ -12,22 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 from notelab.cli import main
 from notelab.train import find_checkpoint
 
 TINY_TRAIN = ["--steps", "4", "--batch-size", "16", "--no-progress"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: torch's intra-op threads only add spin-wait contention on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def run_cli(argv: list[str]) -> int:

@@ -38,15 +38,6 @@ S_DATA = 0.5
 N = 20_000
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # thousands of tiny steps: thread hand-offs cost more than the arithmetic on a loaded machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def sched() -> NoiseSchedule:
     return NoiseSchedule.from_name("linear", 1000)

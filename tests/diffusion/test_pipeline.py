@@ -14,15 +14,6 @@ TINY_MLP = {"hidden": 32, "n_layers": 2, "time_dim": 16}
 TINY_UNET = {"base_channels": 8, "channel_mults": (1, 2), "num_res_blocks": 1, "attn_heads": 2, "groups": 4}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: torch's intra-op threads only add spin-wait contention on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_points_model(T: int = 50) -> DiffusionModel:
     torch.manual_seed(0)
     return DiffusionModel(DiffusionConfig(sample_shape=(2,), net="mlp", net_config=TINY_MLP, num_train_timesteps=T))

@@ -16,15 +16,6 @@ from notelab.lm.generate import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: one thread avoids OpenMP spin-waits on a shared 2-core machine (20x faster under load).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def model_of(dtype=torch.float64, **kw) -> Llama:
     base = dict(vocab_size=101, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=16, max_seq_len=64)
     torch.manual_seed(0)

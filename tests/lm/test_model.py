@@ -8,15 +8,6 @@ from notelab.core.rope import RopeScaling
 from notelab.lm import Llama, LlamaConfig, gpt2_variant
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: one thread avoids OpenMP spin-waits on a shared 2-core machine (20x faster under load).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(**kw) -> LlamaConfig:
     base = dict(vocab_size=101, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=16, max_seq_len=64)
     return LlamaConfig(**{**base, **kw})

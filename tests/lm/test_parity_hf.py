@@ -14,15 +14,6 @@ from notelab.lm import Llama, LlamaConfig, from_hf, generate, to_hf  # noqa: E40
 VOCAB = 97  # prompts draw ids from 1: transformers masks the pad id 0 when no attention mask is given
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: one thread avoids OpenMP spin-waits on a shared 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def hf_model(n_kv_heads: int, scaled: bool, tied: bool, seed: int = 0):
     rope = {"rope_type": "default", "rope_theta": 10000.0}
     if scaled:  # original context 256 with head_dim 16: the frequencies fall in all three bands of the scaling
