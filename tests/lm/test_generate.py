@@ -9,8 +9,10 @@ from notelab.lm.generate import (
     _GREEDY,
     _decode_forward,
     apply_repetition_penalty,
+    chunked_argmax,
     left_pad,
     matmul_attention,
+    matvec_sum,
     top_k_filter,
     top_p_filter,
 )
@@ -123,6 +125,7 @@ def test_compiled_decode_step_matches_eager():
     assert generate(model, prompts, 6, compile=True, fast_greedy=False) == eager  # general per-token path
     assert generate(model, prompts, 6, compile=True, fuse=False) == eager  # the plain step, no stacked weights
     assert generate(model, prompts, 6, compile=True, decode_attention="reduce") == eager
+    assert generate(model, prompts, 6, compile=True, decode_matvec="reduce") == eager  # products as reductions
 
 
 @pytest.mark.parametrize("sync_every", [1, 3, 64])
@@ -172,9 +175,12 @@ def test_fused_decode_step_equals_forward(variant):
         model._forward(tokens, 0, positions, attention_mask[:, :4], ref_cache, 1)
         slot, tok = torch.tensor(4), torch.tensor([[3], [6]])
         ref = model._forward(tok, slot, positions[:, -1:] + 1, attention_mask, ref_cache, 1)
-        for attn in ("sdpa", "matmul", "reduce"):
-            out = _decode_forward(model, fused, tok, slot, positions[:, -1:] + 1, attention_mask, cache, attn)
+        for attn, matvec in [("sdpa", "cublas"), ("matmul", "cublas"), ("reduce", "cublas"), ("sdpa", "reduce")]:
+            step = (tok, slot, positions[:, -1:] + 1, attention_mask, cache, attn, matvec)
+            out = _decode_forward(model, fused, *step)
             torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
+            if not variant:  # and the separate weights
+                torch.testing.assert_close(_decode_forward(model, None, *step), ref, rtol=1e-9, atol=1e-9)
             torch.testing.assert_close(cache[1].k, ref_cache[1].k, rtol=1e-12, atol=1e-12)
 
 
@@ -191,11 +197,26 @@ def test_matmul_attention_equals_sdpa_with_grouped_heads():
             torch.testing.assert_close(matmul_attention(q, k, v, mask, elementwise=elementwise), ref)
 
 
-@pytest.mark.parametrize("decode_attention", ["sdpa", "matmul", "reduce"])
-def test_fused_fast_path_equals_eager_and_follows_weight_changes(decode_attention):
+def test_matvec_sum_and_chunked_argmax():
+    torch.manual_seed(0)
+    x, w = torch.randn(2, 3, 40), torch.randn(24, 40)
+    torch.testing.assert_close(matvec_sum(x, w), x @ w.T, rtol=1e-5, atol=1e-5)
+    assert matvec_sum(x.bfloat16(), w.bfloat16()).dtype == torch.bfloat16
+    for n, chunk in [(1, 4), (10, 4), (12, 4), (1000, 64), (5, 1024)]:
+        logits = torch.randn(3, n)
+        assert torch.equal(chunked_argmax(logits, chunk), logits.argmax(-1, keepdim=True))
+        ties = torch.randint(0, 3, (3, n)).float()  # many equal maxima: the first one, as argmax
+        assert torch.equal(chunked_argmax(ties, chunk), ties.argmax(-1, keepdim=True))
+
+
+@pytest.mark.parametrize(
+    "decode_attention, decode_matvec",
+    [("sdpa", "cublas"), ("matmul", "cublas"), ("reduce", "cublas"), ("sdpa", "reduce")],
+)
+def test_fused_fast_path_equals_eager_and_follows_weight_changes(decode_attention, decode_matvec):
     model = model_of(dtype=torch.float32)
     prompts = [torch.randint(1, 101, (n,)).tolist() for n in (3, 11, 7)]
-    kw = dict(static=True, sync_every=4, fuse=True, decode_attention=decode_attention)
+    kw = dict(static=True, sync_every=4, fuse=True, decode_attention=decode_attention, decode_matvec=decode_matvec)
     assert generate(model, prompts, 10, **kw) == generate(model, prompts, 10)
     with torch.no_grad():  # in place, as an optimizer step: the stacked copies must be refreshed
         for layer in model.layers:
@@ -207,3 +228,5 @@ def test_fused_fast_path_equals_eager_and_follows_weight_changes(decode_attentio
     assert _GREEDY[model][1].attn == "sdpa" and _GREEDY[model][1].fused is not None  # defaults, uncompiled
     with pytest.raises(ConfigError, match="decode_attention"):
         generate(model, prompts, 2, **{**kw, "decode_attention": "flash"})
+    with pytest.raises(ConfigError, match="decode_matvec"):
+        generate(model, prompts, 2, **{**kw, "decode_matvec": "gemv"})

@@ -30,6 +30,11 @@ fast path therefore multiplies by stacked copies ``[W_q; W_k; W_v]`` and ``[W_ga
 arithmetic in fewer, larger kernels. ``decode_attention="matmul"`` (or ``"reduce"``: sums of
 products) computes the step's attention ``softmax(q K^T / sqrt(D) + M) V`` over the whole cache
 in float32 as plain tensor ops instead of SDPA, which the compiler can fuse with the ops around it.
+``decode_matvec="reduce"`` does the same for the layers' matrix-vector products (``matvec_sum``):
+compiled, each becomes one reduction kernel that also computes the RMSNorm before it, the SiLU
+product before ``down_proj`` and the residual add after it, instead of a cuBLAS call between
+small elementwise kernels. The greedy step's argmax runs in two passes (``chunked_argmax``), which
+spreads the 128K-entry vocabulary over many thread blocks.
 """
 
 from __future__ import annotations
@@ -154,6 +159,28 @@ def _reusable_cache(model: Llama, batch: int, max_len: int, dtype: torch.dtype) 
 
 
 DECODE_ATTENTION = ("sdpa", "matmul", "reduce")
+DECODE_MATVEC = ("cublas", "reduce")
+
+
+def matvec_sum(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x @ w.T`` as a float32 sum of products, ``x`` ``(..., K)``, ``w`` ``(N, K)`` -> ``(..., N)`` in x's dtype.
+
+    For decoding under ``torch.compile`` only: eager, it materialises the ``(..., N, K)`` products.
+    """
+    acc = torch.promote_types(x.dtype, torch.float32)
+    return (x.to(acc)[..., None, :] * w.to(acc)).sum(-1).to(x.dtype)
+
+
+def chunked_argmax(x: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """``x.argmax(-1, keepdim=True)`` in two passes: the maximum of each ``chunk`` of the last axis, then
+    the first chunk holding the overall maximum and the first maximum inside it (the same index,
+    ties included: the first occurrence)."""
+    *lead, n = x.shape
+    k = -(-n // chunk)
+    blocks = F.pad(x, (0, k * chunk - n), value=float("-inf")).view(*lead, k, chunk)
+    c = blocks.amax(-1).argmax(-1, keepdim=True)  # (..., 1)
+    inside = blocks.gather(-2, c[..., None].expand(*lead, 1, chunk)).squeeze(-2)  # (..., chunk)
+    return c * chunk + inside.argmax(-1, keepdim=True)
 
 
 def matmul_attention(
@@ -190,8 +217,10 @@ def _decode_forward(
     mask: torch.Tensor,
     cache: nn.ModuleList,
     attn: str,
+    matvec: str = "cublas",
 ) -> torch.Tensor:
-    """``Llama._forward`` for one static decode step, with stacked projections and a choice of attention.
+    """``Llama._forward`` for one static decode step, with stacked projections and a choice of attention
+    and of matrix-vector product (``DECODE_MATVEC``; ``lm_head`` always multiplies with cuBLAS).
 
     Only the decode step's shapes are handled: ``tok`` ``(B, T)`` at cache slots ``slot + [0, T)``,
     ``positions`` ``(B, T)`` or None (the slots), ``mask`` ``(B, S)`` over the whole cache.
@@ -207,15 +236,16 @@ def _decode_forward(
         cos, sin = rope_cos_sin(positions, model.inv_freq)
         rope = (cos[:, None], sin[:, None]) if cos.ndim == 3 else (cos, sin)
     m, _ = model._mask(T, slot, slots, mask, cache, tok.device)
+    lin = F.linear if matvec == "cublas" else matvec_sum
     for i, layer in enumerate(model.layers):
         a = layer.self_attn
         w_qkv, w_gate_up = fused[i] if fused is not None else (None, None)
         h = layer.input_layernorm(x)
         hq, hkv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
         if w_qkv is None:
-            q, k, v = a.q_proj(h), a.k_proj(h), a.v_proj(h)
+            q, k, v = (lin(h, p.weight) for p in (a.q_proj, a.k_proj, a.v_proj))
         else:
-            q, k, v = F.linear(h, w_qkv).split([hq, hkv, hkv], dim=-1)
+            q, k, v = lin(h, w_qkv).split([hq, hkv, hkv], dim=-1)
         q = q.reshape(B, T, a.n_heads, a.head_dim).transpose(1, 2)
         k = k.reshape(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
         v = v.reshape(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
@@ -227,13 +257,13 @@ def _decode_forward(
             y = attention(q, k, v, mask=m)
         else:
             y = matmul_attention(q, k, v, m, elementwise=attn == "reduce")
-        x = x + a.o_proj(y.transpose(1, 2).reshape(B, T, hq))
+        x = x + lin(y.transpose(1, 2).reshape(B, T, hq), a.o_proj.weight)
         h = layer.post_attention_layernorm(x)
         if w_gate_up is None:
             x = x + layer.mlp(h)
         else:
-            gate, up = F.linear(h, w_gate_up).chunk(2, dim=-1)
-            x = x + layer.mlp.down_proj(F.silu(gate) * up)
+            gate, up = lin(h, w_gate_up).chunk(2, dim=-1)
+            x = x + lin(F.silu(gate) * up, layer.mlp.down_proj.weight)
     return model.lm_head(model.norm(x))
 
 
@@ -247,19 +277,20 @@ def _greedy_step(
     out: torch.Tensor,
     fused: FusedWeights | None = None,
     attn: str = "sdpa",
+    matvec: str = "cublas",
 ) -> None:
     """One greedy step, in place: ``tok`` ``(B, 1)`` at cache slot ``slot`` (0-d) -> ``out[:, slot + 1]``, ``tok``.
 
     Every argument is a fixed buffer, so the step can be captured once and replayed for every token.
     ``fused``: stacked projection weights (``Llama.fused_decode_weights``) or None; ``attn``: one of
-    ``DECODE_ATTENTION``.
+    ``DECODE_ATTENTION``; ``matvec``: one of ``DECODE_MATVEC``.
     """
     positions = None if n_pad is None else slot - n_pad  # per-row positions of a left-padded batch
-    if fused is None and attn == "sdpa":
+    if fused is None and attn == "sdpa" and matvec == "cublas":
         logits = model._forward(tok, slot, positions, mask, cache, 1)[:, -1]
     else:
-        logits = _decode_forward(model, fused, tok, slot, positions, mask, cache, attn)[:, -1]
-    nxt = logits.argmax(dim=-1, keepdim=True)  # argmax of bf16 logits equals that of their float32 copy
+        logits = _decode_forward(model, fused, tok, slot, positions, mask, cache, attn, matvec)[:, -1]
+    nxt = chunked_argmax(logits)  # argmax of bf16 logits equals that of their float32 copy
     tok.copy_(nxt)
     out.index_copy_(1, slot.view(1) + 1, nxt)
     slot.add_(1)
@@ -278,10 +309,11 @@ class _GreedyState:
         how: str,
         fuse: bool = False,
         attn: str = "sdpa",
+        matvec: str = "cublas",
     ) -> None:
         device = model.embed_tokens.weight.device
         self.fused = model.fused_decode_weights() if fuse else None
-        self.attn = attn
+        self.attn, self.matvec = attn, matvec
         self.cache = model.make_cache(batch, total, dtype=dtype)
         self.tok = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.slot = torch.zeros((), dtype=torch.long, device=device)
@@ -310,7 +342,11 @@ class _GreedyState:
             return
         if self.trees:
             torch.compiler.cudagraph_mark_step_begin()
-        self.fn(model, self.tok, self.slot, self.n_pad, self.mask, self.cache, self.out, self.fused, self.attn)
+        self._call(model)
+
+    def _call(self, model: Llama) -> None:
+        args = (self.tok, self.slot, self.n_pad, self.mask, self.cache, self.out, self.fused, self.attn, self.matvec)
+        self.fn(model, *args)
 
     def _capture(self, model: Llama) -> torch.cuda.CUDAGraph:
         """Warm up (compile, pick kernels) on a side stream, then record one step; slot 0 keeps writes in range."""
@@ -319,11 +355,11 @@ class _GreedyState:
         with torch.cuda.stream(side):
             for _ in range(3):
                 self.slot.zero_()
-                self.fn(model, self.tok, self.slot, self.n_pad, self.mask, self.cache, self.out, self.fused, self.attn)
+                self._call(model)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self.fn(model, self.tok, self.slot, self.n_pad, self.mask, self.cache, self.out, self.fused, self.attn)
+            self._call(model)
         return graph
 
 
@@ -348,17 +384,18 @@ def _greedy_state(
     how: str,
     fuse: bool = False,
     attn: str = "sdpa",
+    matvec: str = "cublas",
 ) -> _GreedyState:
     """One fast-path state per model, kept across calls while the shape and the weights' storage stay the same.
 
     A CUDA graph replays fixed addresses: moving the model (``.to``) makes new weights and a new state.
     """
     w = model.embed_tokens.weight
-    key = (batch, total, dtype, padded, how, fuse, attn, w.device, w.data_ptr(), model.inv_freq.data_ptr())
+    key = (batch, total, dtype, padded, how, fuse, attn, matvec, w.device, w.data_ptr(), model.inv_freq.data_ptr())
     held = _GREEDY.get(model)
     if held is None or held[0] != key:
         _GREEDY.pop(model, None)
-        held = _GREEDY[model] = (key, _GreedyState(model, batch, total, dtype, padded, how, fuse, attn))
+        held = _GREEDY[model] = (key, _GreedyState(model, batch, total, dtype, padded, how, fuse, attn, matvec))
     return held[1]
 
 
@@ -387,6 +424,7 @@ def stream(
     fast_greedy: bool = True,
     fuse: bool = True,
     decode_attention: str = "auto",
+    decode_matvec: str = "auto",
 ) -> Iterator[list[int | None]]:
     """Yield, step by step, the new token of every row (``None`` for rows already stopped).
 
@@ -412,6 +450,8 @@ def stream(
     (extra memory: those weights once more) and ``decode_attention`` (``"sdpa"``, ``"matmul"``, ``"reduce"``;
     ``"auto"``: "reduce" when compiled, else "sdpa") picks the step's attention; all give the tokens
     of the plain step up to rounding (equal in float32; bf16 rounding can flip near-ties).
+    ``decode_matvec`` (``"cublas"``, ``"reduce"``; ``"auto"``: "cublas") picks the layers' matrix-vector
+    products; "reduce" is for compiled steps only.
     """
     if temperature < 0 or repetition_penalty <= 0 or (top_k is not None and top_k < 1):
         raise ConfigError(
@@ -424,6 +464,8 @@ def stream(
         raise ConfigError(f"generate: expected sync_every >= 1, got {sync_every}")
     if decode_attention not in (*DECODE_ATTENTION, "auto"):
         raise unknown_name("decode_attention", decode_attention, (*DECODE_ATTENTION, "auto"))
+    if decode_matvec not in (*DECODE_MATVEC, "auto"):
+        raise unknown_name("decode_matvec", decode_matvec, (*DECODE_MATVEC, "auto"))
     device = model.embed_tokens.weight.device
     tokens, prompt_mask = left_pad(prompts, pad_id, device)
     B, P = tokens.shape
@@ -446,7 +488,8 @@ def stream(
         # Measured on an H200 (Llama-3.2-1B, batch 1): the compiled sums of products beat cuDNN attention
         # (5 against 9 us a layer); eager, they would materialise every product.
         attn = decode_attention if decode_attention != "auto" else ("sdpa" if how == "eager" else "reduce")
-        state = _greedy_state(model, B, total, dtype, padded, how, fuse, attn)
+        matvec = decode_matvec if decode_matvec != "auto" else "cublas"
+        state = _greedy_state(model, B, total, dtype, padded, how, fuse, attn, matvec)
         yield from _stream_greedy(model, state, tokens, prompt_mask, mask, n_pad, steps, stop_tokens, sync_every)
         return
     if compile:
@@ -576,7 +619,8 @@ def generate(
     """New tokens for each prompt (stop tokens not included); ``callback(row, token)`` streams them.
 
     ``kwargs`` are those of :func:`stream` (temperature, top_k, top_p, repetition_penalty,
-    stop_tokens, generator, pad_id, static, compile, sync_every, fast_greedy, fuse, decode_attention).
+    stop_tokens, generator, pad_id, static, compile, sync_every, fast_greedy, fuse, decode_attention,
+    decode_matvec).
     """
     n = 1 if isinstance(prompts, torch.Tensor) and prompts.ndim == 1 else len(prompts)
     out: list[list[int]] = [[] for _ in range(n)]
