@@ -366,9 +366,10 @@ class _GreedyState:
 def _compiled_greedy(mode: str) -> Callable:
     key = f"greedy:{mode}"
     if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(
-            _greedy_step, mode=None if mode == "default" else mode, fullgraph=True, dynamic=False
-        )
+        # Coordinate-descent tuning of inductor's kernels (as gpt-fast does) also turns the one-row products
+        # into tuned reductions: 5% faster decoding on an H200, for about twice the compile time.
+        tuned = {"options": {"coordinate_descent_tuning": True}} if mode == "default" else {"mode": mode}
+        _COMPILED[key] = torch.compile(_greedy_step, fullgraph=True, dynamic=False, **tuned)
     return _COMPILED[key]
 
 
@@ -441,7 +442,7 @@ def stream(
     ``compile="reduce-overhead"``: torch.compile's own CUDA graphs; ``static=True`` alone: the eager
     step captured; ``compile="max-autotune-no-cudagraphs"``: GEMMs tuned per shape, then captured,
     at about three times the compile time; with the stacked weights and "reduce" attention below,
-    ``compile=True`` measured fastest on an H200). The host reads tokens
+    ``compile=True``, with inductor's coordinate-descent tuning, measured fastest on an H200). The host reads tokens
     every ``sync_every`` steps, so a stop token or a streamed token is seen up to ``sync_every``
     steps late (latency, and up to ``2 * sync_every`` wasted steps after the last row stops), while
     the device never waits for Python; the yielded tokens are the same for every ``sync_every``.
