@@ -33,6 +33,8 @@ trained by ``notelab.train.fit`` on the same tokens:
    (margin > 0) is reported too: it also counts the length and wording of two unrelated texts.
 
 The overall verdict is "holds" only when every part holds; "does not hold" when a part does not.
+Budgets: ``QUICK`` (``make demo``), ``FULL`` (CPU), ``FULL_GPU`` (the full run when a GPU is present:
+a 6.9M-parameter model, 2,000 steps, DPO on 4,096 pairs).
 """
 
 from __future__ import annotations
@@ -130,6 +132,28 @@ FULL = Settings(
     dpo_val_pairs=256,
     dpo_steps=100,
     dpo_max_len=96,
+)
+# The full run on a GPU: a 5x wider and 1.5x deeper model, 2.5x the steps on 4x the tokens per step,
+# and DPO on four times the pairs: a model that has learned to copy names from a signature into
+# its docstring has something that generalises to held-out preference pairs.
+FULL_GPU = dataclasses.replace(
+    FULL,
+    max_chars=20_000_000,
+    vocab_size=4096,
+    dim=256,
+    n_layers=6,
+    n_heads=8,
+    seq_len=256,
+    batch_size=32,
+    steps=2000,
+    lr=1e-3,
+    eval_every=100,
+    dpo_train_pairs=4096,
+    dpo_val_pairs=768,
+    dpo_steps=300,
+    dpo_batch_size=32,
+    dpo_lr=1e-4,
+    dpo_max_len=128,
 )
 
 
@@ -342,7 +366,7 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0) -> ClaimResult:
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    s = QUICK if quick else FULL
+    s = QUICK if quick else FULL_GPU if torch.cuda.is_available() else FULL
     seed_everything(seed)
     device = get_device("auto")
 
