@@ -367,15 +367,14 @@ def main(argv: list[str] | None = None) -> dict:
         ours_kinds[f"{head} [fused], sync {last}"] = {**v, "fuse": True, "decode_attention": "sdpa"}
         for attn in ("matmul", "reduce") if "eager" not in k else ("matmul",):
             ours_kinds[f"{head} [fused, {attn} attn], sync {last}"] = {**v, "fuse": True, "decode_attention": attn}
-        if "inductor" in k:  # the layers' products as inductor reductions too; coordinate-descent kernel tuning
-            best = {**v, "fuse": True, "decode_attention": "reduce"}
-            ours_kinds[f"{head} [fused, reduce attn, reduce matvec], sync {last}"] = {**best, "decode_matvec": "reduce"}
-            ours_kinds[f"{head} [fused, reduce attn, tuned], sync {last}"] = {**best, "tuned": True}
-            ours_kinds[f"{head} [fused, reduce attn, reduce matvec, tuned], sync {last}"] = {
-                **best,
-                "decode_matvec": "reduce",
-                "tuned": True,
-            }
+        if "inductor" in k:  # the layers' products as inductor reductions, or as notelab.lm.kernels launches
+            for matvec in ("reduce", "triton"):
+                ours_kinds[f"{head} [fused, reduce attn, {matvec} matvec], sync {last}"] = {
+                    **v,
+                    "fuse": True,
+                    "decode_attention": "reduce",
+                    "decode_matvec": matvec,
+                }
     if args.no_compile:
         ours_kinds.pop("notelab compiled static, general path")
     if args.kinds:
@@ -386,16 +385,8 @@ def main(argv: list[str] | None = None) -> dict:
         def run() -> dict:
             ours, prompt, n = shared["ours"], shared["prompt"], args.new_tokens
             if kind in ours_kinds:
-                kw = dict(ours_kinds[kind])
-                tuned = kw.pop("tuned", False)  # compiled with inductor's coordinate-descent tuning (gpt-fast)
-                if tuned or shared.get("tuned_last"):  # compiled code and captured graphs of the other setting
-                    torch._dynamo.reset()
-                    _GREEDY.pop(ours, None)
-                shared["tuned_last"] = tuned
-
-                def fn(m: int) -> list[int]:
-                    with inductor_config.patch(coordinate_descent_tuning=tuned or args.coordinate_descent):
-                        return generate(ours, prompt, m, **kw)[0]
+                kw = ours_kinds[kind]
+                fn = lambda m: generate(ours, prompt, m, **kw)[0]  # noqa: E731
 
                 static = bool(kw)
             elif kind == "notelab compiled static, no CUDA graphs":

@@ -126,6 +126,7 @@ def test_compiled_decode_step_matches_eager():
     assert generate(model, prompts, 6, compile=True, fuse=False) == eager  # the plain step, no stacked weights
     assert generate(model, prompts, 6, compile=True, decode_attention="reduce") == eager
     assert generate(model, prompts, 6, compile=True, decode_matvec="reduce") == eager  # products as reductions
+    assert generate(model, prompts, 6, compile=True, decode_matvec="triton") == eager  # notelab.lm.kernels
 
 
 @pytest.mark.parametrize("sync_every", [1, 3, 64])

@@ -48,6 +48,7 @@ from torch import nn
 
 from notelab.core.attention import attention
 from notelab.core.errors import ConfigError, ShapeError, unknown_name
+from notelab.core.norms import RMSNorm
 from notelab.core.rope import apply_rope, rope_cos_sin
 from notelab.lm.model import FusedWeights, Llama
 
@@ -159,7 +160,7 @@ def _reusable_cache(model: Llama, batch: int, max_len: int, dtype: torch.dtype) 
 
 
 DECODE_ATTENTION = ("sdpa", "matmul", "reduce")
-DECODE_MATVEC = ("cublas", "reduce")
+DECODE_MATVEC = ("cublas", "reduce", "triton")
 
 
 def matvec_sum(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -236,12 +237,16 @@ def _decode_forward(
         cos, sin = rope_cos_sin(positions, model.inv_freq)
         rope = (cos[:, None], sin[:, None]) if cos.ndim == 3 else (cos, sin)
     m, _ = model._mask(T, slot, slots, mask, cache, tok.device)
-    lin = F.linear if matvec == "cublas" else matvec_sum
+    lin = matvec_sum if matvec == "reduce" else F.linear
+    kernel = matvec == "triton" and fused is not None and isinstance(model.norm, RMSNorm) and fused[0][1] is not None
     for i, layer in enumerate(model.layers):
         a = layer.self_attn
         w_qkv, w_gate_up = fused[i] if fused is not None else (None, None)
-        h = layer.input_layernorm(x)
         hq, hkv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+        if kernel:  # one kernel per product, with the RMSNorm / SiLU product / residual add inside it
+            x = _kernel_layer(layer, x, w_qkv, w_gate_up, rope, cache[i], slots, m, attn)
+            continue
+        h = layer.input_layernorm(x)
         if w_qkv is None:
             q, k, v = (lin(h, p.weight) for p in (a.q_proj, a.k_proj, a.v_proj))
         else:
@@ -265,6 +270,43 @@ def _decode_forward(
             gate, up = lin(h, w_gate_up).chunk(2, dim=-1)
             x = x + lin(F.silu(gate) * up, layer.mlp.down_proj.weight)
     return model.lm_head(model.norm(x))
+
+
+def _kernel_layer(
+    layer: nn.Module,
+    x: torch.Tensor,
+    w_qkv: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    rope: tuple[torch.Tensor, torch.Tensor] | None,
+    kv: nn.Module,
+    slots: torch.Tensor,
+    m: torch.Tensor,
+    attn: str,
+) -> torch.Tensor:
+    """One decoder layer of the static decode step on ``notelab.lm.kernels.fused_matvec`` (four launches
+    for the four products, RMSNorm, SiLU product and residual adds included)."""
+    from notelab.lm.kernels import fused_matvec
+
+    a = layer.self_attn
+    B, T, D = x.shape
+    hq, hkv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+    x2 = x.reshape(B * T, D)
+    norm1, norm2 = layer.input_layernorm, layer.post_attention_layernorm
+    qkv = fused_matvec(x2, w_qkv, norm_weight=norm1.weight, eps=norm1.eps).view(B, T, -1)
+    q, k, v = qkv.split([hq, hkv, hkv], dim=-1)
+    q = q.reshape(B, T, a.n_heads, a.head_dim).transpose(1, 2)
+    k = k.reshape(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
+    v = v.reshape(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
+    if rope is not None:
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    k, v = kv.write(slots, k, v)
+    k, v = k.to(q.dtype), v.to(q.dtype)
+    y = attention(q, k, v, mask=m) if attn == "sdpa" else matmul_attention(q, k, v, m, elementwise=attn == "reduce")
+    y = y.transpose(1, 2).reshape(B * T, hq).contiguous()
+    x2 = fused_matvec(y, a.o_proj.weight, residual=x2)
+    gu = fused_matvec(x2, w_gate_up, norm_weight=norm2.weight, eps=norm2.eps)
+    x2 = fused_matvec(gu, layer.mlp.down_proj.weight, silu_mul=True, residual=x2)
+    return x2.view(B, T, D)
 
 
 def _greedy_step(
@@ -451,8 +493,10 @@ def stream(
     (extra memory: those weights once more) and ``decode_attention`` (``"sdpa"``, ``"matmul"``, ``"reduce"``;
     ``"auto"``: "reduce" when compiled, else "sdpa") picks the step's attention; all give the tokens
     of the plain step up to rounding (equal in float32; bf16 rounding can flip near-ties).
-    ``decode_matvec`` (``"cublas"``, ``"reduce"``; ``"auto"``: "cublas") picks the layers' matrix-vector
-    products; "reduce" is for compiled steps only.
+    ``decode_matvec`` (``"cublas"``, ``"reduce"``, ``"triton"``; ``"auto"``: "cublas") picks the layers'
+    matrix-vector products; "reduce" is for compiled steps only; "triton" runs each product, with the
+    RMSNorm before it, the SiLU product and the residual add, as one ``notelab.lm.kernels`` kernel
+    (RMSNorm + SwiGLU models with ``fuse``; others take the "cublas" step).
     """
     if temperature < 0 or repetition_penalty <= 0 or (top_k is not None and top_k < 1):
         raise ConfigError(
