@@ -143,6 +143,7 @@ FULL_GPU = dataclasses.replace(
     dim=256,
     n_layers=6,
     n_heads=8,
+    kv_heads=(4, 2),  # 2x and 4x smaller caches, the ratios of FULL (4 heads) and of Llama 3 8B (32 / 8)
     seq_len=256,
     batch_size=32,
     steps=1500,
