@@ -23,8 +23,12 @@ import torch.nn.functional as F
 
 from notelab.core.norms import RMSNorm
 
+# On a machine with a GPU the real kernel runs on it (test_kernel_on_cuda_matches_reference) and the interpreter
+# only in a child process without CUDA: an interpreted kernel module here would serve this worker's GPU tests.
+_GPU = torch.cuda.is_available()
 _saved = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
+if not _GPU:
+    os.environ["TRITON_INTERPRET"] = "1"
 try:
     from notelab.lm import kernels
     from notelab.lm.kernels import fused_matvec, fused_matvec_reference
@@ -33,7 +37,7 @@ try:
         import triton.language as tl
         from triton.runtime.interpreter import InterpretedFunction
 
-        IN_PROCESS = kernels._INTERPRET and isinstance(tl.zeros, InterpretedFunction)
+        IN_PROCESS = not _GPU and kernels._INTERPRET and isinstance(tl.zeros, InterpretedFunction)
     except ImportError:
         IN_PROCESS = False
 finally:
@@ -323,11 +327,28 @@ def test_kernel_tests_in_a_fresh_process():
     if IN_PROCESS:
         pytest.skip("the kernel tests run in this process")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
-    env["TRITON_INTERPRET"] = "1"
+    env["TRITON_INTERPRET"], env["CUDA_VISIBLE_DEVICES"] = "1", ""  # the interpreter, on CPU tensors
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__).resolve())]
     root = Path(__file__).resolve().parents[2]
     run = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root, timeout=600)
     tail = run.stdout[-4000:] + run.stderr[-2000:]
     assert run.returncode == 0, tail
-    # Everything ran there but this test: a skipped kernel test would mean the child could not interpret either.
-    assert re.search(r"\b\d+ passed, 1 skipped\b", run.stdout), tail
+    # Everything ran there but this test and the CUDA ones: another skip would mean the child could not interpret.
+    done = re.search(r"\b\d+ passed, (\d+) skipped\b", run.stdout)
+    assert done and int(done.group(1)) == 1 + 2 * len(MODES), tail
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the compiled kernel)")
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_on_cuda_matches_reference(mode, dtype):
+    """The compiled kernel on the GPU, every mode with and without the residual, M = 1 and 3."""
+    for M, residual in [(1, False), (3, True)]:
+        x, w, kw = case(mode, M=M, N=300, K=1000, residual=residual, dtype=dtype, seed=70)
+        x, w = x.cuda(), w.cuda()
+        kw = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+        out, ref = fused_matvec(x, w, **kw), fused_matvec_reference(x, w, **kw)
+        # float32: summation order only; bfloat16: one rounding of the output (2**-8 relative) either way
+        tol = 1e-4 if dtype == torch.float32 else 2.0**-7
+        torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
