@@ -238,19 +238,24 @@ def _decode_forward(
         rope = (cos[:, None], sin[:, None]) if cos.ndim == 3 else (cos, sin)
     m, _ = model._mask(T, slot, slots, mask, cache, tok.device)
     lin = matvec_sum if matvec == "reduce" else F.linear
+    # "triton": each product one notelab.lm.kernels launch, with the RMSNorm, SiLU product or residual inside
     kernel = matvec == "triton" and fused is not None and isinstance(model.norm, RMSNorm) and fused[0][1] is not None
+    if kernel:
+        from notelab.lm.kernels import fused_matvec
+    D = x.shape[-1]
     for i, layer in enumerate(model.layers):
         a = layer.self_attn
         w_qkv, w_gate_up = fused[i] if fused is not None else (None, None)
         hq, hkv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
-        if kernel:  # one kernel per product, with the RMSNorm / SiLU product / residual add inside it
-            x = _kernel_layer(layer, x, w_qkv, w_gate_up, rope, cache[i], slots, m, attn)
-            continue
-        h = layer.input_layernorm(x)
-        if w_qkv is None:
+        n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
+        if kernel:
+            qkv = fused_matvec(x.reshape(B * T, D), w_qkv, norm_weight=n1.weight, eps=n1.eps).view(B, T, -1)
+            q, k, v = qkv.split([hq, hkv, hkv], dim=-1)
+        elif w_qkv is None:
+            h = n1(x)
             q, k, v = (lin(h, p.weight) for p in (a.q_proj, a.k_proj, a.v_proj))
         else:
-            q, k, v = lin(h, w_qkv).split([hq, hkv, hkv], dim=-1)
+            q, k, v = lin(n1(x), w_qkv).split([hq, hkv, hkv], dim=-1)
         q = q.reshape(B, T, a.n_heads, a.head_dim).transpose(1, 2)
         k = k.reshape(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
         v = v.reshape(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
@@ -262,51 +267,20 @@ def _decode_forward(
             y = attention(q, k, v, mask=m)
         else:
             y = matmul_attention(q, k, v, m, elementwise=attn == "reduce")
-        x = x + lin(y.transpose(1, 2).reshape(B, T, hq), a.o_proj.weight)
-        h = layer.post_attention_layernorm(x)
+        y = y.transpose(1, 2).reshape(B, T, hq)
+        if kernel:
+            x2 = fused_matvec(y.reshape(B * T, hq).contiguous(), a.o_proj.weight, residual=x.reshape(B * T, D))
+            gate_up = fused_matvec(x2, w_gate_up, norm_weight=n2.weight, eps=n2.eps)
+            x = fused_matvec(gate_up, layer.mlp.down_proj.weight, silu_mul=True, residual=x2).view(B, T, D)
+            continue
+        x = x + lin(y, a.o_proj.weight)
+        h = n2(x)
         if w_gate_up is None:
             x = x + layer.mlp(h)
         else:
             gate, up = lin(h, w_gate_up).chunk(2, dim=-1)
             x = x + lin(F.silu(gate) * up, layer.mlp.down_proj.weight)
     return model.lm_head(model.norm(x))
-
-
-def _kernel_layer(
-    layer: nn.Module,
-    x: torch.Tensor,
-    w_qkv: torch.Tensor,
-    w_gate_up: torch.Tensor,
-    rope: tuple[torch.Tensor, torch.Tensor] | None,
-    kv: nn.Module,
-    slots: torch.Tensor,
-    m: torch.Tensor,
-    attn: str,
-) -> torch.Tensor:
-    """One decoder layer of the static decode step on ``notelab.lm.kernels.fused_matvec`` (four launches
-    for the four products, RMSNorm, SiLU product and residual adds included)."""
-    from notelab.lm.kernels import fused_matvec
-
-    a = layer.self_attn
-    B, T, D = x.shape
-    hq, hkv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
-    x2 = x.reshape(B * T, D)
-    norm1, norm2 = layer.input_layernorm, layer.post_attention_layernorm
-    qkv = fused_matvec(x2, w_qkv, norm_weight=norm1.weight, eps=norm1.eps).view(B, T, -1)
-    q, k, v = qkv.split([hq, hkv, hkv], dim=-1)
-    q = q.reshape(B, T, a.n_heads, a.head_dim).transpose(1, 2)
-    k = k.reshape(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
-    v = v.reshape(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
-    if rope is not None:
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-    k, v = kv.write(slots, k, v)
-    k, v = k.to(q.dtype), v.to(q.dtype)
-    y = attention(q, k, v, mask=m) if attn == "sdpa" else matmul_attention(q, k, v, m, elementwise=attn == "reduce")
-    y = y.transpose(1, 2).reshape(B * T, hq).contiguous()
-    x2 = fused_matvec(y, a.o_proj.weight, residual=x2)
-    gu = fused_matvec(x2, w_gate_up, norm_weight=norm2.weight, eps=norm2.eps)
-    x2 = fused_matvec(gu, layer.mlp.down_proj.weight, silu_mul=True, residual=x2)
-    return x2.view(B, T, D)
 
 
 def _greedy_step(

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from notelab.core.errors import ConfigError, ShapeError
+from notelab.core.norms import rms_norm
 
 try:  # triton is optional: this module imports (and falls back to torch) without it
     import triton
@@ -117,13 +118,12 @@ def fused_matvec_reference(
     """``inp @ w.T`` (+ residual) in torch, with inp = RMSNorm(x), SiLU(gate) * up or x.
 
     x: (M, K), or (M, 2K) = [gate | up] with ``silu_mul``; w: (N, K); norm_weight: (K,); residual: (M, N).
-    The RMSNorm is ``notelab.core.norms.RMSNorm``'s arithmetic; the product is accumulated in float32
+    The RMSNorm is ``notelab.core.norms.rms_norm``; the product is accumulated in float32
     and rounded to x's dtype, then the residual is added (as ``F.linear(...) + residual`` does).
     """
     _check_mode_and_shapes(x, w, norm_weight, silu_mul, residual)
     if norm_weight is not None:
-        xf = x.float()
-        inp = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * norm_weight
+        inp = rms_norm(x, norm_weight, eps)
     elif silu_mul:
         gate, up = x.chunk(2, dim=-1)
         inp = F.silu(gate) * up
