@@ -45,7 +45,7 @@ import torch
 import torch._inductor.config as inductor_config
 import torch.nn.functional as F
 
-from notelab.lm import Llama, LlamaConfig, generate
+from notelab.lm import Llama, LlamaConfig, chain, generate
 from notelab.lm.convert import config_to_hf, ours_to_hf
 from notelab.lm.flops import count_parameters, flops_per_token, weight_bytes
 from notelab.lm.generate import _GREEDY
@@ -345,6 +345,23 @@ def main(argv: list[str] | None = None) -> dict:
         for k in args.sync_every:
             ours_kinds[f"notelab greedy graph: inductor + CUDA graph, sync {k}"] = {"compile": True, "sync_every": k}
     ours_kinds[f"notelab greedy graph: eager + CUDA graph, sync {last}"] = {"static": True, "sync_every": last}
+    # The whole step as notelab.lm.chain's Triton kernels, with programmatic dependent launch (PDL) or without,
+    # and other chain options (tile sizes, launch order, splits), for tuning: generate() with decode_matvec="chain".
+    chain_kw = {"static": True, "sync_every": last, "decode_matvec": "chain"}
+    chain_variants = {
+        "": {},
+        ", late launch": {"early_launch": False},
+        ", no PDL": {"pdl": False},
+        ", tiles 4K/4w": {"tile_elems": 4096},
+        ", tiles 8K/2w": {"warps": 2},
+        ", tiles 16K/4w": {"tile_elems": 16384},
+        ", lm 8/SM": {"lm_programs_per_sm": 8},
+        ", attn block 32": {"attn_block": 32},
+        ", attn block 128": {"attn_block": 128},
+        ", split 128 keys": {"split_keys": 128},
+    }
+    for name, how in chain_variants.items():
+        ours_kinds[f"notelab greedy graph: Triton chain{name}, sync {last}"] = {**chain_kw, "chain": how}
     if not args.no_compile:
         ours_kinds[f"notelab greedy graph: compile reduce-overhead, sync {last}"] = {
             "compile": "reduce-overhead",
@@ -358,7 +375,7 @@ def main(argv: list[str] | None = None) -> dict:
     # The kinds above are the plain step (fuse=False, SDPA); these multiply by stacked [q; k; v] and [gate; up]
     # weights ("fused"), and may replace SDPA by float32 matmuls or sums of products ("matmul" / "reduce attn").
     # generate()'s defaults are fused, with "reduce" attention when compiled.
-    plain = {k: v for k, v in ours_kinds.items() if "greedy graph" in k}
+    plain = {k: v for k, v in ours_kinds.items() if "greedy graph" in k and "chain" not in v}
     for k, v in plain.items():
         v.update(fuse=False, decode_attention="sdpa")
         if "reduce-overhead" in k or (not args.no_compile and "eager" in k) or f"sync {last}" not in k:
@@ -385,7 +402,12 @@ def main(argv: list[str] | None = None) -> dict:
         def run() -> dict:
             ours, prompt, n = shared["ours"], shared["prompt"], args.new_tokens
             if kind in ours_kinds:
-                kw = ours_kinds[kind]
+                kw = dict(ours_kinds[kind])
+                if "chain" in kw:  # module defaults the chain reads when it is built: a new state per kind
+                    how = dict(kw.pop("chain"))
+                    chain.PDL = how.pop("pdl", True)
+                    chain.OPTIONS = chain.ChainOptions(**how)
+                    _GREEDY.pop(ours, None)
                 fn = lambda m: generate(ours, prompt, m, **kw)[0]  # noqa: E731
 
                 static = bool(kw)
@@ -466,6 +488,11 @@ def main(argv: list[str] | None = None) -> dict:
         first = "notelab eager" if "notelab eager" in toks else next(iter(toks))
         info["greedy_tokens_equal_to"] = first
         info["greedy_tokens_equal"] = {k: v == toks[first] for k, v in toks.items()}
+        # bf16 rounding differs between kinds, so near-ties can flip: how many leading tokens agree
+        info["greedy_tokens_common_prefix"] = {
+            k: next((i for i, (a, b) in enumerate(zip(v, toks[first])) if a != b), min(len(v), len(toks[first])))
+            for k, v in toks.items()
+        }
 
     print_table(info, card, results)
     return save(args.out, info, card, results, start)
@@ -503,6 +530,7 @@ def print_table(info: dict, card: dict, results: list[dict]) -> None:
                 print(f"| {'  (decode step replay alone)':<84} | {rep:>10.1f} | {100 * rf:>13.1f}% | {'-':>7} |")
     if "greedy_tokens_equal" in info:
         print(f"# greedy tokens equal to {info['greedy_tokens_equal_to']}: {info['greedy_tokens_equal']}")
+        print(f"# leading tokens in common with it: {info['greedy_tokens_common_prefix']}")
 
 
 if __name__ == "__main__":

@@ -127,6 +127,11 @@ def test_compiled_decode_step_matches_eager():
     assert generate(model, prompts, 6, compile=True, decode_attention="reduce") == eager
     assert generate(model, prompts, 6, compile=True, decode_matvec="reduce") == eager  # products as reductions
     assert generate(model, prompts, 6, compile=True, decode_matvec="triton") == eager  # notelab.lm.kernels
+    # batch 1 on CUDA: "auto" runs the step as notelab.lm.chain's kernels (whatever compile says)
+    assert generate(model, prompts[:1], 6, compile=True) == eager[:1]
+    assert _GREEDY[model][1].chain is not None
+    assert generate(model, prompts[:1], 6, compile=True, decode_matvec="cublas") == eager[:1]
+    assert _GREEDY[model][1].chain is None
 
 
 @pytest.mark.parametrize("sync_every", [1, 3, 64])

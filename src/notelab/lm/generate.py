@@ -50,6 +50,7 @@ from notelab.core.attention import attention
 from notelab.core.errors import ConfigError, ShapeError, unknown_name
 from notelab.core.norms import RMSNorm
 from notelab.core.rope import apply_rope, rope_cos_sin
+from notelab.lm.chain import DecodeChain, chain_unsupported
 from notelab.lm.model import FusedWeights, Llama
 
 Prompts = Sequence[Sequence[int]] | torch.Tensor
@@ -160,7 +161,7 @@ def _reusable_cache(model: Llama, batch: int, max_len: int, dtype: torch.dtype) 
 
 
 DECODE_ATTENTION = ("sdpa", "matmul", "reduce")
-DECODE_MATVEC = ("cublas", "reduce", "triton")
+DECODE_MATVEC = ("cublas", "reduce", "triton", "chain")
 
 
 def matvec_sum(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -330,6 +331,7 @@ class _GreedyState:
         device = model.embed_tokens.weight.device
         self.fused = model.fused_decode_weights() if fuse else None
         self.attn, self.matvec = attn, matvec
+        self.chain: DecodeChain | None = None
         self.cache = model.make_cache(batch, total, dtype=dtype)
         self.tok = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.slot = torch.zeros((), dtype=torch.long, device=device)
@@ -338,6 +340,8 @@ class _GreedyState:
         self.out = torch.zeros(batch, total, dtype=torch.long, device=device)
         buffers = [self.tok, self.slot, self.mask, self.out] + [t for kv in self.cache for t in (kv.k, kv.v)]
         buffers += [w for pair in self.fused or [] for w in pair if w is not None]
+        if matvec == "chain":  # the whole step as notelab.lm.chain's Triton kernels (stream() checked it can)
+            self.chain = DecodeChain(model, self.fused, self.cache, self.tok, self.slot, self.out)
         for t in buffers + ([self.n_pad] if padded else []):
             torch._dynamo.mark_static_address(t)  # compiled CUDA graphs read these in place
         self.trees = how in ("reduce-overhead", "max-autotune")  # modes that record CUDA graphs themselves
@@ -346,6 +350,8 @@ class _GreedyState:
         self.graph: torch.cuda.CUDAGraph | None = None
         if device.type == "cuda" and not self.trees:
             self.graph = self._capture(model)
+        # prompt length -> (token buffer, captured prefill); the most recent PREFILL_GRAPHS lengths are kept
+        self.prefills: dict[int, tuple[torch.Tensor, torch.cuda.CUDAGraph]] = {}
 
     def refresh(self, model: Llama) -> None:
         """Copy the current weights into the stacked ones (in place): the model may have changed since capture."""
@@ -361,8 +367,45 @@ class _GreedyState:
         self._call(model)
 
     def _call(self, model: Llama) -> None:
+        if self.chain is not None:
+            self.chain.step()
+            return
         args = (self.tok, self.slot, self.n_pad, self.mask, self.cache, self.out, self.fused, self.attn, self.matvec)
         self.fn(model, *args)
+
+    def _prefill(self, model: Llama, tokens: torch.Tensor) -> None:
+        """Run the unpadded prompt ``tokens`` (B, P) into the cache; its greedy token into ``tok`` / ``out``."""
+        P = tokens.shape[1]
+        first = model._forward(tokens, 0, None, None, self.cache, 1)[:, -1].argmax(dim=-1, keepdim=True)
+        self.tok.copy_(first)
+        self.out[:, P : P + 1] = first
+        self.slot.fill_(P)
+
+    def prefill(self, model: Llama, tokens: torch.Tensor) -> None:
+        """``_prefill``, as a CUDA graph replay where one was captured for this prompt length (on GPU, after
+        the first run of a length: the eager run warms up, the capture records, later calls replay)."""
+        if self.graph is None:
+            self._prefill(model, tokens)
+            return
+        P = tokens.shape[1]
+        held = self.prefills.pop(P, None)
+        if held is None:
+            buf = tokens.clone()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self._prefill(model, buf)  # the real prefill, and the warm-up before the capture
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):  # records the same work again (nothing runs during a capture)
+                self._prefill(model, buf)
+            held = (buf, graph)
+        else:
+            held[0].copy_(tokens)
+            held[1].replay()
+        self.prefills[P] = held  # most recent last
+        while len(self.prefills) > PREFILL_GRAPHS:
+            self.prefills.pop(next(iter(self.prefills)))
 
     def _capture(self, model: Llama) -> torch.cuda.CUDAGraph:
         """Warm up (compile, pick kernels) on a side stream, then record one step; slot 0 keeps writes in range."""
@@ -390,6 +433,7 @@ def _compiled_greedy(mode: str) -> Callable:
 
 
 _GREEDY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+PREFILL_GRAPHS = 4  # captured prompt forwards kept per fast-path state (one per prompt length)
 
 
 def _greedy_state(
@@ -462,15 +506,21 @@ def stream(
     every ``sync_every`` steps, so a stop token or a streamed token is seen up to ``sync_every``
     steps late (latency, and up to ``2 * sync_every`` wasted steps after the last row stops), while
     the device never waits for Python; the yielded tokens are the same for every ``sync_every``.
+    On GPU the fast path also captures the forward of an unpadded prompt, once per prompt length (the last
+    ``PREFILL_GRAPHS`` lengths are kept), and replays it for later prompts of that length.
     ``fast_greedy=False`` forces the general path (one host read per token, ops outside the graph).
     On the fast path, ``fuse`` multiplies by stacked ``[q; k; v]`` and ``[gate; up]`` weight copies
     (extra memory: those weights once more) and ``decode_attention`` (``"sdpa"``, ``"matmul"``, ``"reduce"``;
     ``"auto"``: "reduce" when compiled, else "sdpa") picks the step's attention; all give the tokens
     of the plain step up to rounding (equal in float32; bf16 rounding can flip near-ties).
-    ``decode_matvec`` (``"cublas"``, ``"reduce"``, ``"triton"``; ``"auto"``: "cublas") picks the layers'
+    ``decode_matvec`` (``"cublas"``, ``"reduce"``, ``"triton"``, ``"chain"``; ``"auto"``: "chain" on CUDA where it
+    runs, else "cublas") picks the layers'
     matrix-vector products; "reduce" is for compiled steps only; "triton" runs each product, with the
     RMSNorm before it, the SiLU product and the residual add, as one ``notelab.lm.kernels`` kernel
-    (RMSNorm + SwiGLU models with ``fuse``; others take the "cublas" step).
+    (RMSNorm + SwiGLU models with ``fuse``; others take the "cublas" step); "chain" runs the whole step
+    as ``notelab.lm.chain``'s Triton kernels with programmatic dependent launch, captured in a CUDA graph
+    whatever ``compile`` says (batch 1 without padding, RMSNorm + SwiGLU + RoPE models with ``fuse``, on
+    CUDA; ``chain_unsupported`` says why not, and those steps take "cublas").
     """
     if temperature < 0 or repetition_penalty <= 0 or (top_k is not None and top_k < 1):
         raise ConfigError(
@@ -507,7 +557,11 @@ def stream(
         # Measured on an H200 (Llama-3.2-1B, batch 1): the compiled sums of products beat cuDNN attention
         # (5 against 9 us a layer); eager, they would materialise every product.
         attn = decode_attention if decode_attention != "auto" else ("sdpa" if how == "eager" else "reduce")
-        matvec = decode_matvec if decode_matvec != "auto" else "cublas"
+        matvec = decode_matvec
+        if matvec == "auto":  # measured fastest on an H200 (Llama-3.2-1B, batch 1): the chain, where it runs
+            matvec = "chain" if device.type == "cuda" else "cublas"
+        if matvec == "chain":  # its own kernels, captured by hand; models or batches it does not cover: "cublas"
+            matvec, how = ("cublas", how) if chain_unsupported(model, B, padded, dtype, fuse) else ("chain", "eager")
         state = _greedy_state(model, B, total, dtype, padded, how, fuse, attn, matvec)
         yield from _stream_greedy(model, state, tokens, prompt_mask, mask, n_pad, steps, stop_tokens, sync_every)
         return
@@ -585,12 +639,15 @@ def _stream_greedy(
     state.mask.copy_(mask)
     if padded:
         state.n_pad.copy_(n_pad)
-    positions = (prompt_mask.long().cumsum(1) - 1).clamp(min=0) if padded else None
-    logits = model._forward(tokens, 0, positions, mask[:, :P] if padded else None, state.cache, 1)[:, -1]
-    first = logits.argmax(dim=-1, keepdim=True)
-    state.tok.copy_(first)
-    state.out[:, P : P + 1] = first
-    state.slot.fill_(P)
+    if padded:
+        positions = (prompt_mask.long().cumsum(1) - 1).clamp(min=0)
+        logits = model._forward(tokens, 0, positions, mask[:, :P], state.cache, 1)[:, -1]
+        first = logits.argmax(dim=-1, keepdim=True)
+        state.tok.copy_(first)
+        state.out[:, P : P + 1] = first
+        state.slot.fill_(P)
+    else:
+        state.prefill(model, tokens)
     stops = {int(t) for t in stop_tokens}
     done = [False] * B
     cuda = state.out.device.type == "cuda"

@@ -1,0 +1,543 @@
+"""Batch-1 greedy decoding as one chain of Triton kernels with programmatic dependent launch.
+
+One token of a Llama (RMSNorm, SwiGLU, RoPE, grouped-query attention; batch 1, no padding), with x the
+residual stream, p the cache slot (= the position) and K, V the layer's cache:
+
+    x = E[tok]                                                                   _embed_kernel
+    for each layer:
+        [q; k; v] = W_qkv RMSNorm(x);  q, k <- RoPE(q, p), RoPE(k, p);  K[p], V[p] <- k, v        _qkv_rope_kernel
+        y  = softmax(q K[0..p]^T / sqrt(D)) V[0..p]       (flash-decoding: S splits of the keys, each a
+             partial (max m_s, sum l_s, o_s), combined by the split that finishes last:
+             y = sum_s e^(m_s - m) o_s / sum_s e^(m_s - m) l_s,  m = max_s m_s)   _attention_kernel
+        x2 = x + W_o y                                                           _matvec_kernel
+        a  = SiLU(W_gate h) * (W_up h),  h = RMSNorm(x2)                         _gate_up_kernel
+        x  = x2 + W_down a                                                       _matvec_kernel
+    tok = argmax W_out RMSNorm(x)    (first index of the maximum, by a 64-bit atomic max of
+                                      (value, -index) keys; the last program writes tok, out[p + 1], p + 1)
+                                                                                 _lm_head_kernel
+
+2 + 5 * n_layers kernels a token, every rounding where the torch step rounds (bf16 products, norms, RoPE,
+SiLU product, residual adds), float32 accumulation; attention is computed in float32 and rounded once.
+
+Why: at batch 1 every weight byte is read once per token, so the step is bound by memory bandwidth, but
+a 1B model's projections are small (8-67 MB, 2-16 us each at 4.3 TB/s), and between two kernels the GPU
+drains the first, launches the second and ramps it up: microseconds in which no weight is read. With
+programmatic dependent launch (PDL, Hopper and later: ``griddepcontrol``; Triton's
+``tl.extra.cuda.gdc_wait`` / ``gdc_launch_dependents`` and ``launch_pdl=True``) a kernel may start
+while the previous one is still running. Each kernel here therefore issues the loads of its weight
+tile first (weights do not depend on the previous kernel), then waits for the previous kernel
+(``gdc_wait``: its writes are visible after it), then lets the next kernel launch and computes. The
+weight stream of kernel i + 1 overlaps the tail of kernel i. Every kernel of the chain must take part:
+a kernel launched without PDL is a full barrier again, which is why the whole step (embedding,
+attention, argmax) is written here rather than only the products. The dependency rule is simple:
+before ``gdc_wait`` a program reads nothing but weights and writes nothing; after it, everything
+earlier in the stream has completed (each kernel waited for its predecessor before finishing).
+
+Each product program holds a whole-row weight tile (rows x K, about 32 KiB) in registers, so all its
+loads are in flight at once. RoPE pairs features (i, i + D/2) of a head, so a q/k/v program owns
+pairs of rows; the SwiGLU program owns the rows i of W_gate and W_up of the stacked ``[W_gate; W_up]``.
+
+Without a GPU the same kernels run through Triton's interpreter (``TRITON_INTERPRET=1``, without PDL),
+which is how the tests check them against the torch model on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from notelab.core.mlp import SwiGLU
+from notelab.core.norms import RMSNorm
+from notelab.core.rope import rope_cos_sin
+from notelab.lm.model import FusedWeights, Llama
+
+try:  # triton is optional: without it the chain is unavailable and generate takes the torch step
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the environment
+    triton = None
+    tl = None
+
+__all__ = ["ChainOptions", "DecodeChain", "chain_unsupported"]
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Programmatic dependent launch: on by default on GPUs that have it (compute capability >= 9.0).
+PDL = True
+
+
+@dataclass(frozen=True)
+class ChainOptions:
+    """The chain's knobs (for benchmarks; the defaults are the measured choice).
+
+    ``tile_elems``: weight elements a product program holds (rows x K, rounded to powers of two);
+    ``warps``: warps per product program; ``lm_programs_per_sm``: persistent programs of the output
+    projection per SM (each loops over row tiles; few programs keep the argmax atomics few);
+    ``attn_block``: keys per attention block; ``split_keys``: keys per attention program before the keys
+    are split over more programs (flash-decoding), at most ``max_splits`` per query head;
+    ``early_launch``: each kernel lets the next one launch as soon as it starts (before its own wait), so
+    several kernels ahead can be loading weights, rather than after its wait.
+    """
+
+    tile_elems: int = 8192
+    warps: int = 4
+    lm_programs_per_sm: int = 4
+    attn_block: int = 64
+    split_keys: int = 512
+    max_splits: int = 16
+    early_launch: bool = True
+
+
+OPTIONS = ChainOptions()  # what DecodeChain uses when given none (benchmarks set it to compare)
+
+
+def chain_unsupported(model: Llama, batch: int, padded: bool, dtype: torch.dtype, fuse: bool = True) -> str:
+    """Why the chain cannot run this step ("" when it can): the kernels cover batch-1 unpadded RoPE + RMSNorm +
+    bias-free SwiGLU models with stacked weights (``fuse``), power-of-two head sizes, one dtype, on CUDA (or
+    interpreted by Triton)."""
+    c = model.config
+    w = model.embed_tokens.weight
+    if triton is None:
+        return "triton is not installed"
+    if not (_INTERPRET or w.is_cuda):
+        return "the model is not on a CUDA device (and TRITON_INTERPRET is not set)"
+    if batch != 1 or padded:
+        return f"batch 1 without padding only, got batch {batch}{' (padded)' if padded else ''}"
+    if model.embed_positions is not None or not isinstance(model.norm, RMSNorm):
+        return "RoPE + RMSNorm models only"
+    if not fuse:
+        return "the chain multiplies by the stacked [q; k; v] and [gate; up] weights: fuse=True"
+    for b in model.layers:
+        if not (isinstance(b.input_layernorm, RMSNorm) and isinstance(b.post_attention_layernorm, RMSNorm)):
+            return "RMSNorm blocks only"
+        if not isinstance(b.mlp, SwiGLU) or b.mlp.gate_proj.bias is not None or b.mlp.up_proj.bias is not None:
+            return "bias-free SwiGLU blocks only"
+    if c.head_dim < 2 or c.head_dim & (c.head_dim - 1):
+        return f"head_dim must be a power of two, got {c.head_dim}"
+    if any(p.dtype != dtype for p in model.parameters()):
+        return f"weights and cache must share one dtype ({dtype})"
+    return ""
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rms_input(x_ptr, nw_ptr, eps, offs_k, mask_k, K: tl.constexpr, ROUND_NORM: tl.constexpr):  # noqa: ANN001, ANN202
+        """RMSNorm(x) in float32, rounded where ``notelab.core.norms.rms_norm`` rounds in x's dtype."""
+        dt = x_ptr.dtype.element_ty
+        xv = tl.load(x_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+        rstd = tl.math.rsqrt(tl.sum(xv * xv, axis=0) / K + eps)
+        g = tl.load(nw_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+        h = (xv * rstd).to(dt).to(tl.float32) * g
+        if ROUND_NORM:
+            h = h.to(dt).to(tl.float32)
+        return h
+
+    @triton.jit
+    def _row_tile(w_ptr, rows, mask_r, offs_k, mask_k, K: tl.constexpr):  # noqa: ANN001, ANN202
+        """The whole rows ``rows`` of a row-major (N, K) weight: read once per token, so not kept in cache."""
+        ptrs = w_ptr + rows.to(tl.int64)[:, None] * K + offs_k[None, :]
+        return tl.load(ptrs, mask=mask_r[:, None] & mask_k[None, :], other=0.0, eviction_policy="evict_first")
+
+    @triton.jit
+    def _launch_next(PDL: tl.constexpr, EARLY: tl.constexpr, AFTER_WAIT: tl.constexpr):  # noqa: ANN202
+        """Let the next kernel of the stream launch: at the start (EARLY) or right after the wait."""
+        if PDL and EARLY != AFTER_WAIT:
+            tl.extra.cuda.gdc_launch_dependents()
+
+    @triton.jit
+    def _wait_previous(PDL: tl.constexpr):  # noqa: ANN202
+        """Wait until the previous kernel of the stream has finished and its writes are visible."""
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+
+    @triton.jit
+    def _embed_kernel(tok_ptr, emb_ptr, x_ptr, D, BLOCK: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr):  # noqa: ANN001, ANN202
+        _launch_next(PDL, EARLY, False)
+        _wait_previous(PDL)
+        _launch_next(PDL, EARLY, True)
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tok = tl.load(tok_ptr).to(tl.int64)
+        v = tl.load(emb_ptr + tok * D + offs, mask=offs < D)
+        tl.store(x_ptr + offs, v, mask=offs < D)
+
+    @triton.jit
+    def _qkv_rope_kernel(  # noqa: ANN202
+        x_ptr,  # noqa: ANN001  (K,) residual stream
+        nw_ptr,  # noqa: ANN001  (K,) input_layernorm weight
+        w_ptr,  # noqa: ANN001  ((NQ + 2 NKV) HD, K) stacked [W_q; W_k; W_v]
+        cos_ptr,  # noqa: ANN001  (S, HD/2) float32 cos(p theta_i)
+        sin_ptr,  # noqa: ANN001
+        slot_ptr,  # noqa: ANN001  () int64 position = cache slot
+        q_ptr,  # noqa: ANN001  (NQ HD,) out
+        k_ptr,  # noqa: ANN001  (NKV, S, HD) cache
+        v_ptr,  # noqa: ANN001
+        eps,  # noqa: ANN001
+        S,  # noqa: ANN001
+        K: tl.constexpr,
+        KP: tl.constexpr,
+        HD: tl.constexpr,
+        NQ: tl.constexpr,
+        NKV: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        ROUND_NORM: tl.constexpr,
+        PDL: tl.constexpr,
+        EARLY: tl.constexpr,
+    ):
+        _launch_next(PDL, EARLY, False)
+        HALF: tl.constexpr = HD // 2
+        PER_HEAD: tl.constexpr = HALF // BLOCK_P
+        pid = tl.program_id(0)
+        head = pid // PER_HEAD
+        j = (pid % PER_HEAD) * BLOCK_P + tl.arange(0, BLOCK_P)  # pair index in the head: features j, j + HALF
+        r1 = head * HD + j
+        offs_k = tl.arange(0, KP)
+        mask_k = offs_k < K
+        mask_r = j < HALF
+        w1 = _row_tile(w_ptr, r1, mask_r, offs_k, mask_k, K)
+        w2 = _row_tile(w_ptr, r1 + HALF, mask_r, offs_k, mask_k, K)
+        # The slot changes only between steps (graph replays), never inside one: safe to read before the wait.
+        slot = tl.load(slot_ptr).to(tl.int64)
+        c = tl.load(cos_ptr + slot * HALF + j)
+        s = tl.load(sin_ptr + slot * HALF + j)
+        _wait_previous(PDL)
+        h = _rms_input(x_ptr, nw_ptr, eps, offs_k, mask_k, K, ROUND_NORM)
+        _launch_next(PDL, EARLY, True)
+        dt = x_ptr.dtype.element_ty
+        a1 = tl.sum(w1.to(tl.float32) * h[None, :], axis=1).to(dt).to(tl.float32)
+        a2 = tl.sum(w2.to(tl.float32) * h[None, :], axis=1).to(dt).to(tl.float32)
+        # RoPE as notelab.core.rope.apply_rope computes it in x's dtype: x * cos + rotate_half(x) * sin
+        c = c.to(dt).to(tl.float32)
+        s = s.to(dt).to(tl.float32)
+        b1 = (a1 * c).to(dt).to(tl.float32) + (-a2 * s).to(dt).to(tl.float32)
+        b2 = (a2 * c).to(dt).to(tl.float32) + (a1 * s).to(dt).to(tl.float32)
+        hv = head + 0 * j  # the head, as a tensor (for element masks)
+        rot = hv < NQ + NKV  # q and k heads rotate, v heads do not
+        b1 = tl.where(rot, b1, a1).to(dt)
+        b2 = tl.where(rot, b2, a2).to(dt)
+        is_q = hv < NQ
+        tl.store(q_ptr + head * HD + j, b1, mask=mask_r & is_q)
+        tl.store(q_ptr + head * HD + HALF + j, b2, mask=mask_r & is_q)
+        is_k = (hv >= NQ) & rot
+        kv_head = tl.where(is_k, hv - NQ, hv - NQ - NKV).to(tl.int64)
+        row = (kv_head * S + slot) * HD
+        tl.store(k_ptr + row + j, b1, mask=mask_r & is_k)
+        tl.store(k_ptr + row + HALF + j, b2, mask=mask_r & is_k)
+        is_v = hv >= NQ + NKV
+        tl.store(v_ptr + row + j, b1, mask=mask_r & is_v)
+        tl.store(v_ptr + row + HALF + j, b2, mask=mask_r & is_v)
+
+    @triton.jit
+    def _attention_kernel(  # noqa: ANN202
+        q_ptr,  # noqa: ANN001  (NQ HD,) rotated queries
+        k_ptr,  # noqa: ANN001  (NKV, S, HD) cache
+        v_ptr,  # noqa: ANN001
+        slot_ptr,  # noqa: ANN001
+        part_ptr,  # noqa: ANN001  (NQ, NSPLIT, HD) float32 partial outputs (NSPLIT > 1)
+        m_ptr,  # noqa: ANN001  (NQ, NSPLIT) float32 partial maxima
+        l_ptr,  # noqa: ANN001  (NQ, NSPLIT) float32 partial sums
+        count_ptr,  # noqa: ANN001  (NQ,) int32 finished splits, zero between steps
+        y_ptr,  # noqa: ANN001  (NQ HD,) out, q's dtype
+        S,  # noqa: ANN001
+        scale,  # noqa: ANN001
+        HD: tl.constexpr,
+        G: tl.constexpr,  # query heads per KV head
+        NSPLIT: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+        PDL: tl.constexpr,
+        EARLY: tl.constexpr,
+    ):
+        _launch_next(PDL, EARLY, False)
+        head = tl.program_id(0)
+        sp = tl.program_id(1)
+        # The slot changes only between steps (graph replays), never inside one: safe to read before the wait.
+        n = tl.load(slot_ptr).to(tl.int32) + 1  # keys 0..slot
+        chunk = tl.cdiv(n, NSPLIT)
+        lo = sp * chunk
+        hi = tl.minimum(lo + chunk, n)
+        d = tl.arange(0, HD)
+        base = (head // G).to(tl.int64) * S * HD
+        _wait_previous(PDL)
+        _launch_next(PDL, EARLY, True)
+        q = tl.load(q_ptr + head * HD + d).to(tl.float32)
+        m_i = tl.max(tl.full([BLOCK_S], float("-inf"), tl.float32), axis=0)
+        l_i = tl.sum(tl.zeros([BLOCK_S], tl.float32), axis=0)
+        acc = tl.zeros([HD], tl.float32)
+        for start in range(lo, hi, BLOCK_S):
+            keys = start + tl.arange(0, BLOCK_S)
+            mask_s = keys < hi
+            offs = base + keys.to(tl.int64)[:, None] * HD + d[None, :]
+            kt = tl.load(k_ptr + offs, mask=mask_s[:, None], other=0.0).to(tl.float32)
+            vt = tl.load(v_ptr + offs, mask=mask_s[:, None], other=0.0).to(tl.float32)
+            sc = tl.where(mask_s, tl.sum(kt * q[None, :], axis=1) * scale, float("-inf"))  # (BLOCK_S,)
+            m_new = tl.maximum(m_i, tl.max(sc, axis=0))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(sc - m_new)
+            l_i = l_i * alpha + tl.sum(p, axis=0)
+            acc = acc * alpha + tl.sum(p[:, None] * vt, axis=0)
+            m_i = m_new
+        y_dt = y_ptr.dtype.element_ty
+        if NSPLIT == 1:
+            tl.store(y_ptr + head * HD + d, (acc / l_i).to(y_dt))
+        else:
+            cell = head * NSPLIT + sp
+            tl.store(part_ptr + cell * HD + d, acc)
+            tl.store(m_ptr + cell, m_i)
+            tl.store(l_ptr + cell, l_i)
+            tl.debug_barrier()  # every thread's partial is written before the counter says so
+            done = tl.atomic_add(count_ptr + head, 1, sem="acq_rel")
+            if done == NSPLIT - 1:  # the last split of this head combines all of them
+                cells = head * NSPLIT + tl.arange(0, NSPLIT)
+                ms = tl.load(m_ptr + cells, cache_modifier=".cg")
+                ls = tl.load(l_ptr + cells, cache_modifier=".cg")
+                m = tl.max(ms, axis=0)  # split 0 is never empty, so finite
+                wgt = tl.exp(ms - m)
+                parts = tl.load(part_ptr + cells[:, None] * HD + d[None, :], cache_modifier=".cg")
+                y = tl.sum(wgt[:, None] * parts, axis=0) / tl.sum(wgt * ls, axis=0)
+                tl.store(y_ptr + head * HD + d, y.to(y_dt))
+                tl.atomic_xchg(count_ptr + head, 0)
+
+    @triton.jit
+    def _matvec_kernel(  # noqa: ANN202
+        x_ptr,  # noqa: ANN001  (K,)
+        w_ptr,  # noqa: ANN001  (N, K)
+        res_ptr,  # noqa: ANN001  (N,) residual
+        out_ptr,  # noqa: ANN001  (N,)
+        N,  # noqa: ANN001
+        K: tl.constexpr,
+        KP: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        PDL: tl.constexpr,
+        EARLY: tl.constexpr,
+    ):
+        _launch_next(PDL, EARLY, False)
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = rows < N
+        offs_k = tl.arange(0, KP)
+        mask_k = offs_k < K
+        w = _row_tile(w_ptr, rows, mask_n, offs_k, mask_k, K)
+        _wait_previous(PDL)
+        xv = tl.load(x_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+        _launch_next(PDL, EARLY, True)
+        dt = x_ptr.dtype.element_ty
+        y = tl.sum(w.to(tl.float32) * xv[None, :], axis=1).to(dt).to(tl.float32)
+        r = tl.load(res_ptr + rows, mask=mask_n, other=0.0).to(tl.float32)
+        tl.store(out_ptr + rows, (y + r).to(dt), mask=mask_n)
+
+    @triton.jit
+    def _gate_up_kernel(  # noqa: ANN202
+        x_ptr,  # noqa: ANN001  (K,)
+        nw_ptr,  # noqa: ANN001  (K,) post_attention_layernorm weight
+        w_ptr,  # noqa: ANN001  (2H, K) stacked [W_gate; W_up]
+        out_ptr,  # noqa: ANN001  (H,) SiLU(gate) * up
+        H,  # noqa: ANN001
+        eps,  # noqa: ANN001
+        K: tl.constexpr,
+        KP: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        ROUND_NORM: tl.constexpr,
+        PDL: tl.constexpr,
+        EARLY: tl.constexpr,
+    ):
+        _launch_next(PDL, EARLY, False)
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = rows < H
+        offs_k = tl.arange(0, KP)
+        mask_k = offs_k < K
+        wg = _row_tile(w_ptr, rows, mask_n, offs_k, mask_k, K)
+        wu = _row_tile(w_ptr, rows + H, mask_n, offs_k, mask_k, K)
+        _wait_previous(PDL)
+        h = _rms_input(x_ptr, nw_ptr, eps, offs_k, mask_k, K, ROUND_NORM)
+        _launch_next(PDL, EARLY, True)
+        dt = x_ptr.dtype.element_ty
+        gate = tl.sum(wg.to(tl.float32) * h[None, :], axis=1).to(dt).to(tl.float32)
+        up = tl.sum(wu.to(tl.float32) * h[None, :], axis=1).to(dt).to(tl.float32)
+        act = (gate * tl.sigmoid(gate)).to(dt).to(tl.float32)
+        tl.store(out_ptr + rows, (act * up).to(dt), mask=mask_n)
+
+    @triton.jit
+    def _argmax_key(best, idx):  # noqa: ANN001, ANN202
+        """(value, index) -> int64 whose order is value's, then the smaller index: floats as ordered int32 bits."""
+        bits = best.to(tl.int32, bitcast=True)
+        ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
+        return (ordered << 32) + (tl.full((), 4294967295, tl.int64) - idx.to(tl.int64))
+
+    @triton.jit
+    def _lm_head_kernel(  # noqa: ANN202
+        x_ptr,  # noqa: ANN001  (K,)
+        nw_ptr,  # noqa: ANN001  (K,) final norm weight
+        w_ptr,  # noqa: ANN001  (V, K) output projection
+        logits_ptr,  # noqa: ANN001  (V,) float32 (STORE_LOGITS)
+        key_ptr,  # noqa: ANN001  () int64 running argmax key, the lowest int64 between steps
+        count_ptr,  # noqa: ANN001  () int32 finished programs, zero between steps
+        tok_ptr,  # noqa: ANN001  (1, 1) int64 current token (out)
+        out_ptr,  # noqa: ANN001  (1, total) int64 generated tokens (out at slot + 1)
+        slot_ptr,  # noqa: ANN001  () int64, advanced by one
+        V,  # noqa: ANN001
+        eps,  # noqa: ANN001
+        K: tl.constexpr,
+        KP: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        ROUND_NORM: tl.constexpr,
+        STORE_LOGITS: tl.constexpr,
+        PDL: tl.constexpr,
+        EARLY: tl.constexpr,
+    ):
+        _launch_next(PDL, EARLY, False)
+        pid = tl.program_id(0)
+        nprog = tl.num_programs(0)
+        n_tiles = tl.cdiv(V, BLOCK_N)
+        offs_k = tl.arange(0, KP)
+        mask_k = offs_k < K
+        lane = tl.arange(0, BLOCK_N)
+        rows = pid * BLOCK_N + lane
+        w = _row_tile(w_ptr, rows, rows < V, offs_k, mask_k, K)
+        _wait_previous(PDL)
+        h = _rms_input(x_ptr, nw_ptr, eps, offs_k, mask_k, K, ROUND_NORM)
+        _launch_next(PDL, EARLY, True)
+        dt = x_ptr.dtype.element_ty
+        best = tl.full([BLOCK_N], float("-inf"), tl.float32)
+        best_idx = tl.full([BLOCK_N], 2147483647, tl.int32)
+        for t in range(pid, n_tiles, nprog):
+            rows = t * BLOCK_N + lane
+            y = tl.sum(w.to(tl.float32) * h[None, :], axis=1).to(dt).to(tl.float32)
+            nxt = (t + nprog) * BLOCK_N + lane  # next tile's rows, loaded before this one is reduced further
+            w = _row_tile(w_ptr, nxt, nxt < V, offs_k, mask_k, K)
+            if STORE_LOGITS:
+                tl.store(logits_ptr + rows, y, mask=rows < V)
+            y = tl.where(rows < V, y, float("-inf"))
+            better = y > best  # strictly: an earlier tile keeps ties (the first index wins)
+            best = tl.where(better, y, best)
+            best_idx = tl.where(better, rows, best_idx)
+        top = tl.max(best, axis=0)
+        idx = tl.min(tl.where(best == top, best_idx, 2147483647), axis=0)
+        tl.atomic_max(key_ptr, _argmax_key(top, idx), sem="relaxed")
+        tl.debug_barrier()
+        done = tl.atomic_add(count_ptr, 1, sem="acq_rel")
+        if done == nprog - 1:  # the last program: the argmax is complete
+            low32 = tl.full((), 4294967295, tl.int64)
+            lowest = tl.full((), -2147483648, tl.int64) << 32
+            key = tl.atomic_xchg(key_ptr, lowest, sem="acq_rel")
+            tok = low32 - (key & low32)
+            slot = tl.load(slot_ptr)
+            tl.store(tok_ptr, tok)
+            tl.store(out_ptr + slot + 1, tok)
+            tl.store(slot_ptr, slot + 1)
+            tl.atomic_xchg(count_ptr, 0)
+
+
+class DecodeChain:
+    """The buffers and launches of one greedy decode step of ``model`` on a batch-1 cache (see the module doc).
+
+    ``step()`` reads the token ``tok`` (1, 1) at cache slot ``slot`` (0-d, int64), writes the next token into
+    ``tok`` and ``out[0, slot + 1]`` and advances ``slot``, like ``notelab.lm.generate._greedy_step``; every
+    launch has fixed arguments, so the step can be captured in a CUDA graph. ``store_logits`` also keeps the
+    float32 logits of the last step in ``self.logits`` (for tests). Check ``chain_unsupported`` first.
+    """
+
+    def __init__(
+        self,
+        model: Llama,
+        fused: FusedWeights,
+        cache: nn.ModuleList,
+        tok: torch.Tensor,
+        slot: torch.Tensor,
+        out: torch.Tensor,
+        *,
+        options: ChainOptions | None = None,
+        store_logits: bool = False,
+        pdl: bool | None = None,
+    ) -> None:
+        c = model.config
+        t = options or OPTIONS
+        dev = tok.device
+        dtype = model.embed_tokens.weight.dtype
+        self.model, self.fused, self.cache, self.tok, self.slot, self.out = model, fused, cache, tok, slot, out
+        cap = torch.cuda.get_device_capability(dev) if dev.type == "cuda" else (0, 0)
+        self.pdl = bool(PDL if pdl is None else pdl) and cap >= (9, 0) and not _INTERPRET
+        self.D, self.S = c.dim, cache[0].k.shape[2]
+        self.hd, self.nq, self.nkv = c.head_dim, c.n_heads, c.n_kv_heads
+        self.hidden, self.vocab = fused[0][1].shape[0] // 2, model.lm_head.weight.shape[0]
+        self.eps = [(b.input_layernorm.eps, b.post_attention_layernorm.eps) for b in model.layers] + [model.norm.eps]
+        positions = torch.arange(self.S, device=dev)
+        cos, sin = rope_cos_sin(positions, model.inv_freq)  # (S, HD): the model's own tables
+        half = self.hd // 2
+        self.cos, self.sin = cos[:, :half].contiguous(), sin[:, :half].contiguous()
+        self.g = self.nq // self.nkv
+        self.nsplit = min(t.max_splits, _pow2(-(-self.S // t.split_keys)))
+        f32 = torch.float32
+        self.x = torch.zeros(self.D, dtype=dtype, device=dev)
+        self.x2 = torch.zeros_like(self.x)
+        self.q = torch.zeros(self.nq * self.hd, dtype=dtype, device=dev)
+        self.y = torch.zeros_like(self.q)
+        self.act = torch.zeros(self.hidden, dtype=dtype, device=dev)
+        self.part = torch.zeros(self.nq * self.nsplit * self.hd, dtype=f32, device=dev)
+        self.m = torch.zeros(self.nq * self.nsplit, dtype=f32, device=dev)
+        self.lsum = torch.zeros_like(self.m)
+        self.counts = torch.zeros(self.nq + 1, dtype=torch.int32, device=dev)
+        self.key = torch.full((), torch.iinfo(torch.int64).min, dtype=torch.int64, device=dev)
+        self.store_logits = store_logits
+        self.logits = torch.zeros(self.vocab if store_logits else 1, dtype=f32, device=dev)
+        self.round_norm = torch.promote_types(dtype, model.norm.weight.dtype) == dtype
+
+        def rows_for(k: int, lo: int = 1, hi: int = 64) -> int:
+            return max(lo, min(hi, t.tile_elems // _pow2(k)))
+
+        self.kp, self.kp_down = _pow2(self.D), _pow2(self.hidden)
+        self.block_pair = min(half, max(1, rows_for(self.D) // 2))  # q/k/v: pairs of rows in one head
+        self.block_gu = max(1, rows_for(self.D) // 2)  # SwiGLU: rows of W_gate and of W_up
+        self.block_o = rows_for(self.nq * self.hd)
+        self.block_down = rows_for(self.hidden)
+        self.block_lm = rows_for(self.D)
+        sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 4
+        self.lm_programs = max(1, min(triton.cdiv(self.vocab, self.block_lm), t.lm_programs_per_sm * sms))
+        self.warps, self.early = t.warps, t.early_launch
+        self.attn_block = t.attn_block
+
+    def step(self) -> None:
+        """Launch the 2 + 5 n_layers kernels of one token (all on the current stream)."""
+        m, w = self.model, self.warps
+        pk = {"PDL": self.pdl, "EARLY": self.early, **({"launch_pdl": True} if self.pdl else {})}
+        D, hd, half = self.D, self.hd, self.hd // 2
+        _embed_kernel[(triton.cdiv(D, 1024),)](self.tok, m.embed_tokens.weight, self.x, D, BLOCK=1024, **pk)
+        n_qkv = (self.nq + 2 * self.nkv) * (half // self.block_pair)
+        n_o, n_gu = triton.cdiv(D, self.block_o), triton.cdiv(self.hidden, self.block_gu)
+        n_down = triton.cdiv(D, self.block_down)
+        scale = hd**-0.5
+        for i, layer in enumerate(m.layers):
+            a = layer.self_attn
+            eps1, eps2 = self.eps[i]
+            kv = self.cache[i]
+            w_qkv, w_gu = self.fused[i]
+            _qkv_rope_kernel[(n_qkv,)](
+                self.x, layer.input_layernorm.weight, w_qkv, self.cos, self.sin, self.slot, self.q, kv.k, kv.v,
+                eps1, self.S, K=D, KP=self.kp, HD=hd, NQ=self.nq, NKV=self.nkv, BLOCK_P=self.block_pair,
+                ROUND_NORM=self.round_norm, num_warps=w, **pk,
+            )  # fmt: skip
+            _attention_kernel[(self.nq, self.nsplit)](
+                self.q, kv.k, kv.v, self.slot, self.part, self.m, self.lsum, self.counts, self.y, self.S, scale,
+                HD=hd, G=self.g, NSPLIT=self.nsplit, BLOCK_S=self.attn_block, num_warps=4, num_stages=3, **pk,
+            )  # fmt: skip
+            _matvec_kernel[(n_o,)](
+                self.y, a.o_proj.weight, self.x, self.x2, D,
+                K=self.nq * hd, KP=_pow2(self.nq * hd), BLOCK_N=self.block_o, num_warps=w, **pk,
+            )  # fmt: skip
+            _gate_up_kernel[(n_gu,)](
+                self.x2, layer.post_attention_layernorm.weight, w_gu, self.act, self.hidden, eps2,
+                K=D, KP=self.kp, BLOCK_N=self.block_gu, ROUND_NORM=self.round_norm, num_warps=w, **pk,
+            )  # fmt: skip
+            _matvec_kernel[(n_down,)](
+                self.act, layer.mlp.down_proj.weight, self.x2, self.x, D,
+                K=self.hidden, KP=self.kp_down, BLOCK_N=self.block_down, num_warps=w, **pk,
+            )  # fmt: skip
+        _lm_head_kernel[(self.lm_programs,)](
+            self.x, m.norm.weight, m.lm_head.weight, self.logits, self.key, self.counts[self.nq :], self.tok,
+            self.out, self.slot, self.vocab, self.eps[-1], K=D, KP=self.kp, BLOCK_N=self.block_lm,
+            ROUND_NORM=self.round_norm, STORE_LOGITS=self.store_logits, num_warps=w, **pk,
+        )  # fmt: skip
