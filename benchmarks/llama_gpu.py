@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> dict:
     # generate()'s defaults are fused, with "reduce" attention when compiled.
     plain = {k: v for k, v in ours_kinds.items() if "greedy graph" in k and "chain" not in v}
     for k, v in plain.items():
-        v.update(fuse=False, decode_attention="sdpa")
+        v.update(fuse=False, decode_attention="sdpa", decode_matvec="cublas")
         if "reduce-overhead" in k or (not args.no_compile and "eager" in k) or f"sync {last}" not in k:
             continue
         head = k.removesuffix(f", sync {last}")

@@ -42,7 +42,7 @@ try:
         IN_PROCESS = False
 finally:
     if _saved is None:
-        del os.environ["TRITON_INTERPRET"]
+        os.environ.pop("TRITON_INTERPRET", None)
     else:
         os.environ["TRITON_INTERPRET"] = _saved
 
