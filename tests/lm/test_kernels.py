@@ -23,8 +23,8 @@ import torch.nn.functional as F
 
 from notelab.core.norms import RMSNorm
 
-# On a machine with a GPU the real kernel runs on it (test_kernel_on_cuda_matches_reference) and the interpreter
-# only in a child process without CUDA: an interpreted kernel module here would serve this worker's GPU tests.
+# On a machine with a GPU the real kernel runs on it (test_kernel_on_cuda_matches_reference) and the interpreter not
+# at all: an interpreted kernel module here would serve this worker's GPU tests (CPU machines run the interpreter).
 _GPU = torch.cuda.is_available()
 _saved = os.environ.get("TRITON_INTERPRET")
 if not _GPU:
@@ -324,8 +324,8 @@ def test_op_traces_under_torch_compile_fullgraph(interp):
 def test_kernel_tests_in_a_fresh_process():
     """Where this process cannot interpret kernels, run this file in a child that can (see the module docstring)."""
     pytest.importorskip("triton")
-    if IN_PROCESS:
-        pytest.skip("the kernel tests run in this process")
+    if IN_PROCESS or _GPU:
+        pytest.skip("the kernel tests run in this process" if IN_PROCESS else "on a GPU the compiled kernel is tested")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
     env["TRITON_INTERPRET"], env["CUDA_VISIBLE_DEVICES"] = "1", ""  # the interpreter, on CPU tensors
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__).resolve())]
