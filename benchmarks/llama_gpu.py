@@ -359,6 +359,11 @@ def main(argv: list[str] | None = None) -> dict:
         ", attn block 32": {"attn_block": 32},
         ", attn block 128": {"attn_block": 128},
         ", split 128 keys": {"split_keys": 128},
+        ", loop 2/SM": {"programs_per_sm": 2},
+        ", loop 4/SM": {"programs_per_sm": 4},
+        ", loop 8/SM": {"programs_per_sm": 8},
+        ", loop 4/SM, tiles 16K": {"programs_per_sm": 4, "tile_elems": 16384},
+        ", loop 8/SM, tiles 4K": {"programs_per_sm": 8, "tile_elems": 4096},
     }
     for name, how in chain_variants.items():
         ours_kinds[f"notelab greedy graph: Triton chain{name}, sync {last}"] = {**chain_kw, "chain": how}

@@ -100,8 +100,10 @@ def check_steps(model: Llama, n: int, tol: float, kv_tol: float, **kw) -> None:
 
 
 # Attention in one program per head, or (SPLIT) in blocks of 4 keys spread over up to 4 programs per head whose
-# partial results the last one combines; tiles of 2 weight rows (several programs per head, per output).
-SPLIT = chain.ChainOptions(attn_block=4, split_keys=4, max_splits=4, tile_elems=256, lm_programs_per_sm=1)
+# partial results the last one combines; small weight tiles, few programs looping over them.
+SPLIT = chain.ChainOptions(
+    attn_block=4, split_keys=4, max_splits=4, tile_elems=256, programs_per_sm=1, lm_programs_per_sm=1
+)
 
 
 @pytest.mark.parametrize("heads", [(4, 2), (4, 4), (4, 1)])

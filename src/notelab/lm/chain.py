@@ -73,8 +73,9 @@ class ChainOptions:
     """The chain's knobs (for benchmarks; the defaults are the measured choice).
 
     ``tile_elems``: weight elements a product program holds (rows x K, rounded to powers of two);
-    ``warps``: warps per product program; ``lm_programs_per_sm``: persistent programs of the output
-    projection per SM (each loops over row tiles; few programs keep the argmax atomics few);
+    ``warps``: warps per product program; ``programs_per_sm``: product programs per SM, each looping over
+    row tiles with the next tile's loads in flight (0: one program per tile); ``lm_programs_per_sm``: the
+    same for the output projection (each loops over row tiles; few programs keep the argmax atomics few);
     ``attn_block``: keys per attention block; ``split_keys``: keys per attention program before the keys
     are split over more programs (flash-decoding), at most ``max_splits`` per query head;
     ``early_launch``: each kernel lets the next one launch as soon as it starts (before its own wait), so
@@ -83,6 +84,7 @@ class ChainOptions:
 
     tile_elems: int = 8192
     warps: int = 4
+    programs_per_sm: int = 0
     lm_programs_per_sm: int = 4
     attn_block: int = 64
     split_keys: int = 512
@@ -317,18 +319,24 @@ if triton is not None:
         EARLY: tl.constexpr,
     ):
         _launch_next(PDL, EARLY, False)
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = rows < N
+        pid, nprog = tl.program_id(0), tl.num_programs(0)
+        lane = tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, KP)
         mask_k = offs_k < K
-        w = _row_tile(w_ptr, rows, mask_n, offs_k, mask_k, K)
+        rows = pid * BLOCK_N + lane
+        w = _row_tile(w_ptr, rows, rows < N, offs_k, mask_k, K)
         _wait_previous(PDL)
         xv = tl.load(x_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
         _launch_next(PDL, EARLY, True)
         dt = x_ptr.dtype.element_ty
-        y = tl.sum(w.to(tl.float32) * xv[None, :], axis=1).to(dt).to(tl.float32)
-        r = tl.load(res_ptr + rows, mask=mask_n, other=0.0).to(tl.float32)
-        tl.store(out_ptr + rows, (y + r).to(dt), mask=mask_n)
+        for t in range(pid, tl.cdiv(N, BLOCK_N), nprog):  # one pass when there is a program per tile
+            rows = t * BLOCK_N + lane
+            nxt = rows + nprog * BLOCK_N
+            w_next = _row_tile(w_ptr, nxt, nxt < N, offs_k, mask_k, K)  # in flight while this tile is reduced
+            y = tl.sum(w.to(tl.float32) * xv[None, :], axis=1).to(dt).to(tl.float32)
+            r = tl.load(res_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
+            tl.store(out_ptr + rows, (y + r).to(dt), mask=rows < N)
+            w = w_next
 
     @triton.jit
     def _gate_up_kernel(  # noqa: ANN202
@@ -346,20 +354,27 @@ if triton is not None:
         EARLY: tl.constexpr,
     ):
         _launch_next(PDL, EARLY, False)
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = rows < H
+        pid, nprog = tl.program_id(0), tl.num_programs(0)
+        lane = tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, KP)
         mask_k = offs_k < K
-        wg = _row_tile(w_ptr, rows, mask_n, offs_k, mask_k, K)
-        wu = _row_tile(w_ptr, rows + H, mask_n, offs_k, mask_k, K)
+        rows = pid * BLOCK_N + lane
+        wg = _row_tile(w_ptr, rows, rows < H, offs_k, mask_k, K)
+        wu = _row_tile(w_ptr, rows + H, rows < H, offs_k, mask_k, K)
         _wait_previous(PDL)
         h = _rms_input(x_ptr, nw_ptr, eps, offs_k, mask_k, K, ROUND_NORM)
         _launch_next(PDL, EARLY, True)
         dt = x_ptr.dtype.element_ty
-        gate = tl.sum(wg.to(tl.float32) * h[None, :], axis=1).to(dt).to(tl.float32)
-        up = tl.sum(wu.to(tl.float32) * h[None, :], axis=1).to(dt).to(tl.float32)
-        act = (gate * tl.sigmoid(gate)).to(dt).to(tl.float32)
-        tl.store(out_ptr + rows, (act * up).to(dt), mask=mask_n)
+        for t in range(pid, tl.cdiv(H, BLOCK_N), nprog):  # one pass when there is a program per tile
+            rows = t * BLOCK_N + lane
+            nxt = rows + nprog * BLOCK_N
+            wg_next = _row_tile(w_ptr, nxt, nxt < H, offs_k, mask_k, K)  # in flight while this tile is reduced
+            wu_next = _row_tile(w_ptr, nxt + H, nxt < H, offs_k, mask_k, K)
+            gate = tl.sum(wg.to(tl.float32) * h[None, :], axis=1).to(dt).to(tl.float32)
+            up = tl.sum(wu.to(tl.float32) * h[None, :], axis=1).to(dt).to(tl.float32)
+            act = (gate * tl.sigmoid(gate)).to(dt).to(tl.float32)
+            tl.store(out_ptr + rows, (act * up).to(dt), mask=rows < H)
+            wg, wu = wg_next, wu_next
 
     @triton.jit
     def _argmax_key(best, idx):  # noqa: ANN001, ANN202
@@ -497,6 +512,7 @@ class DecodeChain:
         self.block_lm = rows_for(self.D)
         sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 4
         self.lm_programs = max(1, min(triton.cdiv(self.vocab, self.block_lm), t.lm_programs_per_sm * sms))
+        self.most_programs = t.programs_per_sm * sms if t.programs_per_sm > 0 else None
         self.warps, self.early = t.warps, t.early_launch
         self.attn_block = t.attn_block
 
@@ -507,8 +523,9 @@ class DecodeChain:
         D, hd, half = self.D, self.hd, self.hd // 2
         _embed_kernel[(triton.cdiv(D, 1024),)](self.tok, m.embed_tokens.weight, self.x, D, BLOCK=1024, **pk)
         n_qkv = (self.nq + 2 * self.nkv) * (half // self.block_pair)
-        n_o, n_gu = triton.cdiv(D, self.block_o), triton.cdiv(self.hidden, self.block_gu)
-        n_down = triton.cdiv(D, self.block_down)
+        cap = self.most_programs or 1 << 30
+        n_o, n_gu = min(cap, triton.cdiv(D, self.block_o)), min(cap, triton.cdiv(self.hidden, self.block_gu))
+        n_down = min(cap, triton.cdiv(D, self.block_down))
         scale = hd**-0.5
         for i, layer in enumerate(m.layers):
             a = layer.self_attn
