@@ -315,6 +315,7 @@ if triton is not None:
         K: tl.constexpr,
         KP: tl.constexpr,
         BLOCK_N: tl.constexpr,
+        LOOP: tl.constexpr,
         PDL: tl.constexpr,
         EARLY: tl.constexpr,
     ):
@@ -329,14 +330,27 @@ if triton is not None:
         xv = tl.load(x_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
         _launch_next(PDL, EARLY, True)
         dt = x_ptr.dtype.element_ty
-        for t in range(pid, tl.cdiv(N, BLOCK_N), nprog):  # one pass when there is a program per tile
-            rows = t * BLOCK_N + lane
-            nxt = rows + nprog * BLOCK_N
-            w_next = _row_tile(w_ptr, nxt, nxt < N, offs_k, mask_k, K)  # in flight while this tile is reduced
+        if LOOP:  # fewer programs than tiles: each loops, the next tile's loads in flight during this one's sum
+            for t in range(pid, tl.cdiv(N, BLOCK_N), nprog):
+                rows = t * BLOCK_N + lane
+                nxt = rows + nprog * BLOCK_N
+                w_next = _row_tile(w_ptr, nxt, nxt < N, offs_k, mask_k, K)
+                y = tl.sum(w.to(tl.float32) * xv[None, :], axis=1).to(dt).to(tl.float32)
+                r = tl.load(res_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
+                tl.store(out_ptr + rows, (y + r).to(dt), mask=rows < N)
+                w = w_next
+        else:
             y = tl.sum(w.to(tl.float32) * xv[None, :], axis=1).to(dt).to(tl.float32)
             r = tl.load(res_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
             tl.store(out_ptr + rows, (y + r).to(dt), mask=rows < N)
-            w = w_next
+
+    @triton.jit
+    def _swiglu_store(wg, wu, h, out_ptr, rows, mask, dt: tl.constexpr):  # noqa: ANN001, ANN202
+        """out[rows] = SiLU(W_gate h) * (W_up h), rounded where F.silu(gate) * up rounds."""
+        gate = tl.sum(wg.to(tl.float32) * h[None, :], axis=1).to(dt).to(tl.float32)
+        up = tl.sum(wu.to(tl.float32) * h[None, :], axis=1).to(dt).to(tl.float32)
+        act = (gate * tl.sigmoid(gate)).to(dt).to(tl.float32)
+        tl.store(out_ptr + rows, (act * up).to(dt), mask=mask)
 
     @triton.jit
     def _gate_up_kernel(  # noqa: ANN202
@@ -350,6 +364,7 @@ if triton is not None:
         KP: tl.constexpr,
         BLOCK_N: tl.constexpr,
         ROUND_NORM: tl.constexpr,
+        LOOP: tl.constexpr,
         PDL: tl.constexpr,
         EARLY: tl.constexpr,
     ):
@@ -365,16 +380,16 @@ if triton is not None:
         h = _rms_input(x_ptr, nw_ptr, eps, offs_k, mask_k, K, ROUND_NORM)
         _launch_next(PDL, EARLY, True)
         dt = x_ptr.dtype.element_ty
-        for t in range(pid, tl.cdiv(H, BLOCK_N), nprog):  # one pass when there is a program per tile
-            rows = t * BLOCK_N + lane
-            nxt = rows + nprog * BLOCK_N
-            wg_next = _row_tile(w_ptr, nxt, nxt < H, offs_k, mask_k, K)  # in flight while this tile is reduced
-            wu_next = _row_tile(w_ptr, nxt + H, nxt < H, offs_k, mask_k, K)
-            gate = tl.sum(wg.to(tl.float32) * h[None, :], axis=1).to(dt).to(tl.float32)
-            up = tl.sum(wu.to(tl.float32) * h[None, :], axis=1).to(dt).to(tl.float32)
-            act = (gate * tl.sigmoid(gate)).to(dt).to(tl.float32)
-            tl.store(out_ptr + rows, (act * up).to(dt), mask=rows < H)
-            wg, wu = wg_next, wu_next
+        if LOOP:  # fewer programs than tiles: each loops, the next tile's loads in flight during this one's sum
+            for t in range(pid, tl.cdiv(H, BLOCK_N), nprog):
+                rows = t * BLOCK_N + lane
+                nxt = rows + nprog * BLOCK_N
+                wg_next = _row_tile(w_ptr, nxt, nxt < H, offs_k, mask_k, K)
+                wu_next = _row_tile(w_ptr, nxt + H, nxt < H, offs_k, mask_k, K)
+                _swiglu_store(wg, wu, h, out_ptr, rows, rows < H, dt)
+                wg, wu = wg_next, wu_next
+        else:
+            _swiglu_store(wg, wu, h, out_ptr, rows, rows < H, dt)
 
     @triton.jit
     def _argmax_key(best, idx):  # noqa: ANN001, ANN202
@@ -524,8 +539,9 @@ class DecodeChain:
         _embed_kernel[(triton.cdiv(D, 1024),)](self.tok, m.embed_tokens.weight, self.x, D, BLOCK=1024, **pk)
         n_qkv = (self.nq + 2 * self.nkv) * (half // self.block_pair)
         cap = self.most_programs or 1 << 30
-        n_o, n_gu = min(cap, triton.cdiv(D, self.block_o)), min(cap, triton.cdiv(self.hidden, self.block_gu))
-        n_down = min(cap, triton.cdiv(D, self.block_down))
+        tiles_o, tiles_gu = triton.cdiv(D, self.block_o), triton.cdiv(self.hidden, self.block_gu)
+        tiles_down = triton.cdiv(D, self.block_down)
+        n_o, n_gu, n_down = min(cap, tiles_o), min(cap, tiles_gu), min(cap, tiles_down)
         scale = hd**-0.5
         for i, layer in enumerate(m.layers):
             a = layer.self_attn
@@ -543,15 +559,17 @@ class DecodeChain:
             )  # fmt: skip
             _matvec_kernel[(n_o,)](
                 self.y, a.o_proj.weight, self.x, self.x2, D,
-                K=self.nq * hd, KP=_pow2(self.nq * hd), BLOCK_N=self.block_o, num_warps=w, **pk,
+                K=self.nq * hd, KP=_pow2(self.nq * hd), BLOCK_N=self.block_o, LOOP=n_o < tiles_o, num_warps=w, **pk,
             )  # fmt: skip
             _gate_up_kernel[(n_gu,)](
                 self.x2, layer.post_attention_layernorm.weight, w_gu, self.act, self.hidden, eps2,
-                K=D, KP=self.kp, BLOCK_N=self.block_gu, ROUND_NORM=self.round_norm, num_warps=w, **pk,
+                K=D, KP=self.kp, BLOCK_N=self.block_gu, ROUND_NORM=self.round_norm, LOOP=n_gu < tiles_gu,
+                num_warps=w, **pk,
             )  # fmt: skip
             _matvec_kernel[(n_down,)](
                 self.act, layer.mlp.down_proj.weight, self.x2, self.x, D,
-                K=self.hidden, KP=self.kp_down, BLOCK_N=self.block_down, num_warps=w, **pk,
+                K=self.hidden, KP=self.kp_down, BLOCK_N=self.block_down, LOOP=n_down < tiles_down,
+                num_warps=w, **pk,
             )  # fmt: skip
         _lm_head_kernel[(self.lm_programs,)](
             self.x, m.norm.weight, m.lm_head.weight, self.logits, self.key, self.counts[self.nq :], self.tok,
