@@ -1,44 +1,27 @@
 """notelab.lm.chain: the decode step as Triton kernels, against the torch model, on CPU through Triton's interpreter.
 
-As in test_kernels.py: the interpreter must be chosen before triton and the chain module are first imported,
+The interpreter must be chosen before triton and the chain module are first imported (``triton_interpreter``),
 so where another module imported them first the interpreted tests skip here and
 ``test_chain_tests_in_a_fresh_process`` runs this file in a child process with TRITON_INTERPRET=1. The GPU
 tests run the compiled kernels (with and without programmatic dependent launch) in bf16.
 """
 
-import os
-import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from triton_interpreter import GPU as _GPU
+from triton_interpreter import import_interpreted, run_file_in_child
 
 from notelab.lm import Llama, LlamaConfig, generate
 from notelab.lm.generate import _GREEDY
 
-_GPU = torch.cuda.is_available()
-_saved = os.environ.get("TRITON_INTERPRET")
-if not _GPU:
-    os.environ["TRITON_INTERPRET"] = "1"
+chain, IN_PROCESS = import_interpreted("notelab.lm.chain")
+DecodeChain, chain_unsupported = chain.DecodeChain, chain.chain_unsupported
 try:
-    from notelab.lm import chain
-    from notelab.lm.chain import DecodeChain, chain_unsupported
-
-    try:
-        import triton
-        import triton.language as tl
-        from triton.runtime.interpreter import InterpretedFunction
-
-        IN_PROCESS = not _GPU and chain._INTERPRET and isinstance(tl.zeros, InterpretedFunction)
-    except ImportError:
-        IN_PROCESS = False
-finally:
-    if _saved is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _saved
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = tl = None
 
 
 @pytest.fixture
@@ -196,19 +179,7 @@ def test_unsupported_steps_say_why_and_generate_falls_back():
 
 
 def test_chain_tests_in_a_fresh_process():
-    pytest.importorskip("triton")
-    if IN_PROCESS or _GPU:
-        pytest.skip("the interpreted tests run in this process" if IN_PROCESS else "on a GPU the compiled tests run")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
-    env["TRITON_INTERPRET"], env["CUDA_VISIBLE_DEVICES"] = "1", ""
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__).resolve())]
-    run = subprocess.run(
-        cmd, capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[2], timeout=900
-    )
-    tail = run.stdout[-4000:] + run.stderr[-2000:]
-    assert run.returncode == 0, tail
-    done = re.search(r"\b(\d+) passed, (\d+) skipped\b", run.stdout)
-    assert done and int(done.group(2)) == 1 + 4, tail  # this test and the four GPU tests
+    run_file_in_child(__file__, IN_PROCESS, skipped=1 + 4)  # this test and the four GPU tests
 
 
 @pytest.mark.gpu

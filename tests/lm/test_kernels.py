@@ -11,40 +11,19 @@ start. Without triton the kernel tests skip; the reference and input-validation 
 """
 
 import os
-import re
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from triton_interpreter import import_interpreted, run_file_in_child
 
 from notelab.core.norms import RMSNorm
 
-# On a machine with a GPU the real kernel runs on it (test_kernel_on_cuda_matches_reference) and the interpreter not
-# at all: an interpreted kernel module here would serve this worker's GPU tests (CPU machines run the interpreter).
-_GPU = torch.cuda.is_available()
-_saved = os.environ.get("TRITON_INTERPRET")
-if not _GPU:
-    os.environ["TRITON_INTERPRET"] = "1"
-try:
-    from notelab.lm import kernels
-    from notelab.lm.kernels import fused_matvec, fused_matvec_reference
-
-    try:
-        import triton.language as tl
-        from triton.runtime.interpreter import InterpretedFunction
-
-        IN_PROCESS = not _GPU and kernels._INTERPRET and isinstance(tl.zeros, InterpretedFunction)
-    except ImportError:
-        IN_PROCESS = False
-finally:
-    if _saved is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _saved
+kernels, IN_PROCESS = import_interpreted("notelab.lm.kernels")
+fused_matvec, fused_matvec_reference = kernels.fused_matvec, kernels.fused_matvec_reference
 
 MODES = ["plain", "norm", "silu"]
 # A bf16 value v is within 2**-8 |v| of its rounding to nearest, within 2**-7 |v| of its rounding toward zero.
@@ -323,19 +302,7 @@ def test_op_traces_under_torch_compile_fullgraph(interp):
 
 def test_kernel_tests_in_a_fresh_process():
     """Where this process cannot interpret kernels, run this file in a child that can (see the module docstring)."""
-    pytest.importorskip("triton")
-    if IN_PROCESS or _GPU:
-        pytest.skip("the kernel tests run in this process" if IN_PROCESS else "on a GPU the compiled kernel is tested")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
-    env["TRITON_INTERPRET"], env["CUDA_VISIBLE_DEVICES"] = "1", ""  # the interpreter, on CPU tensors
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__).resolve())]
-    root = Path(__file__).resolve().parents[2]
-    run = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root, timeout=600)
-    tail = run.stdout[-4000:] + run.stderr[-2000:]
-    assert run.returncode == 0, tail
-    # Everything ran there but this test and the CUDA ones: another skip would mean the child could not interpret.
-    done = re.search(r"\b\d+ passed, (\d+) skipped\b", run.stdout)
-    assert done and int(done.group(1)) == 1 + 2 * len(MODES), tail
+    run_file_in_child(__file__, IN_PROCESS, skipped=1 + 2 * len(MODES))  # this test and the CUDA ones
 
 
 @pytest.mark.gpu

@@ -11,7 +11,7 @@ residual stream, p the cache slot (= the position) and K, V the layer's cache:
              (max m_s, sum l_s, o_s), combined by the split that finishes last:
              y = sum_s e^(m_s - m) o_s / sum_s e^(m_s - m) l_s,  m = max_s m_s    _attention_kernel
         x2 = x + W_o y                                                           _matvec_kernel
-        a  = SiLU(W_gate h) * (W_up h),  h = RMSNorm(x2)                         _gate_up_kernel
+        a  = SiLU(W_gate h) * (W_up h),  h = RMSNorm(x2)                         _matvec_kernel (SWIGLU)
         x  = x2 + W_down a                                                       _matvec_kernel
     tok = argmax W_out RMSNorm(x)    (first index of the maximum, by a 64-bit atomic max of
                                       (value, -index) keys; the last program writes tok, out[p + 1], p + 1)
@@ -312,63 +312,29 @@ if triton is not None:
                 tl.atomic_xchg(count_ptr + head, 0)
 
     @triton.jit
+    def _product_store(w, wu, xv, res_ptr, out_ptr, rows, mask, SWIGLU: tl.constexpr, dt: tl.constexpr):  # noqa: ANN001, ANN202
+        """out[rows] = SiLU(w xv) * (wu xv) (SWIGLU), else w xv + res[rows]; rounded where the torch ops round."""
+        y = tl.sum(w.to(tl.float32) * xv[None, :], axis=1).to(dt).to(tl.float32)
+        if SWIGLU:
+            up = tl.sum(wu.to(tl.float32) * xv[None, :], axis=1).to(dt).to(tl.float32)
+            y = (y * tl.sigmoid(y)).to(dt).to(tl.float32) * up  # F.silu(gate) * up
+        else:
+            y = y + tl.load(res_ptr + rows, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + rows, y.to(dt), mask=mask)
+
+    @triton.jit
     def _matvec_kernel(  # noqa: ANN202
         x_ptr,  # noqa: ANN001  (K,)
-        w_ptr,  # noqa: ANN001  (N, K)
-        res_ptr,  # noqa: ANN001  (N,) residual
+        nw_ptr,  # noqa: ANN001  (K,) RMSNorm weight (SWIGLU)
+        w_ptr,  # noqa: ANN001  (N, K), or (2N, K) stacked [W_gate; W_up] (SWIGLU)
+        res_ptr,  # noqa: ANN001  (N,) residual (not SWIGLU)
         out_ptr,  # noqa: ANN001  (N,)
         N,  # noqa: ANN001
-        K: tl.constexpr,
-        KP: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        LOOP: tl.constexpr,
-        PDL: tl.constexpr,
-        EARLY: tl.constexpr,
-    ):
-        _launch_next(PDL, EARLY, False)
-        pid, nprog = tl.program_id(0), tl.num_programs(0)
-        lane = tl.arange(0, BLOCK_N)
-        offs_k = tl.arange(0, KP)
-        mask_k = offs_k < K
-        rows = pid * BLOCK_N + lane
-        w = _row_tile(w_ptr, rows, rows < N, offs_k, mask_k, K)
-        _wait_previous(PDL)
-        xv = tl.load(x_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-        _launch_next(PDL, EARLY, True)
-        dt = x_ptr.dtype.element_ty
-        if LOOP:  # fewer programs than tiles: each loops, the next tile's loads in flight during this one's sum
-            for t in range(pid, tl.cdiv(N, BLOCK_N), nprog):
-                rows = t * BLOCK_N + lane
-                nxt = rows + nprog * BLOCK_N
-                w_next = _row_tile(w_ptr, nxt, nxt < N, offs_k, mask_k, K)
-                y = tl.sum(w.to(tl.float32) * xv[None, :], axis=1).to(dt).to(tl.float32)
-                r = tl.load(res_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
-                tl.store(out_ptr + rows, (y + r).to(dt), mask=rows < N)
-                w = w_next
-        else:
-            y = tl.sum(w.to(tl.float32) * xv[None, :], axis=1).to(dt).to(tl.float32)
-            r = tl.load(res_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
-            tl.store(out_ptr + rows, (y + r).to(dt), mask=rows < N)
-
-    @triton.jit
-    def _swiglu_store(wg, wu, h, out_ptr, rows, mask, dt: tl.constexpr):  # noqa: ANN001, ANN202
-        """out[rows] = SiLU(W_gate h) * (W_up h), rounded where F.silu(gate) * up rounds."""
-        gate = tl.sum(wg.to(tl.float32) * h[None, :], axis=1).to(dt).to(tl.float32)
-        up = tl.sum(wu.to(tl.float32) * h[None, :], axis=1).to(dt).to(tl.float32)
-        act = (gate * tl.sigmoid(gate)).to(dt).to(tl.float32)
-        tl.store(out_ptr + rows, (act * up).to(dt), mask=mask)
-
-    @triton.jit
-    def _gate_up_kernel(  # noqa: ANN202
-        x_ptr,  # noqa: ANN001  (K,)
-        nw_ptr,  # noqa: ANN001  (K,) post_attention_layernorm weight
-        w_ptr,  # noqa: ANN001  (2H, K) stacked [W_gate; W_up]
-        out_ptr,  # noqa: ANN001  (H,) SiLU(gate) * up
-        H,  # noqa: ANN001
         eps,  # noqa: ANN001
         K: tl.constexpr,
         KP: tl.constexpr,
         BLOCK_N: tl.constexpr,
+        SWIGLU: tl.constexpr,  # out = SiLU(W_gate h) * (W_up h), h = RMSNorm(x); else out = W x + res
         ROUND_NORM: tl.constexpr,
         LOOP: tl.constexpr,
         PDL: tl.constexpr,
@@ -380,22 +346,31 @@ if triton is not None:
         offs_k = tl.arange(0, KP)
         mask_k = offs_k < K
         rows = pid * BLOCK_N + lane
-        wg = _row_tile(w_ptr, rows, rows < H, offs_k, mask_k, K)
-        wu = _row_tile(w_ptr, rows + H, rows < H, offs_k, mask_k, K)
+        w = _row_tile(w_ptr, rows, rows < N, offs_k, mask_k, K)
+        if SWIGLU:  # the up_proj rows i of the stacked weight, with the gate_proj rows i
+            wu = _row_tile(w_ptr, rows + N, rows < N, offs_k, mask_k, K)
+        else:
+            wu = w
         _wait_previous(PDL)
-        h = _rms_input(x_ptr, nw_ptr, eps, offs_k, mask_k, K, ROUND_NORM)
+        if SWIGLU:
+            xv = _rms_input(x_ptr, nw_ptr, eps, offs_k, mask_k, K, ROUND_NORM)
+        else:
+            xv = tl.load(x_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
         _launch_next(PDL, EARLY, True)
         dt = x_ptr.dtype.element_ty
         if LOOP:  # fewer programs than tiles: each loops, the next tile's loads in flight during this one's sum
-            for t in range(pid, tl.cdiv(H, BLOCK_N), nprog):
+            for t in range(pid, tl.cdiv(N, BLOCK_N), nprog):
                 rows = t * BLOCK_N + lane
                 nxt = rows + nprog * BLOCK_N
-                wg_next = _row_tile(w_ptr, nxt, nxt < H, offs_k, mask_k, K)
-                wu_next = _row_tile(w_ptr, nxt + H, nxt < H, offs_k, mask_k, K)
-                _swiglu_store(wg, wu, h, out_ptr, rows, rows < H, dt)
-                wg, wu = wg_next, wu_next
+                w_next = _row_tile(w_ptr, nxt, nxt < N, offs_k, mask_k, K)
+                if SWIGLU:
+                    wu_next = _row_tile(w_ptr, nxt + N, nxt < N, offs_k, mask_k, K)
+                else:
+                    wu_next = w_next
+                _product_store(w, wu, xv, res_ptr, out_ptr, rows, rows < N, SWIGLU, dt)
+                w, wu = w_next, wu_next
         else:
-            _swiglu_store(wg, wu, h, out_ptr, rows, rows < H, dt)
+            _product_store(w, wu, xv, res_ptr, out_ptr, rows, rows < N, SWIGLU, dt)
 
     @triton.jit
     def _argmax_key(best, idx):  # noqa: ANN001, ANN202
@@ -564,17 +539,17 @@ class DecodeChain:
                 HD=hd, G=self.g, NSPLIT=self.nsplit, BLOCK_S=self.attn_block, num_warps=4, num_stages=3, **pk,
             )  # fmt: skip
             _matvec_kernel[(n_o,)](
-                self.y, a.o_proj.weight, self.x, self.x2, D,
-                K=self.nq * hd, KP=_pow2(self.nq * hd), BLOCK_N=self.block_o, LOOP=n_o < tiles_o, num_warps=w, **pk,
+                self.y, self.y, a.o_proj.weight, self.x, self.x2, D, 0.0, K=self.nq * hd, KP=_pow2(self.nq * hd),
+                BLOCK_N=self.block_o, SWIGLU=False, ROUND_NORM=False, LOOP=n_o < tiles_o, num_warps=w, **pk,
             )  # fmt: skip
-            _gate_up_kernel[(n_gu,)](
-                self.x2, layer.post_attention_layernorm.weight, w_gu, self.act, self.hidden, eps2,
-                K=D, KP=self.kp, BLOCK_N=self.block_gu, ROUND_NORM=self.round_norm, LOOP=n_gu < tiles_gu,
+            _matvec_kernel[(n_gu,)](
+                self.x2, layer.post_attention_layernorm.weight, w_gu, self.x2, self.act, self.hidden, eps2, K=D,
+                KP=self.kp, BLOCK_N=self.block_gu, SWIGLU=True, ROUND_NORM=self.round_norm, LOOP=n_gu < tiles_gu,
                 num_warps=w, **pk,
             )  # fmt: skip
             _matvec_kernel[(n_down,)](
-                self.act, layer.mlp.down_proj.weight, self.x2, self.x, D,
-                K=self.hidden, KP=self.kp_down, BLOCK_N=self.block_down, LOOP=n_down < tiles_down,
+                self.act, self.act, layer.mlp.down_proj.weight, self.x2, self.x, D, 0.0, K=self.hidden,
+                KP=self.kp_down, BLOCK_N=self.block_down, SWIGLU=False, ROUND_NORM=False, LOOP=n_down < tiles_down,
                 num_warps=w, **pk,
             )  # fmt: skip
         _lm_head_kernel[(self.lm_programs,)](

@@ -1,0 +1,63 @@
+"""Helpers for tests of Triton kernels on CPU through Triton's interpreter (``TRITON_INTERPRET=1``).
+
+The interpreter must be chosen when triton itself is first imported (its library functions, ``tl.zeros``,
+``tl.sum``..., are built for the interpreter then) and when a kernel module is imported (``triton.jit``
+reads the variable then). ``import_interpreted`` imports a kernel module with the variable set, puts the
+environment back, and says whether this process can interpret kernels: not where another test module
+imported triton first (``diffusers`` does, in a full run), and never on a machine with a GPU, where an
+interpreted kernel module would serve that worker's GPU tests. Where it cannot, ``run_file_in_child``
+runs the test file in a child process that sets the variable from the start.
+"""
+
+import importlib
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+GPU = torch.cuda.is_available()
+
+
+def import_interpreted(name: str) -> tuple[ModuleType, bool]:
+    """Import module ``name`` (with TRITON_INTERPRET=1 on a CPU-only machine); returns it and whether its kernels
+    run through the interpreter in this process."""
+    saved = os.environ.get("TRITON_INTERPRET")
+    if not GPU:
+        os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        module = importlib.import_module(name)
+        try:
+            import triton.language as tl
+            from triton.runtime.interpreter import InterpretedFunction
+
+            in_process = not GPU and module._INTERPRET and isinstance(tl.zeros, InterpretedFunction)
+        except ImportError:
+            in_process = False
+    finally:
+        if saved is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+    return module, in_process
+
+
+def run_file_in_child(test_file: str, in_process: bool, skipped: int) -> None:
+    """Run ``test_file`` under the interpreter in a child process (CPU-only machines where this process cannot
+    interpret); the child must pass with exactly ``skipped`` skips (this test and the GPU ones)."""
+    pytest.importorskip("triton")
+    if in_process or GPU:
+        pytest.skip("the kernel tests run in this process" if in_process else "on a GPU the compiled kernels run")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    env["TRITON_INTERPRET"], env["CUDA_VISIBLE_DEVICES"] = "1", ""
+    path = Path(test_file).resolve()
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(path)]
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=path.parents[2], timeout=900)
+    tail = run.stdout[-4000:] + run.stderr[-2000:]
+    assert run.returncode == 0, tail
+    done = re.search(r"\b\d+ passed, (\d+) skipped\b", run.stdout)  # another skip: the child could not interpret
+    assert done and int(done.group(1)) == skipped, tail
