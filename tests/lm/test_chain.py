@@ -6,7 +6,6 @@ so where another module imported them first the interpreted tests skip here and
 tests run the compiled kernels (with and without programmatic dependent launch) in bf16.
 """
 
-
 import pytest
 import torch
 from triton_interpreter import GPU as _GPU
