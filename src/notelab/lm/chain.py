@@ -19,6 +19,8 @@ residual stream, p the cache slot (= the position) and K, V the layer's cache:
 
 2 + 5 * n_layers kernels a token, every rounding where the torch step rounds (bf16 products, norms, RoPE,
 SiLU product, residual adds), float32 accumulation; attention is computed in float32 and rounded once.
+The online softmax is Milakov & Gimelshein (2018, "Online normalizer calculation for softmax"); the
+split over keys is flash-decoding (Dao, Haziza, Massa & Sizov, 2023); the model is ``notelab.lm.model``.
 
 Why: at batch 1 every weight byte is read once per token, so the step is bound by memory bandwidth, but
 a 1B model's projections are small (8-67 MB, 2-16 us each at 4.3 TB/s), and between two kernels the GPU
