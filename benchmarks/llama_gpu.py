@@ -359,11 +359,6 @@ def main(argv: list[str] | None = None) -> dict:
         ", attn block 32": {"attn_block": 32},
         ", attn block 128": {"attn_block": 128},
         ", split 128 keys": {"split_keys": 128},
-        ", loop 2/SM": {"programs_per_sm": 2},
-        ", loop 4/SM": {"programs_per_sm": 4},
-        ", loop 8/SM": {"programs_per_sm": 8},
-        ", loop 4/SM, tiles 16K": {"programs_per_sm": 4, "tile_elems": 16384},
-        ", loop 8/SM, tiles 4K": {"programs_per_sm": 8, "tile_elems": 4096},
     }
     for name, how in chain_variants.items():
         ours_kinds[f"notelab greedy graph: Triton chain{name}, sync {last}"] = {**chain_kw, "chain": how}
@@ -408,10 +403,8 @@ def main(argv: list[str] | None = None) -> dict:
             ours, prompt, n = shared["ours"], shared["prompt"], args.new_tokens
             if kind in ours_kinds:
                 kw = dict(ours_kinds[kind])
-                if "chain" in kw:  # module defaults the chain reads when it is built: a new state per kind
-                    how = dict(kw.pop("chain"))
-                    chain.PDL = how.pop("pdl", True)
-                    chain.OPTIONS = chain.ChainOptions(**how)
+                if "chain" in kw:  # the module default the chain reads when it is built: a new state per kind
+                    chain.OPTIONS = chain.ChainOptions(**kw.pop("chain"))
                     _GREEDY.pop(ours, None)
                 fn = lambda m: generate(ours, prompt, m, **kw)[0]  # noqa: E731
 

@@ -6,6 +6,8 @@ so where another module imported them first the interpreted tests skip here and
 tests run the compiled kernels (with and without programmatic dependent launch) in bf16.
 """
 
+import dataclasses
+
 import pytest
 import torch
 from triton_interpreter import GPU as _GPU
@@ -82,10 +84,8 @@ def check_steps(model: Llama, n: int, tol: float, kv_tol: float, **kw) -> None:
 
 
 # Attention in one program per head, or (SPLIT) in blocks of 4 keys spread over up to 4 programs per head whose
-# partial results the last one combines; small weight tiles, few programs looping over them.
-SPLIT = chain.ChainOptions(
-    attn_block=4, split_keys=4, max_splits=4, tile_elems=256, programs_per_sm=1, lm_programs_per_sm=1
-)
+# partial results the last one combines; small weight tiles, few output-projection programs looping over them.
+SPLIT = chain.ChainOptions(attn_block=4, split_keys=4, max_splits=4, tile_elems=256, lm_programs_per_sm=1)
 
 
 @pytest.mark.parametrize("heads", [(4, 2), (4, 4), (4, 1)])
@@ -187,10 +187,10 @@ def test_chain_tests_in_a_fresh_process():
 def test_chain_on_cuda_matches_the_model(pdl):
     """Compiled kernels: float32 logits to 1e-4; bf16 logits within a few bf16 roundings of the torch step."""
     model = model_of(device="cuda")
-    for options in (None, SPLIT):
-        check_steps(model, 4, tol=1e-4, kv_tol=1e-5, options=options, pdl=pdl)
+    for options in (chain.ChainOptions(pdl=pdl), dataclasses.replace(SPLIT, pdl=pdl)):
+        check_steps(model, 4, tol=1e-4, kv_tol=1e-5, options=options)
         bf16 = model_of(device="cuda", dtype=torch.bfloat16)
-        check_steps(bf16, 4, tol=0.1, kv_tol=2.0**-6, options=options, pdl=pdl)
+        check_steps(bf16, 4, tol=0.1, kv_tol=2.0**-6, options=options)
 
 
 @pytest.mark.gpu

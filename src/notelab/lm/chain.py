@@ -72,8 +72,6 @@ except ImportError:  # pragma: no cover - depends on the environment
 __all__ = ["ChainOptions", "DecodeChain", "chain_unsupported"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# Programmatic dependent launch: on by default on GPUs that have it (compute capability >= 9.0).
-PDL = True
 
 
 @dataclass(frozen=True)
@@ -81,22 +79,22 @@ class ChainOptions:
     """The chain's knobs (for benchmarks; the defaults are the measured choice).
 
     ``tile_elems``: weight elements a product program holds (rows x K, rounded to powers of two);
-    ``warps``: warps per product program; ``programs_per_sm``: product programs per SM, each looping over
-    row tiles with the next tile's loads in flight (0: one program per tile); ``lm_programs_per_sm``: the
-    same for the output projection (each loops over row tiles; few programs keep the argmax atomics few);
+    ``warps``: warps per product program; ``lm_programs_per_sm``: programs of the output projection per SM,
+    each looping over row tiles (few programs keep the argmax atomics few);
     ``attn_block``: keys per attention block; ``split_keys``: keys per attention program before the keys
     are split over more programs (flash-decoding), at most ``max_splits`` per query head;
+    ``pdl``: launch with programmatic dependent launch (on GPUs that have it, compute capability >= 9.0);
     ``early_launch``: each kernel lets the next one launch as soon as it starts (before its own wait), so
     several kernels ahead can be loading weights, rather than after its wait.
     """
 
     tile_elems: int = 8192
     warps: int = 4
-    programs_per_sm: int = 0
     lm_programs_per_sm: int = 4
     attn_block: int = 64
     split_keys: int = 512
     max_splits: int = 16
+    pdl: bool = True
     early_launch: bool = True
 
 
@@ -338,16 +336,13 @@ if triton is not None:
         BLOCK_N: tl.constexpr,
         SWIGLU: tl.constexpr,  # out = SiLU(W_gate h) * (W_up h), h = RMSNorm(x); else out = W x + res
         ROUND_NORM: tl.constexpr,
-        LOOP: tl.constexpr,
         PDL: tl.constexpr,
         EARLY: tl.constexpr,
     ):
         _launch_next(PDL, EARLY, False)
-        pid, nprog = tl.program_id(0), tl.num_programs(0)
-        lane = tl.arange(0, BLOCK_N)
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, KP)
         mask_k = offs_k < K
-        rows = pid * BLOCK_N + lane
         w = _row_tile(w_ptr, rows, rows < N, offs_k, mask_k, K)
         if SWIGLU:  # the up_proj rows i of the stacked weight, with the gate_proj rows i
             wu = _row_tile(w_ptr, rows + N, rows < N, offs_k, mask_k, K)
@@ -360,19 +355,7 @@ if triton is not None:
             xv = tl.load(x_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
         _launch_next(PDL, EARLY, True)
         dt = x_ptr.dtype.element_ty
-        if LOOP:  # fewer programs than tiles: each loops, the next tile's loads in flight during this one's sum
-            for t in range(pid, tl.cdiv(N, BLOCK_N), nprog):
-                rows = t * BLOCK_N + lane
-                nxt = rows + nprog * BLOCK_N
-                w_next = _row_tile(w_ptr, nxt, nxt < N, offs_k, mask_k, K)
-                if SWIGLU:
-                    wu_next = _row_tile(w_ptr, nxt + N, nxt < N, offs_k, mask_k, K)
-                else:
-                    wu_next = w_next
-                _product_store(w, wu, xv, res_ptr, out_ptr, rows, rows < N, SWIGLU, dt)
-                w, wu = w_next, wu_next
-        else:
-            _product_store(w, wu, xv, res_ptr, out_ptr, rows, rows < N, SWIGLU, dt)
+        _product_store(w, wu, xv, res_ptr, out_ptr, rows, rows < N, SWIGLU, dt)
 
     @triton.jit
     def _argmax_key(best, idx):  # noqa: ANN001, ANN202
@@ -465,7 +448,6 @@ class DecodeChain:
         *,
         options: ChainOptions | None = None,
         store_logits: bool = False,
-        pdl: bool | None = None,
     ) -> None:
         c = model.config
         t = options or OPTIONS
@@ -473,7 +455,7 @@ class DecodeChain:
         dtype = model.embed_tokens.weight.dtype
         self.model, self.fused, self.cache, self.tok, self.slot, self.out = model, fused, cache, tok, slot, out
         cap = torch.cuda.get_device_capability(dev) if dev.type == "cuda" else (0, 0)
-        self.pdl = bool(PDL if pdl is None else pdl) and cap >= (9, 0) and not _INTERPRET
+        self.pdl = t.pdl and cap >= (9, 0) and not _INTERPRET
         self.D, self.S = c.dim, cache[0].k.shape[2]
         self.hd, self.nq, self.nkv = c.head_dim, c.n_heads, c.n_kv_heads
         self.hidden, self.vocab = fused[0][1].shape[0] // 2, model.lm_head.weight.shape[0]
@@ -510,7 +492,6 @@ class DecodeChain:
         self.block_lm = rows_for(self.D)
         sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 4
         self.lm_programs = max(1, min(triton.cdiv(self.vocab, self.block_lm), t.lm_programs_per_sm * sms))
-        self.most_programs = t.programs_per_sm * sms if t.programs_per_sm > 0 else None
         self.warps, self.early = t.warps, t.early_launch
         self.attn_block = t.attn_block
 
@@ -521,10 +502,8 @@ class DecodeChain:
         D, hd, half = self.D, self.hd, self.hd // 2
         _embed_kernel[(triton.cdiv(D, 1024),)](self.tok, m.embed_tokens.weight, self.x, D, BLOCK=1024, **pk)
         n_qkv = (self.nq + 2 * self.nkv) * (half // self.block_pair)
-        cap = self.most_programs or 1 << 30
-        tiles_o, tiles_gu = triton.cdiv(D, self.block_o), triton.cdiv(self.hidden, self.block_gu)
-        tiles_down = triton.cdiv(D, self.block_down)
-        n_o, n_gu, n_down = min(cap, tiles_o), min(cap, tiles_gu), min(cap, tiles_down)
+        n_o, n_gu = triton.cdiv(D, self.block_o), triton.cdiv(self.hidden, self.block_gu)
+        n_down = triton.cdiv(D, self.block_down)
         scale = hd**-0.5
         for i, layer in enumerate(m.layers):
             a = layer.self_attn
@@ -542,16 +521,16 @@ class DecodeChain:
             )  # fmt: skip
             _matvec_kernel[(n_o,)](
                 self.y, self.y, a.o_proj.weight, self.x, self.x2, D, 0.0, K=self.nq * hd, KP=_pow2(self.nq * hd),
-                BLOCK_N=self.block_o, SWIGLU=False, ROUND_NORM=False, LOOP=n_o < tiles_o, num_warps=w, **pk,
+                BLOCK_N=self.block_o, SWIGLU=False, ROUND_NORM=False, num_warps=w, **pk,
             )  # fmt: skip
             _matvec_kernel[(n_gu,)](
                 self.x2, layer.post_attention_layernorm.weight, w_gu, self.x2, self.act, self.hidden, eps2, K=D,
-                KP=self.kp, BLOCK_N=self.block_gu, SWIGLU=True, ROUND_NORM=self.round_norm, LOOP=n_gu < tiles_gu,
+                KP=self.kp, BLOCK_N=self.block_gu, SWIGLU=True, ROUND_NORM=self.round_norm,
                 num_warps=w, **pk,
             )  # fmt: skip
             _matvec_kernel[(n_down,)](
                 self.act, self.act, layer.mlp.down_proj.weight, self.x2, self.x, D, 0.0, K=self.hidden,
-                KP=self.kp_down, BLOCK_N=self.block_down, SWIGLU=False, ROUND_NORM=False, LOOP=n_down < tiles_down,
+                KP=self.kp_down, BLOCK_N=self.block_down, SWIGLU=False, ROUND_NORM=False,
                 num_warps=w, **pk,
             )  # fmt: skip
         _lm_head_kernel[(self.lm_programs,)](

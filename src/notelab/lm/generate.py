@@ -373,19 +373,24 @@ class _GreedyState:
         args = (self.tok, self.slot, self.n_pad, self.mask, self.cache, self.out, self.fused, self.attn, self.matvec)
         self.fn(model, *args)
 
-    def _prefill(self, model: Llama, tokens: torch.Tensor) -> None:
-        """Run the unpadded prompt ``tokens`` (B, P) into the cache; its greedy token into ``tok`` / ``out``."""
+    def _prefill(
+        self, model: Llama, tokens: torch.Tensor, positions: torch.Tensor | None, mask: torch.Tensor | None
+    ) -> None:
+        """Run the prompt ``tokens`` (B, P) into the cache; its greedy token into ``tok`` / ``out``, P into ``slot``."""
         P = tokens.shape[1]
-        first = model._forward(tokens, 0, None, None, self.cache, 1)[:, -1].argmax(dim=-1, keepdim=True)
+        first = model._forward(tokens, 0, positions, mask, self.cache, 1)[:, -1].argmax(dim=-1, keepdim=True)
         self.tok.copy_(first)
         self.out[:, P : P + 1] = first
         self.slot.fill_(P)
 
-    def prefill(self, model: Llama, tokens: torch.Tensor) -> None:
-        """``_prefill``, as a CUDA graph replay where one was captured for this prompt length (on GPU, after
-        the first run of a length: the eager run warms up, the capture records, later calls replay)."""
-        if self.graph is None:
-            self._prefill(model, tokens)
+    def prefill(
+        self, model: Llama, tokens: torch.Tensor, positions: torch.Tensor | None, mask: torch.Tensor | None
+    ) -> None:
+        """``_prefill``; for an unpadded prompt (no positions or mask) on GPU, a CUDA graph replay where one was
+        captured for this prompt length (the first run of a length warms up, the capture records, later calls
+        replay)."""
+        if self.graph is None or positions is not None or mask is not None:
+            self._prefill(model, tokens, positions, mask)
             return
         P = tokens.shape[1]
         held = self.prefills.pop(P, None)
@@ -394,11 +399,11 @@ class _GreedyState:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                self._prefill(model, buf)  # the real prefill, and the warm-up before the capture
+                self._prefill(model, buf, None, None)  # the real prefill, and the warm-up before the capture
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):  # records the same work again (nothing runs during a capture)
-                self._prefill(model, buf)
+                self._prefill(model, buf, None, None)
             held = (buf, graph)
         else:
             held[0].copy_(tokens)
@@ -639,15 +644,8 @@ def _stream_greedy(
     state.mask.copy_(mask)
     if padded:
         state.n_pad.copy_(n_pad)
-    if padded:
-        positions = (prompt_mask.long().cumsum(1) - 1).clamp(min=0)
-        logits = model._forward(tokens, 0, positions, mask[:, :P], state.cache, 1)[:, -1]
-        first = logits.argmax(dim=-1, keepdim=True)
-        state.tok.copy_(first)
-        state.out[:, P : P + 1] = first
-        state.slot.fill_(P)
-    else:
-        state.prefill(model, tokens)
+    positions = (prompt_mask.long().cumsum(1) - 1).clamp(min=0) if padded else None
+    state.prefill(model, tokens, positions, mask[:, :P] if padded else None)
     stops = {int(t) for t in stop_tokens}
     done = [False] * B
     cuda = state.out.device.type == "cuda"
