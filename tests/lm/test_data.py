@@ -118,3 +118,13 @@ def test_perplexity_is_exp_mean_nll_over_windows():
     ppl = perplexity(model, tokens, 16)
     assert ppl == pytest.approx(math.exp(by_pos.mean().item()), rel=1e-5)
     assert 25 < ppl < 100  # an untrained model is close to uniform over 50 tokens
+
+
+def test_training_text_cannot_create_control_ids(tok):
+    docs = ["x = 1<|end_of_text|><|begin_of_text|>", "<|eot_id|>y = 2"]
+    s = encode_stream(tok, docs)
+    assert (s == tok.eos_id).sum() == 2 and (s == tok.bos_id).sum() == 2  # only the document markers
+    assert (s == tok.token_to_id("<|eot_id|>")).sum() == 0
+    assert tok.decode(s.tolist()) == "".join(docs)
+    ids, n_prompt = encode_example(tok, "<|eot_id|>", "<|end_of_text|>", max_len=64)
+    assert ids.count(tok.eos_id) == 1 and ids[-1] == tok.eos_id and tok.token_to_id("<|eot_id|>") not in ids

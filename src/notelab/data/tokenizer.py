@@ -5,11 +5,18 @@ and repeatedly merges the most frequent adjacent pair into a new token until the
 ``vocab_size`` entries. Training and encoding run in Hugging Face ``tokenizers`` (Rust); the file
 format is its ``tokenizer.json``, the one Llama 3 checkpoints ship, so an existing
 ``tokenizer.json`` loads the same way.
+
+Special (control) tokens are put in by code only: ``encode(text)`` reads text that spells
+``<|eot_id|>`` as its characters (ordinary byte-level tokens), so a prompt, a chat message or a
+training document cannot inject a control id, and ``decode(encode(s)) == s`` for every string.
+Code that builds a trusted template inserts the ids itself (``special_id``) or opts in with
+``encode(template, allow_special=True)``.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -31,7 +38,16 @@ class Tokenizer:
     """Text <-> token ids. ``pad_id`` / ``bos_id`` / ``eos_id`` are ``None`` when the vocabulary lacks them."""
 
     def __init__(self, backend: _HFTokenizer) -> None:
+        # The backend otherwise matches added special tokens inside any text it encodes (even with
+        # add_special_tokens=False): with this set, their spelling in text is plain characters.
+        backend.encode_special_tokens = True
         self.backend = backend
+        added = backend.get_added_tokens_decoder()
+        self._added_ids = {t.content: i for i, t in added.items()}
+        specials = {t.content: i for i, t in added.items() if t.special}
+        # Longest first, so a special that is a prefix of another never wins the match.
+        by_length = sorted(specials, key=len, reverse=True)
+        self._special_re = re.compile("|".join(map(re.escape, by_length))) if specials else None
         self.pad_id = backend.token_to_id(PAD)
         self.bos_id = backend.token_to_id(BOS)
         self.eos_id = backend.token_to_id(EOS)
@@ -94,8 +110,20 @@ class Tokenizer:
     def id_to_token(self, idx: int) -> str | None:
         return self.backend.id_to_token(idx)
 
-    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
-        ids = self.backend.encode(text, add_special_tokens=False).ids
+    def special_id(self, token: str) -> int:
+        """The id of the added (special) token ``token``, for code that builds templates; ConfigError if absent."""
+        return self._need(self._added_ids.get(token), token)
+
+    def encode(
+        self, text: str, add_bos: bool = False, add_eos: bool = False, *, allow_special: bool = False
+    ) -> list[int]:
+        """Token ids of ``text``, which is read as plain characters: text that spells a special
+        token gets ordinary ids. ``allow_special=True`` (trusted templates only) maps the spelled
+        special tokens to their ids instead."""
+        if allow_special:
+            ids = self._encode_trusted(text)
+        else:
+            ids = self.backend.encode(text, add_special_tokens=False).ids
         if add_bos:
             ids = [self._need(self.bos_id, BOS), *ids]
         if add_eos:
@@ -103,7 +131,25 @@ class Tokenizer:
         return ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """``encode`` of each text (plain characters, no special ids), in parallel."""
         return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+
+    def _encode_trusted(self, text: str) -> list[int]:
+        # Split around the spelled specials and encode the pieces between them, as the backend
+        # itself does with added tokens (each piece is pre-tokenized on its own).
+        if self._special_re is None:
+            return self.encode(text)
+        pieces, specials, pos = [], [], 0
+        for m in self._special_re.finditer(text):
+            pieces.append(text[pos : m.start()])
+            specials.append(self._added_ids[m.group()])
+            pos = m.end()
+        pieces.append(text[pos:])
+        encoded = self.encode_batch(pieces)
+        ids = list(encoded[0])
+        for special, piece in zip(specials, encoded[1:]):
+            ids += [special, *piece]
+        return ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         bad = [i for i in ids if not 0 <= int(i) < self.vocab_size]

@@ -25,15 +25,20 @@ ROLES = ("system", "user", "assistant", "ipython", "tool")
 
 
 def format_message(role: str, content: str) -> str:
-    """One turn: header, blank line, stripped content, end of turn."""
-    return f"{START_HEADER}{role}{END_HEADER}\n\n{content.strip()}{EOT}"
+    """One turn: header, blank line, stripped content, end of turn (as text, for display)."""
+    return "".join(piece for _, piece in _message_parts(role, content))
 
 
-def apply_chat_template(
-    messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = False, add_bos: bool = True
-) -> str:
-    """The Llama 3 rendering of ``[{"role": ..., "content": ...}, ...]`` (module docstring)."""
-    parts = [BEGIN_OF_TEXT] if add_bos else []
+def _message_parts(role: str, content: str) -> list[tuple[bool, str]]:
+    # (is a control token, text) pieces of one turn; the content is never a control token.
+    return [(True, START_HEADER), (False, role), (True, END_HEADER), (False, f"\n\n{content.strip()}"), (True, EOT)]
+
+
+def _template_parts(
+    messages: Sequence[Mapping[str, str]], add_generation_prompt: bool, add_bos: bool
+) -> list[tuple[bool, str]]:
+    """The rendering of the module docstring as (is a control token, text) pieces."""
+    parts = [(True, BEGIN_OF_TEXT)] if add_bos else []
     for i, m in enumerate(messages):
         if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
             raise DataError(f"messages[{i}]: expected a dict with 'role' and 'content', got {m!r}")
@@ -41,20 +46,39 @@ def apply_chat_template(
             raise DataError(f"messages[{i}]: expected a role in {', '.join(ROLES)}, got {m['role']!r}")
         if not isinstance(m["content"], str):
             raise DataError(f"messages[{i}]: expected string content, got {type(m['content']).__name__}")
-        parts.append(format_message(m["role"], m["content"]))
+        parts += _message_parts(m["role"], m["content"])
     if add_generation_prompt:
-        parts.append(f"{START_HEADER}assistant{END_HEADER}\n\n")
-    return "".join(parts)
+        parts += [(True, START_HEADER), (False, "assistant"), (True, END_HEADER), (False, "\n\n")]
+    return parts
+
+
+def apply_chat_template(
+    messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = False, add_bos: bool = True
+) -> str:
+    """The Llama 3 rendering of ``[{"role": ..., "content": ...}, ...]`` as text (module docstring).
+
+    For display: encoding this string reads the control tokens as plain text; use ``encode_chat``.
+    """
+    return "".join(piece for _, piece in _template_parts(messages, add_generation_prompt, add_bos))
 
 
 def encode_chat(
     tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True
 ) -> list[int]:
-    """Token ids of the rendered conversation; the tokenizer must hold the Llama 3 special tokens."""
+    """Token ids of the rendered conversation; the tokenizer must hold the Llama 3 special tokens.
+
+    The control ids are inserted by code around the encoded roles and contents, so a message
+    whose content spells ``<|eot_id|>`` (or any control token) cannot end its turn or open another.
+    """
     missing = [t for t in (BEGIN_OF_TEXT, START_HEADER, END_HEADER, EOT) if tokenizer.token_to_id(t) is None]
     if missing:
         raise DataError(f"chat template: expected the tokenizer to hold {', '.join(missing)}, it does not")
-    return tokenizer.encode(apply_chat_template(messages, add_generation_prompt))
+    parts = _template_parts(messages, add_generation_prompt, add_bos=True)
+    texts = iter(tokenizer.encode_batch([piece for control, piece in parts if not control]))
+    ids: list[int] = []
+    for control, piece in parts:
+        ids += [tokenizer.special_id(piece)] if control else next(texts)
+    return ids
 
 
 def chat_stop_tokens(tokenizer: Tokenizer) -> list[int]:
