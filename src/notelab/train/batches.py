@@ -3,14 +3,16 @@
 Nothing here keeps state between steps, so a run resumed at step ``k`` draws exactly the batches
 and random numbers an uninterrupted run draws from step ``k`` on, without saving any RNG state.
 
-For a map-style data set (or a tensor, whose rows are the samples), global micro-batch
-``m = step * grad_accum + micro`` of ``G = batch_size * world_size`` samples is::
+For a map-style data set (or a tensor, whose rows are the samples), micro-batch ``a`` of
+optimizer step ``s`` takes its ``B`` samples from the step's ``S = B * world_size * grad_accum``::
 
-    epoch, j = divmod(m, N // G)          # the last partial batch of an epoch is dropped
+    epoch, j = divmod(s, N // S)          # the last partial step of an epoch is dropped
     perm     = randperm(N, seed=(seed, epoch))
-    rank r takes perm[j * G + r * B : j * G + (r + 1) * B]
+    rank r takes perm[j * S + (a * world_size + r) * B :][:B]
 
-so the ranks of a DDP run together see the same samples as one process with batch ``G``.
+so the ranks and micro-batches of a step together see exactly the samples of one process with
+batch ``S`` and no accumulation, whatever ``N`` is (epochs are counted in steps, not micro-batches).
+The global micro-batch index ``m = s * grad_accum + a`` names the pair (s, a).
 """
 
 from __future__ import annotations
@@ -86,33 +88,50 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=make_generator(derive_seed(seed, STREAM_EPOCH, epoch)))
 
 
-def micro_batch_indices(n: int, m: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+def micro_batch_indices(
+    n: int, m: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, grad_accum: int = 1
+) -> torch.Tensor:
     """Sample indices of this rank's share of global micro-batch ``m`` (see the module docstring)."""
-    global_batch = batch_size * world_size
-    per_epoch = n // global_batch
-    epoch, j = divmod(m, per_epoch)
-    start = j * global_batch + rank * batch_size
+    step, micro = divmod(m, grad_accum)
+    per_epoch = n // (batch_size * world_size * grad_accum)
+    epoch, j = divmod(step, per_epoch)
+    start = _offset(j, micro, batch_size, rank, world_size, grad_accum)
     return epoch_permutation(n, seed, epoch)[start : start + batch_size]
+
+
+def _offset(j: int, micro: int, batch_size: int, rank: int, world_size: int, grad_accum: int) -> int:
+    # Where this rank's micro-batch starts in an epoch's permutation: step j's block, then the micro-batch.
+    return (j * grad_accum + micro) * batch_size * world_size + rank * batch_size
 
 
 class StepBatchSampler(Sampler[list[int]]):
     """Yields this rank's index lists for global micro-batches ``start, start + 1, ...`` forever."""
 
-    def __init__(self, n: int, start: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        n: int,
+        start: int,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        grad_accum: int = 1,
+    ) -> None:
         self.n, self.start, self.batch_size, self.seed = n, start, batch_size, seed
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.grad_accum = rank, world_size, grad_accum
 
     def __iter__(self) -> Iterator[list[int]]:
-        global_batch = self.batch_size * self.world_size
-        per_epoch = self.n // global_batch
-        m = self.start
+        per_epoch = self.n // (self.batch_size * self.world_size * self.grad_accum)  # steps
+        step, micro = divmod(self.start, self.grad_accum)
         while True:
-            epoch, j = divmod(m, per_epoch)
+            epoch, j = divmod(step, per_epoch)
             perm = epoch_permutation(self.n, self.seed, epoch)
             for jj in range(j, per_epoch):
-                begin = jj * global_batch + self.rank * self.batch_size
-                yield perm[begin : begin + self.batch_size].tolist()
-            m = (epoch + 1) * per_epoch
+                for a in range(micro, self.grad_accum):
+                    begin = _offset(jj, a, self.batch_size, self.rank, self.world_size, self.grad_accum)
+                    yield perm[begin : begin + self.batch_size].tolist()
+                micro = 0
+            step = (epoch + 1) * per_epoch
 
 
 class BatchSource:
@@ -155,7 +174,7 @@ class BatchSource:
         elif isinstance(data, Dataset) and hasattr(data, "__len__"):
             n = len(data)  # type: ignore[arg-type]
             self._check_size(n)
-            sampler = StepBatchSampler(n, start, batch_size, seed, rank, world_size)
+            sampler = StepBatchSampler(n, start, batch_size, seed, rank, world_size, grad_accum)
             pin = device.type == "cuda"
             loader = DataLoader(
                 data, batch_sampler=sampler, num_workers=num_workers, collate_fn=default_collate, pin_memory=pin
@@ -170,9 +189,11 @@ class BatchSource:
             )
 
     def _check_size(self, n: int) -> None:
-        need = self.batch_size * self.world_size
+        need = self.batch_size * self.world_size * self.grad_accum
         if n < need:
-            raise DataError(f"data: expected at least batch_size x world_size = {need} samples for one batch, got {n}")
+            raise DataError(
+                f"data: expected at least batch_size x world_size x grad_accum = {need} samples for one step, got {n}"
+            )
 
     def close(self) -> None:
         """Stop the DataLoader's worker processes, if any."""
@@ -185,7 +206,8 @@ class BatchSource:
             batch = self.fn(step, g)
         elif self.tensor is not None:
             m = step * self.grad_accum + micro
-            idx = micro_batch_indices(self.tensor.shape[0], m, self.batch_size, self.seed, self.rank, self.world_size)
+            n = self.tensor.shape[0]
+            idx = micro_batch_indices(n, m, self.batch_size, self.seed, self.rank, self.world_size, self.grad_accum)
             batch = self.tensor[idx.to(self.tensor.device)]
         else:
             assert self.loader is not None
