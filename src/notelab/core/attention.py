@@ -134,7 +134,19 @@ class KVCache(nn.Module):
         return self.k[:, :, :end], self.v[:, :, :end]
 
     def write(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store ``k, v`` ``(B, Hkv, T, D)`` at ``positions`` ``(T,)``; return the full buffers."""
-        self.k.index_copy_(2, positions, k)
-        self.v.index_copy_(2, positions, v)
+        """Store ``k, v`` ``(B, Hkv, T, D)`` at ``positions`` ``(T,)`` (or ``(B, T)``: each row its own);
+        return the full buffers."""
+        if positions.ndim == 1:
+            self.k.index_copy_(2, positions, k)
+            self.v.index_copy_(2, positions, v)
+            return self.k, self.v
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]  # (B, 1) against positions (B, T)
+        self.k[rows, :, positions] = k.transpose(1, 2).to(self.k.dtype)  # indexed view: (B, T, Hkv, D)
+        self.v[rows, :, positions] = v.transpose(1, 2).to(self.v.dtype)
         return self.k, self.v
+
+    def copy_rows(self, rows: torch.Tensor, other: KVCache) -> None:
+        """Copy ``other``'s entries ``(n, Hkv, T, D)`` into rows ``rows`` ``(n,)``, slots ``[0, T)``, of this cache."""
+        t = other.max_len
+        self.k[:, :, :t].index_copy_(0, rows, other.k.to(self.k.dtype))
+        self.v[:, :, :t].index_copy_(0, rows, other.v.to(self.v.dtype))

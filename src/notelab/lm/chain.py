@@ -69,7 +69,7 @@ except ImportError:  # pragma: no cover - depends on the environment
     triton = None
     tl = None
 
-__all__ = ["ChainOptions", "DecodeChain", "chain_unsupported"]
+__all__ = ["ChainDecoder", "ChainOptions", "DecodeChain", "chain_unsupported"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -432,7 +432,7 @@ class DecodeChain:
     """The buffers and launches of one greedy decode step of ``model`` on a batch-1 cache (see the module doc).
 
     ``step()`` reads the token ``tok`` (1, 1) at cache slot ``slot`` (0-d, int64), writes the next token into
-    ``tok`` and ``out[0, slot + 1]`` and advances ``slot``, like ``notelab.lm.generate._greedy_step``; every
+    ``tok`` and ``out[0, slot + 1]`` and advances ``slot``, as ``ChainDecoder`` replays it; every
     launch has fixed arguments, so the step can be captured in a CUDA graph. ``store_logits`` also keeps the
     float32 logits of the last step in ``self.logits`` (for tests). Check ``chain_unsupported`` first.
     """
@@ -538,3 +538,89 @@ class DecodeChain:
             self.out, self.slot, self.vocab, self.eps[-1], K=D, KP=self.kp, BLOCK_N=self.block_lm,
             ROUND_NORM=self.round_norm, STORE_LOGITS=self.store_logits, num_warps=w, **pk,
         )  # fmt: skip
+
+
+class ChainDecoder:
+    """Batch-1 greedy decoding with the chain: a cache of ``total`` slots, the step captured in a CUDA graph
+    on GPU (replayed once a token), and the prompt's forward captured per prompt length (the last one kept).
+
+    ``run(prompt, steps)`` yields the ``steps`` new tokens in chunks of ``sync`` read back from the device
+    one chunk behind, so the device never waits for Python. The stacked weights are refreshed at each run:
+    the model may have changed in place since the capture.
+    """
+
+    def __init__(self, model: Llama, total: int, sync: int = 16) -> None:
+        w = model.embed_tokens.weight
+        dev = w.device
+        self.model, self.total, self.sync = model, total, sync
+        self.fused = model.fused_decode_weights()
+        self.cache = model.make_cache(1, total, dtype=w.dtype)
+        self.tok = torch.zeros(1, 1, dtype=torch.long, device=dev)
+        self.slot = torch.zeros((), dtype=torch.long, device=dev)
+        self.out = torch.zeros(1, total, dtype=torch.long, device=dev)
+        self.chain = DecodeChain(model, self.fused, self.cache, self.tok, self.slot, self.out)
+        self.cuda = dev.type == "cuda"
+        self.graph = self._capture(self.chain.step, lambda: self.slot.zero_()) if self.cuda else None
+        self.prefill_graph: tuple[int, torch.Tensor, torch.cuda.CUDAGraph] | None = None
+
+    def _capture(self, fn, reset) -> torch.cuda.CUDAGraph:  # noqa: ANN001
+        """Warm ``fn`` up on a side stream (``reset`` before each run keeps writes in range), then record it."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                reset()
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return graph
+
+    def _prefill(self, tokens: torch.Tensor) -> None:
+        P = tokens.shape[1]
+        first = self.model._forward(tokens, 0, None, None, self.cache, 1)[:, -1].argmax(dim=-1, keepdim=True)
+        self.tok.copy_(first)
+        self.out[:, P : P + 1] = first
+        self.slot.fill_(P)
+
+    def prefill(self, tokens: torch.Tensor) -> None:
+        """The prompt ``(1, P)`` into the cache, its greedy token into ``tok`` and ``out[0, P]``, ``P`` into
+        ``slot``; on GPU a graph replay once this prompt length has been seen."""
+        P = tokens.shape[1]
+        held = self.prefill_graph
+        if not self.cuda:
+            self._prefill(tokens)
+        elif held is not None and held[0] == P:
+            held[1].copy_(tokens)
+            held[2].replay()
+        else:
+            buf = tokens.clone()
+            self._prefill(buf)  # the real prefill; the warm-up below repeats it, the graph records it
+            self.prefill_graph = (P, buf, self._capture(lambda: self._prefill(buf), lambda: None))
+
+    def run(self, prompt: torch.Tensor, steps: int):  # noqa: ANN201 - Iterator[list[int]]
+        P = prompt.shape[1]
+        self.model.fused_decode_weights(out=self.fused)
+        self.prefill(prompt)
+        pending = None
+        for a in range(0, steps, self.sync):
+            b = min(a + self.sync, steps)
+            for _ in range(max(a, 1), b):  # token j (j >= 1) comes from step j
+                if self.graph is not None:
+                    self.graph.replay()
+                else:
+                    self.chain.step()
+            host = self.out[0, P + a : P + b].to("cpu", non_blocking=self.cuda)
+            ready = torch.cuda.Event() if self.cuda else None
+            if ready is not None:
+                ready.record()
+            if pending is not None:  # the previous chunk, read while the device computes this one
+                if pending[0] is not None:
+                    pending[0].synchronize()
+                yield pending[1].tolist()
+            pending = (ready, host)
+        if pending is not None:
+            if pending[0] is not None:
+                pending[0].synchronize()
+            yield pending[1].tolist()

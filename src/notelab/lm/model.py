@@ -231,7 +231,8 @@ class Llama(PretrainedMixin, nn.Module):
         ``start_pos``: where the tokens go in ``cache`` (and their default positions
         ``start_pos + t``). An int writes slots ``start_pos..start_pos+T-1`` and attends to the
         filled prefix; a 0-d tensor does the same on the whole static cache (constant shapes, for a
-        compiled decode step), masking slots after the current one.
+        compiled decode step), masking slots after the current one; a ``(B,)`` tensor gives each row its
+        own slot (the batched decode engine, ``notelab.lm.engine``).
         ``positions``: ``(T,)`` or ``(B, T)`` token positions, per row for left-padded batches.
         ``attention_mask``: ``(B, S)`` bool / 0-1, True at real tokens and False at padding, over the
         cache slots from 0 (``S >= start_pos + T``; with a tensor ``start_pos``, ``S`` = cache length).
@@ -251,7 +252,8 @@ class Llama(PretrainedMixin, nn.Module):
     ) -> torch.Tensor:
         B, T = tokens.shape
         static = isinstance(start_pos, torch.Tensor)
-        slots = start_pos + torch.arange(T, device=tokens.device) if static else None
+        # a 0-d start gives slots (T,) shared by the batch; a (B,) start (one position per row) gives (B, T)
+        slots = start_pos[..., None] + torch.arange(T, device=tokens.device) if static else None
         if positions is None:
             positions = slots if static else torch.arange(start_pos, start_pos + T, device=tokens.device)
         x = self.embed_tokens(tokens)
@@ -280,7 +282,9 @@ class Llama(PretrainedMixin, nn.Module):
         """The boolean attention mask over the keys (True = attend) and whether SDPA adds the causal part."""
         if slots is not None:  # static cache: key slot j is visible from query slot s when j <= s
             n_keys = cache[0].max_len
-            mask = torch.arange(n_keys, device=device)[None, :] <= slots[:, None]  # (T, S)
+            mask = torch.arange(n_keys, device=device) <= slots[..., None]  # (T, S), or (B, T, S) per row
+            if mask.ndim == 3:
+                mask = mask[:, None]  # (B, 1, T, S)
             if attention_mask is not None:
                 mask = mask & attention_mask.bool()[:, None, None, :]
             return mask, False

@@ -1,0 +1,371 @@
+"""A batched decode engine: requests join and leave a running batch between steps (continuous batching).
+
+Each request owns one row ("slot") of a static KV cache of ``max_batch`` rows and ``max_len`` slots; its
+prompt sits at cache slots ``[0, P)`` and its token ``t`` (counting the prompt) at slot ``t``, so rows
+never shift and a row's computation does not depend on the others (Yu et al. 2022, "Orca": iteration-level
+scheduling). One ``step()``:
+
+    admit    queued requests take free rows; prompts of one length run as one forward (prefill) into a
+             small cache copied into their rows; each gets its first token from the prompt's last logits
+    decode   every row feeds its last token at its own slot p_b:  k, v -> cache[b, :, p_b];
+             attention over the whole cache with key j visible when j <= p_b; the next token by
+             ``notelab.lm.sampling.choose_tokens``; p_b += 1 for active rows (free rows stay at slot 0)
+
+The decode step has the same shapes whatever the requests are, so on CUDA it is compiled once
+(``torch.compile``, inductor) and captured in a CUDA graph, one graph per kind of processing the batch
+needs (``Sampler``: greedy, sampled, with filters, penalty, log-probs), and replayed each step. Sampling
+happens inside the graph from counter-based noise (seed, token index), so a request's sampled tokens do
+not depend on its batch or on the path that decoded it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from notelab.core.attention import KVCache
+from notelab.core.errors import ConfigError, ShapeError
+from notelab.lm.model import Llama
+from notelab.lm.sampling import Sampler, choose_tokens
+
+
+@dataclass
+class SamplingParams:
+    """How one request is decoded: at most ``max_new_tokens`` new tokens; greedy when ``temperature`` is 0."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float = 1.0
+    stop_tokens: tuple[int, ...] = ()
+    seed: int | None = None  # per-request seed (reproducible sampling); None draws one from torch's generator
+    logprobs: bool = False
+
+
+@dataclass
+class TokenEvent:
+    request_id: int
+    token: int | None  # None when the request ended without a new token (stop token, context full)
+    logprob: float | None  # log p(token) under the unprocessed, temperature-1 model distribution, when asked
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | None
+
+
+def check_params(params: SamplingParams, vocab: int) -> None:
+    """Raise :class:`ConfigError` naming the first setting out of range."""
+    p = params
+    if p.max_new_tokens < 1:
+        raise ConfigError(f"generate: expected max_new_tokens >= 1, got {p.max_new_tokens}")
+    if p.temperature < 0 or p.repetition_penalty <= 0 or (p.top_k is not None and p.top_k < 1):
+        raise ConfigError(
+            f"generate: expected temperature >= 0, repetition_penalty > 0 and top_k >= 1, got "
+            f"{p.temperature}, {p.repetition_penalty}, {p.top_k}"
+        )
+    if p.top_p is not None and not 0.0 < p.top_p <= 1.0:
+        raise ConfigError(f"generate: expected top_p in (0, 1], got {p.top_p}")
+    bad = [t for t in p.stop_tokens if not 0 <= int(t) < vocab]
+    if bad:
+        raise ConfigError(f"generate: expected stop tokens in [0, {vocab}), got {bad[:3]}")
+
+
+def check_prompt(prompt: Sequence[int], vocab: int, max_len: int) -> list[int]:
+    """The prompt as a list of ints; :class:`ShapeError` if empty, out of the vocabulary or with no room left."""
+    ids = [int(t) for t in prompt]
+    if not ids:
+        raise ShapeError("generate: expected a non-empty prompt, got an empty one")
+    if len(ids) >= max_len:
+        raise ShapeError(f"generate: prompt of {len(ids)} tokens leaves no room in the context of {max_len} tokens")
+    lo, hi = min(ids), max(ids)
+    if lo < 0 or hi >= vocab:
+        raise ShapeError(f"Llama: token ids must lie in [0, {vocab}), got ids in [{lo}, {hi}]")
+    return ids
+
+
+def random_seed() -> int:
+    """A seed from torch's default generator (so ``torch.manual_seed`` makes unseeded sampling repeatable)."""
+    return int(torch.randint(0, 2**31 - 1, ()))
+
+
+@dataclass
+class _Request:
+    id: int
+    prompt: list[int]
+    params: SamplingParams
+    seed: int
+    budget: int  # new tokens allowed: max_new_tokens, or fewer where the context ends first
+    row: int = -1
+    made: int = 0
+    cancelled: bool = False
+    stops: frozenset[int] = field(default_factory=frozenset)
+
+
+def _decode_step(
+    model: Llama,
+    cache: nn.ModuleList,
+    tok: torch.Tensor,
+    pos: torch.Tensor,
+    active: torch.Tensor,
+    count: torch.Tensor,
+    seen: torch.Tensor,
+    settings: tuple[torch.Tensor, ...],
+    out: torch.Tensor,
+    out_logprob: torch.Tensor,
+    how: Sampler,
+) -> None:
+    """One token for every row, in place: ``tok`` ``(B, 1)`` at cache slots ``pos`` ``(B,)`` -> next tokens in
+    ``tok`` and ``out``; active rows advance ``pos`` and ``count``. Fixed buffers only (capturable)."""
+    temperature, top_k, top_p, penalty, seed = settings
+    logits = model._forward(tok, pos, None, None, cache, 1)[:, -1].float()
+    nxt, logprob = choose_tokens(
+        logits, how, temperature=temperature, top_k=top_k, top_p=top_p, penalty=penalty,
+        seen=seen, seed=seed, counter=count,
+    )  # fmt: skip
+    tok.copy_(nxt[:, None])
+    out.copy_(nxt)
+    if logprob is not None:
+        out_logprob.copy_(logprob)
+    if how.penalty:
+        seen.scatter_(1, nxt[:, None], True)
+    # A free row stays at slot 0; an active one never passes the last slot (its request ends there).
+    pos.copy_((pos + active).clamp(max=cache[0].max_len - 1))
+    count.add_(active)
+
+
+class Engine:
+    """Continuous batching on a static KV cache of ``max_batch`` rows (see the module docstring).
+
+    ``add`` queues a request and returns its id; ``step`` admits queued requests into free rows, runs one
+    decode step for every active row and returns the new tokens as :class:`TokenEvent` s; ``cancel`` drops a
+    request (no more events for it; its row is free at the next step). ``dtype``: of the cache (default: the
+    autocast dtype, else the weights'). ``max_len`` defaults to the model's context.
+    """
+
+    def __init__(self, model: Llama, max_batch: int = 64, max_len: int | None = None, dtype=None) -> None:  # noqa: ANN001
+        c = model.config
+        max_len = max_len or c.max_seq_len
+        if max_batch < 1 or not 2 <= max_len <= c.max_seq_len:
+            raise ConfigError(
+                f"Engine: expected max_batch >= 1 and 2 <= max_len <= {c.max_seq_len}, got {max_batch}, {max_len}"
+            )
+        w = model.embed_tokens.weight
+        dev = w.device
+        if dtype is None:
+            dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else w.dtype
+        self.model, self.max_batch, self.max_len, self.dtype, self.device = model, max_batch, max_len, dtype, dev
+        self.vocab = c.vocab_size
+        B = max_batch
+        self.cache = model.make_cache(B, max_len, dtype=dtype)
+        long = dict(dtype=torch.long, device=dev)
+        self.tok = torch.zeros(B, 1, **long)
+        self.pos = torch.zeros(B, **long)
+        self.active = torch.zeros(B, **long)
+        self.count = torch.zeros(B, **long)
+        self.seen = torch.zeros(B, self.vocab, dtype=torch.bool, device=dev)
+        f32 = dict(dtype=torch.float32, device=dev)
+        # per row: temperature, top_k, top_p, repetition penalty (B, 1) and the noise seed (B,)
+        self.settings = (
+            torch.zeros(B, 1, **f32),
+            torch.full((B, 1), self.vocab, **long),
+            torch.ones(B, 1, **f32),
+            torch.ones(B, 1, **f32),
+            torch.zeros(B, **long),
+        )
+        self.out = torch.zeros(B, **long)
+        self.out_logprob = torch.zeros(B, **f32)
+        self.rows: list[_Request | None] = [None] * B
+        self.queue: deque[_Request] = deque()
+        self.requests: dict[int, _Request] = {}
+        self.next_id = 0
+        self.steps: dict[Sampler, object] = {}  # the captured (or plain) decode step per kind of processing
+        self.warned: set[str] = set()
+
+    # -- requests ---------------------------------------------------------------------------------------
+
+    def add(self, prompt: Sequence[int], params: SamplingParams) -> int:
+        """Queue a request; its id. :class:`ShapeError` / :class:`ConfigError` on bad input (nothing queued)."""
+        ids = check_prompt(prompt, self.vocab, self.max_len)
+        check_params(params, self.vocab)
+        seed = random_seed() if params.seed is None else int(params.seed)
+        budget = min(params.max_new_tokens, self.max_len - len(ids))
+        req = _Request(self.next_id, ids, params, seed, budget, stops=frozenset(int(t) for t in params.stop_tokens))
+        self.next_id += 1
+        self.requests[req.id] = req
+        self.queue.append(req)
+        return req.id
+
+    def cancel(self, request_id: int) -> None:
+        """Drop a queued or running request (unknown or finished ids are ignored)."""
+        req = self.requests.get(request_id)
+        if req is not None:
+            req.cancelled = True
+
+    def has_work(self) -> bool:
+        return any(not r.cancelled for r in self.requests.values())
+
+    def context_limited(self, request_id: int) -> bool:
+        """Whether the request's ``max_new_tokens`` did not fit in the context (it ends at ``max_len``)."""
+        req = self.requests.get(request_id)
+        return req is not None and req.budget < req.params.max_new_tokens
+
+    # -- one step ---------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> list[TokenEvent]:
+        """Admit queued requests into free rows (prefill), then one decode step for all active rows."""
+        for b, req in enumerate(self.rows):
+            if req is not None and req.cancelled:
+                self._free(b)
+        self.queue = deque(r for r in self.queue if not r.cancelled)
+        for r in [r for r in self.requests.values() if r.cancelled and r.row < 0]:
+            del self.requests[r.id]
+        events = self._admit()
+        running = [r for r in self.rows if r is not None]
+        if not running:
+            return events
+        how = Sampler(
+            sample=any(r.params.temperature > 0 for r in running),
+            filter=any(r.params.temperature > 0 and (r.params.top_k or r.params.top_p) for r in running),
+            penalty=any(r.params.repetition_penalty != 1.0 for r in running),
+            logprobs=any(r.params.logprobs for r in running),
+        )
+        self._run(how)
+        toks = self.out.tolist()
+        lps = self.out_logprob.tolist() if how.logprobs else None
+        for req in running:
+            events.append(self._emit(req, toks[req.row], None if lps is None else lps[req.row]))
+        return events
+
+    def _emit(self, req: _Request, token: int, logprob: float | None) -> TokenEvent:
+        """The event for ``token``, the request's next one; frees its row when it ends."""
+        lp = logprob if req.params.logprobs else None
+        if token in req.stops:
+            self._free(req.row)
+            return TokenEvent(req.id, None, None, True, "stop")
+        req.made += 1
+        if req.made >= req.budget:
+            self._free(req.row)
+            return TokenEvent(req.id, token, lp, True, "length")
+        return TokenEvent(req.id, token, lp, False, None)
+
+    def _free(self, b: int) -> None:
+        req = self.rows[b]
+        self.rows[b] = None
+        self.active[b] = 0
+        self.pos[b] = 0
+        if req is not None:
+            self.requests.pop(req.id, None)
+            req.row = -1
+
+    def _admit(self) -> list[TokenEvent]:
+        """Prefill queued requests into free rows, one forward per prompt length; their first tokens."""
+        free = [b for b, r in enumerate(self.rows) if r is None]
+        taken: list[_Request] = []
+        while self.queue and len(taken) < len(free):
+            taken.append(self.queue.popleft())
+        if not taken:
+            return []
+        for req, b in zip(taken, free):
+            req.row = b
+            self.rows[b] = req
+        events: list[TokenEvent] = []
+        by_len: dict[int, list[_Request]] = {}
+        for req in taken:
+            by_len.setdefault(len(req.prompt), []).append(req)
+        for P, group in by_len.items():
+            events += self._prefill(P, group)
+        return events
+
+    def _prefill(self, P: int, group: list[_Request]) -> list[TokenEvent]:
+        dev, n = self.device, len(group)
+        rows = torch.tensor([r.row for r in group], dtype=torch.long, device=dev)
+        tokens = torch.tensor([r.prompt for r in group], dtype=torch.long, device=dev)
+        c = self.model.config
+        small = nn.ModuleList(
+            KVCache(n, c.n_kv_heads, P, c.head_dim, dtype=self.dtype, device=dev) for _ in range(c.n_layers)
+        )
+        logits = self.model._forward(tokens, 0, None, None, small, 1)[:, -1].float()
+        for big, part in zip(self.cache, small):
+            big.copy_rows(rows, part)
+        ps = [r.params for r in group]
+        col = lambda xs, dt=torch.float32: torch.tensor(xs, dtype=dt, device=dev)[:, None]  # noqa: E731
+        settings = (
+            col([p.temperature for p in ps]),
+            col([min(p.top_k or self.vocab, self.vocab) for p in ps], torch.long),
+            col([1.0 if p.top_p is None else p.top_p for p in ps]),
+            col([p.repetition_penalty for p in ps]),
+            col([r.seed for r in group], torch.long)[:, 0],
+        )
+        for buf, val in zip(self.settings, settings):
+            buf.index_copy_(0, rows, val)
+        seen = torch.zeros(n, self.vocab, dtype=torch.bool, device=dev).scatter_(1, tokens, True)
+        how = Sampler(
+            sample=any(p.temperature > 0 for p in ps),
+            filter=any(p.temperature > 0 and (p.top_k or p.top_p) for p in ps),
+            penalty=any(p.repetition_penalty != 1.0 for p in ps),
+            logprobs=any(p.logprobs for p in ps),
+        )
+        first, logprob = choose_tokens(
+            logits, how, temperature=settings[0], top_k=settings[1], top_p=settings[2], penalty=settings[3],
+            seen=seen, seed=settings[4], counter=torch.zeros(n, dtype=torch.long, device=dev),
+        )  # fmt: skip
+        self.seen.index_copy_(0, rows, seen.scatter_(1, first[:, None], True))
+        self.tok.index_copy_(0, rows, first[:, None])
+        self.pos.index_fill_(0, rows, P)
+        self.count.index_fill_(0, rows, 1)
+        self.active.index_fill_(0, rows, 1)
+        toks = first.tolist()
+        lps = logprob.tolist() if logprob is not None else [None] * n
+        return [self._emit(r, t, lp) for r, t, lp in zip(group, toks, lps)]
+
+    # -- the decode step: eager on CPU, compiled and captured on CUDA -------------------------------------
+
+    def _buffers(self) -> tuple:
+        return (self.cache, self.tok, self.pos, self.active, self.count, self.seen, self.settings, self.out,
+                self.out_logprob)  # fmt: skip
+
+    def _run(self, how: Sampler) -> None:
+        if self.device.type != "cuda":
+            _decode_step(self.model, *self._buffers(), how)
+            return
+        graph = self.steps.get(how)
+        if graph is None:
+            graph = self.steps[how] = self._capture(how)
+        graph.replay()
+
+    def _say_once(self, message: str) -> None:
+        if message not in self.warned:
+            self.warned.add(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+    def _capture(self, how: Sampler) -> torch.cuda.CUDAGraph:
+        """Compile the step (inductor; on failure the eager step, said once), warm it up on a side stream and
+        record it. The warm-up runs real steps, so the state it changes is put back first."""
+        fn = _decode_step
+        try:
+            compiled = torch.compile(_decode_step, fullgraph=True, dynamic=False)
+            return self._record(compiled, how)
+        except Exception as e:  # noqa: BLE001 - any compiler failure: the eager step still runs
+            self._say_once(f"Engine: torch.compile of the decode step failed ({type(e).__name__}: {e}); eager step")
+        return self._record(fn, how)
+
+    def _record(self, fn, how: Sampler) -> torch.cuda.CUDAGraph:  # noqa: ANN001
+        state = [self.tok, self.pos, self.count, self.seen, self.out, self.out_logprob]
+        saved = [t.clone() for t in state]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn(self.model, *self._buffers(), how)
+                for t, s in zip(state, saved):
+                    t.copy_(s)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn(self.model, *self._buffers(), how)
+        return graph
