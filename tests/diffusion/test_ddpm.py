@@ -155,3 +155,40 @@ def test_sample_ddpm_visits_every_timestep_in_order_without_autograd():
     assert torch.equal(out, again) and not torch.allclose(out, other)
     with pytest.raises(ConfigError, match="unknown prediction_type"):
         sample_ddpm(model, x_T, sched, prediction_type="noise")
+
+
+@pytest.mark.parametrize(
+    "t",
+    [
+        torch.tensor([0, 1000]),  # t = T
+        torch.tensor([5, 1 << 40]),
+        torch.tensor([-1, 3]),  # q_sample has no step "before 0"
+        torch.tensor([0.0, 999.0]),  # float where int is expected
+        torch.tensor([0.5, 2.5]),
+        torch.tensor([True, False]),
+    ],
+)
+def test_out_of_range_or_float_tensor_timesteps_are_one_line_errors(sched, t):
+    x0 = torch.randn(2, 3)
+    with pytest.raises(ShapeError, match=r"q_sample: t: expected .*timesteps in \[0, 1000\)") as e:
+        q_sample(x0, t, sched)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ShapeError, match=r"ddpm_step: t: expected"):
+        ddpm_step(torch.zeros_like(x0), t, x0, sched)
+    with pytest.raises(ShapeError, match=r"posterior_mean_variance: t: expected"):
+        posterior_mean_variance(x0, x0, t, sched)
+
+
+def test_schedule_lookup_rejects_t_at_or_above_T_and_floats(sched):
+    with pytest.raises(ShapeError, match=r"t: expected timesteps below 1000, num_train_timesteps=1000, got 0\.\.1000"):
+        sched.alpha_bar(torch.tensor([0, 1000]))
+    with pytest.raises(ShapeError, match="integer tensor of timesteps below 1000, got dtype torch.float32"):
+        sched.alpha_bar(torch.tensor([3.0]))
+    with pytest.raises(ConfigError, match="expected an integer timestep below 1000, got 2.5"):
+        sched.alpha_bar(2.5)
+    with pytest.raises(ShapeError, match="dtype torch.float32"):
+        sched.alpha_bar(torch.tensor(2.5))  # a 0-d float tensor is not truncated to 2
+    with pytest.raises(ConfigError, match=r"q_sample: t: expected an integer timestep in \[0, 1000\), .*got -1"):
+        q_sample(torch.zeros(1, 2), -1, sched)
+    assert sched.alpha_bar(torch.tensor([-1, 999])).tolist() == [1.0, sched.alpha_bar(999)]  # t < 0: alpha_bar = 1
+    assert sched.alpha_bar(torch.tensor(7)) == sched.alpha_bar(7)

@@ -35,7 +35,7 @@ from notelab.diffusion.parametrization import (
     model_target,
     predict_x0_eps,
 )
-from notelab.diffusion.schedules import NoiseSchedule
+from notelab.diffusion.schedules import NoiseSchedule, check_timesteps
 
 VARIANCE_TYPES = ("fixed_small", "fixed_large")
 
@@ -50,7 +50,8 @@ def q_sample(
     noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Draw x_t ~ q(x_t | x0) (eq. 4); ``t`` is an int or a ``(B,)`` int64 tensor."""
+    """Draw x_t ~ q(x_t | x0) (eq. 4); ``t`` is an int or a ``(B,)`` int64 tensor, in [0, T)."""
+    check_timesteps(t, schedule.num_train_timesteps, name="q_sample: t")
     if noise is None:
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     elif noise.shape != x0.shape:
@@ -70,7 +71,7 @@ def ddpm_loss(
     check_prediction_type(prediction_type)
     t = torch.randint(0, schedule.num_train_timesteps, (x0.shape[0],), generator=generator, device=x0.device)
     eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-    a = schedule.alpha_bar(t, x0)
+    a = schedule.alpha_bar_unchecked(t, x0)  # t drawn in range just above
     out = model(as_coef(a**0.5, x0) * x0 + as_coef((1 - a) ** 0.5, x0) * eps, t)
     if out.shape != x0.shape:
         raise ShapeError(f"ddpm_loss: model output shape {tuple(out.shape)} must equal x0 shape {tuple(x0.shape)}")
@@ -94,6 +95,7 @@ def posterior_mean_variance(
     t_prev: int | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Coef]:
     """Mean and variance of q(x_{t_prev} | x_t, x0) (eq. 6-7); ``t_prev`` defaults to t - 1."""
+    check_timesteps(t, schedule.num_train_timesteps, name="posterior_mean_variance: t")
     t_prev = t - 1 if t_prev is None else t_prev
     c0, ct, var = posterior_coefficients(schedule.alpha_bar(t, x_t), schedule.alpha_bar(t_prev, x_t))
     return as_coef(c0, x_t) * x0 + as_coef(ct, x_t) * x_t, var
@@ -122,6 +124,7 @@ def ddpm_step(
     """
     if variance_type not in VARIANCE_TYPES:
         raise unknown_name("variance_type", variance_type, VARIANCE_TYPES)
+    check_timesteps(t, schedule.num_train_timesteps, name="ddpm_step: t")
     t_prev = t - 1 if t_prev is None else t_prev
     a_t, a_prev = schedule.alpha_bar(t, x_t), schedule.alpha_bar(t_prev, x_t)
     x0, _ = predict_x0_eps(model_output, x_t, a_t, prediction_type)

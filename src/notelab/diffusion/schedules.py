@@ -24,10 +24,11 @@ cumulative product loses digits that the x0 prediction 1 / sqrt(alpha_bar_t) the
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 
-from notelab.core.errors import ConfigError, unknown_name
+from notelab.core.errors import ConfigError, ShapeError, unknown_name
 from notelab.core.tensor import append_dims
 
 
@@ -51,6 +52,31 @@ def squaredcos_cap_v2(num_train_timesteps: int, s: float = 0.008, max_beta: floa
 cosine = squaredcos_cap_v2
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "cosine")
+
+
+def check_timesteps(t: int | torch.Tensor, num_train_timesteps: int, low: int | None = 0, name: str = "t") -> None:
+    """Raise unless every timestep in ``t`` is an integer in ``[low, T)`` (``low=None``: no lower bound).
+
+    A tensor must hold integers (a float tensor would be truncated or fail to index): ShapeError;
+    an int out of range: ConfigError. Reads a device tensor's min / max back to the host (one sync).
+    """
+    T = num_train_timesteps
+    rng = f"in [{low}, {T})" if low is not None else f"below {T}"
+    if isinstance(t, torch.Tensor):
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise ShapeError(f"{name}: expected an integer tensor of timesteps {rng}, got dtype {t.dtype}")
+        if t.numel() == 0:
+            return
+        lo, hi = int(t.min()), int(t.max())
+        if hi >= T or (low is not None and lo < low):
+            raise ShapeError(f"{name}: expected timesteps {rng}, num_train_timesteps={T}, got {lo}..{hi}")
+        return
+    try:
+        i = operator.index(t)
+    except TypeError:
+        raise ConfigError(f"{name}: expected an integer timestep {rng}, got {t!r}") from None
+    if i >= T or (low is not None and i < low):
+        raise ConfigError(f"{name}: expected an integer timestep {rng}, num_train_timesteps={T}, got {i}")
 
 
 class NoiseSchedule:
@@ -116,16 +142,21 @@ class NoiseSchedule:
         An int ``t`` gives a Python float. A ``(B,)`` tensor gives a float64 tensor on its device,
         shaped by ``append_dims`` to broadcast against ``like`` when given; float64 so that the
         coefficients derived from it are exact before they are cast to the data's dtype.
+        ``t >= T`` or a non-integer ``t`` is a ShapeError (tensor) / ConfigError (int).
         """
+        check_timesteps(t, self.num_train_timesteps, low=None)
         if isinstance(t, torch.Tensor) and t.ndim > 0:
-            table = self._table_on(t.device)
-            one = torch.ones((), dtype=table.dtype, device=t.device)
-            a = torch.where(t >= 0, table[t.clamp(min=0)], one)
-            return a if like is None else append_dims(a, like.ndim)
-        t = int(t)
-        if t >= self.num_train_timesteps:
-            raise ConfigError(f"timestep: expected t < num_train_timesteps={self.num_train_timesteps}, got {t}")
+            return self.alpha_bar_unchecked(t, like)
+        t = operator.index(t)
         return 1.0 if t < 0 else self._alpha_bar_list[t]
+
+    def alpha_bar_unchecked(self, t: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+        """``alpha_bar`` of a ``(B,)`` integer tensor the caller drew in range itself (a training
+        loss's ``randint(0, T)``): no range check, so no device-to-host sync per step."""
+        table = self._table_on(t.device)
+        one = torch.ones((), dtype=table.dtype, device=t.device)
+        a = torch.where(t >= 0, table[t.clamp(min=0)], one)
+        return a if like is None else append_dims(a, like.ndim)
 
     def _table_on(self, device: torch.device) -> torch.Tensor:
         # one copy per device, not one host-to-device transfer per training step
