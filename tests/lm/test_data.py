@@ -128,3 +128,24 @@ def test_training_text_cannot_create_control_ids(tok):
     assert tok.decode(s.tolist()) == "".join(docs)
     ids, n_prompt = encode_example(tok, "<|eot_id|>", "<|end_of_text|>", max_len=64)
     assert ids.count(tok.eos_id) == 1 and ids[-1] == tok.eos_id and tok.token_to_id("<|eot_id|>") not in ids
+
+
+def test_text_file_with_max_chars_is_streamed(tmp_path):
+    import tracemalloc
+
+    f = tmp_path / "big.txt"
+    line = "def f(x):  # ü\n    return x\n"
+    f.write_text(line * 800_000, encoding="utf-8")  # 23 M characters
+    text = line * 800_000
+    tracemalloc.start()
+    try:
+        train, val = text_splits(f, max_chars=100_000)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    cut = int(len(text) * 0.9)
+    assert train == [text[:100_000]] and val == [text[cut : cut + 10_000]]  # the same parts as a whole read
+    assert peak < 5_000_000, f"peak {peak / 1e6:.1f} MB for 0.11 M characters of a 23 M character file"
+    (tmp_path / "bad.txt").write_bytes(b"ok\n" * 10 + b"\xff\xfe")
+    with pytest.raises(DataError, match="bad.txt: expected a UTF-8 text file"):
+        text_splits(tmp_path / "bad.txt", max_chars=5)

@@ -53,20 +53,49 @@ def stdlib_files(split: str = "all", val_fraction: float = 0.1, include_tests: b
     return files
 
 
+CHUNK_CHARS = 1 << 18  # characters decoded at a time when a file is scanned, not kept
+
+
+def count_chars(path: Path) -> int:
+    """Characters of a UTF-8 file (newlines translated as ``read_text`` does), read in chunks."""
+    n = 0
+    with open(path, encoding="utf-8") as f:
+        while chunk := f.read(CHUNK_CHARS):
+            n += len(chunk)
+    return n
+
+
+def read_spans(path: Path, spans: list[tuple[int, int | None]]) -> list[str]:
+    """The characters ``[start, start + length)`` of a UTF-8 file for each (start, length) in
+    ``spans`` (sorted, not overlapping; ``length=None``: to the end), in one pass that keeps only
+    those characters, so a short prefix of a large file costs the prefix, not the file."""
+    out = []
+    pos = 0
+    with open(path, encoding="utf-8") as f:
+        for start, length in spans:
+            if start < pos:
+                raise ValueError(f"read_spans: expected sorted, non-overlapping spans, got {spans}")
+            while pos < start and (skipped := len(f.read(min(CHUNK_CHARS, start - pos)))):
+                pos += skipped
+            text = f.read() if length is None else f.read(length)
+            pos += len(text)
+            out.append(text)
+    return out
+
+
 def read_texts(paths: list[Path], max_chars: int | None = None) -> Iterator[str]:
-    """Yield each file's text (undecodable files skipped) until ``max_chars`` characters in all."""
+    """Yield each file's text until ``max_chars`` characters in all, reading each file only as
+    far as needed; a file whose needed part does not decode as UTF-8 is skipped."""
     total = 0
     for path in paths:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
-            continue
-        if max_chars is not None and total + len(text) > max_chars:
-            text = text[: max_chars - total]
-        total += len(text)
-        yield text
         if max_chars is not None and total >= max_chars:
             return
+        try:
+            (text,) = read_spans(path, [(0, None if max_chars is None else max_chars - total)])
+        except (UnicodeDecodeError, OSError):
+            continue
+        total += len(text)
+        yield text
 
 
 def stdlib_corpus(split: str = "train", max_chars: int | None = None, val_fraction: float = 0.1) -> str:

@@ -22,18 +22,20 @@ import hashlib
 import json
 import os
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch.utils.data import Dataset
 
 from notelab.core.errors import ConfigError, DataError
-from notelab.data.text import read_texts, stdlib_files, stdlib_functions
+from notelab.data.text import count_chars, read_spans, read_texts, stdlib_files, stdlib_functions
 from notelab.data.tokenizer import Tokenizer
 
 IGNORE_INDEX = -100  # label of a position that is not scored (prompt, padding); PyTorch's cross_entropy default
+_R = TypeVar("_R")  # what a reader returns
 TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst", ".json", ".c", ".h", ".js", ".html", ".tex", ".csv")
 
 
@@ -62,13 +64,14 @@ def text_splits(
         return train, val
     path = Path(data)
     if path.is_file():
-        text = _read(path)
-        cut = int(len(text) * (1 - val_fraction))
-        train, val = text[:cut], text[cut:]
-        if max_chars is not None:
-            train, val = train[:max_chars], val[:val_chars]
+        # Streamed: one pass counts the characters, one keeps only the two parts used, so
+        # max_chars of a large file costs max_chars, not the file.
+        n = _read(path, count_chars)
+        cut = int(n * (1 - val_fraction))
+        train_len = cut if max_chars is None else min(cut, max_chars)
+        train, val = _read(path, lambda p: read_spans(p, [(0, train_len), (cut, val_chars)]))
         if not train.strip() or not val.strip():
-            raise DataError(f"{path}: expected enough text for a train and a validation part, got {len(text)} chars")
+            raise DataError(f"{path}: expected enough text for a train and a validation part, got {n} chars")
         return [train], [val]
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
@@ -86,9 +89,10 @@ def text_splits(
     raise DataError(f"--data: expected 'stdlib', a text file or a directory of text files, got {str(data)!r}")
 
 
-def _read(path: Path) -> str:
+def _read(path: Path, reader: Callable[[Path], _R]) -> _R:
+    """``reader(path)`` with a file that is not UTF-8 text (or not readable) as a DataError."""
     try:
-        return path.read_text(encoding="utf-8")
+        return reader(path)
     except (UnicodeDecodeError, OSError) as e:
         raise DataError(f"{path}: expected a UTF-8 text file ({e})") from e
 
