@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from notelab.core.errors import CheckpointError, ConfigError, ShapeError
-from notelab.diffusion.pipeline import DiffusionConfig, DiffusionModel, default_net_config, train_diffusion
+from notelab.diffusion.pipeline import (
+    DiffusionConfig,
+    DiffusionModel,
+    default_net_config,
+    sampling_setup,
+    train_diffusion,
+)
 
 TINY_MLP = {"hidden": 32, "n_layers": 2, "time_dim": 16}
 TINY_UNET = {"base_channels": 8, "channel_mults": (1, 2), "num_res_blocks": 1, "attn_heads": 2, "groups": 4}
@@ -129,6 +135,51 @@ def test_sample_leaves_the_training_mode_as_it_was():
     model = tiny_points_model().train()
     model.sample(2, steps=2)
     assert model.training
+
+
+def test_sampling_setup_is_bf16_and_compiled_on_cuda_and_float32_eager_on_cpu():
+    # a torch.device("cuda") object needs no GPU: the choice is a pure function of the device type
+    assert sampling_setup(torch.device("cuda")) == (torch.bfloat16, True)
+    assert sampling_setup(torch.device("cuda", 1)) == (torch.bfloat16, True)
+    assert sampling_setup(torch.device("cpu")) == (None, False)
+    assert sampling_setup(torch.device("cuda"), "fp32", False) == (None, False)
+    assert sampling_setup(torch.device("cpu"), "bf16", True) == (torch.bfloat16, True)
+    with pytest.raises(ConfigError, match="compile: expected 'auto', True or False"):
+        sampling_setup(torch.device("cpu"), "auto", "yes")
+    with pytest.raises(ConfigError, match="precision"):
+        sampling_setup(torch.device("cpu"), "int8")
+
+
+def _watch_network(model):
+    seen = []
+
+    def hook(module, args, out):
+        seen.append((torch.is_autocast_enabled("cpu"), out.dtype))
+
+    return seen, model.net.register_forward_hook(hook)
+
+
+def test_sample_defaults_on_cpu_run_the_eager_network_in_float32():
+    model = tiny_image_model()
+    seen, handle = _watch_network(model)
+    x = model.sample(2, steps=3, generator=torch.Generator().manual_seed(0))
+    handle.remove()
+    assert seen == [(False, torch.float32)] * 3
+    assert x.dtype == torch.float32 and "_compiled_net" not in model.__dict__
+
+
+def test_sample_in_bf16_autocasts_the_network_and_returns_float32_close_to_fp32():
+    model = tiny_image_model()
+    x_T = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    seen, handle = _watch_network(model)
+    low = model.sample(4, steps=5, x_T=x_T, precision="bf16")
+    handle.remove()
+    assert seen == [(True, torch.bfloat16)] * 5
+    full = model.sample(4, steps=5, x_T=x_T, precision="fp32")
+    assert low.dtype == torch.float32
+    # bf16 keeps ~3 significant digits per network call; five DDIM steps stay close to the fp32 chain
+    assert (low - full).abs().max() < 0.05 * full.abs().max()
+    assert not torch.equal(low, full)
 
 
 def test_train_diffusion_writes_a_loadable_run_with_the_ema_weights(tmp_path):

@@ -29,6 +29,7 @@ from notelab.core.checkpoint import PretrainedMixin
 from notelab.core.config import config_from_dict, config_to_dict
 from notelab.core.denoisers import MLPDenoiser, MLPDenoiserConfig, UNet, UNetConfig
 from notelab.core.errors import ConfigError, ShapeError, unknown_name
+from notelab.core.runtime import autocast, autocast_dtype, seed_everything
 from notelab.diffusion.ddim import sample_ddim
 from notelab.diffusion.ddpm import VARIANCE_TYPES, ddpm_loss, sample_ddpm
 from notelab.diffusion.parametrization import PREDICTION_TYPES
@@ -178,6 +179,16 @@ class DiffusionModel(PretrainedMixin, nn.Module):
         if not 1 <= int(steps) <= T:
             raise ConfigError(f"steps: expected 1..{T} (the model's training timesteps), got {steps}")
 
+    def denoiser(self, compile: bool = False) -> nn.Module:
+        """The network, ``torch.compile``d when asked (compiled once per model and reused by later calls)."""
+        if not compile:
+            return self.net
+        compiled = self.__dict__.get("_compiled_net")
+        if compiled is None:
+            # Kept outside the module tree, like the schedule: state_dict and to() see only self.net.
+            compiled = self.__dict__["_compiled_net"] = torch.compile(self.net)
+        return compiled
+
     @torch.no_grad()
     def sample(
         self,
@@ -190,16 +201,25 @@ class DiffusionModel(PretrainedMixin, nn.Module):
         progress: bool = False,
         x_T: torch.Tensor | None = None,
         clip_sample: bool = False,
+        precision: str = "auto",
+        compile: bool | str = "auto",
     ) -> torch.Tensor:
         """Draw ``n`` samples of shape ``(n, *sample_shape)`` from N(0, I) noise ``x_T``.
 
         ``sampler="ddim"`` takes ``steps`` network calls (DDIM eq. 12 with ``eta``, timesteps by
         ``spacing``); ``sampler="ddpm"`` always takes all T ancestral steps and ignores ``steps``,
         ``eta`` and ``spacing``. Noise comes from ``generator`` when given (reproducible).
+
+        ``precision``: the network's autocast dtype ("auto": bf16 on CUDA, fp32 on CPU); the
+        sampler's own arithmetic and the returned samples stay float32. ``compile``: run the
+        network through ``torch.compile`` ("auto": on CUDA, where the fused kernels pay for the
+        one-off compile within a few batches; the first call on a model takes that compile time).
+        See :func:`sampling_setup`.
         """
         self.check_steps(sampler, steps if sampler == "ddim" else self.config.num_train_timesteps)
         if n < 1:
             raise ConfigError(f"n: expected at least 1 sample, got {n}")
+        amp_dtype, compiled = sampling_setup(self.device, precision, compile)
         shape = (n, *self.config.sample_shape)
         if x_T is None:
             # Draw on the generator's device, then move: same noise on CPU and GPU for one seed.
@@ -209,32 +229,49 @@ class DiffusionModel(PretrainedMixin, nn.Module):
             raise ShapeError(f"x_T: expected shape {shape}, got {tuple(x_T.shape)}")
         was_training = self.training
         self.eval()
+        net = self.denoiser(compiled)
         try:
-            if sampler == "ddpm":
-                return sample_ddpm(
-                    self,
-                    x_T,
-                    self.schedule,
-                    variance_type=self.config.variance_type,
-                    prediction_type=self.config.prediction_type,
-                    clip_sample=clip_sample,
-                    generator=generator,
-                    progress=progress,
-                )
-            return sample_ddim(
-                self,
-                x_T,
-                self.schedule,
-                steps,
-                eta=eta,
-                spacing=spacing,
-                prediction_type=self.config.prediction_type,
-                clip_sample=clip_sample,
-                generator=generator,
-                progress=progress,
-            )
+            with autocast(self.device, amp_dtype):
+                if sampler == "ddpm":
+                    x = sample_ddpm(
+                        net,
+                        x_T,
+                        self.schedule,
+                        variance_type=self.config.variance_type,
+                        prediction_type=self.config.prediction_type,
+                        clip_sample=clip_sample,
+                        generator=generator,
+                        progress=progress,
+                    )
+                else:
+                    x = sample_ddim(
+                        net,
+                        x_T,
+                        self.schedule,
+                        steps,
+                        eta=eta,
+                        spacing=spacing,
+                        prediction_type=self.config.prediction_type,
+                        clip_sample=clip_sample,
+                        generator=generator,
+                        progress=progress,
+                    )
+            return x
         finally:
             self.train(was_training)
+
+
+def sampling_setup(
+    device: torch.device, precision: str = "auto", compile: bool | str = "auto"
+) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None for float32, whether to compile the network) for sampling on ``device``.
+
+    ``"auto"`` precision is bf16 on CUDA and float32 on CPU (``notelab.core.runtime.autocast_dtype``);
+    ``"auto"`` compile is on for CUDA only: on the CPU the compile time outweighs what it saves.
+    """
+    if not (isinstance(compile, bool) or compile == "auto"):
+        raise ConfigError(f"compile: expected 'auto', True or False, got {compile!r}")
+    return autocast_dtype(device, precision), device.type == "cuda" if compile == "auto" else compile
 
 
 def train_diffusion(
@@ -255,6 +292,7 @@ def train_diffusion(
     if tuple(config.sample_shape) != shape:
         raise ConfigError(f"sample_shape: the data has {shape}, the diffusion config says {config.sample_shape}")
     out_dir = Path(out_dir)
+    seed_everything(train_config.seed)  # the initial weights are the run's: same seed, same model
     model = DiffusionModel(config)
     schedule, prediction_type = model.schedule, config.prediction_type
 

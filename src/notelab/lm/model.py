@@ -33,6 +33,7 @@ from functools import partial
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from notelab.core.attention import KVCache, attention
 from notelab.core.checkpoint import PretrainedMixin
@@ -130,6 +131,8 @@ class Llama(PretrainedMixin, nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", torch.empty(0), persistent=False)
+        # Training only: recompute each block's activations in backward (TrainConfig.activation_checkpointing).
+        self.activation_checkpointing = False
         self.reset_rope()
         if not self.embed_tokens.weight.is_meta:  # a meta model (sizes, or a checkpoint about to be assigned)
             self.init_weights()
@@ -225,6 +228,7 @@ class Llama(PretrainedMixin, nn.Module):
         attention_mask: torch.Tensor | None = None,
         cache: nn.ModuleList | None = None,
         logits_to_keep: int = 0,
+        return_hidden: bool = False,
     ) -> torch.Tensor:
         """Logits ``(B, T, V)`` (the last ``logits_to_keep`` positions if > 0) for ``tokens`` ``(B, T)``.
 
@@ -236,9 +240,13 @@ class Llama(PretrainedMixin, nn.Module):
         ``positions``: ``(T,)`` or ``(B, T)`` token positions, per row for left-padded batches.
         ``attention_mask``: ``(B, S)`` bool / 0-1, True at real tokens and False at padding, over the
         cache slots from 0 (``S >= start_pos + T``; with a tensor ``start_pos``, ``S`` = cache length).
+        ``return_hidden``: the final hidden states ``RMSNorm(h_L)`` ``(B, T, dim)`` instead of the
+        logits, for a loss that applies ``lm_head`` itself (``notelab.lm.loss.linear_cross_entropy``).
         """
         if not torch.compiler.is_compiling():
             self.check_tokens(tokens, start_pos)
+        if return_hidden:
+            return self._hidden(tokens, start_pos, positions, attention_mask, cache, logits_to_keep)
         return self._forward(tokens, start_pos, positions, attention_mask, cache, logits_to_keep)
 
     def _forward(
@@ -250,6 +258,19 @@ class Llama(PretrainedMixin, nn.Module):
         cache: nn.ModuleList | None,
         logits_to_keep: int,
     ) -> torch.Tensor:
+        """Logits of the last ``logits_to_keep`` positions (all if 0): ``lm_head`` over :meth:`_hidden`."""
+        return self.lm_head(self._hidden(tokens, start_pos, positions, attention_mask, cache, logits_to_keep))
+
+    def _hidden(
+        self,
+        tokens: torch.Tensor,
+        start_pos: int | torch.Tensor,
+        positions: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        cache: nn.ModuleList | None,
+        logits_to_keep: int,
+    ) -> torch.Tensor:
+        """The final hidden states ``RMSNorm(h_L)`` (the last ``logits_to_keep`` positions if > 0)."""
         B, T = tokens.shape
         static = isinstance(start_pos, torch.Tensor)
         # a 0-d start gives slots (T,) shared by the batch; a (B,) start (one position per row) gives (B, T)
@@ -264,11 +285,14 @@ class Llama(PretrainedMixin, nn.Module):
             cos, sin = rope_cos_sin(positions, self.inv_freq)
             rope = (cos[:, None], sin[:, None]) if cos.ndim == 3 else (cos, sin)  # (B, 1, T, D) for per-row positions
         mask, is_causal = self._mask(T, start_pos, slots, attention_mask, cache, tokens.device)
+        recompute = self.activation_checkpointing and cache is None and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope, mask, is_causal, None if cache is None else cache[i], slots if static else start_pos)
+            args = (x, rope, mask, is_causal, None if cache is None else cache[i], slots if static else start_pos)
+            # Non-reentrant checkpointing: keeps only the block's input, reruns the block in backward.
+            x = checkpoint(layer, *args, use_reentrant=False) if recompute else layer(*args)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
-        return self.lm_head(self.norm(x))
+        return self.norm(x)
 
     def _mask(
         self,

@@ -46,7 +46,7 @@ from notelab.train.batches import (
     make_generator,
     seed_global_rng,
 )
-from notelab.train.config import TrainConfig
+from notelab.train.config import TrainConfig, compile_enabled
 from notelab.train.logs import RunLogger, logger
 from notelab.train.schedule import lr_multiplier
 from notelab.train.state import checkpoint_dir, find_checkpoint, load_checkpoint, save_checkpoint
@@ -104,6 +104,22 @@ def split_loss(out: LossOutput) -> tuple[torch.Tensor, dict[str, float]]:
     return loss, metrics
 
 
+def set_activation_checkpointing(model: nn.Module, enabled: bool) -> bool:
+    """Switch ``model.activation_checkpointing`` and return its previous value.
+
+    The model decides what to recompute (``notelab.lm.Llama``: each decoder block, through
+    ``torch.utils.checkpoint``); a model without that attribute cannot be asked to.
+    """
+    if not hasattr(model, "activation_checkpointing"):
+        raise ConfigError(
+            "TrainConfig.activation_checkpointing: expected a model with an `activation_checkpointing` attribute "
+            f"(e.g. notelab.lm.Llama), got {type(model).__name__}"
+        )
+    previous = bool(model.activation_checkpointing)
+    model.activation_checkpointing = enabled
+    return previous
+
+
 def _callbacks(callbacks: Iterable[Callback] | Callback) -> tuple[Callback, ...]:
     return (callbacks,) if callable(callbacks) else tuple(callbacks)
 
@@ -143,11 +159,14 @@ def fit(
     config = config if config is not None else TrainConfig()
     if not isinstance(config, TrainConfig):
         raise ConfigError(f"config: expected a TrainConfig, got {type(config).__name__}")
+    checkpointing_was = set_activation_checkpointing(model, True) if config.activation_checkpointing else None
     info, device = distributed.setup(config.device)
     try:
         return _fit(model, loss_fn, data, config, info, device, lr_fn, _callbacks(callbacks), optimizer)
     finally:
         distributed.teardown(info)
+        if checkpointing_was is not None:
+            model.activation_checkpointing = checkpointing_was
 
 
 def _fit(
@@ -189,7 +208,7 @@ def _fit(
     run_log = RunLogger(out_dir if info.is_main else None, keep_until=start_step if last_good else None)
     wrapped = distributed.wrap(raw, info, device)
     ddp = wrapped if info.enabled else None
-    if config.compile:
+    if compile_enabled(config.compile, device):
         wrapped = torch.compile(wrapped)
     source = BatchSource(
         data,
