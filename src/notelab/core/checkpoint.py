@@ -6,8 +6,9 @@ Layout of a model directory (the Hugging Face convention)::
       config.json          {"model_type": ..., <dataclass fields>}
       model.safetensors    the state dict, tied (shared) tensors stored once
 
-Every write is atomic (temp file + rename), and every read checks the file against the model
-it is loaded into, raising :class:`CheckpointError` with a one-line reason.
+Every write is atomic and durable (``notelab.core.io``), and every read checks the file against
+the model it is loaded into (names, shapes, dtypes, finite weights), raising
+:class:`CheckpointError` with a one-line reason.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch import nn
 from notelab.core.config import config_from_dict, load_json, save_config
 from notelab.core.errors import CheckpointError, ConfigError
 from notelab.core.io import atomic_path
+from notelab.core.limits import allow_large_models, check_size
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -63,11 +65,29 @@ def load_weights(path: str | os.PathLike, device: str | torch.device = "cpu") ->
         raise CheckpointError(f"{path}: not a readable safetensors file, truncated or corrupt ({e})") from e
 
 
+# Floating dtypes a weight may be stored in for a floating parameter of another of them: the usual
+# half / full precision conversions. float64 (or an integer) where the model has float32 or bf16 is
+# a mistake upstream, refused rather than silently rounded.
+CASTABLE_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def dtype_compatible(own: torch.dtype, stored: torch.dtype) -> bool:
+    """Whether a tensor stored as ``stored`` may be loaded into one of dtype ``own`` (see ``CASTABLE_FLOATS``)."""
+    return own == stored or (own in CASTABLE_FLOATS and stored in CASTABLE_FLOATS)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def load_state_into(module: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
-    """Copy ``state`` into ``module``, checking names and shapes first.
+    """Copy ``state`` into ``module``, checking names, shapes, dtypes and finiteness first.
 
     A key the module has but ``state`` lacks is accepted only when it is tied to a key that is
-    present (the file stores shared tensors once).
+    present (the file stores shared tensors once). A stored dtype must equal the module's, or both
+    must be among float16 / bfloat16 / float32 (then it is cast). A parameter holding NaN or
+    infinity is refused: such weights come only from a diverged run (which ``fit`` never saves) or
+    a corrupt file, and every output of the model would be NaN. Buffers may hold infinities (masks).
     """
     own = module.state_dict()
     unexpected = sorted(set(state) - set(own))
@@ -79,15 +99,28 @@ def load_state_into(module: nn.Module, state: dict[str, torch.Tensor], source: s
         for k in state
         if k in own and own[k].shape != state[k].shape
     ]
+    bad_dtype = [
+        f"{k}: expected dtype {_dtype_name(own[k].dtype)}, got {_dtype_name(state[k].dtype)}"
+        for k in state
+        if k in own and not dtype_compatible(own[k].dtype, state[k].dtype)
+    ]
     problems = []
     if bad_shape:
         problems.append("shape mismatch " + "; ".join(bad_shape[:3]) + (" ..." if len(bad_shape) > 3 else ""))
+    if bad_dtype:
+        problems.append("dtype mismatch " + "; ".join(bad_dtype[:3]) + (" ..." if len(bad_dtype) > 3 else ""))
     if missing:
         problems.append(f"missing {len(missing)} tensor(s) e.g. {missing[0]}")
     if unexpected:
         problems.append(f"unexpected {len(unexpected)} tensor(s) e.g. {unexpected[0]}")
     if problems:
         raise CheckpointError(f"{source}: weights do not match the model's config: " + "; ".join(problems))
+    params = {name for name, _ in module.named_parameters(remove_duplicate=False)}
+    for name in sorted(params & set(state)):
+        t = state[name]
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise CheckpointError(f"{source}: expected finite weights, {name} holds {bad} NaN/inf value(s)")
     module.load_state_dict(state, strict=False)
 
 
@@ -125,10 +158,21 @@ class PretrainedMixin:
             raise CheckpointError(f"{path / CONFIG_NAME}: {e}") from e
 
     @classmethod
-    def from_pretrained(cls: type[M], path: str | os.PathLike, device: str | torch.device = "cpu") -> M:
-        """Build the model from ``config.json`` and load ``model.safetensors`` into it."""
+    def from_pretrained(
+        cls: type[M], path: str | os.PathLike, device: str | torch.device = "cpu", allow_large: bool = False
+    ) -> M:
+        """Build the model from ``config.json`` and load ``model.safetensors`` into it.
+
+        The config's size is checked (:func:`notelab.core.limits.check_size`) before anything is
+        allocated; ``allow_large=True`` lifts the bound. A model class may define
+        ``classmethod num_parameters(config) -> int`` (or its config ``num_parameters()``) for an
+        exact count by formula; otherwise the model is built on the ``meta`` device to count.
+        """
         path = Path(path)
-        model = cls(cls.load_config(path))  # type: ignore[call-arg]
+        config = cls.load_config(path)
+        check_size(config, model_cls=cls, allow_large=allow_large)
+        with allow_large_models(allow_large):
+            model = cls(config)  # type: ignore[call-arg]
         assert isinstance(model, nn.Module)
         load_state_into(model, load_weights(path / WEIGHTS_NAME), source=str(path / WEIGHTS_NAME))
         return model.to(device)  # type: ignore[return-value]
