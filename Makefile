@@ -4,7 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # The CPU wheel of torch; on a machine with its own torch build, override: make TORCH_SPEC=torch test
 TORCH_SPEC ?= torch==2.13.0
-STAMP := $(VENV)/.installed
+# One stamp per torch spec: a different TORCH_SPEC (or a newer pyproject.toml) reinstalls.
+SPEC_ID := $(shell printf '%s' '$(TORCH_SPEC)' | cksum | cut -d ' ' -f 1)
+STAMP := $(VENV)/.installed-$(SPEC_ID)
 
 .PHONY: demo test lint format bench clean
 
@@ -13,6 +15,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[test]"
+	rm -f $(VENV)/.installed $(VENV)/.installed-*
 	touch $(STAMP)
 
 demo: $(STAMP)

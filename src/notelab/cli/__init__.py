@@ -1,18 +1,19 @@
 """``notelab <family> <verb>`` and ``notelab reproduce``: parse, call the library, print.
 
-Bad input anywhere in the library raises a :class:`NotelabError`; here it becomes one line on
-stderr and exit code 2, so scripts can tell a usage error from a crash.
+Bad input anywhere in the library raises a :class:`NotelabError`; here it (and a file that cannot
+be read or written, or text that is not UTF-8) becomes one line on stderr and exit code 2, so
+scripts can tell a usage error from a crash (``notelab.cli.common.run_verb``). torch is imported
+only once a verb runs, so ``notelab --help`` is fast.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import sys
 from collections.abc import Sequence
 
 from notelab import __version__
-from notelab.core.errors import NotelabError
+from notelab.cli.common import run_verb, set_threads
 
 # Each module registers its subcommands through `add_parser(subparsers)`.
 COMMANDS = ("notelab.cli.reproduce", "notelab.cli.diffusion", "notelab.cli.seq", "notelab.cli.lm")
@@ -34,11 +35,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:
         return int(e.code or 0)
-    try:
-        return int(args.func(args) or 0)
-    except NotelabError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    set_threads()
+    return run_verb(args.func, args)

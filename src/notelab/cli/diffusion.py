@@ -14,13 +14,20 @@ import argparse
 import time
 from pathlib import Path
 
-import torch
-
+from notelab.cli.common import (
+    add_training_options,
+    already_complete,
+    check_positive,
+    complete_message,
+    prepare_out,
+    seed_all,
+    train_config_kwargs,
+)
 from notelab.core.errors import ConfigError
 
 # Training options handed to TrainConfig when given; the defaults below are DDPM's (EMA weights,
 # a short warmup), TrainConfig's own for the rest.
-_TRAIN_OPTS = ("steps", "batch_size", "lr", "ema_decay", "ckpt_every", "log_every", "device", "seed", "precision")
+_EXTRA_OPTS = ("ema_decay", "precision")
 TRAIN_DEFAULTS = {
     "steps": 4000,
     "batch_size": 128,
@@ -37,23 +44,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
     t = verbs.add_parser("train", help="train a DDPM on a data set; writes config.json + model.safetensors")
     t.add_argument("--data", required=True, help="digits, moons, 8gaussians, ..., an image folder or a .npy/.npz")
-    t.add_argument("--out", required=True, help="run directory")
-    t.add_argument("--steps", type=int, help=f"optimizer steps (default {TRAIN_DEFAULTS['steps']})")
-    t.add_argument("--batch-size", type=int)
-    t.add_argument("--lr", type=float)
     t.add_argument("--ema-decay", type=float)
-    t.add_argument("--ckpt-every", type=int, help="write a resumable checkpoint every N steps")
-    t.add_argument("--log-every", type=int)
-    t.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
-    t.add_argument("--device", help="auto, cpu, cuda, cuda:N")
     t.add_argument("--precision", help="auto, fp32, bf16, fp16")
-    t.add_argument("--seed", type=int)
+    none = dict.fromkeys(("steps", "batch_size", "lr", "seed", "device", "ckpt_every", "log_every"))
+    add_training_options(t, **none)  # None: DDPM's default below, or TrainConfig's
     t.add_argument("--image-size", type=int, help="resize an image folder to this size")
     t.add_argument("--channels", type=int, help="1 or 3 channels for an image folder")
     t.add_argument("--beta-schedule", default="linear", help="linear, scaled_linear, cosine")
     t.add_argument("--num-train-timesteps", type=int, default=1000)
     t.add_argument("--prediction-type", default="epsilon", help="epsilon, sample, v_prediction")
-    t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=train)
 
     s = verbs.add_parser("sample", help="sample a trained DDPM by DDPM or DDIM; writes an image grid or scatter PNG")
@@ -71,30 +70,51 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def train(args: argparse.Namespace) -> int:
+    from notelab.core.checkpoint import CONFIG_NAME
+    from notelab.core.config import config_to_dict, load_json, save_config
     from notelab.data import load_dataset
-    from notelab.diffusion.pipeline import DiffusionConfig, train_diffusion
+    from notelab.diffusion.pipeline import DiffusionConfig, DiffusionModel, train_diffusion
     from notelab.train import TrainConfig
 
     if args.steps is not None and args.steps < 1:
         raise ConfigError(f"--steps: expected at least 1 training step, got {args.steps}")
-    opts = {k: v for k, v in (("image_size", args.image_size), ("channels", args.channels)) if v is not None}
-    dataset = load_dataset(args.data, **opts)
+    check_positive(batch_size=args.batch_size, lr=args.lr)
+    folder = prepare_out(args.out, "diffusion train", resume=args.resume, overwrite=args.overwrite)
+    opts = {**TRAIN_DEFAULTS, **train_config_kwargs(args)}
+    opts.update({k: getattr(args, k) for k in _EXTRA_OPTS if getattr(args, k) is not None})
+    train_config = TrainConfig(**opts)
+    if folder.resume:
+        done = already_complete(folder.path, train_config.steps)
+        if done is not None:
+            print(complete_message("diffusion train", done, train_config.steps))
+            return 0
+    given = {k: v for k, v in (("image_size", args.image_size), ("channels", args.channels)) if v is not None}
+    dataset = load_dataset(args.data, **given)
     diffusion_config = DiffusionConfig.for_shape(
         dataset.sample_shape,
         beta_schedule=args.beta_schedule,
         num_train_timesteps=args.num_train_timesteps,
         prediction_type=args.prediction_type,
     )
-    given = {k: getattr(args, k) for k in _TRAIN_OPTS if getattr(args, k) is not None}
-    opts = {**TRAIN_DEFAULTS, **given}
-    train_config = TrainConfig(**opts, out_dir=args.out, resume=args.resume, progress=not args.no_progress)
+    config_path = folder.path / CONFIG_NAME
+    if folder.resume and config_path.is_file():  # the same weights under another schedule would resume silently
+        saved = load_json(config_path)
+        saved.pop("model_type", None)
+        for name, value in config_to_dict(diffusion_config).items():
+            if saved.get(name) != value:
+                raise ConfigError(f"--resume: {config_path} has {name} {saved.get(name)!r}, given {value!r}")
+    seed_all(train_config.seed)
     t0 = time.perf_counter()
-    train_diffusion(dataset, args.out, train_config, diffusion_config)
+    with folder:
+        save_config(diffusion_config, config_path, model_type=DiffusionModel.model_type)  # what a resume checks
+        train_diffusion(dataset, folder.path, train_config, diffusion_config)
     print(f"trained {args.data} ({len(dataset.x)} samples) in {time.perf_counter() - t0:.1f} s; wrote {args.out}")
     return 0
 
 
 def sample(args: argparse.Namespace) -> int:
+    import torch
+
     from notelab.core.runtime import get_device
     from notelab.diffusion.pipeline import DiffusionModel
     from notelab.eval import save_image_grid, scatter_png

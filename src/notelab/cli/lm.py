@@ -19,9 +19,23 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from notelab.core.errors import ConfigError, DataError
+from notelab.cli.common import (
+    add_out_option,
+    add_training_options,
+    already_complete,
+    check_positive,
+    check_text,
+    complete_message,
+    prepare_out,
+    saved_step,
+    seed_all,
+    train_config_kwargs,
+)
+from notelab.cli.lm_serve import add_serve_parser
+from notelab.core.errors import CheckpointError, ConfigError, DataError
 
 if TYPE_CHECKING:  # imported lazily at run time, so `notelab --help` stays fast
+    from notelab.cli.common import RunFolder
     from notelab.data.tokenizer import Tokenizer
     from notelab.lm.model import Llama
     from notelab.train import TrainConfig
@@ -36,20 +50,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     t = verbs.add_parser("train", help="pre-train a Llama on text; writes model, tokenizer.json and logs")
     t.add_argument("--preset", default="llama-tiny", help="a LlamaConfig preset, e.g. llama-tiny, llama3-tiny")
     t.add_argument("--data", default="stdlib", help="'stdlib', a text file, or a directory of text files")
-    t.add_argument("--out", required=True, help="run directory")
-    t.add_argument("--steps", type=int, default=1000)
-    t.add_argument("--batch-size", type=int, default=16)
     t.add_argument("--seq-len", type=int, help="training window (default: min(256, the preset's max_seq_len))")
-    t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--warmup-steps", type=int, default=50)
     t.add_argument("--vocab-size", type=int, help="BPE vocabulary (default: the preset's vocab_size)")
     t.add_argument("--max-chars", type=int, help="use at most this many characters of training text")
-    t.add_argument("--ckpt-every", type=int, default=0)
-    t.add_argument("--log-every", type=int, default=50)
-    t.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
-    t.add_argument("--device", default="auto")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--no-progress", action="store_true")
+    add_training_options(t, steps=1000, batch_size=16, lr=1e-3)
     t.set_defaults(func=train)
 
     g = verbs.add_parser("generate", help="generate text from a checkpoint")
@@ -81,7 +86,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     src = c.add_mutually_exclusive_group(required=True)
     src.add_argument("--from-hf", help="a Hugging Face checkpoint directory (config.json + *.safetensors)")
     src.add_argument("--to-hf", help="a notelab checkpoint directory to write in the Hugging Face layout")
-    c.add_argument("--out", required=True)
+    add_out_option(c, help="the folder to write")
     c.set_defaults(func=convert)
 
     for verb, text in (
@@ -92,7 +97,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         s.add_argument("--checkpoint", required=True, help="the model to start from (with tokenizer.json)")
         jsonl = '{"prompt", "response"}' if verb == "sft" else '{"prompt", "chosen", "rejected"}'
         s.add_argument("--data", default=BUILT_IN, help=f"'{BUILT_IN}' (stdlib docstrings) or a JSONL file of {jsonl}")
-        s.add_argument("--out", required=True)
+        add_out_option(s, help="the folder to write the fine-tuned model to")
         s.add_argument("--n", type=int, help="built-in set: use this many examples")
         s.add_argument("--steps", type=int, default=200)
         s.add_argument("--batch-size", type=int, default=16)
@@ -104,53 +109,57 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         s.add_argument("--seed", type=int, default=0)
         s.add_argument("--no-progress", action="store_true")
         s.set_defaults(func=sft if verb == "sft" else dpo)
-
-
-def _positive(name: str, value: int | float | None) -> None:
-    if value is not None and not value > 0:
-        raise ConfigError(f"--{name}: expected a positive number, got {value}")
+    add_serve_parser(verbs)  # `notelab lm serve`, in notelab.cli.lm_serve
 
 
 def train(args: argparse.Namespace) -> int:
     from notelab.data.tokenizer import Tokenizer
     from notelab.lm.config import LlamaConfig
-    from notelab.lm.train import mean_nll, prepare_data, pretrain
+    from notelab.lm.train import check_resume, mean_nll, prepare_data, pretrain
     from notelab.train import TrainConfig
 
-    for name in ("steps", "batch_size", "lr", "seq_len", "vocab_size", "max_chars"):
-        _positive(name.replace("_", "-"), getattr(args, name))
+    check_positive(**{k: getattr(args, k) for k in ("steps", "batch_size", "lr", "seq_len", "vocab_size", "max_chars")})
     base = LlamaConfig.from_name(args.preset)
     seq_len = args.seq_len or min(256, base.max_seq_len)
     if seq_len > base.max_seq_len:
         raise ConfigError(f"--seq-len: expected at most {args.preset}'s max_seq_len {base.max_seq_len}, got {seq_len}")
-    out = Path(args.out)
-    tokenizer = Tokenizer.from_file(out) if args.resume and (out / "tokenizer.json").is_file() else None
+    folder = prepare_out(args.out, "lm train", resume=args.resume, overwrite=args.overwrite)
+    out = folder.path
+    vocab_size = args.vocab_size or base.vocab_size
+    tokenizer = None
+    start = saved_step(out) if folder.resume else None
+    if folder.resume:
+        # Same text, cut the same way, the same model: checked before any text is read.
+        source = {"data": str(args.data), "max_chars": args.max_chars, "vocab_size": vocab_size, "seq_len": seq_len}
+        check_resume(out, source, model_config=None)
+        if (out / "tokenizer.json").is_file():
+            tokenizer = Tokenizer.from_file(out)  # never a new one: the embeddings mean the run's tokens
+        elif start is not None:
+            raise CheckpointError(f"{out}: a checkpoint at step {start} but no tokenizer.json to resume with")
+        done = already_complete(out, args.steps)
+        if done is not None:
+            print(complete_message("lm train", done, args.steps))
+            return 0
+    seed_all(args.seed)
     t0 = time.perf_counter()
-    data = prepare_data(args.data, args.vocab_size or base.vocab_size, args.max_chars, tokenizer=tokenizer)
+    data = prepare_data(args.data, vocab_size, args.max_chars, tokenizer=tokenizer)
     config = LlamaConfig.from_name(args.preset, vocab_size=data.tokenizer.vocab_size)
     print(f"data: {data.train.numel():,} train / {data.val.numel():,} val tokens, vocab {data.tokenizer.vocab_size}")
     train_config = TrainConfig(
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
+        **train_config_kwargs(args),
         warmup_steps=min(args.warmup_steps, args.steps - 1),
         min_lr_ratio=0.1,
         weight_decay=0.1,
         betas=(0.9, 0.95),
-        ckpt_every=args.ckpt_every,
-        log_every=args.log_every,
-        device=args.device,
-        seed=args.seed,
-        out_dir=str(out),
-        resume=args.resume,
-        progress=not args.no_progress,
     )
-    result = pretrain(config, data, out, train_config, seq_len=seq_len)
+    with folder:
+        result = pretrain(config, data, out, train_config, seq_len=seq_len)
     last = result.history[-1]["loss"] if result.history else float("nan")
     val = mean_nll(result.model, data.val, seq_len, max_windows=32)
+    resumed = f" (resumed at step {start})" if start else ""
     print(
-        f"trained {args.preset} for {result.step} steps in {time.perf_counter() - t0:.1f} s: train loss {last:.3f}, "
-        f"val loss {val:.3f} (perplexity {math.exp(val):.2f} on up to 32 windows)"
+        f"trained {args.preset} for {result.step} steps{resumed} in {time.perf_counter() - t0:.1f} s: "
+        f"train loss {last:.3f}, val loss {val:.3f} (perplexity {math.exp(val):.2f} on up to 32 windows)"
     )
     print(f"wrote {out}")
     return 0
@@ -169,9 +178,11 @@ def generate(args: argparse.Namespace) -> int:
     from notelab.lm.chat import apply_chat_template, chat_stop_tokens
     from notelab.lm.generate import generate as generate_tokens
 
-    _positive("max-new-tokens", args.max_new_tokens)
+    check_positive(max_new_tokens=args.max_new_tokens)
     if not args.prompt and args.prompt_ids is None:
         raise ConfigError("expected --prompt TEXT or --prompt-ids IDS, got neither")
+    for text in args.prompt or ():
+        check_text("--prompt", text)
     model, tokenizer = _load(args.checkpoint, args.device)
     if args.prompt_ids is not None:
         try:
@@ -219,14 +230,20 @@ def generate(args: argparse.Namespace) -> int:
                 print("-" * 40)
     n = sum(len(o) for o in outs)
     print(f"[{n} tokens in {seconds:.2f} s, {n / max(seconds, 1e-9):.1f} tok/s]", file=sys.stderr)
+    room = model.config.max_seq_len - max(len(p) for p in prompts)  # prompts are left-padded to one length
+    if room < args.max_new_tokens and any(len(o) == room for o in outs):
+        print(
+            f"note: stopped at the context limit: {model.config.max_seq_len - room} prompt tokens + {room} new = "
+            f"max_seq_len {model.config.max_seq_len}, fewer than --max-new-tokens {args.max_new_tokens}",
+            file=sys.stderr,
+        )
     return 0
 
 
 def evaluate(args: argparse.Namespace) -> int:
     from notelab.lm.train import load_data_info, mean_nll, prepare_data
 
-    for name in ("seq_len", "max_windows", "batch_size", "max_chars"):
-        _positive(name.replace("_", "-"), getattr(args, name))
+    check_positive(**{k: getattr(args, k) for k in ("seq_len", "max_windows", "batch_size", "max_chars")})
     model, tokenizer = _load(args.checkpoint, args.device)
     info = load_data_info(args.checkpoint)
     source = args.data or info["data"]
@@ -254,27 +271,28 @@ def convert(args: argparse.Namespace) -> int:
     src = Path(args.from_hf or args.to_hf)
     if not src.is_dir():
         raise DataError(f"expected a checkpoint directory at {src}, found none")
-    out = Path(args.out)
-    if args.from_hf:
-        model = conv.from_hf(src)
-        model.save_pretrained(out)
-    else:
-        model = Llama.from_pretrained(src)
-        conv.to_hf(model, out)
-    if (src / "tokenizer.json").is_file():
-        shutil.copyfile(src / "tokenizer.json", out / "tokenizer.json")
+    folder = prepare_out(args.out, "lm convert", overwrite=args.overwrite)
+    out = folder.path
+    model = conv.from_hf(src) if args.from_hf else Llama.from_pretrained(src)
+    with folder:
+        if args.from_hf:
+            model.save_pretrained(out)
+        else:
+            conv.to_hf(model, out)
+        if (src / "tokenizer.json").is_file():
+            shutil.copyfile(src / "tokenizer.json", out / "tokenizer.json")
     n = sum(p.numel() for p in model.parameters())
     print(f"converted {src} ({n:,} parameters) -> {out}")
     return 0
 
 
-def _posttrain_setup(args: argparse.Namespace) -> tuple[Llama, Tokenizer, TrainConfig]:
+def _posttrain_setup(args: argparse.Namespace) -> tuple[Llama, Tokenizer, TrainConfig, RunFolder]:
     from notelab.train import TrainConfig
 
-    for name in ("steps", "batch_size", "lr", "max_len", "n"):
-        _positive(name.replace("_", "-"), getattr(args, name))
+    check_positive(**{k: getattr(args, k) for k in ("steps", "batch_size", "lr", "max_len", "n")})
     if args.data != BUILT_IN and not Path(args.data).is_file():
         raise DataError(f"--data: expected '{BUILT_IN}' or a JSONL file, got {args.data!r} (no such file)")
+    folder = prepare_out(args.out, f"lm {args.verb}", overwrite=args.overwrite)
     model, tokenizer = _load(args.checkpoint, args.device)
     args.max_len = min(args.max_len, model.config.max_seq_len)  # examples are cut to the model's context
     config = TrainConfig(
@@ -285,10 +303,11 @@ def _posttrain_setup(args: argparse.Namespace) -> tuple[Llama, Tokenizer, TrainC
         device=args.device,
         seed=args.seed,
         log_every=max(1, args.steps // 20),
-        out_dir=args.out,
+        out_dir=str(folder.path),
         progress=not args.no_progress,
     )
-    return model, tokenizer, config
+    seed_all(args.seed)
+    return model, tokenizer, config, folder
 
 
 def _save(model: Llama, tokenizer: Tokenizer, out: str) -> None:
@@ -300,10 +319,11 @@ def sft(args: argparse.Namespace) -> int:
     from notelab.lm.data import load_sft_jsonl, stdlib_sft_examples
     from notelab.lm.posttrain import sft as run_sft
 
-    model, tokenizer, config = _posttrain_setup(args)
+    model, tokenizer, config, folder = _posttrain_setup(args)
     examples = stdlib_sft_examples("train", args.n) if args.data == BUILT_IN else load_sft_jsonl(args.data)
-    result = run_sft(model, tokenizer, examples, config, max_len=args.max_len)
-    _save(result.model, tokenizer, args.out)
+    with folder:
+        result = run_sft(model, tokenizer, examples, config, max_len=args.max_len)
+        _save(result.model, tokenizer, args.out)
     print(
         f"SFT on {len(examples)} examples, {result.step} steps: loss {result.history[-1]['loss']:.3f}; wrote {args.out}"
     )
@@ -314,10 +334,12 @@ def dpo(args: argparse.Namespace) -> int:
     from notelab.lm.data import load_preference_jsonl, stdlib_preference_pairs
     from notelab.lm.posttrain import dpo as run_dpo
 
-    _positive("beta", args.beta)
-    model, tokenizer, config = _posttrain_setup(args)
+    check_positive(beta=args.beta)
+    model, tokenizer, config, folder = _posttrain_setup(args)
     pairs = stdlib_preference_pairs("train", args.n) if args.data == BUILT_IN else load_preference_jsonl(args.data)
-    result = run_dpo(model, tokenizer, pairs, config, beta=args.beta, max_len=args.max_len)
+    with folder:
+        result = run_dpo(model, tokenizer, pairs, config, beta=args.beta, max_len=args.max_len)
+        _save(result.model, tokenizer, args.out)
     last = result.history[-1]
     print(
         f"DPO on {len(pairs)} pairs, {result.step} steps: loss {last['loss']:.3f}, "

@@ -10,7 +10,6 @@ from pathlib import Path
 
 from notelab.core.errors import NotelabError, unknown_name
 from notelab.reproduce import CLAIMS, run_claim
-from notelab.reproduce.report import write_report
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -24,6 +23,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from notelab.reproduce.report import write_report  # imports torch: only when a claim runs (fast --help)
+
     if args.list:
         print("\n".join(CLAIMS))
         return 0

@@ -13,8 +13,21 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import TYPE_CHECKING
 
+from notelab.cli.common import (
+    add_training_options,
+    already_complete,
+    check_text,
+    complete_message,
+    prepare_out,
+    seed_all,
+    train_config_kwargs,
+)
 from notelab.core.errors import ConfigError, ShapeError, unknown_name
+
+if TYPE_CHECKING:
+    from notelab.cli.common import RunFolder
 
 MODELS = ("transformer", "lstm", "gru", "rnn")
 TASKS = ("copy", "reverse", "adding", "stdlib-doc")
@@ -28,11 +41,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     t = verbs.add_parser("train", help="train a seq2seq model on a task; writes config.json + model.safetensors")
     t.add_argument("--model", required=True, help="transformer, lstm, gru or rnn")
     t.add_argument("--task", required=True, help="copy, reverse, adding or stdlib-doc")
-    t.add_argument("--out", required=True, help="run directory")
     t.add_argument("--length", type=int, default=16, help="source length L of a synthetic task")
-    t.add_argument("--steps", type=int, default=1000)
-    t.add_argument("--batch-size", type=int, default=32)
-    t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     t.add_argument("--warmup", type=int, default=100, help="warmup steps")
     t.add_argument("--d-model", type=int, default=128, help="Transformer width; RNNs get the same parameter count")
     t.add_argument("--layers", type=int, default=2, help="encoder and decoder layers")
@@ -40,9 +49,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--time-budget", type=float, help="stop after this many seconds of training")
     t.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary for stdlib-doc")
     t.add_argument("--max-train", type=int, help="stdlib-doc: keep this many training functions")
-    t.add_argument("--device", default="auto")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--no-progress", action="store_true")
+    add_training_options(t, steps=1000, batch_size=32, lr=1e-3, log_every=None)
     t.set_defaults(func=train)
 
     s = verbs.add_parser("translate", help="decode one input with a trained model")
@@ -66,29 +73,34 @@ def train(args: argparse.Namespace) -> int:
         raise ShapeError(f"--length: expected a source length in 1..{MAX_LENGTH}, got {args.length}")
     if args.steps < 1 or args.batch_size < 1:
         raise ConfigError(f"--steps / --batch-size: expected integers >= 1, got {args.steps} / {args.batch_size}")
+    if args.time_budget is not None and not args.time_budget > 0:
+        raise ConfigError(f"--time-budget: expected a positive number of seconds, got {args.time_budget}")
+    folder = prepare_out(args.out, "seq train", resume=args.resume, overwrite=args.overwrite)
     config = TrainConfig(
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
+        **{**train_config_kwargs(args), "log_every": args.log_every or max(1, min(50, args.steps))},
         warmup_steps=args.warmup,
-        device=args.device,
-        seed=args.seed,
-        progress=not args.no_progress,
-        log_every=max(1, min(50, args.steps)),
     )
+    if folder.resume:
+        done = already_complete(folder.path, args.steps)
+        if done is not None:
+            print(complete_message("seq train", done, args.steps))
+            return 0
     extra = {"vocab_size": args.vocab_size, "max_train": args.max_train} if args.task == "stdlib-doc" else {}
-    task = make_task(args.task, length=args.length, batch_size=args.batch_size, run_dir=args.out, **extra)
+    seed_all(args.seed)
     t0 = time.perf_counter()
-    run = train_seq(
-        args.model,
-        task,
-        args.out,
-        config,
-        d_model=args.d_model,
-        n_layers=args.layers,
-        dropout=args.dropout,
-        time_budget=args.time_budget,
-    )
+    with folder:  # stdlib-doc caches its tokenizer in the run folder
+        task = make_task(args.task, length=args.length, batch_size=args.batch_size, run_dir=folder.path, **extra)
+        check_same_task(folder, task)
+        run = train_seq(
+            args.model,
+            task,
+            folder.path,
+            config,
+            d_model=args.d_model,
+            n_layers=args.layers,
+            dropout=args.dropout,
+            time_budget=args.time_budget,
+        )
     scores = evaluate(run.model, task, n_examples=256)
     shown = ", ".join(f"{k} {v:.4g}" for k, v in scores.items() if k != "n")
     print(
@@ -98,8 +110,25 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_same_task(folder: RunFolder, task: object) -> None:
+    """A resumed run trains on the task it started with; task.json is written before the first step."""
+    from notelab.seq.experiments import check_task_file
+    from notelab.seq.tasks import save_task
+
+    if folder.resume and (folder.path / "task.json").is_file():
+        saved = check_task_file(folder.path)
+        for key, value in task.spec().items():
+            if saved.get(key) != value:
+                raise ConfigError(
+                    f"--resume: {folder.path / 'task.json'} has {key} {saved.get(key)!r}, given {value!r}"
+                )
+    save_task(task, folder.path)
+
+
 def translate(args: argparse.Namespace) -> int:
     from notelab.seq.experiments import translate as run_translate
+
+    check_text("--input", args.input)
 
     print(run_translate(args.checkpoint, args.input, beam_size=args.beam, device=args.device))
     return 0

@@ -1,40 +1,48 @@
-"""Tier 0: the shared blocks every family builds on (torch only)."""
+"""Tier 0: the shared blocks every family builds on (torch only).
 
-from notelab.core.checkpoint import PretrainedMixin, load_state_into, load_weights, save_weights
-from notelab.core.config import config_from_dict, config_to_dict, load_json, save_config
-from notelab.core.ema import EMA
-from notelab.core.errors import (
-    CheckpointError,
-    ConfigError,
-    DataError,
-    NotelabError,
-    ShapeError,
-    TrainingDivergedError,
-    unknown_name,
-)
-from notelab.core.runtime import autocast, autocast_dtype, get_device, seed_everything
-from notelab.core.tensor import append_dims
+The names below are imported on first use (PEP 562 module ``__getattr__``), so that importing a
+torch-free submodule such as ``notelab.core.errors`` (what ``notelab --help`` needs) does not
+import torch; ``from notelab.core import X`` works as before.
+"""
 
-__all__ = [
-    "EMA",
-    "CheckpointError",
-    "ConfigError",
-    "DataError",
-    "NotelabError",
-    "PretrainedMixin",
-    "ShapeError",
-    "TrainingDivergedError",
-    "append_dims",
-    "autocast",
-    "autocast_dtype",
-    "config_from_dict",
-    "config_to_dict",
-    "get_device",
-    "load_json",
-    "load_state_into",
-    "load_weights",
-    "save_config",
-    "save_weights",
-    "seed_everything",
-    "unknown_name",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# public name -> the submodule that defines it
+_EXPORTS = {
+    "PretrainedMixin": "checkpoint",
+    "load_state_into": "checkpoint",
+    "load_weights": "checkpoint",
+    "save_weights": "checkpoint",
+    "config_from_dict": "config",
+    "config_to_dict": "config",
+    "load_json": "config",
+    "save_config": "config",
+    "EMA": "ema",
+    "CheckpointError": "errors",
+    "ConfigError": "errors",
+    "DataError": "errors",
+    "NotelabError": "errors",
+    "ShapeError": "errors",
+    "TrainingDivergedError": "errors",
+    "unknown_name": "errors",
+    "autocast": "runtime",
+    "autocast_dtype": "runtime",
+    "get_device": "runtime",
+    "seed_everything": "runtime",
+    "append_dims": "tensor",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

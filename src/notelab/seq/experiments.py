@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from notelab.core.errors import CheckpointError, ConfigError, DataError, ShapeError, unknown_name
-from notelab.core.runtime import autocast, autocast_dtype, get_device
+from notelab.core.runtime import autocast, autocast_dtype, get_device, seed_everything
 from notelab.seq.decoding import generate
 from notelab.seq.losses import noam_schedule, seq2seq_loss
 from notelab.seq.rnn import RNNSeq2Seq, RNNSeq2SeqConfig
@@ -165,6 +165,50 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> nn.Mo
     return classes[kind].from_pretrained(path, device=device)
 
 
+# task.json, field by field: the fields each kind of task writes (``spec()``) and the types they take.
+_INT, _OPT_INT = (int,), (int, type(None))
+TASK_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
+    "synthetic": {"task": (str,), "name": (str,), "length": _INT, "batch_size": _INT, "n_symbols": _INT},
+    "stdlib-doc": {
+        "task": (str,),
+        "vocab_size": _INT,
+        "max_src_len": _INT,
+        "max_tgt_len": _INT,
+        "batch_size": _INT,
+        "max_train": _OPT_INT,
+        "max_test": _OPT_INT,
+    },
+}
+
+
+def check_task_file(run_dir: str | Path) -> dict[str, Any]:
+    """The run's ``task.json``, checked field by field (names, types, positive integers) before it is used."""
+    from notelab.core.config import load_json
+    from notelab.seq.tasks import SYNTHETIC_TASKS
+
+    path = Path(run_dir) / "task.json"
+    if not path.is_file():
+        raise DataError(f"expected a task.json in {run_dir} (written by train_seq), found none")
+    spec = load_json(path)
+    name = spec.get("task")
+    if name not in (*SYNTHETIC_TASKS, "stdlib-doc"):
+        raise DataError(f"{path}: task: expected one of {', '.join((*SYNTHETIC_TASKS, 'stdlib-doc'))}, got {name!r}")
+    fields = TASK_FIELDS["stdlib-doc" if name == "stdlib-doc" else "synthetic"]
+    unknown = sorted(set(spec) - set(fields))
+    if unknown:
+        raise DataError(f"{path}: unknown field(s) {', '.join(unknown)}; known: {', '.join(fields)}")
+    for key, value in spec.items():
+        types = fields[key]
+        if isinstance(value, bool) or not isinstance(value, types):
+            wanted = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            raise DataError(f"{path}: {key}: expected {wanted}, got {value!r}")
+        if isinstance(value, int) and value < 1:
+            raise DataError(f"{path}: {key}: expected a positive integer, got {value!r}")
+    if "name" in spec and spec["name"] != name:
+        raise DataError(f"{path}: name: expected {name!r} (the task), got {spec['name']!r}")
+    return spec
+
+
 class _TimeUp(Exception):
     """Raised by the time-budget callback to end ``fit`` early."""
 
@@ -210,6 +254,7 @@ def train_seq(
         raise ConfigError(
             f"max_len: expected at least the task's length {max(task.src_len, task.tgt_len)}, got {max_len}"
         )
+    seed_everything(config.seed)  # the initial weights are the run's: same seed, same model
     model = build_model(
         model_name,
         task.vocab,
@@ -299,6 +344,7 @@ def translate(run_dir: str | Path, text: str, *, beam_size: int = 1, device: str
         raise ConfigError(f"beam: expected a beam size >= 1, got {beam_size}")
     if not text.strip():
         raise ShapeError("input: expected a non-empty sequence, got an empty string")
+    check_task_file(run_dir)
     model = load_model(run_dir, device=get_device(device))
     task = load_task(run_dir)
     src = task.encode_input(text)
