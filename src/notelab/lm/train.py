@@ -12,8 +12,10 @@ context)::
     PPL = exp( -(1/N) sum_i log p_theta(x_i | x_{start(i)} .. x_{i-1}) )
 
 Run directory written by :func:`pretrain`: ``config.json`` + ``model.safetensors`` (the model),
-``tokenizer.json``, ``data.json`` (where the text came from, for ``notelab lm eval``), plus
-``fit``'s ``checkpoint/`` and ``log.jsonl``.
+``tokenizer.json``, ``data.json`` (where the text came from and how it was cut, for ``notelab lm
+eval`` and resuming), plus ``fit``'s ``checkpoint/`` and ``log.jsonl``. Everything a resume needs
+(``config.json``, ``tokenizer.json``, ``data.json``) is written before the first step, and a
+resumed run is checked against it (:func:`check_resume`).
 """
 
 from __future__ import annotations
@@ -31,9 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from notelab.core.checkpoint import CONFIG_NAME, PretrainedMixin
+from notelab.core.config import config_to_dict, load_json, save_config
 from notelab.core.errors import ConfigError
 from notelab.core.io import atomic_write_text
-from notelab.core.runtime import autocast, autocast_dtype
+from notelab.core.runtime import autocast, autocast_dtype, seed_everything
 from notelab.data.tokenizer import Tokenizer
 from notelab.lm.config import LlamaConfig
 from notelab.lm.data import PackedStream, encode_stream, eval_windows, text_splits, train_tokenizer
@@ -42,6 +46,13 @@ from notelab.lm.model import Llama
 from notelab.train import FitResult, TrainConfig, fit, unwrap_model
 
 DATA_NAME = "data.json"
+# data.json: field -> (types allowed, required). "data" names the text; the rest say how it was cut.
+DATA_FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
+    "data": ((str,), True),
+    "max_chars": ((int, type(None)), False),  # training characters kept (None: all)
+    "vocab_size": ((int, type(None)), False),  # BPE vocabulary asked for when the tokenizer was trained
+    "seq_len": ((int,), False),  # training window
+}
 
 
 @dataclass
@@ -66,19 +77,19 @@ def prepare_data(
     """
     train_texts, val_texts = text_splits(data, max_chars)
     tokenizer = tokenizer if tokenizer is not None else train_tokenizer(train_texts, vocab_size)
-    source = {"data": str(data), "max_chars": max_chars}
+    source = {"data": str(data), "max_chars": max_chars, "vocab_size": vocab_size}
     result = LMData(tokenizer, encode_stream(tokenizer, train_texts), encode_stream(tokenizer, val_texts), source)
     if out_dir is not None:
         save_data_info(result, out_dir)
     return result
 
 
-def save_data_info(data: LMData, out_dir: str | os.PathLike) -> None:
-    """Write ``tokenizer.json`` and ``data.json`` into a run directory."""
+def save_data_info(data: LMData, out_dir: str | os.PathLike, **extra: Any) -> None:
+    """Write ``tokenizer.json`` and ``data.json`` (``data.source`` plus ``extra``) into a run directory."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     data.tokenizer.save(out_dir)
-    atomic_write_text(out_dir / DATA_NAME, json.dumps(data.source) + "\n")
+    atomic_write_text(out_dir / DATA_NAME, json.dumps({**data.source, **extra}) + "\n")
 
 
 def next_token_loss(
@@ -194,17 +205,25 @@ def pretrain(
             f"vocab_size: expected at least the tokenizer's {data.tokenizer.vocab_size} tokens, "
             f"the model has {config.vocab_size} embeddings"
         )
-    model = model if model is not None else Llama(config)
+    if out_dir is not None and train_config.resume:
+        model_config = getattr(model, "config", None) if model is not None else config
+        check_resume(out_dir, {**data.source, "seq_len": seq_len}, data.tokenizer, model_config)
+    if model is None:
+        seed_everything(train_config.seed)  # the initial weights are the run's: same seed, same model
+        model = Llama(config)
     for cb in callbacks:
         if isinstance(cb, ValLoss):
             cb.model = model
     if out_dir is not None and train_config.out_dir is None:
         train_config = dataclasses.replace(train_config, out_dir=str(out_dir))
+    if out_dir is not None:  # before the first step: what a resume after a crash must find
+        save_data_info(data, out_dir, seq_len=seq_len)
+        if isinstance(model, PretrainedMixin):
+            save_config(model.config, Path(out_dir) / CONFIG_NAME, model_type=model.model_type)
     stream = PackedStream(data.train, seq_len, train_config.batch_size)
     result = fit(model, next_token_loss, stream, train_config, callbacks=callbacks)
     if out_dir is not None:
         result.model.save_pretrained(out_dir)
-        save_data_info(data, out_dir)
     return result
 
 
@@ -220,7 +239,67 @@ def load_run(path: str | os.PathLike, device: str | torch.device = "cpu") -> tup
     return model, tokenizer
 
 
+def check_data_info(info: Any, source: str = DATA_NAME) -> dict[str, Any]:
+    """``info`` (a parsed ``data.json``) checked field by field; one-line :class:`ConfigError` otherwise."""
+    if not isinstance(info, dict):
+        raise ConfigError(f"{source}: expected a JSON object, got {type(info).__name__}")
+    unknown = sorted(set(info) - set(DATA_FIELDS))
+    if unknown:
+        raise ConfigError(f"{source}: unknown field(s) {', '.join(unknown)}; known: {', '.join(DATA_FIELDS)}")
+    for name, (types, required) in DATA_FIELDS.items():
+        if name not in info:
+            if required:
+                raise ConfigError(f"{source}: expected a field {name!r}, found none")
+            continue
+        value = info[name]
+        wanted = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+        if isinstance(value, bool) or not isinstance(value, types):
+            raise ConfigError(f"{source}: {name}: expected {wanted}, got {value!r}")
+        if isinstance(value, int) and value < 1:
+            raise ConfigError(f"{source}: {name}: expected a positive integer, got {value!r}")
+    return info
+
+
 def load_data_info(path: str | os.PathLike) -> dict[str, Any]:
-    """The ``data.json`` of a run directory; ``{"data": "stdlib"}`` when absent."""
+    """The checked ``data.json`` of a run directory; ``{"data": "stdlib", "max_chars": None}`` when absent."""
     p = Path(path) / DATA_NAME
-    return json.loads(p.read_text()) if p.is_file() else {"data": "stdlib", "max_chars": None}
+    if not p.is_file():
+        return {"data": "stdlib", "max_chars": None}
+    return check_data_info(load_json(p), str(p))
+
+
+def check_resume(
+    out_dir: str | os.PathLike,
+    source: dict[str, Any],
+    tokenizer: Tokenizer | None = None,
+    model_config: Any = None,
+) -> None:
+    """A resumed run must read the same text, cut the same way, with the run's tokenizer and model config.
+
+    Compares ``source`` (``data.json``'s fields, e.g. ``{"data", "max_chars", "vocab_size",
+    "seq_len"}``) with the run's saved ``data.json``, ``tokenizer`` with its ``tokenizer.json`` and
+    ``model_config`` with its ``config.json``; a difference is a one-line :class:`ConfigError`
+    naming the saved and the given value. A run with nothing saved yet (killed before its first
+    step) passes.
+    """
+    out_dir = Path(out_dir)
+    if (out_dir / DATA_NAME).is_file():
+        saved = load_data_info(out_dir)
+        for name, given in source.items():
+            if name in saved and saved[name] != given:
+                raise ConfigError(
+                    f"resume: {out_dir / DATA_NAME} has {name} {saved[name]!r}, given {given!r}; "
+                    "resume with the run's settings or start a new run"
+                )
+    tok_path = out_dir / "tokenizer.json"
+    if tokenizer is not None and tok_path.is_file():
+        if Tokenizer.from_file(tok_path).backend.to_str() != tokenizer.backend.to_str():
+            raise ConfigError(f"resume: expected the run's tokenizer ({tok_path}), given a different one")
+    if model_config is not None and dataclasses.is_dataclass(model_config) and (out_dir / CONFIG_NAME).is_file():
+        saved_cfg = load_json(out_dir / CONFIG_NAME)
+        saved_cfg.pop("model_type", None)
+        for name, given in config_to_dict(model_config).items():
+            if saved_cfg.get(name) != given:
+                raise ConfigError(
+                    f"resume: {out_dir / CONFIG_NAME} has {name} {saved_cfg.get(name)!r}, given {given!r}"
+                )
