@@ -1,0 +1,84 @@
+"""``notelab lm serve``: an OpenAI-compatible HTTP server for a checkpoint (see :mod:`notelab.lm.serve`).
+
+    notelab lm serve --checkpoint DIR [--host 127.0.0.1] [--port 8000] [--model-name NAME]
+                     [--max-batch 64] [--max-len N] [--max-n 16] [--dtype auto] [--device auto]
+
+Then, from any OpenAI client::
+
+    from openai import OpenAI
+    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
+    client.chat.completions.create(model="DIR's name", messages=[{"role": "user", "content": "hi"}])
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from notelab.core.errors import ConfigError, DataError
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def add_serve_parser(verbs: argparse._SubParsersAction) -> None:
+    s = verbs.add_parser(
+        "serve",
+        help="serve a checkpoint over the OpenAI HTTP API (/v1/completions, /v1/chat/completions, /v1/models)",
+        description=(
+            "An OpenAI-compatible HTTP server with continuous batching: concurrent requests share the decode "
+            "batch, joining and leaving it between steps. Point an OpenAI client at http://HOST:PORT/v1."
+        ),
+    )
+    s.add_argument("--checkpoint", required=True, help="a run directory (model + tokenizer.json)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--model-name", help="the model id clients send (default: the checkpoint folder's name)")
+    s.add_argument("--max-batch", type=int, default=64, help="most sequences decoded together; more wait their turn")
+    s.add_argument("--max-len", type=int, help="longest prompt + completion in tokens (default: max_seq_len)")
+    s.add_argument("--max-n", type=int, default=16, help="most sequences one request may ask for (n x prompts)")
+    s.add_argument(
+        "--dtype", choices=DTYPES, default="auto", help="weights and KV cache (auto: bfloat16 on CUDA, else as saved)"
+    )
+    s.add_argument("--device", default="auto")
+    s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    s.set_defaults(func=serve)
+
+
+def serve(args: argparse.Namespace) -> int:
+    for name in ("max_batch", "max_len", "max_n"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')}: expected a positive integer, got {value}")
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port: expected a port in [0, 65535], got {args.port}")
+    if not Path(args.checkpoint).is_dir():
+        raise DataError(f"--checkpoint: expected a checkpoint directory, got {args.checkpoint!r} (no such directory)")
+
+    import torch
+    import uvicorn
+
+    from notelab.core.runtime import get_device
+    from notelab.lm.engine import Engine
+    from notelab.lm.openai_api import ServeConfig
+    from notelab.lm.serve import create_app
+    from notelab.lm.train import load_run
+
+    model, tokenizer = load_run(args.checkpoint, device=get_device(args.device))
+    context = model.config.max_seq_len
+    if args.max_len is not None and args.max_len > context:
+        raise ConfigError(f"--max-len: expected at most the model's max_seq_len {context}, got {args.max_len}")
+    if args.dtype != "auto":
+        model.to(getattr(torch, args.dtype))
+    elif model.embed_tokens.weight.is_cuda:
+        model.to(torch.bfloat16)
+    model.eval()
+    engine = Engine(model, max_batch=args.max_batch, max_len=args.max_len)
+    name = args.model_name or Path(args.checkpoint).resolve().name
+    config = ServeConfig(
+        model_name=name, context_len=args.max_len or context, vocab_size=model.config.vocab_size, max_n=args.max_n
+    )
+    app = create_app(engine, tokenizer, config)
+    url = f"http://{args.host}:{args.port}/v1"
+    print(f"serving {name!r} at {url} (max batch {args.max_batch}, context {config.context_len})", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0

@@ -1,0 +1,468 @@
+"""``notelab lm serve``: an OpenAI-compatible HTTP server for notelab Llama checkpoints.
+
+    notelab lm serve --checkpoint DIR [--host 127.0.0.1] [--port 8000] [--model-name NAME] [--max-batch 64]
+
+    GET  /v1/models              the checkpoint, as one model id (the folder name unless --model-name)
+    POST /v1/completions         prompt (text or token ids) -> text; stream, logprobs, echo, n, stop, seed
+    POST /v1/chat/completions    messages, rendered with the Llama 3 chat template -> the assistant turn
+    GET  /health                 200 while the scheduler runs
+
+Any OpenAI client works: ``OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")``.
+Streaming answers are server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``.
+Bad requests get HTTP 400 with OpenAI's error body (:mod:`notelab.lm.openai_api`), unknown routes
+404 in the same shape; neither disturbs the requests in flight.
+
+Continuous batching (iteration-level scheduling, Yu et al. 2022, "Orca", OSDI): one scheduler
+thread owns the :class:`notelab.lm.engine.Engine` and loops: apply the adds and cancels that HTTP
+handlers queued, run one ``engine.step()`` (which admits waiting requests and decodes one token
+for every running one), and hand the step's events to their requests, so a request joins or
+leaves the running batch between two steps. The thread never waits for a client: each HTTP
+request owns an unbounded asyncio queue, filled by one ``call_soon_threadsafe`` per step, and a
+slow reader only slows its own response. A client that disconnects is noticed by a watcher on
+its ASGI ``receive`` channel, which cancels its sequences in the engine and frees their slots.
+
+Built on Starlette (routing, streaming responses) and uvicorn (the HTTP server).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from notelab.core.errors import NotelabError
+from notelab.data.tokenizer import Tokenizer
+from notelab.lm.engine import Engine, SamplingParams, TokenEvent
+from notelab.lm.openai_api import APIError, GenerationRequest, OpenAIAPI, ServeConfig, TextStream, new_id, now, usage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Failure:
+    """The engine refused a request (or failed while running it)."""
+
+    error: BaseException
+
+
+ACCEPTED = "accepted"  # the engine took every sequence of the request
+DISCONNECTED = "disconnected"  # the client went away
+_STOP = object()
+
+
+@dataclass
+class _Add:
+    items: Sequence[tuple[Sequence[int], SamplingParams]]
+    out: asyncio.Queue
+
+
+@dataclass
+class _Cancel:
+    out: asyncio.Queue
+    index: int | None = None  # None: every sequence of the request
+
+
+class Scheduler:
+    """The thread that drives the engine (module docstring); thread-safe ``submit`` and ``cancel``.
+
+    A request's queue receives ``ACCEPTED`` or a :class:`Failure` first, then
+    ``(index, TokenEvent)`` pairs, ``index`` being the sequence's position in ``submit``'s items.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._owner: dict[int, tuple[asyncio.Queue, int]] = {}  # engine request id -> (queue, index)
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.steps = 0
+
+    @property
+    def active(self) -> int:
+        """Sequences added and neither finished nor cancelled."""
+        return len(self._owner)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._thread = threading.Thread(target=self._run, name="notelab-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._inbox.put(_STOP)
+            self._thread.join()
+            self._thread = None
+
+    def submit(self, items: Sequence[tuple[Sequence[int], SamplingParams]], out: asyncio.Queue) -> None:
+        self._inbox.put(_Add(items, out))
+
+    def cancel(self, out: asyncio.Queue, index: int | None = None) -> None:
+        self._inbox.put(_Cancel(out, index))
+
+    def _run(self) -> None:
+        # Decoding needs no autograd; no_grad is thread-local, so it is set on this thread.
+        with torch.no_grad():
+            while True:
+                outbox: list[tuple[asyncio.Queue, Any]] = []
+                # Idle: sleep until a command comes. Busy: take what has come, then step.
+                cmd = self._inbox.get() if not self.engine.has_work() else self._next()
+                while cmd is not None:
+                    if cmd is _STOP:
+                        return
+                    self._apply(cmd, outbox)
+                    cmd = self._next()
+                if self.engine.has_work():
+                    self._step(outbox)
+                if outbox:
+                    self._loop.call_soon_threadsafe(_deliver, outbox)
+
+    def _next(self) -> object | None:
+        try:
+            return self._inbox.get_nowait()
+        except queue.Empty:
+            return None
+
+    def _apply(self, cmd: _Add | _Cancel, outbox: list) -> None:
+        if isinstance(cmd, _Cancel):
+            for rid, (out, index) in list(self._owner.items()):
+                if out is cmd.out and cmd.index in (None, index):
+                    self.engine.cancel(rid)
+                    del self._owner[rid]
+            return
+        added: list[int] = []
+        try:
+            for prompt, params in cmd.items:
+                added.append(self.engine.add(prompt, params))
+        except Exception as e:  # all or nothing: a request whose n-th sequence is refused gets none
+            for rid in added:
+                self.engine.cancel(rid)
+            outbox.append((cmd.out, Failure(e)))
+            return
+        for index, rid in enumerate(added):
+            self._owner[rid] = (cmd.out, index)
+        outbox.append((cmd.out, ACCEPTED))
+
+    def _step(self, outbox: list) -> None:
+        self.steps += 1
+        try:
+            events: list[TokenEvent] = self.engine.step()
+        except Exception as e:
+            log.exception("engine.step failed; failing the %d running sequences", len(self._owner))
+            for rid, (out, _) in self._owner.items():
+                outbox.append((out, Failure(e)))
+                try:
+                    self.engine.cancel(rid)
+                except Exception:  # the engine is already broken; the failure above is what counts
+                    log.exception("engine.cancel(%d) failed", rid)
+            self._owner.clear()
+            return
+        for event in events:
+            owner = self._owner.get(event.request_id)
+            if owner is None:  # cancelled by its client this step
+                continue
+            outbox.append((owner[0], (owner[1], event)))
+            if event.finished:
+                del self._owner[event.request_id]
+
+
+def _deliver(outbox: list[tuple[asyncio.Queue, Any]]) -> None:
+    for out, item in outbox:
+        out.put_nowait(item)
+
+
+async def _watch_disconnect(request: Request, out: asyncio.Queue) -> None:
+    """Put DISCONNECTED on ``out`` when the client closes the connection."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    out.put_nowait(DISCONNECTED)
+
+
+@dataclass
+class _Choice:
+    """One sequence's state while its events arrive."""
+
+    text: TextStream
+    stop_ids: frozenset[int]
+    tokens: int = 0
+    finish_reason: str | None = None
+    logprobs: list[tuple[int, float, int]] = field(default_factory=list)  # (token, logprob, text offset)
+
+
+@dataclass
+class _Delta:
+    index: int
+    text: str
+    logprobs: list[tuple[int, float, int]]
+    finish_reason: str | None
+
+
+class _Session:
+    """One HTTP request's sequences in the scheduler: submit, turn events into text deltas, cancel."""
+
+    def __init__(self, scheduler: Scheduler, api: OpenAIAPI, req: GenerationRequest, request: Request) -> None:
+        self.scheduler, self.api, self.req, self.request = scheduler, api, req, request
+        self.out: asyncio.Queue = asyncio.Queue()
+        decode = _safe_decode(api.tokenizer)
+        self.choices = [_Choice(TextStream(decode, req.stop), frozenset(p.stop_tokens)) for p in req.choices]
+        self.watcher: asyncio.Task | None = None
+        self.disconnected = False
+
+    async def start(self) -> bool:
+        """Submit every sequence; False if the client has gone, APIError (400) if the engine refuses."""
+        items = [(self.req.prompts[i // self.req.n], p) for i, p in enumerate(self.req.choices)]
+        self.scheduler.submit(items, self.out)
+        self.watcher = asyncio.ensure_future(_watch_disconnect(self.request, self.out))
+        try:
+            first = await self.out.get()
+        except BaseException:
+            self.close()
+            raise
+        if first == DISCONNECTED:
+            self.disconnected = True
+            self.close()
+            return False
+        if isinstance(first, Failure):
+            self.close(cancel=False)
+            if isinstance(first.error, NotelabError):
+                raise APIError(str(first.error)) from first.error
+            raise first.error
+        return True
+
+    def close(self, cancel: bool = True) -> None:
+        """Free the engine's slots of every unfinished sequence (no-op when all finished)."""
+        if self.watcher is not None:
+            self.watcher.cancel()
+        if cancel and any(c.finish_reason is None for c in self.choices):
+            self.scheduler.cancel(self.out)
+
+    async def deltas(self) -> AsyncIterator[_Delta]:
+        """Text deltas until every sequence has finished; ends early if the client disconnects."""
+        left = len(self.choices)
+        while left:
+            item = await self.out.get()
+            if item == DISCONNECTED:
+                self.disconnected = True
+                return
+            if isinstance(item, Failure):
+                raise item.error
+            index, event = item
+            c = self.choices[index]
+            if c.finish_reason is not None:  # ended by a stop string; events already in flight
+                continue
+            delta = _Delta(index, "", [], None)
+            # A stop token ends the sequence and is not part of the completion (as in lm.generate).
+            if event.token is not None and not (event.finished and event.token in c.stop_ids):
+                offset = len(c.text.text)
+                delta.text = c.text.push(event.token)
+                c.tokens += 1
+                if self.req.logprobs and event.logprob is not None:
+                    delta.logprobs.append((event.token, float(event.logprob), offset))
+            if c.text.stopped:
+                c.finish_reason = "stop"
+                if not event.finished:
+                    self.scheduler.cancel(self.out, index)
+            elif event.finished:
+                delta.text += c.text.flush()
+                c.finish_reason = event.finish_reason or "stop"
+            delta.finish_reason = c.finish_reason
+            c.logprobs.extend(delta.logprobs)
+            left -= delta.finish_reason is not None
+            if delta.text or delta.logprobs or delta.finish_reason:
+                yield delta
+
+    def usage(self) -> dict[str, int]:
+        return usage(sum(map(len, self.req.prompts)), sum(c.tokens for c in self.choices))
+
+
+def _safe_decode(tokenizer: Tokenizer) -> Callable[[Sequence[int]], str]:
+    # A model may have more embeddings than its tokenizer has tokens; such ids have no text.
+    size = tokenizer.vocab_size
+    return lambda ids: tokenizer.decode([i for i in ids if i < size])
+
+
+def _sse(data: object) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+class Server:
+    """The HTTP handlers over one scheduler and one request checker."""
+
+    def __init__(self, scheduler: Scheduler, api: OpenAIAPI) -> None:
+        self.scheduler, self.api = scheduler, api
+
+    async def models(self, request: Request) -> Response:
+        return JSONResponse(self.api.models())
+
+    async def health(self, request: Request) -> Response:
+        ok = self.scheduler.running
+        return JSONResponse({"status": "ok" if ok else "stopped", "active": self.scheduler.active}, 200 if ok else 503)
+
+    async def completions(self, request: Request) -> Response:
+        return await self._generate(request, self.api.completion_request(await _json(request)))
+
+    async def chat(self, request: Request) -> Response:
+        return await self._generate(request, self.api.chat_request(await _json(request)))
+
+    async def _generate(self, request: Request, req: GenerationRequest) -> Response:
+        session = _Session(self.scheduler, self.api, req, request)
+        if not await session.start():
+            return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+        meta = {
+            "id": new_id("chatcmpl" if req.chat else "cmpl"),
+            "created": now(),
+            "model": self.api.config.model_name,
+        }
+        if req.stream:
+            headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+            return StreamingResponse(self._stream(session, meta), media_type="text/event-stream", headers=headers)
+        try:
+            body = await self._collect(session, meta)
+        finally:
+            session.close()
+        return JSONResponse(body) if body is not None else Response(status_code=499)  # nobody reads it
+
+    async def _collect(self, session: _Session, meta: dict[str, Any]) -> dict[str, Any] | None:
+        req = session.req
+        texts = ["" for _ in session.choices]
+        if req.echo:
+            decode = _safe_decode(self.api.tokenizer)
+            texts = [decode(req.prompts[i // req.n]) for i in range(len(texts))]
+        async for d in session.deltas():
+            texts[d.index] += d.text
+        if session.disconnected:
+            return None
+        choices = []
+        for i, (c, text) in enumerate(zip(session.choices, texts)):
+            if req.chat:
+                choice = {"index": i, "message": {"role": "assistant", "content": text}}
+                choice["logprobs"] = {"content": self._chat_logprobs(c.logprobs)} if req.logprobs else None
+            else:
+                choice = {"index": i, "text": text, "logprobs": self._logprobs(c.logprobs) if req.logprobs else None}
+            choices.append({**choice, "finish_reason": c.finish_reason})
+        obj = "chat.completion" if req.chat else "text_completion"
+        return {**meta, "object": obj, "choices": choices, "usage": session.usage()}
+
+    async def _stream(self, session: _Session, meta: dict[str, Any]) -> AsyncIterator[str]:
+        req = session.req
+        obj = "chat.completion.chunk" if req.chat else "text_completion"
+
+        def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
+            return _sse({**meta, "object": obj, "choices": choices, **extra})
+
+        try:
+            if req.chat:  # the first chunk of each choice names the role, as OpenAI's does
+                first = [
+                    {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                    for i in range(len(session.choices))
+                ]
+                yield chunk(first)
+            elif req.echo:
+                decode = _safe_decode(self.api.tokenizer)
+                echoed = [
+                    {"index": i, "text": decode(req.prompts[i // req.n]), "logprobs": None, "finish_reason": None}
+                    for i in range(len(session.choices))
+                ]
+                yield chunk(echoed)
+            try:
+                async for d in session.deltas():
+                    if req.chat:
+                        lp = {"content": self._chat_logprobs(d.logprobs)} if req.logprobs else None
+                        body = {"index": d.index, "delta": {"content": d.text} if d.text else {}, "logprobs": lp}
+                    else:
+                        lp = self._logprobs(d.logprobs) if req.logprobs else None
+                        body = {"index": d.index, "text": d.text, "logprobs": lp}
+                    yield chunk([{**body, "finish_reason": d.finish_reason}])
+            except Exception as e:  # the status line is sent; the error goes in the stream, as OpenAI does
+                log.exception("generation failed mid-stream")
+                yield _sse(APIError(f"generation failed: {e}", status=500, kind="server_error").body())
+            if session.disconnected:
+                return
+            if req.include_usage:
+                yield chunk([], usage=session.usage())
+            yield "data: [DONE]\n\n"
+        finally:
+            session.close()
+
+    def _logprobs(self, entries: list[tuple[int, float, int]]) -> dict[str, Any]:
+        """Completions' logprobs object: the chosen tokens only (``top_logprobs`` is null)."""
+        return {
+            "tokens": [self.api.token_text(t) for t, _, _ in entries],
+            "token_logprobs": [lp for _, lp, _ in entries],
+            "top_logprobs": None,
+            "text_offset": [o for _, _, o in entries],
+        }
+
+    def _chat_logprobs(self, entries: list[tuple[int, float, int]]) -> list[dict[str, Any]]:
+        out = []
+        for t, lp, _ in entries:
+            text = self.api.token_text(t)
+            out.append({"token": text, "logprob": lp, "bytes": list(text.encode()), "top_logprobs": []})
+        return out
+
+
+async def _json(request: Request) -> object:
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(f"expected a JSON request body, got malformed JSON ({e})") from e
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, APIError)
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    message = f"{request.method} {request.url.path}: {exc.detail}"
+    return JSONResponse(APIError(message, status=exc.status_code, code=code).body(), status_code=exc.status_code)
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    log.exception("request failed", exc_info=exc)
+    err = APIError(f"internal error: {type(exc).__name__}: {exc}", status=500, kind="server_error")
+    return JSONResponse(err.body(), status_code=500)
+
+
+def create_app(engine: Engine, tokenizer: Tokenizer, config: ServeConfig) -> Starlette:
+    """The ASGI app; its scheduler thread runs while the app is being served (``app.state.scheduler``)."""
+    scheduler = Scheduler(engine)
+    server = Server(scheduler, OpenAIAPI(tokenizer, config))
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        scheduler.start(asyncio.get_running_loop())
+        try:
+            yield
+        finally:
+            scheduler.stop()
+
+    routes = [
+        Route("/v1/models", server.models, methods=["GET"]),
+        Route("/v1/completions", server.completions, methods=["POST"]),
+        Route("/v1/chat/completions", server.chat, methods=["POST"]),
+        Route("/health", server.health, methods=["GET"]),
+    ]
+    handlers = {APIError: _api_error, HTTPException: _http_error, Exception: _server_error}
+    app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
+    app.state.scheduler = scheduler
+    return app

@@ -1,0 +1,364 @@
+"""`notelab lm serve`: a real server on 127.0.0.1, spoken to with the official `openai` client."""
+
+import asyncio
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import openai
+import pytest
+import torch
+import uvicorn
+from openai import AsyncOpenAI, OpenAI
+
+from notelab.data.tokenizer import Tokenizer
+from notelab.lm import generate
+from notelab.lm.chat import chat_stop_tokens, encode_chat
+from notelab.lm.config import LlamaConfig
+from notelab.lm.engine import Engine
+from notelab.lm.model import Llama
+from notelab.lm.openai_api import ServeConfig, TextStream
+from notelab.lm.serve import create_app
+
+CONTEXT = 96
+TEXTS = ["def add(a, b):\n    return a + b\n", "hello world, the user asked a question", "import os, sys"] * 30
+
+
+class SlowEngine(Engine):
+    """The real engine, slowed down so a test can act while a request is still running."""
+
+    delay = 0.0
+
+    def step(self):
+        if self.delay:
+            time.sleep(self.delay)
+        return super().step()
+
+
+class LiveServer:
+    """uvicorn serving ``app`` on a free loopback port, in a thread."""
+
+    def __init__(self, app):
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
+            time.sleep(0.01)
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    torch.manual_seed(0)
+    tok = Tokenizer.train(TEXTS, vocab_size=300)
+    model = Llama(
+        LlamaConfig(vocab_size=tok.vocab_size, dim=64, n_layers=2, n_heads=4, multiple_of=32, max_seq_len=CONTEXT)
+    )
+    model.eval()
+    folder = tmp_path_factory.mktemp("serve") / "tiny-llama"
+    model.save_pretrained(folder)
+    tok.save(folder)
+    engine = SlowEngine(model, max_batch=8)
+    config = ServeConfig(model_name="tiny", context_len=CONTEXT, vocab_size=model.config.vocab_size, max_n=4)
+    app = create_app(engine, tok, config)
+    live = LiveServer(app)
+    client = OpenAI(base_url=f"http://127.0.0.1:{live.port}/v1", api_key="x", max_retries=0, timeout=60)
+    yield dict(model=model, tok=tok, engine=engine, app=app, port=live.port, client=client, folder=folder)
+    live.close()
+
+
+def reference(setup, prompt, n, stops=None):
+    """Token ids from `notelab.lm.generate` alone (greedy) and their text."""
+    tok = setup["tok"]
+    stops = [tok.eos_id] if stops is None else stops
+    ids = generate(setup["model"], [prompt], n, stop_tokens=stops)[0]
+    return ids, tok.decode(ids)
+
+
+def prompt_ids(setup, text):
+    return setup["tok"].encode(text, add_bos=True)
+
+
+def wait_idle(setup, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while setup["app"].state.scheduler.active or setup["engine"].has_work():
+        assert time.monotonic() < deadline, "the engine still has work"
+        time.sleep(0.01)
+
+
+def post(setup, path, body, method="POST"):
+    """(status, parsed JSON) of a raw request; ``body`` bytes go as they are."""
+    conn = http.client.HTTPConnection("127.0.0.1", setup["port"], timeout=30)
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    out = resp.status, json.loads(resp.read() or b"null")
+    conn.close()
+    return out
+
+
+def test_models_lists_the_checkpoint(setup):
+    models = setup["client"].models.list()
+    assert [m.id for m in models.data] == ["tiny"]
+
+
+def test_greedy_completion_equals_generate(setup):
+    ids = prompt_ids(setup, "def add(a")
+    ref_ids, ref_text = reference(setup, ids, 20)
+    out = setup["client"].completions.create(model="tiny", prompt=ids, max_tokens=20, temperature=0)
+    assert out.choices[0].text == ref_text
+    assert out.usage.prompt_tokens == len(ids) and out.usage.completion_tokens == len(ref_ids)
+    assert out.choices[0].finish_reason == ("length" if len(ref_ids) == 20 else "stop")
+    # the same prompt as text (the server adds <|begin_of_text|>), streamed
+    chunks = list(
+        setup["client"].completions.create(
+            model="tiny",
+            prompt="def add(a",
+            max_tokens=20,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == ref_text
+    assert chunks[-1].usage.completion_tokens == len(ref_ids) and not chunks[-1].choices
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
+        out.choices[0].finish_reason
+    ]
+
+
+def test_logprobs_are_the_models(setup):
+    ids = prompt_ids(setup, "hello")
+    out = setup["client"].completions.create(model="tiny", prompt=ids, max_tokens=6, temperature=0, logprobs=0)
+    lp = out.choices[0].logprobs
+    ref_ids, _ = reference(setup, ids, 6)
+    with torch.no_grad():
+        logits = setup["model"](torch.tensor([ids + ref_ids]))[0].float().log_softmax(-1)
+    expected = [logits[len(ids) - 1 + i, t].item() for i, t in enumerate(ref_ids)]
+    assert lp.token_logprobs == pytest.approx(expected, abs=1e-4)
+    assert "".join(lp.tokens) == out.choices[0].text or len(lp.tokens) == len(ref_ids)
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+
+
+def test_chat_equals_generate_streaming_and_not(setup):
+    tok = setup["tok"]
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello world"}]
+    ids = encode_chat(tok, messages)
+    ref_ids, ref_text = reference(setup, ids, 12, chat_stop_tokens(tok))
+    out = setup["client"].chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0)
+    assert out.choices[0].message.role == "assistant" and out.choices[0].message.content == ref_text
+    assert out.usage.prompt_tokens == len(ids) and out.usage.completion_tokens == len(ref_ids)
+    stream = setup["client"].chat.completions.create(
+        model="tiny", messages=messages, max_tokens=12, temperature=0, stream=True, logprobs=True
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == ref_text
+    assert sum(len(c.choices[0].logprobs.content) for c in chunks if c.choices[0].logprobs) == len(ref_ids)
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_stop_strings_echo_and_seeded_sampling(setup):
+    client = setup["client"]
+    ids = prompt_ids(setup, "import os")
+    _, ref_text = reference(setup, ids, 24)
+    stop = ref_text[4:6]
+    expected = ref_text[: ref_text.find(stop)]
+    out = client.completions.create(model="tiny", prompt=ids, max_tokens=24, temperature=0, stop=[stop, "never"])
+    assert out.choices[0].text == expected and out.choices[0].finish_reason == "stop"
+    chunks = client.completions.create(model="tiny", prompt=ids, max_tokens=24, temperature=0, stop=stop, stream=True)
+    assert "".join(c.choices[0].text for c in chunks) == expected
+    echo = client.completions.create(model="tiny", prompt="import os", max_tokens=3, temperature=0, echo=True)
+    assert echo.choices[0].text.startswith("import os")
+    kw = dict(model="tiny", prompt=ids, max_tokens=8, temperature=1.0, top_p=0.9, n=2, seed=7)
+    a, b = client.completions.create(**kw), client.completions.create(**kw)
+    assert [c.text for c in a.choices] == [c.text for c in b.choices] and [c.index for c in a.choices] == [0, 1]
+    wait_idle(setup)
+
+
+def test_eight_concurrent_streams_are_batched_and_exact(setup):
+    texts = ["def ", "hello", "import", "return a", "world,", "the user", "sys", "add(a, b)"]
+    prompts = [prompt_ids(setup, t) for t in texts]
+    refs = [reference(setup, p, 16)[1] for p in prompts]
+    scheduler = setup["app"].state.scheduler
+    steps0 = scheduler.steps
+
+    async def one(client, p):
+        stream = await client.completions.create(model="tiny", prompt=p, max_tokens=16, temperature=0, stream=True)
+        return "".join([c.choices[0].text async for c in stream])
+
+    async def main():
+        client = AsyncOpenAI(base_url=f"http://127.0.0.1:{setup['port']}/v1", api_key="x", max_retries=0, timeout=60)
+        return await asyncio.gather(*(one(client, p) for p in prompts))
+
+    assert asyncio.run(main()) == refs
+    # 8 x 16 tokens one request at a time would take 8 x 16 steps; batched they share them
+    assert scheduler.steps - steps0 < 4 * 16
+
+
+def test_disconnect_frees_the_slot_and_the_others_finish(setup):
+    engine, scheduler = setup["engine"], setup["app"].state.scheduler
+    candidates = [prompt_ids(setup, t) for t in ("def ", "import", "hello", "sys", "the", "world")]
+    long_prompt = next(p for p in candidates if len(reference(setup, p, 60)[0]) == 60)
+    other = prompt_ids(setup, "return a")
+    _, other_ref = reference(setup, other, 30)
+    engine.delay = 0.01  # 60 steps >= 0.6 s: the client leaves long before its request could end
+    try:
+        steps0 = scheduler.steps
+        results = {}
+
+        def run_other():
+            chunks = setup["client"].completions.create(
+                model="tiny", prompt=other, max_tokens=30, temperature=0, stream=True
+            )
+            results["other"] = "".join(c.choices[0].text for c in chunks)
+
+        t = threading.Thread(target=run_other)
+        t.start()
+        stream = setup["client"].completions.create(
+            model="tiny", prompt=long_prompt, max_tokens=60, temperature=0, stream=True
+        )
+        for i, _ in enumerate(stream):
+            if i == 2:
+                break
+        stream.close()  # the client goes away mid-stream
+        t.join(30)
+        assert results["other"] == other_ref
+        wait_idle(setup)  # the scheduler and the engine let go of the abandoned request
+        assert not engine.requests and all(r is None for r in engine.rows)
+        assert scheduler.steps - steps0 < 50  # the long request did not run to its 60 tokens
+    finally:
+        engine.delay = 0.0
+
+
+def test_a_client_that_never_reads_blocks_nobody(setup):
+    setup["engine"].delay = 0.005
+    try:
+        body = json.dumps(
+            {"model": "tiny", "prompt": prompt_ids(setup, "def "), "max_tokens": 50, "temperature": 0, "stream": True}
+        ).encode()
+        stalled = socket.create_connection(("127.0.0.1", setup["port"]))
+        head = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        stalled.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)  # and never reads a byte
+        ids = prompt_ids(setup, "hello")
+        out = setup["client"].completions.create(model="tiny", prompt=ids, max_tokens=10, temperature=0)
+        assert out.choices[0].text == reference(setup, ids, 10)[1]
+        stalled.close()
+        wait_idle(setup)
+    finally:
+        setup["engine"].delay = 0.0
+
+
+BAD = [
+    (b'{"model": "tiny", "prompt": ', None, "malformed JSON"),
+    (b"[1, 2]", None, "JSON object"),
+    ({"prompt": "hi"}, "model", "model"),
+    ({"model": "gpt-4", "prompt": "hi"}, "model", "'tiny'"),
+    ({"model": "tiny"}, "prompt", "prompt"),
+    ({"model": "tiny", "prompt": {"a": 1}}, "prompt", "prompt"),
+    ({"model": "tiny", "prompt": [3] * CONTEXT}, "prompt", "context"),
+    ({"model": "tiny", "prompt": [3] * 90, "max_tokens": 10}, "max_tokens", "context"),
+    ({"model": "tiny", "prompt": [3, 10**6]}, "prompt", "token ids"),
+    ({"model": "tiny", "prompt": "hi", "max_tokens": 0}, "max_tokens", "max_tokens"),
+    ({"model": "tiny", "prompt": "hi", "max_tokens": -3}, "max_tokens", "max_tokens"),
+    ({"model": "tiny", "prompt": "hi", "max_tokens": "5"}, "max_tokens", "integer"),
+    ({"model": "tiny", "prompt": "hi", "n": 5}, "n", "at most 4"),
+    ({"model": "tiny", "prompt": ["a", "b", "c"], "n": 2}, "n", "at most 4"),
+    ({"model": "tiny", "prompt": "hi", "temperature": -0.5}, "temperature", "[0, 2]"),
+    ({"model": "tiny", "prompt": "hi", "temperature": "hot"}, "temperature", "number"),
+    ({"model": "tiny", "prompt": "hi", "top_p": 0}, "top_p", "(0, 1]"),
+    ({"model": "tiny", "prompt": "hi", "top_p": 1.5}, "top_p", "(0, 1]"),
+    ({"model": "tiny", "prompt": "hi", "stream": "yes"}, "stream", "true or false"),
+    ({"model": "tiny", "prompt": "hi", "logprobs": 3}, "logprobs", "alternatives"),
+    ({"model": "tiny", "prompt": "hi", "stop": [1]}, "stop", "stop"),
+    ({"model": "tiny", "prompt": "hi", "presence_penalty": 1}, "presence_penalty", "repetition_penalty"),
+]
+BAD_CHAT = [
+    ({"model": "tiny", "messages": "hi"}, "messages", "messages"),
+    ({"model": "tiny", "messages": []}, "messages", "messages"),
+    ({"model": "tiny", "messages": [{"role": "robot", "content": "x"}]}, "messages", "role"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": 3}]}, "messages", "content"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "x " * 200}]}, "messages", "context"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs", "0"),
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param", "words"),
+    [("/v1/completions", *b) for b in BAD] + [("/v1/chat/completions", *b) for b in BAD_CHAT],
+)
+def test_bad_input_is_a_400_and_the_server_goes_on(setup, path, body, param, words):
+    status, out = post(setup, path, body)
+    assert status == 400, out
+    err = out["error"]
+    assert err["type"] == "invalid_request_error" and err["param"] == param and words in err["message"]
+    assert set(err) == {"message", "type", "param", "code"}
+
+
+def test_errors_reach_the_openai_client_and_unknown_routes_are_404(setup):
+    client = setup["client"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt="hi", max_tokens=0)
+    assert e.value.status_code == 400 and e.value.body["param"] == "max_tokens"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+    assert e.value.body["code"] == "model_not_found"
+    status, out = post(setup, "/v1/embeddings", {"model": "tiny"})
+    assert status == 404 and out["error"]["code"] == "not_found"
+    status, out = post(setup, "/v1/completions", None, method="GET")
+    assert status == 405 and out["error"]["type"] == "invalid_request_error"
+    ok = client.completions.create(model="tiny", prompt="hi", max_tokens=2, temperature=0)
+    assert ok.usage.completion_tokens >= 1 or ok.choices[0].finish_reason == "stop"
+    wait_idle(setup)
+
+
+def test_text_stream_holds_back_partial_characters_and_stop_prefixes():
+    tok = Tokenizer.train(TEXTS, vocab_size=300)
+    ids = tok.encode("héllo wörld ✓ done")
+    s = TextStream(tok.decode)
+    deltas = [s.push(i) for i in ids] + [s.flush()]
+    assert "".join(deltas) == tok.decode(ids) and all("\ufffd" not in d for d in deltas)
+    s = TextStream(tok.decode, stop=["wör"])
+    out = "".join(s.push(i) for i in ids) + s.flush()
+    assert out == "héllo " and s.stopped
+
+
+def test_cli_serves_a_checkpoint(setup):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "notelab", "lm", "serve", "--checkpoint", str(setup["folder"]), "--port", str(port)]
+    proc = subprocess.Popen([*cmd, "--log-level", "warning"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=10)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                models = client.models.list()
+                break
+            except openai.APIConnectionError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()
+                time.sleep(0.2)
+        assert [m.id for m in models.data] == ["tiny-llama"]
+        ids = prompt_ids(setup, "def ")
+        out = client.completions.create(model="tiny-llama", prompt=ids, max_tokens=8, temperature=0)
+        assert out.choices[0].text == reference(setup, ids, 8)[1]
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    bad = subprocess.run([*cmd[:-2], "--port", "70000"], env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "--port" in bad.stderr
