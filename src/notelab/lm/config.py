@@ -30,10 +30,12 @@ see :func:`gpt2_variant`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
 from notelab.core.errors import ConfigError, unknown_name
+from notelab.core.limits import check_size
 from notelab.core.rope import RopeScaling
 
 NORMS = ("rmsnorm", "layernorm")
@@ -47,6 +49,31 @@ def llama_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | Non
     if ffn_dim_multiplier is not None:
         hidden = int(ffn_dim_multiplier * hidden)
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+def _check_int(name: str, value: Any, expected: str = "an integer >= 1") -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{name}: expected {expected}, got {value!r}")
+
+
+def _check_positive(name: str, value: Any, expected: str = "a finite number > 0") -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    if not ok:
+        raise ConfigError(f"{name}: expected {expected}, got {value!r}")
+
+
+def _check_rope_scaling(s: Any) -> None:
+    """Llama 3.1's scaling divides by ``high_freq_factor - low_freq_factor``: they must differ."""
+    if not isinstance(s, RopeScaling):
+        raise ConfigError(f"LlamaConfig.rope_scaling: expected None or a RopeScaling, got {type(s).__name__}")
+    for name in ("factor", "low_freq_factor", "high_freq_factor"):
+        _check_positive(f"LlamaConfig.rope_scaling.{name}", getattr(s, name))
+    _check_int("LlamaConfig.rope_scaling.original_max_position_embeddings", s.original_max_position_embeddings)
+    if not s.high_freq_factor > s.low_freq_factor:
+        raise ConfigError(
+            f"LlamaConfig.rope_scaling: expected high_freq_factor > low_freq_factor, "
+            f"got {s.high_freq_factor} and {s.low_freq_factor}"
+        )
 
 
 @dataclass
@@ -69,6 +96,8 @@ class LlamaConfig:
     pos: str = "rope"  # "rope" | "learned" (absolute position embeddings, GPT-2)
 
     def __post_init__(self) -> None:
+        """Check every field (one-line :class:`ConfigError` naming it); sizes are bounded at build time
+        (:func:`notelab.core.limits.check_size`), so a config of a 405B model can exist without its memory."""
         if isinstance(self.rope_scaling, dict):
             try:
                 self.rope_scaling = RopeScaling(**self.rope_scaling)
@@ -77,24 +106,24 @@ class LlamaConfig:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "max_seq_len"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"LlamaConfig.{name}: expected an integer >= 1, got {value!r}")
+            _check_int(f"LlamaConfig.{name}", getattr(self, name))
+        if self.ffn_hidden_dim is not None:
+            _check_int("LlamaConfig.ffn_hidden_dim", self.ffn_hidden_dim, "None or an integer >= 1")
+        if self.ffn_dim_multiplier is not None:
+            _check_positive("LlamaConfig.ffn_dim_multiplier", self.ffn_dim_multiplier, "None or a finite number > 0")
+        _check_positive("LlamaConfig.norm_eps", self.norm_eps)
+        _check_positive("LlamaConfig.rope_theta", self.rope_theta)
+        if not isinstance(self.tie_embeddings, bool):
+            raise ConfigError(f"LlamaConfig.tie_embeddings: expected true or false, got {self.tie_embeddings!r}")
+        if self.rope_scaling is not None:
+            _check_rope_scaling(self.rope_scaling)
         if self.dim % self.n_heads:
             raise ConfigError(f"LlamaConfig: dim {self.dim} must be a multiple of n_heads {self.n_heads}")
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(f"LlamaConfig: n_heads {self.n_heads} must be a multiple of n_kv_heads {self.n_kv_heads}")
         for name, value, known in (("norm", self.norm, NORMS), ("mlp", self.mlp, MLPS), ("pos", self.pos, POSITIONS)):
-            if value not in known:
+            if not isinstance(value, str) or value not in known:
                 raise unknown_name(f"LlamaConfig.{name}", value, known)
-        if self.ffn_hidden_dim is not None and self.ffn_hidden_dim < 1:
-            raise ConfigError(
-                f"LlamaConfig.ffn_hidden_dim: expected None or an integer >= 1, got {self.ffn_hidden_dim}"
-            )
-        if not self.norm_eps > 0 or not self.rope_theta > 0:
-            raise ConfigError(
-                f"LlamaConfig: norm_eps and rope_theta must be positive, got {self.norm_eps} and {self.rope_theta}"
-            )
         # Derived values (plain attributes, so they are not written to config.json).
         self.head_dim = self.dim // self.n_heads
         if self.pos == "rope" and self.head_dim % 2:
@@ -110,6 +139,16 @@ class LlamaConfig:
     def n_rep(self) -> int:
         """Query heads per key/value head."""
         return self.n_heads // self.n_kv_heads
+
+    def num_parameters(self) -> int:
+        """Parameters of ``Llama(self)`` by formula (``notelab.lm.flops``), for the size bound before allocation."""
+        from notelab.lm.flops import count_parameters  # flops imports this module
+
+        return count_parameters(self)
+
+    def check_size(self, allow_large: bool | None = None) -> int:
+        """Raise :class:`ConfigError` unless ``Llama(self)`` fits :func:`notelab.core.limits.check_size`."""
+        return check_size(self, allow_large=allow_large)
 
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> LlamaConfig:

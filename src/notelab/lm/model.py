@@ -121,6 +121,7 @@ class Llama(PretrainedMixin, nn.Module):
 
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
+        config.check_size()  # the size bound (notelab.core.limits), before anything is allocated
         self.config = config
         norm, mlp = block_parts(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
