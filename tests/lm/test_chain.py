@@ -7,6 +7,7 @@ tests run the compiled kernels (with and without programmatic dependent launch) 
 """
 
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -14,7 +15,6 @@ from triton_interpreter import GPU as _GPU
 from triton_interpreter import import_interpreted, run_file_in_child
 
 from notelab.lm import Llama, LlamaConfig, generate
-from notelab.lm.generate import _GREEDY
 
 chain, IN_PROCESS = import_interpreted("notelab.lm.chain")
 DecodeChain, chain_unsupported = chain.DecodeChain, chain.chain_unsupported
@@ -99,16 +99,19 @@ def test_chain_step_matches_the_model(interp, heads, options):
 def test_generate_chain_equals_the_torch_step(interp):
     model = model_of()
     prompt = torch.randint(0, 101, (5,)).tolist()
-    want = generate(model, [prompt], 20, fast_greedy=False)[0]
-    assert generate(model, [prompt], 20, static=True, decode_matvec="chain")[0] == want
-    assert _GREEDY[model][1].chain is not None  # the chain ran, not the fallback
+    want = generate(model, [prompt], 20, path="reference")[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # the chain runs: no fallback
+        assert generate(model, [prompt], 20, path="chain")[0] == want
     with torch.no_grad():  # in place, as an optimizer step: stacked copies refreshed, the others read directly
         for layer in model.layers:
             layer.mlp.up_proj.weight.mul_(-1.0)
             layer.self_attn.o_proj.weight.mul_(0.5)
         model.lm_head.weight.mul_(-1.0)
-    want = generate(model, [prompt], 20, fast_greedy=False)[0]
-    assert generate(model, [prompt], 20, static=True, decode_matvec="chain")[0] == want
+    want = generate(model, [prompt], 20, path="reference")[0]
+    assert generate(model, [prompt], 20, path="chain")[0] == want
+    stop = want[6]
+    assert generate(model, [prompt], 20, path="chain", stop_tokens=[stop])[0] == want[: want.index(stop)]
 
 
 @pytest.mark.parametrize(
@@ -171,10 +174,12 @@ def test_unsupported_steps_say_why_and_generate_falls_back():
         )
         gpt2 = model_of(device=dev, norm="layernorm", mlp="gelu", pos="learned")
         assert "RoPE" in chain_unsupported(gpt2, 1, False, dtype)
-    # a batch of two takes the cuBLAS step: the same tokens as without decode_matvec
+    # a batch of two cannot take the chain: generate says so and the engine runs, with the same tokens
     model = model_of()
     prompts = [[3, 4, 5], [7, 8, 9]]
-    assert generate(model, prompts, 6, static=True, decode_matvec="chain") == generate(model, prompts, 6, static=True)
+    with pytest.warns(RuntimeWarning, match="chain path cannot run"):
+        out = generate(model, prompts, 6, path="chain")
+    assert out == generate(model, prompts, 6, path="reference")
 
 
 def test_chain_tests_in_a_fresh_process():
@@ -196,13 +201,12 @@ def test_chain_on_cuda_matches_the_model(pdl):
 @pytest.mark.gpu
 @pytest.mark.skipif(not _GPU, reason="needs CUDA")
 def test_generate_chain_on_cuda_replays_a_graph():
-    """Through generate (one captured CUDA graph a token, PDL on): float32 tokens equal the torch step's, also for
+    """Through generate (one captured CUDA graph a token, PDL on): float32 tokens equal the reference's, also for
     a second prompt of the same length (its forward replays the prefill graph captured by the first)."""
     model = model_of(device="cuda", max_seq_len=256)
     for seed in (0, 1):
         prompt = torch.randint(0, 101, (9,), generator=torch.Generator().manual_seed(seed)).tolist()
-        want = generate(model, [prompt], 100, fast_greedy=False)[0]
-        assert generate(model, [prompt], 100, static=True, decode_matvec="chain", sync_every=8)[0] == want
-        state = _GREEDY[model][1]
-        assert state.chain is not None and state.chain.pdl == (torch.cuda.get_device_capability() >= (9, 0))
-        assert list(state.prefills) == [9]
+        want = generate(model, [prompt], 100, path="reference")[0]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            assert generate(model, [prompt], 100, path="chain")[0] == want
