@@ -1,0 +1,234 @@
+"""Serving benchmark: N concurrent streaming `openai` clients against `notelab lm serve`.
+
+Starts ``notelab lm serve`` in a child process on a checkpoint (``--checkpoint DIR``), or on a
+Llama of a preset's shape with random weights (``--preset llama3.2-1b``: the weights are written
+to a temporary checkpoint with a small BPE tokenizer padded with placeholder tokens up to the
+model's vocabulary, so every id the random model emits has text). Then, with ``AsyncOpenAI``:
+
+1. one warm-up request (on CUDA the engine compiles and captures its decode step here);
+2. one client alone: its tokens/s (completion tokens over the request's wall time);
+3. ``--clients`` clients at once, each streaming a different random prompt of ``--prompt-len``
+   token ids, greedy, ``--max-tokens`` new tokens: aggregate tokens/s (all completion tokens
+   over the time from the first request sent to the last one done), its ratio to (2), time to
+   first token (request sent -> first text chunk) and inter-token latency (gaps between
+   successive chunks, one token each) at p50 / p99;
+4. ``--check`` (default on): each request's text against ``notelab.lm.generate`` alone on the same
+   prompt in this process (greedy; equal in float32, bf16 rounding can flip near-ties).
+
+    python benchmarks/serve_bench.py --preset llama-tiny --clients 8 --max-tokens 64       # CPU, a minute
+    python benchmarks/serve_bench.py --preset llama3.2-1b --clients 64 --max-tokens 256    # H200
+
+Token counts come from the server's ``usage`` (``stream_options.include_usage``).
+
+On a machine without the serving stack (the device machine has no starlette / uvicorn / openai /
+pydantic), carry wheels: on a machine with the package index,
+``pip download --only-binary=:all: --python-version 3.11 -d wheels starlette uvicorn openai``
+(this pulls anyio, idna, sniffio, typing_extensions, click, h11, httpx2, httpcore2, truststore,
+jiter, pydantic, pydantic_core, annotated_types, typing_inspection), then there
+``pip install --no-index --find-links wheels starlette uvicorn openai``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from openai import AsyncOpenAI
+
+from notelab.data.tokenizer import Tokenizer
+from notelab.lm import generate
+from notelab.lm.config import LlamaConfig
+from notelab.lm.model import Llama
+from notelab.lm.train import load_run
+
+CORPUS = ["def add(a, b):\n    return a + b\n", "the quick brown fox jumps over the lazy dog", "import os, sys"]
+
+
+@dataclass
+class Timing:
+    """One streamed request: when it was sent, when each text chunk came, how many tokens it made."""
+
+    sent: float
+    chunks: list[float] = field(default_factory=list)
+    done: float = 0.0
+    tokens: int = 0
+    text: str = ""
+
+
+def random_checkpoint(preset: str, folder: Path, dtype: torch.dtype) -> None:
+    """A randomly initialised ``preset`` Llama with a BPE tokenizer padded to its vocabulary."""
+    config = LlamaConfig.from_name(preset)
+    tok = Tokenizer.train(CORPUS * 20, vocab_size=300)
+    # placeholder tokens up to the model's vocabulary: every id a random model emits decodes to text
+    tok.backend.add_tokens([f"<r{i}>" for i in range(config.vocab_size - tok.vocab_size)])
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = Llama(config)
+    model.to(dtype).save_pretrained(folder)
+    tok.save(folder)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(checkpoint: Path, port: int, args: argparse.Namespace) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "notelab", "lm", "serve", "--checkpoint", str(checkpoint), "--port", str(port)]
+    cmd += ["--model-name", "bench", "--max-batch", str(max(args.clients, 1)), "--log-level", "warning"]
+    cmd += ["--dtype", args.dtype, "--device", args.device]
+    return subprocess.Popen(cmd)
+
+
+async def wait_ready(client: AsyncOpenAI, proc: subprocess.Popen, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            await client.models.list()
+            return
+        except Exception:  # noqa: BLE001 - not up yet
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"the server did not start (exit code {proc.poll()})") from None
+            await asyncio.sleep(0.5)
+
+
+async def one(client: AsyncOpenAI, prompt: list[int], max_tokens: int) -> Timing:
+    t = Timing(time.perf_counter())
+    stream = await client.completions.create(
+        model="bench",
+        prompt=prompt,
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    async for chunk in stream:
+        now = time.perf_counter()
+        if chunk.usage is not None:
+            t.tokens = chunk.usage.completion_tokens
+        if chunk.choices and chunk.choices[0].text:
+            t.chunks.append(now)
+            t.text += chunk.choices[0].text
+    t.done = time.perf_counter()
+    return t
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(q / 100 * (len(xs) - 1)))] if xs else float("nan")
+
+
+async def drive(args: argparse.Namespace, port: int, proc: subprocess.Popen, prompts: list[list[int]]) -> dict:
+    client = AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=3600)
+    await wait_ready(client, proc)
+    await one(client, prompts[0], 4)  # warm-up: compile / capture
+    single = await one(client, prompts[0], args.max_tokens)
+    t0 = time.perf_counter()
+    many = await asyncio.gather(*(one(client, p, args.max_tokens) for p in prompts))
+    wall = max(t.done for t in many) - t0
+    ttft = [t.chunks[0] - t.sent for t in many if t.chunks]
+    itl = [b - a for t in many for a, b in zip(t.chunks, t.chunks[1:])]
+    single_tps = single.tokens / (single.done - single.sent)
+    total = sum(t.tokens for t in many)
+    return {
+        "clients": len(many),
+        "max_tokens": args.max_tokens,
+        "prompt_len": args.prompt_len,
+        "single_tokens_per_s": single_tps,
+        "single_ttft_ms": 1e3 * (single.chunks[0] - single.sent) if single.chunks else float("nan"),
+        "aggregate_tokens": total,
+        "aggregate_s": wall,
+        "aggregate_tokens_per_s": total / wall,
+        "ratio": total / wall / single_tps,
+        "ttft_ms_p50": 1e3 * pct(ttft, 50),
+        "ttft_ms_p99": 1e3 * pct(ttft, 99),
+        "itl_ms_p50": 1e3 * pct(itl, 50),
+        "itl_ms_p99": 1e3 * pct(itl, 99),
+        "texts": [t.text for t in many],
+    }
+
+
+def check(checkpoint: Path, prompts: list[list[int]], texts: list[str], args: argparse.Namespace) -> int:
+    """How many served texts equal ``generate`` alone on the same prompt (greedy, the server's dtype)."""
+    from notelab.core.runtime import get_device
+
+    model, tok = load_run(checkpoint, device=get_device(args.device))
+    if args.dtype != "auto":
+        model.to(getattr(torch, args.dtype))
+    elif model.embed_tokens.weight.is_cuda:
+        model.to(torch.bfloat16)
+    model.eval()
+    stops = [tok.eos_id] if tok.eos_id is not None else []
+    same = 0
+    for p, text in zip(prompts, texts):
+        ids = generate(model, [p], args.max_tokens, stop_tokens=stops)[0]
+        same += tok.decode([i for i in ids if i < tok.vocab_size]) == text
+    return same
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--checkpoint", help="a notelab checkpoint with tokenizer.json")
+    src.add_argument("--preset", default="llama-tiny", help="random weights of this LlamaConfig preset")
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--no-check", dest="check", action="store_false", help="skip the comparison with generate")
+    ap.add_argument("--json", help="also write the figures to this file")
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.checkpoint:
+            checkpoint = Path(args.checkpoint)
+        else:
+            checkpoint = Path(tmp) / args.preset
+            dtype = torch.bfloat16 if torch.cuda.is_available() and args.dtype == "auto" else torch.float32
+            random_checkpoint(args.preset, checkpoint, dtype)
+        vocab = json.loads((checkpoint / "config.json").read_text())["vocab_size"]
+        rng = random.Random(0)
+        # ids past the special tokens; a different prompt per client
+        prompts = [[rng.randrange(8, min(vocab, 300)) for _ in range(args.prompt_len)] for _ in range(args.clients)]
+        port = free_port()
+        proc = start_server(checkpoint, port, args)
+        try:
+            result = asyncio.run(drive(args, port, proc, prompts))
+        finally:
+            proc.terminate()
+            proc.wait(30)
+        texts = result.pop("texts")
+        if args.check:
+            result["identical_to_generate"] = f"{check(checkpoint, prompts, texts, args)}/{len(texts)}"
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    print(f"notelab lm serve, {args.checkpoint or args.preset}, {device}, {args.clients} streaming clients")
+    single = result["single_tokens_per_s"]
+    print(f"  one client alone:    {single:10.1f} tokens/s  (TTFT {result['single_ttft_ms']:.1f} ms)")
+    print(
+        f"  {args.clients} clients at once: {result['aggregate_tokens_per_s']:10.1f} tokens/s  "
+        f"= {result['ratio']:.2f}x one client ({result['aggregate_tokens']} tokens in {result['aggregate_s']:.2f} s)"
+    )
+    print(f"  time to first token: p50 {result['ttft_ms_p50']:.1f} ms, p99 {result['ttft_ms_p99']:.1f} ms")
+    print(f"  inter-token latency: p50 {result['itl_ms_p50']:.2f} ms, p99 {result['itl_ms_p99']:.2f} ms")
+    if "identical_to_generate" in result:
+        print(f"  identical to generate alone (greedy): {result['identical_to_generate']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": device, **vars(args), **result}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
