@@ -125,3 +125,117 @@ def test_sft_and_dpo_commands(main, run_dir, tmp_path, capsys):
     out = tmp_path / "dpo_bad"
     assert main(["lm", "dpo", "--checkpoint", str(run_dir), "--data", str(data), "--out", str(out), *common]) == 2
     assert ":2:" in capsys.readouterr().err and not out.exists()
+
+
+def test_dpo_writes_the_model(main, run_dir, tmp_path, capsys):
+    out = tmp_path / "dpo"
+    args = ["lm", "dpo", "--checkpoint", str(run_dir), "--n", "4", "--out", str(out)]
+    assert main([*args, "--steps", "1", "--batch-size", "2", "--no-progress", "--max-len", "32"]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    assert main(["lm", "generate", "--checkpoint", str(out), "--prompt", "def ", "--max-new-tokens", "2"]) == 0
+
+
+def test_generate_says_when_it_stops_at_the_context_limit(main, run_dir, capsys):
+    context = json.loads((run_dir / "config.json").read_text())["max_seq_len"]
+    ids = ",".join(["5"] * (context - 3))
+    assert main(["lm", "generate", "--checkpoint", str(run_dir), "--prompt-ids", ids, "--max-new-tokens", "10"]) == 0
+    err = capsys.readouterr().err
+    assert "context limit" in err and str(context) in err
+    assert main(["lm", "generate", "--checkpoint", str(run_dir), "--prompt-ids", ids, "--max-new-tokens", "2"]) == 0
+    assert "context limit" not in capsys.readouterr().err
+
+
+def test_non_utf8_prompt_is_one_line_exit_2(main, run_dir, capsys):
+    bad = b"\xff\xfe".decode("utf-8", "surrogateescape")
+    assert main(["lm", "generate", "--checkpoint", str(run_dir), "--prompt", bad]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --prompt: expected UTF-8") and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("data.json", "{not json", "not valid JSON"),
+        ("data.json", '{"data": 7}', "data: expected str"),
+        ("data.json", '{"data": "stdlib", "max_chars": "many"}', "max_chars: expected int or null"),
+        ("data.json", '{"data": "stdlib", "max_chars": -5}', "positive"),
+        ("data.json", '["stdlib"]', "JSON object"),
+    ],
+)
+def test_corrupt_data_json_is_one_line_exit_2(main, run_dir, tmp_path, capsys, name, text, message):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(run_dir, bad)
+    (bad / name).write_text(text)
+    assert main(["lm", "eval", "--checkpoint", str(bad), "--max-windows", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1, err
+
+
+TRAIN = ["lm", "train", "--preset", "llama-tiny", "--data", "stdlib", "--max-chars", "20000", "--vocab-size", "300"]
+TRAIN += ["--batch-size", "2", "--seq-len", "16", "--no-progress", "--log-every", "1", "--device", "cpu"]
+
+
+def test_resume_reuses_the_run_tokenizer_and_checks_the_data_flags(main, tmp_path, monkeypatch, capsys):
+    import notelab.lm.data
+    import notelab.lm.train
+    from notelab.train import fit as real_fit
+
+    out = tmp_path / "run"
+    seen: dict[str, bool] = {}
+
+    def killed(model, loss_fn, data, config, **kw):
+        # what a resume needs is on disk before the first step
+        seen.update({n: (out / n).is_file() for n in ("tokenizer.json", "data.json", "config.json")})
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(notelab.lm.train, "fit", killed)
+    assert main([*TRAIN, "--steps", "3", "--out", str(out)]) == 130
+    assert seen == {"tokenizer.json": True, "data.json": True, "config.json": True}
+    saved = json.loads((out / "data.json").read_text())
+    assert saved == {"data": "stdlib", "max_chars": 20000, "vocab_size": 300, "seq_len": 16}
+    tokenizer = (out / "tokenizer.json").read_text()
+    capsys.readouterr()
+
+    # other data flags: one line naming the saved and the given value; nothing trained
+    for flag, value, saved_value in (("--max-chars", "30000", "20000"), ("--vocab-size", "350", "300")):
+        args = [*TRAIN]
+        args[args.index(flag) + 1] = value
+        assert main([*args, "--steps", "3", "--out", str(out), "--resume"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and saved_value in err and value in err, err
+    assert main([*TRAIN, "--seq-len", "8", "--steps", "3", "--out", str(out), "--resume"]) == 2
+    capsys.readouterr()
+
+    # the saved tokenizer is reused, never a new one trained
+    def no_training(*a, **k):
+        raise AssertionError("a new tokenizer was trained on resume")
+
+    monkeypatch.setattr(notelab.lm.train, "train_tokenizer", no_training)
+    monkeypatch.setattr(notelab.lm.train, "fit", real_fit)
+    assert main([*TRAIN, "--steps", "3", "--out", str(out), "--resume"]) == 0
+    assert (out / "tokenizer.json").read_text() == tokenizer
+    assert "trained llama-tiny for 3 steps" in capsys.readouterr().out
+
+    # a finished run says so instead of "trained for 3 steps"
+    weights = (out / "model.safetensors").read_bytes()
+    assert main([*TRAIN, "--steps", "3", "--out", str(out), "--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert "already complete at 3 steps" in printed and "--steps" in printed and "trained" not in printed
+    assert (out / "model.safetensors").read_bytes() == weights
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("{broken", "not valid JSON"), ('{"step": "three"}', "'step'"), ('{"step": -1}', "'step'")],
+)
+def test_corrupt_trainer_state_on_resume_is_one_line_exit_2(main, tmp_path, capsys, text, message):
+    out = tmp_path / "run"
+    assert main([*TRAIN, "--steps", "1", "--out", str(out)]) == 0
+    (out / "checkpoint" / "trainer_state.json").write_text(text)
+    capsys.readouterr()
+    assert main([*TRAIN, "--steps", "2", "--out", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err

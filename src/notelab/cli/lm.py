@@ -16,6 +16,7 @@ import argparse
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -173,9 +174,8 @@ def _load(path: str, device: str) -> tuple[Llama, Tokenizer]:
 
 
 def generate(args: argparse.Namespace) -> int:
-    import torch
-
     from notelab.lm.chat import apply_chat_template, chat_stop_tokens
+    from notelab.lm.generate import ContextLimitWarning
     from notelab.lm.generate import generate as generate_tokens
 
     check_positive(max_new_tokens=args.max_new_tokens)
@@ -193,8 +193,6 @@ def generate(args: argparse.Namespace) -> int:
         texts = [apply_chat_template([{"role": "user", "content": p}], True) if args.chat else p for p in args.prompt]
         prompts = [tokenizer.encode(t, add_bos=tokenizer.bos_id is not None and not args.chat) for t in texts]
     stops = chat_stop_tokens(tokenizer) if args.chat else [i for i in (tokenizer.eos_id,) if i is not None]
-    device = model.embed_tokens.weight.device
-    generator = torch.Generator(device=device).manual_seed(args.seed)
     callback = None
     if args.stream and len(prompts) == 1:
         shown: list[int] = []
@@ -207,19 +205,21 @@ def generate(args: argparse.Namespace) -> int:
             sys.stdout.flush()
 
     t0 = time.perf_counter()
-    outs = generate_tokens(
-        model,
-        prompts,
-        args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty,
-        stop_tokens=stops,
-        generator=generator,
-        pad_id=tokenizer.pad_id or 0,
-        callback=callback,
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ContextLimitWarning)
+        outs = generate_tokens(
+            model,
+            prompts,
+            args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            repetition_penalty=args.repetition_penalty,
+            stop_tokens=stops,
+            seed=args.seed,
+            pad_id=tokenizer.pad_id or 0,
+            callback=callback,
+        )
     seconds = time.perf_counter() - t0
     if callback is not None:
         print()
@@ -230,13 +230,11 @@ def generate(args: argparse.Namespace) -> int:
                 print("-" * 40)
     n = sum(len(o) for o in outs)
     print(f"[{n} tokens in {seconds:.2f} s, {n / max(seconds, 1e-9):.1f} tok/s]", file=sys.stderr)
-    room = model.config.max_seq_len - max(len(p) for p in prompts)  # prompts are left-padded to one length
-    if room < args.max_new_tokens and any(len(o) == room for o in outs):
-        print(
-            f"note: stopped at the context limit: {model.config.max_seq_len - room} prompt tokens + {room} new = "
-            f"max_seq_len {model.config.max_seq_len}, fewer than --max-new-tokens {args.max_new_tokens}",
-            file=sys.stderr,
-        )
+    for w in caught:  # one line each (a warning's default print is two, with our source line)
+        if issubclass(w.category, ContextLimitWarning):
+            print(f"note: {w.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     return 0
 
 
