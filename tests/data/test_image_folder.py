@@ -104,3 +104,95 @@ def test_empty_missing_and_unreadable_folders(tmp_path):
         load_dataset(mixed)
     with pytest.raises(ConfigError, match="channels: expected 1"):
         load_image_folder(mixed / "cls", channels=2)
+
+
+def test_16_bit_grayscale_png_is_scaled_not_clipped(tmp_path):
+    root = tmp_path / "deep"
+    root.mkdir()
+    ramp = np.linspace(0, 65535, 16 * 16).round().astype(np.uint16).reshape(16, 16)
+    Image.fromarray(ramp).save(root / "ramp.png")
+    assert Image.open(root / "ramp.png").mode.startswith("I")  # a real 16-bit PNG
+    x = load_dataset(root).x
+    assert x.shape == (1, 1, 16, 16)
+    torch.testing.assert_close(x[0, 0], torch.from_numpy(ramp / 65535.0 * 2 - 1).float(), rtol=0, atol=1e-6)
+    assert (x > 0.99).float().mean().item() < 0.01  # was: everything above 255/65535 clipped to +1
+    # resized in float, then shown as RGB beside a colour image
+    write(root / "red.png", size=(16, 16))
+    x = load_dataset(root, image_size=4).x
+    assert x.shape == (2, 3, 4, 4) and torch.equal(x[0, 0], x[0, 2])  # file order: ramp, red
+    assert -0.95 < x[0].min().item() < -0.5 and 0.5 < x[0].max().item() < 0.95  # bilinear means of the ramp
+
+
+@pytest.mark.parametrize(
+    ("mode", "value", "expected"),
+    [
+        ("1", 1, 1.0),
+        ("L", 51, 51 / 127.5 - 1),
+        ("LA", (51, 0), 51 / 127.5 - 1),  # alpha dropped
+        ("I", 65535, 1.0),  # 16-bit PNGs in older Pillow
+        ("I", 16384, 16384 / 32767.5 - 1),
+        ("I;16", 32768, 32768 / 32767.5 - 1),
+        ("F", 51.0, 51 / 127.5 - 1),  # PIL's float scale is that of L
+    ],
+)
+def test_gray_modes_scale_by_their_full_range(mode, value, expected):
+    from notelab.data.images import to_unit_range
+
+    img = Image.new(mode, (6, 4), value)
+    for channels in (1, 3):
+        a = to_unit_range(img, channels)
+        assert a.shape == (channels, 4, 6) and a.dtype == np.float32
+        np.testing.assert_allclose(a, expected, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(to_unit_range(img, 1, image_size=2), expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("mode", "value"),
+    [("RGBA", (255, 0, 51, 0)), ("P", 0), ("CMYK", (0, 255, 204, 0)), ("RGB", (255, 0, 51))],
+)
+def test_colour_modes_scale_to_rgb(tmp_path, mode, value):
+    img = Image.new(mode, (8, 8), value)
+    if mode == "P":
+        img.putpalette([255, 0, 51] + [0] * 765)
+    root = tmp_path / mode
+    root.mkdir()
+    img.save(root / ("a.jpg" if mode == "CMYK" else "a.png"), **({"quality": 100} if mode == "CMYK" else {}))
+    x = load_dataset(root).x
+    assert x.shape == (1, 3, 8, 8)
+    tol = 0.05 if mode == "CMYK" else 1e-6  # JPEG
+    np.testing.assert_allclose(x[0].mean((1, 2)).numpy(), [1.0, -1.0, 51 / 127.5 - 1], atol=tol)
+
+
+def test_large_images_are_resized_one_at_a_time(tmp_path, monkeypatch):
+    """Only the resized arrays are kept: no opened full-size image outlives its turn."""
+    import gc
+    import weakref
+
+    import notelab.data.images as images
+
+    root = tmp_path / "big"
+    root.mkdir()
+    grad = np.add.outer(np.arange(1024), np.arange(1024)).astype(np.uint8)
+    for i in range(4):
+        Image.fromarray(np.stack([grad, grad.T, grad // 2], -1)).save(root / f"{i}.png", compress_level=1)
+        Image.fromarray(np.stack([grad, grad.T, grad // 2], -1)).save(root / f"{i}.jpg", quality=90)
+    opened, alive_at_open = [], []
+    real_open = Image.open
+
+    def tracking_open(*args, **kw):
+        gc.collect()
+        alive_at_open.append(sum(r() is not None for r in opened))
+        img = real_open(*args, **kw)
+        opened.append(weakref.ref(img))
+        return img
+
+    monkeypatch.setattr(images.Image, "open", tracking_open)
+    x, _, _ = load_image_folder(root, image_size=16)
+    assert x.shape == (8, 3, 16, 16) and len(alive_at_open) == 8
+    assert max(alive_at_open) == 0, alive_at_open  # the old loader held every full-size image
+    jpeg_sizes = []
+    monkeypatch.setattr(
+        images, "to_unit_range", lambda img, c, s=None: jpeg_sizes.append(img.size) or np.zeros((c, s, s))
+    )
+    load_image_folder(root, image_size=16, channels=3)
+    assert (128, 128) in jpeg_sizes  # JPEGs decoded at 1/8 scale (draft), PNGs at full size
