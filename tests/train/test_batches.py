@@ -36,12 +36,14 @@ class Rows(Dataset):
 
 
 @pytest.mark.parametrize("as_dataset", [False, True])
-def test_accumulation_equals_one_big_batch_on_an_awkward_data_size(as_dataset):
-    # 37 rows: 37 // 12 = 3 steps per epoch, 37 // 4 = 9 micro-batches, so 8 steps cross epochs
-    # at different places if the epochs were counted in micro-batches.
+@pytest.mark.parametrize(("batch_size", "grad_accum"), [(4, 2), (5, 3), (4, 3)])
+def test_accumulation_equals_one_big_batch_on_an_awkward_data_size(as_dataset, batch_size, grad_accum):
+    # 37 rows with b = 4, k = 2: 37 // 8 = 4 steps per epoch but 37 // 4 = 9 micro-batches, so
+    # epochs counted in micro-batches would end inside step 4 and mix two epochs' samples.
     data = toy_data(37)
     data = Rows(data) if as_dataset else data
-    a, b = run(data, batch_size=4, grad_accum=3), run(data, batch_size=12, grad_accum=1)
+    a = run(data, batch_size=batch_size, grad_accum=grad_accum)
+    b = run(data, batch_size=batch_size * grad_accum, grad_accum=1)
     torch.testing.assert_close(params_of(a.model), params_of(b.model), rtol=0, atol=1e-6)
     for ra, rb in zip(a.history, b.history, strict=True):
         assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5)
