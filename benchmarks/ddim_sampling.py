@@ -1,22 +1,30 @@
-"""Per-step time of notelab's DDIM sampler loop against diffusers' ``DDIMScheduler`` loop.
+"""DDIM sampling as a user calls it, ``DiffusionModel.sample``, against diffusers' ``DDIMScheduler`` loop.
 
-Both loops drive the same network (notelab's UNet, random weights: speed does not depend on
-training) from the same initial noise, with the same schedule (linear betas 1e-4..0.02, T=1000),
-the same ``leading`` timesteps and eta=0. Before timing, the two sample sets are compared (max
-abs difference); then each loop runs ``--repeats`` times and the best time is kept.
+One ``DiffusionModel`` with the network ``DiffusionConfig.for_shape`` gives the data (CIFAR-10's
+3x32x32 by default: notelab's UNet, 64 base channels, levels (1, 2, 2), two residual blocks a
+level; random weights: speed does not depend on training) and DDPM's schedule (linear betas
+1e-4..0.02, T=1000). Both loops take the same initial noise, the same ``leading`` timesteps and
+eta=0, and drive that same network:
 
-    python benchmarks/ddim_sampling.py --device cpu --steps 50 --batch 64 --image-size 8
-    python benchmarks/ddim_sampling.py --device cuda --precision bf16 --image-size 32 --batch 256
+- notelab: ``model.sample(batch, "ddim", steps, x_T=x_T)`` with its defaults (on CUDA: bf16
+  autocast and the network compiled with ``torch.compile``; on CPU: float32, eager);
+- diffusers: the documented loop ``for t in scheduler.timesteps: x = scheduler.step(net(x, t), t, x)``
+  around ``model.net`` under bf16 autocast (float32 on CPU), eager as diffusers runs it, and for
+  reference the same loop around notelab's compiled network.
 
-The table gives ms per step for the network alone, our loop and diffusers' loop, and the ratio
-ours / diffusers (below 1: ours is faster), first around the UNet, then around a "null" network
-(a fixed linear map) whose rows time only the samplers' own per-step work.
+Before timing, the samples are compared (max abs difference, relative to the largest value);
+then each contender runs ``--repeats`` times, interleaved, and the best time is kept; the first
+(compiling) call is not timed.
+
+    python benchmarks/ddim_sampling.py                             # CUDA: batch 256, 50 steps, 3x32x32
+    python benchmarks/ddim_sampling.py --device cpu --batch 16 --image-size 8 --channels 1 --repeats 2
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import platform
 import time
 from collections.abc import Callable
@@ -24,26 +32,22 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from notelab.core.denoisers import UNet, UNetConfig
 from notelab.core.runtime import get_device
-from notelab.diffusion.ddim import ddim_timesteps, sample_ddim
-from notelab.diffusion.schedules import NoiseSchedule
+from notelab.diffusion.pipeline import DiffusionConfig, DiffusionModel, sampling_setup
 
 if TYPE_CHECKING:
     from diffusers import DDIMScheduler
 
 
-def diffusers_ddim(net: torch.nn.Module, x_T: torch.Tensor, scheduler: DDIMScheduler, steps: int) -> torch.Tensor:
+def diffusers_ddim(
+    net: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x_T: torch.Tensor, scheduler: DDIMScheduler, steps: int
+) -> torch.Tensor:
     scheduler.set_timesteps(steps, device=x_T.device)
     x = x_T
     for t in scheduler.timesteps:
         eps = net(x, t.expand(x.shape[0]))
         x = scheduler.step(eps, t, x, eta=0.0).prev_sample
     return x
-
-
-def ours_ddim(net: torch.nn.Module, x_T: torch.Tensor, schedule: NoiseSchedule, steps: int) -> torch.Tensor:
-    return sample_ddim(net, x_T, schedule, steps, eta=0.0, spacing="leading")
 
 
 def best_times(fns: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, float]:
@@ -53,11 +57,10 @@ def best_times(fns: dict[str, Callable[[], object]], repeats: int, device: torch
     names = list(fns)
     for r in range(repeats):
         for name in names[r % len(names) :] + names[: r % len(names)]:  # rotate who goes first
-            fn = fns[name]
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            fn()
+            fns[name]()
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times[name].append(time.perf_counter() - t0)
@@ -74,116 +77,95 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto")
-    p.add_argument("--steps", type=int, nargs="+", default=[50])
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--image-size", type=int, default=8)
-    p.add_argument("--channels", type=int, default=1)
-    p.add_argument("--base-channels", type=int, default=32)
-    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="bf16 autocast (CUDA)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the network (both loops share it)")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--channels", type=int, default=3)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--out", default=None, help="write the figures as JSON here")
     args = p.parse_args(argv)
 
+    import diffusers
     from diffusers import DDIMScheduler
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = get_device(args.device)
     torch.manual_seed(0)
-    size = args.image_size
-    mults = (1, 2) if size <= 8 else (1, 2, 2) if size <= 32 else (1, 2, 2, 2)
-    net = (
-        UNet(
-            UNetConfig(
-                in_channels=args.channels,
-                image_size=size,
-                base_channels=args.base_channels,
-                channel_mults=mults,
-                num_res_blocks=1,
-            )
-        )
-        .to(device)
-        .eval()
-    )
-    if args.compile:
-        net = torch.compile(net)
-    schedule = NoiseSchedule.from_name("linear", 1000, 1e-4, 0.02)
+    shape = (args.channels, args.image_size, args.image_size)
+    model = DiffusionModel(DiffusionConfig.for_shape(shape)).to(device).eval()
+    c = model.config
     scheduler = DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=1e-4,
-        beta_end=0.02,
-        beta_schedule="linear",
+        num_train_timesteps=c.num_train_timesteps,
+        beta_start=c.beta_start,
+        beta_end=c.beta_end,
+        beta_schedule=c.beta_schedule,
         clip_sample=False,
         set_alpha_to_one=True,
         steps_offset=0,
         timestep_spacing="leading",
     )
-    amp = (
-        torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-        if args.precision == "bf16"
-        else contextlib.nullcontext()
+    amp_dtype, compiled = sampling_setup(device)  # what sample() does by default on this device
+    amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
+    x_T = torch.randn(args.batch, *shape, generator=torch.Generator().manual_seed(0)).to(device)
+    n_params = sum(q.numel() for q in model.net.parameters())
+    header = (
+        f"# DDIM sampling, notelab DiffusionModel.sample (defaults) vs diffusers {diffusers.__version__} DDIMScheduler"
+        f"\n# device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu_name()}), "
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, sample's defaults here: "
+        f"autocast {amp_dtype}, compile {compiled}; batch {args.batch}, image {'x'.join(map(str, shape))}, "
+        f"{args.steps} steps, UNet {n_params / 1e6:.2f}M params"
     )
-    x_T = torch.randn(args.batch, args.channels, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+    print(header, flush=True)
 
-    print(f"# DDIM sampling loop, notelab vs diffusers {__import__('diffusers').__version__}")
-    print(
-        f"# device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu_name()}), "
-        f"torch {torch.__version__}, threads {torch.get_num_threads()}, precision {args.precision}, "
-        f"compile {args.compile}, batch {args.batch}, image {args.channels}x{size}x{size}, "
-        f"UNet {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M params"
-    )
-    columns = ["network", "steps", "max abs diff (relative)", "net ms/step", "ours ms/step", "diffusers ms/step"]
-    print("| " + " | ".join([*columns, "ours / diffusers"]) + " |")
-    print("|---" * 7 + "|")
-    # The null network (a fixed linear map) leaves only the samplers' own per-step work to time.
-    nets = {"UNet": net, "null": lambda x, t: 0.1 * x}
-    # Timing two loops is only fair when they compute the same thing; bf16 rounding compounds over steps.
-    tolerance = 1e-4 if args.precision == "fp32" else 5e-2
-    with torch.inference_mode(), amp:
-        for name, f in nets.items():
-            for steps in args.steps:
-                cells, rel = compare(f, x_T, schedule, scheduler, steps, args.repeats)
-                print("| " + " | ".join([name, *cells]) + " |")
-                if rel > tolerance:
-                    raise SystemExit(f"the two loops disagree: relative max abs diff {rel:.1e} > {tolerance:g}")
+    def ours() -> torch.Tensor:
+        return model.sample(args.batch, "ddim", args.steps, x_T=x_T)
 
+    def theirs(net: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Callable[[], torch.Tensor]:
+        def run() -> torch.Tensor:
+            with torch.inference_mode(), amp:
+                return diffusers_ddim(net, x_T, scheduler, args.steps)
 
-def compare(
-    net: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    x_T: torch.Tensor,
-    schedule: NoiseSchedule,
-    scheduler: DDIMScheduler,
-    steps: int,
-    repeats: int,
-) -> tuple[list[str], float]:
-    """Table cells (agreement of the two loops, ms per step of the network alone and of each loop)
-    and the relative max abs difference of the two loops' samples."""
-    ours = ours_ddim(net, x_T, schedule, steps).float()
-    theirs = diffusers_ddim(net, x_T, scheduler, steps).float()
-    diff = (ours - theirs).abs().max().item()
-    rel = diff / max(theirs.abs().max().item(), 1e-12)
-    ts = ddim_timesteps(1000, steps, "leading").to(x_T.device)
+        return run
 
-    def net_only() -> None:
-        for t in ts:
-            net(x_T, t.expand(x_T.shape[0]))
-
-    t = best_times(
-        {
-            "net": net_only,
-            "ours": lambda: ours_ddim(net, x_T, schedule, steps),
-            "diffusers": lambda: diffusers_ddim(net, x_T, scheduler, steps),
-        },
-        repeats,
-        x_T.device,
-    )
-    ms = [1000 * t[k] / steps for k in ("net", "ours", "diffusers")]
-    cells = [str(steps), f"{diff:.1e} ({rel:.1e})", *(f"{m:.3f}" for m in ms), f"{t['ours'] / t['diffusers']:.3f}"]
-    return cells, rel
+    contenders = {"notelab sample (defaults)": ours, "diffusers loop, eager net": theirs(model.net)}
+    if compiled:
+        contenders["diffusers loop, notelab's compiled net"] = theirs(model.denoiser(True))
+    t0 = time.perf_counter()
+    first = {name: fn().float() for name, fn in contenders.items()}  # compiles the network once
+    warm_s = time.perf_counter() - t0
+    ref = first["diffusers loop, eager net"]
+    scale = ref.abs().max().item()
+    times = best_times(contenders, args.repeats, device)
+    base = times["diffusers loop, eager net"]
+    rows = []
+    print("| loop | ms/step | samples/s | diffusers eager / this | max abs diff to diffusers eager (relative) |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for name, seconds in times.items():
+        diff = (first[name] - ref).abs().max().item()
+        row = {
+            "loop": name,
+            "ms_per_step": 1e3 * seconds / args.steps,
+            "samples_per_s": args.batch / seconds,
+            "speedup_vs_diffusers": base / seconds,
+            "max_abs_diff": diff,
+            "rel_diff": diff / max(scale, 1e-12),
+        }
+        rows.append(row)
+        print(
+            f"| {name} | {row['ms_per_step']:.3f} | {row['samples_per_s']:.0f} | {row['speedup_vs_diffusers']:.2f}x "
+            f"| {diff:.2e} ({row['rel_diff']:.1e}) |"
+        )
+    print(f"# first calls (compile included) took {warm_s:.1f} s together", flush=True)
+    result = {"header": header, "rows": rows, "warmup_s": warm_s}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
 
 
 if __name__ == "__main__":
