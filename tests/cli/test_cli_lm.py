@@ -228,13 +228,21 @@ def test_resume_reuses_the_run_tokenizer_and_checks_the_data_flags(main, tmp_pat
 
 
 @pytest.mark.parametrize(
-    ("text", "message"),
-    [("{broken", "not valid JSON"), ('{"step": "three"}', "'step'"), ('{"step": -1}', "'step'")],
+    ("field", "value", "message"),
+    [
+        (None, "{broken", "not valid JSON"),
+        ("step", "three", "'step'"),
+        ("step", -1, "'step'"),
+        ("optimizer", 5, "optimizer"),
+        ("optimizer", {"param_groups": "all"}, "param_groups"),
+    ],
 )
-def test_corrupt_trainer_state_on_resume_is_one_line_exit_2(main, tmp_path, capsys, text, message):
+def test_corrupt_trainer_state_on_resume_is_one_line_exit_2(main, tmp_path, capsys, field, value, message):
     out = tmp_path / "run"
     assert main([*TRAIN, "--steps", "1", "--out", str(out)]) == 0
-    (out / "checkpoint" / "trainer_state.json").write_text(text)
+    path = out / "checkpoint" / "trainer_state.json"
+    state = json.loads(path.read_text())
+    path.write_text(value if field is None else json.dumps({**state, field: value}))
     capsys.readouterr()
     assert main([*TRAIN, "--steps", "2", "--out", str(out), "--resume"]) == 2
     err = capsys.readouterr().err
