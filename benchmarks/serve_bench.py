@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import random
 import socket
@@ -59,6 +60,7 @@ CORPUS = ["def add(a, b):\n    return a + b\n", "the quick brown fox jumps over 
 class Timing:
     """One streamed request: when it was sent, when each text chunk came, how many tokens it made."""
 
+    index: int  # the prompt's
     sent: float
     chunks: list[float] = field(default_factory=list)
     done: float = 0.0
@@ -88,7 +90,7 @@ def free_port() -> int:
 def start_server(checkpoint: Path, port: int, args: argparse.Namespace) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "notelab", "lm", "serve", "--checkpoint", str(checkpoint), "--port", str(port)]
     cmd += ["--model-name", "bench", "--max-batch", str(max(args.clients, 1)), "--log-level", "warning"]
-    cmd += ["--dtype", args.dtype, "--device", args.device]
+    cmd += ["--dtype", args.dtype, "--device", args.device, "--max-len", str(args.prompt_len + args.max_tokens)]
     return subprocess.Popen(cmd)
 
 
@@ -104,8 +106,13 @@ async def wait_ready(client: AsyncOpenAI, proc: subprocess.Popen, timeout: float
             await asyncio.sleep(0.5)
 
 
-async def one(client: AsyncOpenAI, prompt: list[int], max_tokens: int) -> Timing:
-    t = Timing(time.perf_counter())
+def make_client(port: int) -> AsyncOpenAI:
+    return AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=3600)
+
+
+async def one(client: AsyncOpenAI, index: int, prompt: list[int], max_tokens: int) -> Timing:
+    # time.monotonic is CLOCK_MONOTONIC on Linux: one clock for every client process
+    t = Timing(index, time.monotonic())
     stream = await client.completions.create(
         model="bench",
         prompt=prompt,
@@ -115,13 +122,13 @@ async def one(client: AsyncOpenAI, prompt: list[int], max_tokens: int) -> Timing
         stream_options={"include_usage": True},
     )
     async for chunk in stream:
-        now = time.perf_counter()
+        now = time.monotonic()
         if chunk.usage is not None:
             t.tokens = chunk.usage.completion_tokens
         if chunk.choices and chunk.choices[0].text:
             t.chunks.append(now)
             t.text += chunk.choices[0].text
-    t.done = time.perf_counter()
+    t.done = time.monotonic()
     return t
 
 
@@ -130,20 +137,59 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, round(q / 100 * (len(xs) - 1)))] if xs else float("nan")
 
 
-async def drive(args: argparse.Namespace, port: int, proc: subprocess.Popen, prompts: list[list[int]]) -> dict:
-    client = AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=3600)
+def client_process(
+    port: int, prompts: list[tuple[int, list[int]]], max_tokens: int, barrier: object, results: object
+) -> None:
+    """One client process: its share of the streams, all started when every process is ready."""
+
+    async def go() -> list[Timing]:
+        client = make_client(port)
+        barrier.wait()
+        return list(await asyncio.gather(*(one(client, i, p, max_tokens) for i, p in prompts)))
+
+    results.put(asyncio.run(go()))
+
+
+def many_clients(port: int, prompts: list[list[int]], max_tokens: int, procs: int) -> list[Timing]:
+    """The streams spread over ``procs`` processes, so the clients' own parsing is not the bottleneck."""
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(procs), ctx.Queue()
+    shares = [list(enumerate(prompts))[i::procs] for i in range(procs)]
+    workers = [ctx.Process(target=client_process, args=(port, sh, max_tokens, barrier, results)) for sh in shares]
+    for w in workers:
+        w.start()
+    timings = [t for _ in workers for t in results.get()]
+    for w in workers:
+        w.join()
+    return timings
+
+
+async def warm(port: int, proc: subprocess.Popen, prompt: list[int], max_tokens: int) -> Timing:
+    client = make_client(port)
     await wait_ready(client, proc)
-    await one(client, prompts[0], 4)  # warm-up: compile / capture
-    single = await one(client, prompts[0], args.max_tokens)
-    t0 = time.perf_counter()
-    many = await asyncio.gather(*(one(client, p, args.max_tokens) for p in prompts))
-    wall = max(t.done for t in many) - t0
+    await one(client, 0, prompt, 4)  # warm-up: compile / capture
+    return await one(client, 0, prompt, max_tokens)
+
+
+def drive(args: argparse.Namespace, port: int, proc: subprocess.Popen, prompts: list[list[int]]) -> dict:
+    single = asyncio.run(warm(port, proc, prompts[0], args.max_tokens))
+    if args.client_procs > 1:
+        many = many_clients(port, prompts, args.max_tokens, args.client_procs)
+    else:
+
+        async def together() -> list[Timing]:
+            client = make_client(port)
+            return list(await asyncio.gather(*(one(client, i, p, args.max_tokens) for i, p in enumerate(prompts))))
+
+        many = asyncio.run(together())
+    wall = max(t.done for t in many) - min(t.sent for t in many)
     ttft = [t.chunks[0] - t.sent for t in many if t.chunks]
     itl = [b - a for t in many for a, b in zip(t.chunks, t.chunks[1:])]
     single_tps = single.tokens / (single.done - single.sent)
     total = sum(t.tokens for t in many)
     return {
         "clients": len(many),
+        "client_procs": args.client_procs,
         "max_tokens": args.max_tokens,
         "prompt_len": args.prompt_len,
         "single_tokens_per_s": single_tps,
@@ -156,7 +202,7 @@ async def drive(args: argparse.Namespace, port: int, proc: subprocess.Popen, pro
         "ttft_ms_p99": 1e3 * pct(ttft, 99),
         "itl_ms_p50": 1e3 * pct(itl, 50),
         "itl_ms_p99": 1e3 * pct(itl, 99),
-        "texts": [t.text for t in many],
+        "texts": [t.text for t in sorted(many, key=lambda t: t.index)],
     }
 
 
@@ -186,11 +232,15 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument(
+        "--client-procs", type=int, help="processes the clients are spread over (default: 1 up to 8 clients, else 4)"
+    )
     ap.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     ap.add_argument("--device", default="auto")
     ap.add_argument("--no-check", dest="check", action="store_false", help="skip the comparison with generate")
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args()
+    args.client_procs = args.client_procs or (1 if args.clients <= 8 else 4)
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.checkpoint:
@@ -199,6 +249,7 @@ def main() -> None:
             checkpoint = Path(tmp) / args.preset
             dtype = torch.bfloat16 if torch.cuda.is_available() and args.dtype == "auto" else torch.float32
             random_checkpoint(args.preset, checkpoint, dtype)
+            torch.cuda.empty_cache()  # the server process gets the memory
         vocab = json.loads((checkpoint / "config.json").read_text())["vocab_size"]
         rng = random.Random(0)
         # ids past the special tokens; a different prompt per client
@@ -206,7 +257,7 @@ def main() -> None:
         port = free_port()
         proc = start_server(checkpoint, port, args)
         try:
-            result = asyncio.run(drive(args, port, proc, prompts))
+            result = drive(args, port, proc, prompts)
         finally:
             proc.terminate()
             proc.wait(30)
@@ -227,7 +278,7 @@ def main() -> None:
     if "identical_to_generate" in result:
         print(f"  identical to generate alone (greedy): {result['identical_to_generate']}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": device, **vars(args), **result}, indent=2))
+        Path(args.json).write_text(json.dumps({**vars(args), "hardware": device, **result}, indent=2))
 
 
 if __name__ == "__main__":

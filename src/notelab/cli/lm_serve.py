@@ -18,6 +18,8 @@ from pathlib import Path
 from notelab.core.errors import ConfigError, DataError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# Llama 3's 128k-token context in every one of 64 rows would be a KV cache of ~0.5 TB for the 1B model.
+DEFAULT_MAX_LEN = 4096
 
 
 def add_serve_parser(verbs: argparse._SubParsersAction) -> None:
@@ -34,7 +36,12 @@ def add_serve_parser(verbs: argparse._SubParsersAction) -> None:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--model-name", help="the model id clients send (default: the checkpoint folder's name)")
     s.add_argument("--max-batch", type=int, default=64, help="most sequences decoded together; more wait their turn")
-    s.add_argument("--max-len", type=int, help="longest prompt + completion in tokens (default: max_seq_len)")
+    s.add_argument(
+        "--max-len",
+        type=int,
+        help=f"longest prompt + completion in tokens; the KV cache holds max-batch x max-len tokens "
+        f"(default: the model's max_seq_len, at most {DEFAULT_MAX_LEN})",
+    )
     s.add_argument("--max-n", type=int, default=16, help="most sequences one request may ask for (n x prompts)")
     s.add_argument(
         "--dtype", choices=DTYPES, default="auto", help="weights and KV cache (auto: bfloat16 on CUDA, else as saved)"
@@ -59,26 +66,31 @@ def serve(args: argparse.Namespace) -> int:
 
     from notelab.core.runtime import get_device
     from notelab.lm.engine import Engine
+    from notelab.lm.flops import kv_cache_bytes
     from notelab.lm.openai_api import ServeConfig
     from notelab.lm.serve import create_app
     from notelab.lm.train import load_run
 
     model, tokenizer = load_run(args.checkpoint, device=get_device(args.device))
     context = model.config.max_seq_len
-    if args.max_len is not None and args.max_len > context:
-        raise ConfigError(f"--max-len: expected at most the model's max_seq_len {context}, got {args.max_len}")
+    if args.max_len is not None and not 2 <= args.max_len <= context:
+        raise ConfigError(f"--max-len: expected 2 to the model's max_seq_len {context}, got {args.max_len}")
+    max_len = args.max_len or min(context, DEFAULT_MAX_LEN)
     if args.dtype != "auto":
         model.to(getattr(torch, args.dtype))
     elif model.embed_tokens.weight.is_cuda:
         model.to(torch.bfloat16)
     model.eval()
-    engine = Engine(model, max_batch=args.max_batch, max_len=args.max_len)
+    engine = Engine(model, max_batch=args.max_batch, max_len=max_len)
+    cache = kv_cache_bytes(model.config, args.max_batch, max_len, engine.dtype)
     name = args.model_name or Path(args.checkpoint).resolve().name
-    config = ServeConfig(
-        model_name=name, context_len=args.max_len or context, vocab_size=model.config.vocab_size, max_n=args.max_n
-    )
+    config = ServeConfig(model_name=name, context_len=max_len, vocab_size=model.config.vocab_size, max_n=args.max_n)
     app = create_app(engine, tokenizer, config)
     url = f"http://{args.host}:{args.port}/v1"
-    print(f"serving {name!r} at {url} (max batch {args.max_batch}, context {config.context_len})", flush=True)
+    print(
+        f"serving {name!r} at {url}: batches of up to {args.max_batch}, context {max_len} tokens, "
+        f"KV cache {cache / 2**30:.2f} GiB",
+        flush=True,
+    )
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

@@ -144,6 +144,8 @@ class OpenAIAPI:
     def __init__(self, tokenizer: Tokenizer, config: ServeConfig) -> None:
         self.tokenizer = tokenizer
         self.config = config
+        self.decode = text_decoder(tokenizer)
+        self._token_text = text_decoder(tokenizer, skip_special_tokens=False)
 
     # --- requests ---------------------------------------------------------------------------
 
@@ -358,7 +360,25 @@ class OpenAIAPI:
 
     def token_text(self, token: int) -> str:
         """One token's own text, special tokens spelled out (for log-probability entries)."""
-        return self.tokenizer.decode([token], skip_special_tokens=False) if token < self.tokenizer.vocab_size else ""
+        return self._token_text([token])
+
+
+def text_decoder(tokenizer: Tokenizer, skip_special_tokens: bool = True) -> Callable[[Sequence[int]], str]:
+    """Token ids -> text, ids past the tokenizer's vocabulary dropped (a model may have more embeddings
+    than its tokenizer has tokens; those ids have no text).
+
+    It calls the ``tokenizers`` backend directly, with the vocabulary size read once: the library
+    computes ``get_vocab_size(with_added_tokens=True)``, which ``Tokenizer.decode`` checks ids
+    against, by building the whole vocabulary on every call (6 ms for 128k tokens, measured), and
+    the server decodes once per token.
+    """
+    size = tokenizer.vocab_size
+    backend = tokenizer.backend
+
+    def decode(ids: Sequence[int]) -> str:
+        return backend.decode([i for i in ids if i < size], skip_special_tokens=skip_special_tokens)
+
+    return decode
 
 
 def new_id(prefix: str) -> str:

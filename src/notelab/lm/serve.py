@@ -219,8 +219,7 @@ class _Session:
     def __init__(self, scheduler: Scheduler, api: OpenAIAPI, req: GenerationRequest, request: Request) -> None:
         self.scheduler, self.api, self.req, self.request = scheduler, api, req, request
         self.out: asyncio.Queue = asyncio.Queue()
-        decode = _safe_decode(api.tokenizer)
-        self.choices = [_Choice(TextStream(decode, req.stop), frozenset(p.stop_tokens)) for p in req.choices]
+        self.choices = [_Choice(TextStream(api.decode, req.stop), frozenset(p.stop_tokens)) for p in req.choices]
         self.watcher: asyncio.Task | None = None
         self.disconnected = False
 
@@ -252,49 +251,56 @@ class _Session:
         if cancel and any(c.finish_reason is None for c in self.choices):
             self.scheduler.cancel(self.out)
 
-    async def deltas(self) -> AsyncIterator[_Delta]:
-        """Text deltas until every sequence has finished; ends early if the client disconnects."""
+    async def batches(self) -> AsyncIterator[list[_Delta]]:
+        """Text deltas until every sequence has finished, as many per batch as have arrived (one write
+        each when streaming: a reader that fell behind catches up in one go); ends early if the client
+        disconnects."""
         left = len(self.choices)
         while left:
-            item = await self.out.get()
-            if item == DISCONNECTED:
-                self.disconnected = True
+            items = [await self.out.get()]
+            while not self.out.empty():
+                items.append(self.out.get_nowait())
+            batch = []
+            for item in items:
+                if item == DISCONNECTED:
+                    self.disconnected = True
+                    break
+                if isinstance(item, Failure):
+                    raise item.error
+                delta = self._delta(*item)
+                if delta is not None:
+                    left -= delta.finish_reason is not None
+                    batch.append(delta)
+            if batch:
+                yield batch
+            if self.disconnected:
                 return
-            if isinstance(item, Failure):
-                raise item.error
-            index, event = item
-            c = self.choices[index]
-            if c.finish_reason is not None:  # ended by a stop string; events already in flight
-                continue
-            delta = _Delta(index, "", [], None)
-            # A stop token ends the sequence and is not part of the completion (as in lm.generate).
-            if event.token is not None and not (event.finished and event.token in c.stop_ids):
-                offset = len(c.text.text)
-                delta.text = c.text.push(event.token)
-                c.tokens += 1
-                if self.req.logprobs and event.logprob is not None:
-                    delta.logprobs.append((event.token, float(event.logprob), offset))
-            if c.text.stopped:
-                c.finish_reason = "stop"
-                if not event.finished:
-                    self.scheduler.cancel(self.out, index)
-            elif event.finished:
-                delta.text += c.text.flush()
-                c.finish_reason = event.finish_reason or "stop"
-            delta.finish_reason = c.finish_reason
-            c.logprobs.extend(delta.logprobs)
-            left -= delta.finish_reason is not None
-            if delta.text or delta.logprobs or delta.finish_reason:
-                yield delta
+
+    def _delta(self, index: int, event: TokenEvent) -> _Delta | None:
+        c = self.choices[index]
+        if c.finish_reason is not None:  # ended by a stop string; events already in flight
+            return None
+        delta = _Delta(index, "", [], None)
+        # A stop token ends the sequence and is not part of the completion (as in lm.generate).
+        if event.token is not None and not (event.finished and event.token in c.stop_ids):
+            offset = len(c.text.text)
+            delta.text = c.text.push(event.token)
+            c.tokens += 1
+            if self.req.logprobs and event.logprob is not None:
+                delta.logprobs.append((event.token, float(event.logprob), offset))
+        if c.text.stopped:
+            c.finish_reason = "stop"
+            if not event.finished:
+                self.scheduler.cancel(self.out, index)
+        elif event.finished:
+            delta.text += c.text.flush()
+            c.finish_reason = event.finish_reason or "stop"
+        delta.finish_reason = c.finish_reason
+        c.logprobs.extend(delta.logprobs)
+        return delta if delta.text or delta.logprobs or delta.finish_reason else None
 
     def usage(self) -> dict[str, int]:
         return usage(sum(map(len, self.req.prompts)), sum(c.tokens for c in self.choices))
-
-
-def _safe_decode(tokenizer: Tokenizer) -> Callable[[Sequence[int]], str]:
-    # A model may have more embeddings than its tokenizer has tokens; such ids have no text.
-    size = tokenizer.vocab_size
-    return lambda ids: tokenizer.decode([i for i in ids if i < size])
 
 
 def _sse(data: object) -> str:
@@ -342,10 +348,10 @@ class Server:
         req = session.req
         texts = ["" for _ in session.choices]
         if req.echo:
-            decode = _safe_decode(self.api.tokenizer)
-            texts = [decode(req.prompts[i // req.n]) for i in range(len(texts))]
-        async for d in session.deltas():
-            texts[d.index] += d.text
+            texts = [self.api.decode(req.prompts[i // req.n]) for i in range(len(texts))]
+        async for batch in session.batches():
+            for d in batch:
+                texts[d.index] += d.text
         if session.disconnected:
             return None
         choices = []
@@ -374,21 +380,19 @@ class Server:
                 ]
                 yield chunk(first)
             elif req.echo:
-                decode = _safe_decode(self.api.tokenizer)
                 echoed = [
-                    {"index": i, "text": decode(req.prompts[i // req.n]), "logprobs": None, "finish_reason": None}
+                    {
+                        "index": i,
+                        "text": self.api.decode(req.prompts[i // req.n]),
+                        "logprobs": None,
+                        "finish_reason": None,
+                    }
                     for i in range(len(session.choices))
                 ]
                 yield chunk(echoed)
             try:
-                async for d in session.deltas():
-                    if req.chat:
-                        lp = {"content": self._chat_logprobs(d.logprobs)} if req.logprobs else None
-                        body = {"index": d.index, "delta": {"content": d.text} if d.text else {}, "logprobs": lp}
-                    else:
-                        lp = self._logprobs(d.logprobs) if req.logprobs else None
-                        body = {"index": d.index, "text": d.text, "logprobs": lp}
-                    yield chunk([{**body, "finish_reason": d.finish_reason}])
+                async for batch in session.batches():
+                    yield "".join(self._chunk(req, d, chunk) for d in batch)
             except Exception as e:  # the status line is sent; the error goes in the stream, as OpenAI does
                 log.exception("generation failed mid-stream")
                 yield _sse(APIError(f"generation failed: {e}", status=500, kind="server_error").body())
@@ -399,6 +403,15 @@ class Server:
             yield "data: [DONE]\n\n"
         finally:
             session.close()
+
+    def _chunk(self, req: GenerationRequest, d: _Delta, chunk: Callable[[list[dict[str, Any]]], str]) -> str:
+        if req.chat:
+            lp = {"content": self._chat_logprobs(d.logprobs)} if req.logprobs else None
+            body = {"index": d.index, "delta": {"content": d.text} if d.text else {}, "logprobs": lp}
+        else:
+            lp = self._logprobs(d.logprobs) if req.logprobs else None
+            body = {"index": d.index, "text": d.text, "logprobs": lp}
+        return chunk([{**body, "finish_reason": d.finish_reason}])
 
     def _logprobs(self, entries: list[tuple[int, float, int]]) -> dict[str, Any]:
         """Completions' logprobs object: the chosen tokens only (``top_logprobs`` is null)."""
