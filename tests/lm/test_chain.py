@@ -112,6 +112,14 @@ def test_generate_chain_equals_the_torch_step(interp):
     assert generate(model, [prompt], 20, path="chain")[0] == want
     stop = want[6]
     assert generate(model, [prompt], 20, path="chain", stop_tokens=[stop])[0] == want[: want.index(stop)]
+    # sampling after the chain's step: the reference's tokens for the same seed
+    for kw in (
+        dict(temperature=1.2, top_p=0.9, seed=4),
+        dict(repetition_penalty=1.5),
+        dict(temperature=0.8, top_k=5, seed=1),
+    ):
+        want = generate(model, [prompt], 12, path="reference", **kw)[0]
+        assert generate(model, [prompt], 12, path="chain", **kw)[0] == want, kw
 
 
 @pytest.mark.parametrize(

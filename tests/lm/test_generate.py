@@ -176,3 +176,4 @@ def test_every_path_on_cuda_gives_the_reference_tokens():
     assert generate(model, prompts[:1], 12) == ref[:1]  # the chain
     kw = dict(temperature=0.8, top_p=0.95, seed=2)
     assert generate(model, prompts, 12, **kw) == generate(model, prompts, 12, path="reference", **kw)
+    assert generate(model, prompts[:1], 12, **kw) == generate(model, prompts[:1], 12, path="reference", **kw)

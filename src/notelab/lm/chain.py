@@ -52,6 +52,7 @@ which is how the tests check them against the torch model on CPU.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +62,7 @@ from notelab.core.mlp import SwiGLU
 from notelab.core.norms import RMSNorm
 from notelab.core.rope import rope_cos_sin
 from notelab.lm.model import FusedWeights, Llama
+from notelab.lm.sampling import Sampler, choose_tokens
 
 try:  # triton is optional: without it the chain is unavailable and generate takes the torch step
     import triton
@@ -540,13 +542,39 @@ class DecodeChain:
         )  # fmt: skip
 
 
-class ChainDecoder:
-    """Batch-1 greedy decoding with the chain: a cache of ``total`` slots, the step captured in a CUDA graph
-    on GPU (replayed once a token), and the prompt's forward captured per prompt length (the last one kept).
+def sample_into(
+    logits: torch.Tensor,
+    how: Sampler,
+    settings: tuple[torch.Tensor, ...],
+    seen: torch.Tensor,
+    count: torch.Tensor,
+    tok: torch.Tensor,
+    out: torch.Tensor,
+    slot: torch.Tensor,
+) -> None:
+    """Replace the token at ``out[0, slot]`` (and ``tok``) by one chosen from float32 ``logits`` ``(1, V)`` as
+    ``how`` says (``notelab.lm.sampling.choose_tokens``), in place; counts the token. Fixed buffers only."""
+    temperature, top_k, top_p, penalty, seed = settings
+    nxt, _ = choose_tokens(
+        logits, how, temperature=temperature, top_k=top_k, top_p=top_p, penalty=penalty,
+        seen=seen, seed=seed, counter=count,
+    )  # fmt: skip
+    tok.copy_(nxt[:, None])
+    out.index_copy_(1, slot.view(1), nxt[:, None])
+    if how.penalty:
+        seen.scatter_(1, nxt[:, None], True)
+    count.add_(1)
 
-    ``run(prompt, steps)`` yields the ``steps`` new tokens in chunks of ``sync`` read back from the device
-    one chunk behind, so the device never waits for Python. The stacked weights are refreshed at each run:
-    the model may have changed in place since the capture.
+
+class ChainDecoder:
+    """Batch-1 decoding with the chain: a cache of ``total`` slots, the step captured in a CUDA graph on GPU
+    (replayed once a token), and the prompt's forward captured per prompt length (the last one kept).
+
+    Greedy decoding takes the chain's own argmax; any other processing (``Sampler``) runs after the chain's
+    step in the same graph, on the logits it stores (``sample_into``, compiled by inductor on CUDA; on a
+    compiler failure, eager, said once). ``run(prompt, steps, how, settings)`` yields the ``steps`` new tokens
+    in chunks of ``sync`` read back one chunk behind, so the device never waits for Python. The stacked
+    weights are refreshed at each run: the model may have changed in place since the capture.
     """
 
     def __init__(self, model: Llama, total: int, sync: int = 16) -> None:
@@ -555,62 +583,120 @@ class ChainDecoder:
         self.model, self.total, self.sync = model, total, sync
         self.fused = model.fused_decode_weights()
         self.cache = model.make_cache(1, total, dtype=w.dtype)
-        self.tok = torch.zeros(1, 1, dtype=torch.long, device=dev)
-        self.slot = torch.zeros((), dtype=torch.long, device=dev)
-        self.out = torch.zeros(1, total, dtype=torch.long, device=dev)
-        self.chain = DecodeChain(model, self.fused, self.cache, self.tok, self.slot, self.out)
+        long = dict(dtype=torch.long, device=dev)
+        self.tok = torch.zeros(1, 1, **long)
+        self.slot = torch.zeros((), **long)
+        self.out = torch.zeros(1, total, **long)
+        self.chain = DecodeChain(model, self.fused, self.cache, self.tok, self.slot, self.out, store_logits=True)
+        f32 = dict(dtype=torch.float32, device=dev)
+        # temperature, top_k, top_p, repetition penalty (1, 1) and the noise seed (1,), as Engine keeps them
+        self.settings = (
+            torch.zeros(1, 1, **f32), torch.ones(1, 1, **long), torch.ones(1, 1, **f32), torch.ones(1, 1, **f32),
+            torch.zeros(1, **long),
+        )  # fmt: skip
+        self.count = torch.zeros(1, **long)
+        self.seen = torch.zeros(1, model.config.vocab_size, dtype=torch.bool, device=dev)
         self.cuda = dev.type == "cuda"
-        self.graph = self._capture(self.chain.step, lambda: self.slot.zero_()) if self.cuda else None
-        self.prefill_graph: tuple[int, torch.Tensor, torch.cuda.CUDAGraph] | None = None
+        self.sampler = sample_into
+        if self.cuda:
+            self.sampler = torch.compile(sample_into, fullgraph=True, dynamic=False)
+        self.graphs: dict[Sampler, torch.cuda.CUDAGraph] = {}
+        self.prefill_graph: tuple[tuple, torch.Tensor, torch.cuda.CUDAGraph] | None = None
 
     def _capture(self, fn, reset) -> torch.cuda.CUDAGraph:  # noqa: ANN001
-        """Warm ``fn`` up on a side stream (``reset`` before each run keeps writes in range), then record it."""
+        """Warm ``fn`` up on a side stream (``reset`` before each run puts the state back), then record it."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
                 reset()
                 fn()
+            reset()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             fn()
         return graph
 
-    def _prefill(self, tokens: torch.Tensor) -> None:
-        P = tokens.shape[1]
-        first = self.model._forward(tokens, 0, None, None, self.cache, 1)[:, -1].argmax(dim=-1, keepdim=True)
-        self.tok.copy_(first)
-        self.out[:, P : P + 1] = first
-        self.slot.fill_(P)
+    def _pick(self, logits: torch.Tensor, how: Sampler) -> None:
+        args = (logits, how, self.settings, self.seen, self.count, self.tok, self.out, self.slot)
+        try:
+            self.sampler(*args)
+        except Exception as e:  # noqa: BLE001 - any compiler failure: the eager function still runs
+            if self.sampler is sample_into:
+                raise
+            warnings.warn(f"ChainDecoder: compiling the sampler failed ({type(e).__name__}); eager", RuntimeWarning)
+            self.sampler = sample_into
+            self.sampler(*args)
 
-    def prefill(self, tokens: torch.Tensor) -> None:
-        """The prompt ``(1, P)`` into the cache, its greedy token into ``tok`` and ``out[0, P]``, ``P`` into
-        ``slot``; on GPU a graph replay once this prompt length has been seen."""
+    def _step(self, how: Sampler) -> None:
+        self.chain.step()
+        if how != Sampler():
+            self._pick(self.chain.logits[None], how)
+
+    def _prefill(self, tokens: torch.Tensor, how: Sampler) -> None:
         P = tokens.shape[1]
+        logits = self.model._forward(tokens, 0, None, None, self.cache, 1)[:, -1]
+        self.slot.fill_(P)
+        if how == Sampler():
+            first = logits.argmax(dim=-1, keepdim=True)
+            self.tok.copy_(first)
+            self.out[:, P : P + 1] = first
+        else:
+            self.count.zero_()
+            self._pick(logits.float(), how)
+
+    def prefill(self, tokens: torch.Tensor, how: Sampler) -> None:
+        """The prompt ``(1, P)`` into the cache, its first token into ``tok`` and ``out[0, P]``, ``P`` into
+        ``slot``; on GPU a graph replay once this prompt length has been seen."""
+        key = (tokens.shape[1], how)
         held = self.prefill_graph
         if not self.cuda:
-            self._prefill(tokens)
-        elif held is not None and held[0] == P:
+            self._prefill(tokens, how)
+        elif held is not None and held[0] == key:
             held[1].copy_(tokens)
             held[2].replay()
         else:
             buf = tokens.clone()
-            self._prefill(buf)  # the real prefill; the warm-up below repeats it, the graph records it
-            self.prefill_graph = (P, buf, self._capture(lambda: self._prefill(buf), lambda: None))
+            self.prefill_graph = None
+            # repeating the prefill repeats its writes (count restarts at 0, the same token), so no reset
+            graph = self._capture(lambda: self._prefill(buf, how), lambda: None)
+            self.prefill_graph = (key, buf, graph)
+            graph.replay()
 
-    def run(self, prompt: torch.Tensor, steps: int):  # noqa: ANN201 - Iterator[list[int]]
+    def run(self, prompt: torch.Tensor, steps: int, how: Sampler, settings: tuple[float, int, float, float, int]):  # noqa: ANN201
+        """The ``steps`` new tokens for ``prompt`` ``(1, P)``, in chunks (lists of ints); ``settings``: temperature,
+        top_k, top_p, repetition penalty, seed, as numbers."""
         P = prompt.shape[1]
         self.model.fused_decode_weights(out=self.fused)
-        self.prefill(prompt)
+        for buf, v in zip(self.settings, settings):
+            buf.fill_(v)
+        self.seen.zero_()
+        if how.penalty:
+            self.seen.scatter_(1, prompt, True)
+        seen = self.seen.clone()
+        graph = self.graphs.get(how)
+        if self.cuda and graph is None:  # recorded from slot 0 with the state put back: writes stay in range
+            state = [self.tok, self.slot, self.count, self.seen, self.out]
+            saved = [t.clone() for t in state]
+
+            def reset() -> None:
+                for t, v in zip(state, saved):
+                    t.copy_(v)
+                self.slot.zero_()
+
+            graph = self.graphs[how] = self._capture(lambda: self._step(how), reset)
+            reset()
+        self.seen.copy_(seen)
+        self.prefill(prompt, how)
         pending = None
         for a in range(0, steps, self.sync):
             b = min(a + self.sync, steps)
             for _ in range(max(a, 1), b):  # token j (j >= 1) comes from step j
-                if self.graph is not None:
-                    self.graph.replay()
+                if graph is not None:
+                    graph.replay()
                 else:
-                    self.chain.step()
+                    self._step(how)
             host = self.out[0, P + a : P + b].to("cpu", non_blocking=self.cuda)
             ready = torch.cuda.Event() if self.cuda else None
             if ready is not None:

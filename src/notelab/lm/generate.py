@@ -9,8 +9,8 @@ The prompt is run once (prefill), then one token per step reads the KV cache. Th
     "engine"     ``notelab.lm.engine.Engine``: one cache row per prompt, each at its own position, a static
                  decode step compiled and captured in a CUDA graph, sampling inside the graph. On CUDA, for
                  sampled decoding and batches.
-    "chain"      ``notelab.lm.chain``: the batch-1 greedy step as one chain of Triton kernels in a CUDA
-                 graph. On CUDA, for one greedy prompt (no repetition penalty) on the models it covers.
+    "chain"      ``notelab.lm.chain``: the batch-1 step as one chain of Triton kernels in a CUDA graph, with
+                 the sampling after it in the same graph. On CUDA, for one prompt, on the models it covers.
 
 ``path="auto"`` chooses by that table (measured fastest on an H200, benchmarks/RESULTS.md); a path that
 cannot run says why once and the next one runs. Every path gives the reference's tokens in float32
@@ -89,18 +89,17 @@ def _held(model: Llama, kind: str, key: tuple, build: Callable[[], object]) -> o
     return held[1]
 
 
-def _choose_path(model: Llama, path: str, rows: list[list[int]], greedy: bool) -> str:
+def _choose_path(model: Llama, path: str, rows: list[list[int]]) -> str:
     """The path to run (see the module docstring), saying once why a requested one cannot."""
     cuda = model.embed_tokens.weight.is_cuda
     if path == "auto":
         if not cuda:
             return "reference"
-        if greedy and len(rows) == 1 and not chain_unsupported(model, 1, False, model.embed_tokens.weight.dtype):
+        if len(rows) == 1 and not chain_unsupported(model, 1, False, model.embed_tokens.weight.dtype):
             return "chain"
         return "engine"
     if path == "chain":
-        why = "" if greedy else "greedy decoding only (temperature 0, no repetition penalty)"
-        why = why or chain_unsupported(model, len(rows), False, model.embed_tokens.weight.dtype)
+        why = chain_unsupported(model, len(rows), False, model.embed_tokens.weight.dtype)
         if why:
             warnings.warn(f"generate: the chain path cannot run ({why}); the engine runs", RuntimeWarning, 3)
             return "engine"
@@ -150,11 +149,10 @@ def stream(
     if isinstance(seed, torch.Generator):
         seed = int(torch.randint(0, 2**31 - 1, (), generator=seed, device=seed.device))
     base = random_seed() if seed is None else int(seed)
-    greedy = temperature == 0.0 and repetition_penalty == 1.0
-    how = _choose_path(model, path, rows, greedy)
+    how = _choose_path(model, path, rows)
     log.debug("generate: %s path for %d prompt(s)", how, len(rows))
     if how == "chain":
-        yield from _stream_chain(model, rows[0], budgets[0], params.stop_tokens)
+        yield from _stream_chain(model, rows[0], budgets[0], params, base)
     elif how == "engine":
         yield from _stream_engine(model, rows, budgets, params, base)
     else:
@@ -256,15 +254,22 @@ def _stream_engine(
 
 
 def _stream_chain(
-    model: Llama, prompt: list[int], steps: int, stop_tokens: Sequence[int]
+    model: Llama, prompt: list[int], steps: int, p: SamplingParams, seed: int
 ) -> Iterator[list[int | None]]:
-    """One greedy prompt through the chain (the last stop token's chunk is the last one computed)."""
+    """One prompt through the chain (after a stop token, at most two chunks of steps are wasted)."""
     total = len(prompt) + steps
     dec: ChainDecoder = _held(model, "chain", (total,), lambda: ChainDecoder(model, total))
     tokens = torch.tensor([prompt], dtype=torch.long, device=model.embed_tokens.weight.device)
+    how = Sampler(
+        sample=p.temperature > 0,
+        filter=p.temperature > 0 and bool(p.top_k or p.top_p),
+        penalty=p.repetition_penalty != 1.0,
+    )
+    top_k = min(p.top_k or model.config.vocab_size, model.config.vocab_size)
+    settings = (p.temperature, top_k, 1.0 if p.top_p is None else p.top_p, p.repetition_penalty, seed)
     done = [False]
-    stops = {int(t) for t in stop_tokens}
-    for chunk in dec.run(tokens, steps):
+    stops = {int(t) for t in p.stop_tokens}
+    for chunk in dec.run(tokens, steps, how, settings):
         for t in chunk:
             out = _ended([t], done, stops)
             if done[0]:
