@@ -247,17 +247,26 @@ def test_disconnect_frees_the_slot_and_the_others_finish(setup):
 def test_a_client_that_never_reads_blocks_nobody(setup):
     setup["engine"].delay = 0.005
     try:
-        body = json.dumps(
-            {"model": "tiny", "prompt": prompt_ids(setup, "def "), "max_tokens": 50, "temperature": 0, "stream": True}
-        ).encode()
-        stalled = socket.create_connection(("127.0.0.1", setup["port"]))
+        prompt = prompt_ids(setup, "def ")
+        body = {"model": "tiny", "prompt": prompt, "max_tokens": 80, "n": 4, "temperature": 0, "stream": True}
+        body = json.dumps({**body, "logprobs": 0}).encode()
+        stalled = socket.socket()
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # little room in the kernel for its bytes
+        stalled.connect(("127.0.0.1", setup["port"]))
         head = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        stalled.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)  # and never reads a byte
+        stalled.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)  # and reads nothing yet
         ids = prompt_ids(setup, "hello")
         out = setup["client"].completions.create(model="tiny", prompt=ids, max_tokens=10, temperature=0)
         assert out.choices[0].text == reference(setup, ids, 10)[1]
+        wait_idle(setup)  # the engine finished all 4 x 80 tokens while their reader read nothing
+        received = b""
+        stalled.settimeout(30)
+        while b"data: [DONE]" not in received:
+            part = stalled.recv(1 << 16)
+            assert part, received[-200:]
+            received += part
+        assert received.count(b'"finish_reason": "') == 4  # each sequence's end (null elsewhere)
         stalled.close()
-        wait_idle(setup)
     finally:
         setup["engine"].delay = 0.0
 
