@@ -189,6 +189,19 @@ def test_stop_strings_echo_and_seeded_sampling(setup):
     wait_idle(setup)
 
 
+def test_a_list_of_prompts_gives_n_choices_each_in_order(setup):
+    prompts = [prompt_ids(setup, "def "), prompt_ids(setup, "hello")]
+    refs = [reference(setup, p, 6)[1] for p in prompts]
+    out = setup["client"].completions.create(model="tiny", prompt=prompts, n=2, max_tokens=6, temperature=0)
+    assert [c.index for c in out.choices] == [0, 1, 2, 3]
+    assert [c.text for c in out.choices] == [refs[0], refs[0], refs[1], refs[1]]
+    assert out.usage.prompt_tokens == sum(map(len, prompts))
+    chat = setup["client"].chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": [{"type": "text", "text": "hi"}]}], max_completion_tokens=3
+    )
+    assert chat.usage.completion_tokens <= 3
+
+
 def test_eight_concurrent_streams_are_batched_and_exact(setup):
     texts = ["def ", "hello", "import", "return a", "world,", "the user", "sys", "add(a, b)"]
     prompts = [prompt_ids(setup, t) for t in texts]
