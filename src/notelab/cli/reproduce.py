@@ -1,4 +1,9 @@
-"""``notelab reproduce [NAME ...] [--quick]``: run claims and write the HTML report."""
+"""``notelab reproduce [NAME ...] [--quick] [--seed 0,1,2 | --seeds N]``: run claims and write the HTML report.
+
+While a claim runs, its parts and progress go to stderr; at the end, each claim's verdict and the
+time of each part. With several seeds each claim runs once per seed and the report gives the
+verdict of each run and the verdict of all runs' measurements pooled.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,8 @@ import sys
 import traceback
 from pathlib import Path
 
-from notelab.core.errors import NotelabError, unknown_name
-from notelab.reproduce import CLAIMS, run_claim
+from notelab.core.errors import ConfigError, NotelabError, unknown_name
+from notelab.reproduce import CLAIMS, parse_seeds, run_seeds
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -17,7 +22,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("names", nargs="*", metavar="NAME", help=f"claims to run (default: all of {', '.join(CLAIMS)})")
     p.add_argument("--quick", action="store_true", help="small budgets (minutes on a laptop CPU)")
     p.add_argument("--out", default=None, help="report directory (default: reports/<date>)")
-    p.add_argument("--seed", type=int, default=0)
+    seeds = p.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", default="0", help="seed, or comma-separated seeds (0,1,2): one run each, pooled")
+    seeds.add_argument(
+        "--seeds", type=int, default=None, metavar="N", help="the seeds 0..N-1 (same as --seed 0,..,N-1)"
+    )
     p.add_argument("--list", action="store_true", help="list the claims and exit")
     p.set_defaults(func=run)
 
@@ -31,13 +40,17 @@ def run(args: argparse.Namespace) -> int:
     for name in args.names:
         if name not in CLAIMS:
             raise unknown_name("claim", name, CLAIMS)
+    if args.seeds is not None and args.seeds < 1:
+        raise ConfigError(f"--seeds: expected an integer >= 1, got {args.seeds}")
+    seeds = list(range(args.seeds)) if args.seeds is not None else parse_seeds(args.seed)
     names = args.names or list(CLAIMS)
     out = Path(args.out or Path("reports") / datetime.date.today().isoformat())
     results, failures = [], {}
     for name in names:
-        print(f"== {name}{' (quick)' if args.quick else ''}", flush=True)
+        print(f"== {name}{' (quick)' if args.quick else ''}, seed{'s' if len(seeds) > 1 else ''} "
+              f"{', '.join(map(str, seeds))}", flush=True)  # fmt: skip
         try:
-            result = run_claim(name, out, quick=args.quick, seed=args.seed)
+            result = run_seeds(name, out, seeds, quick=args.quick, progress_stream=sys.stderr)
         except NotelabError:
             raise
         except Exception as e:  # one broken claim must not hide the others' results
@@ -47,6 +60,10 @@ def run(args: argparse.Namespace) -> int:
         results.append(result)
         print(f"   {result.verdict}: {result.summary} ({result.seconds:.0f} s)", flush=True)
     path = write_report(results, out, args.quick, failures)
+    print("time per part:")
+    for r in results:
+        parts = ", ".join(f"{part} {sec:.0f} s" for part, sec in r.part_seconds.items())
+        print(f"   {r.name} ({r.seconds:.0f} s, {r.verdict}): {parts}")
     print(f"report: {path}")
     if failures:
         print(f"error: {len(failures)} claim(s) failed: {', '.join(failures)}", file=sys.stderr)

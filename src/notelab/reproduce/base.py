@@ -1,9 +1,17 @@
-"""What a reproduced claim returns: tables, figures and a verdict, ready for the report."""
+"""What a reproduced claim returns (tables, figures, checks and a verdict) and what every claim
+shares while it runs: progress lines, one-thread execution of small models, derived seeds."""
 
 from __future__ import annotations
 
+import contextlib
+import statistics
+import sys
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TextIO
+
+from notelab.reproduce.rules import Check
 
 VERDICTS = ("holds", "does not hold", "inconclusive")
 
@@ -24,6 +32,16 @@ class Figure:
 
 
 @dataclass
+class PaperNumber:
+    """A figure the paper reports, beside the one this run measured (never a number we did not read)."""
+
+    quantity: str  # e.g. "FID, DDIM eta=0, S=20 (CIFAR-10)"
+    paper: str  # the paper's value, as printed there
+    source: str  # paper and table / section
+    ours: str  # our counterpart, with its setting (different data and scale: say so in `quantity`)
+
+
+@dataclass
 class ClaimResult:
     name: str  # the claim's registry name, e.g. "ddim"
     title: str
@@ -34,7 +52,92 @@ class ClaimResult:
     figures: list[Figure] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    checks: list[Check] = field(default_factory=list)  # what the verdict was decided by
+    paper: list[PaperNumber] = field(default_factory=list)
+    part_seconds: dict[str, float] = field(default_factory=dict)
+    seed_verdicts: dict[int, str] = field(default_factory=dict)  # per run seed, when several were pooled
 
     def __post_init__(self) -> None:
         if self.verdict not in VERDICTS:
             raise ValueError(f"verdict must be one of {VERDICTS}, got {self.verdict!r}")
+
+
+@dataclass
+class Section:
+    """What one measurement of a claim adds to the report, the checks it decides, and the numbers
+    later sections or the summary read."""
+
+    tables: list[Table] = field(default_factory=list)
+    figures: list[Figure] = field(default_factory=list)
+    values: dict[str, Any] = field(default_factory=dict)
+    checks: list[Check] = field(default_factory=list)
+    paper: list[PaperNumber] = field(default_factory=list)
+
+
+class Progress:
+    """Lines on stderr while a claim runs: which part, how far, and how long each part took.
+
+    A claim's parts are wrapped in :meth:`part`; long loops call :meth:`step`. Nothing is printed
+    when ``stream`` is None (tests).
+    """
+
+    def __init__(self, claim: str, stream: TextIO | None = sys.stderr) -> None:
+        self.claim = claim
+        self.stream = stream
+        self.seconds: dict[str, float] = {}
+        self._t0 = time.perf_counter()
+        self._part = ""
+
+    def say(self, text: str) -> None:
+        if self.stream is not None:
+            elapsed = time.perf_counter() - self._t0
+            print(f"[{self.claim} {elapsed:6.0f} s] {text}", file=self.stream, flush=True)
+
+    @contextlib.contextmanager
+    def part(self, name: str) -> Iterator[None]:
+        self._part, t0 = name, time.perf_counter()
+        self.say(f"{name} ...")
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - t0, 1)
+            self.say(f"{name}: done in {time.perf_counter() - t0:.0f} s")
+            self._part = ""
+
+    def step(self, i: int, n: int, what: str) -> None:
+        """Item ``i`` (1-based) of ``n`` of the current part is starting."""
+        self.say(f"  {self._part} {i}/{n}: {what}")
+
+
+def quiet() -> Progress:
+    """A :class:`Progress` that prints nothing (the default of a claim's ``run``)."""
+    return Progress("", stream=None)
+
+
+@contextlib.contextmanager
+def one_thread(enabled: bool = True) -> Iterator[None]:
+    """One intra-op thread on CPU while small models run: their ops are too small to split, and
+    on a busy machine a second thread mostly waits (several times slower). It also makes the
+    numbers of a quick run the same on a busy machine as on a quiet one (same reductions)."""
+    import torch
+
+    before = torch.get_num_threads()
+    if enabled and not torch.cuda.is_available():
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def derived_seeds(seed: int, n: int) -> list[int]:
+    """The seeds of ``n`` repeats inside a run of ``seed``: seed, seed + 1000, ... (distinct across
+    runs of seeds 0..999, so that pooling ``--seed 0,1,2`` never counts one training twice)."""
+    return [seed + 1000 * k for k in range(n)]
+
+
+def mean_std(values: list[float], digits: int = 2) -> str:
+    """``"mean +- std"`` of ``values`` (sample std), or the single value."""
+    if len(values) < 2:
+        return f"{values[0]:.{digits}f}" if values else "-"
+    return f"{statistics.fmean(values):.{digits}f} +- {statistics.stdev(values):.{digits}f}"

@@ -1,9 +1,14 @@
-"""The HTML report: one section per claim, tables and PNG figures, no JavaScript."""
+"""The HTML report: one section per claim, tables and PNG figures, no JavaScript.
+
+Each section shows the verdict, the checks that decided it (rule, interval, verdict), the paper's
+numbers beside ours, the measurements, and the raw settings in a collapsed ``<details>`` block.
+"""
 
 from __future__ import annotations
 
 import datetime
 import html
+import json
 import platform
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,6 +17,7 @@ import torch
 
 from notelab import __version__
 from notelab.core.io import atomic_write_text
+from notelab.reproduce import rules
 from notelab.reproduce.base import ClaimResult, Table
 
 _CSS = """
@@ -26,7 +32,74 @@ td:first-child, th:first-child { text-align: left; }
 .holds { background: #d9f2d9; } .does-not-hold { background: #f8d7d7; } .inconclusive { background: #fdf0c4; }
 figure { margin: 1rem 0; } figure img { max-width: 100%; border: 1px solid #eee; }
 figcaption { color: #555; font-size: .9rem; } .note { color: #555; font-size: .85rem; }
+details { margin: .8rem 0; } summary { cursor: pointer; color: #444; }
+pre { background: #f7f7f7; padding: .6rem; overflow-x: auto; font-size: .8rem; }
+td.text, th.text { text-align: left; }
 """
+
+
+def _badge(verdict: str) -> str:
+    return f'<span class="verdict {verdict.replace(" ", "-")}">{html.escape(verdict)}</span>'
+
+
+def _checks(r: ClaimResult) -> str:
+    """The decision: every check with its rule, interval and verdict, and each group's verdict."""
+    if not r.checks:
+        return ""
+    groups = rules.group_verdicts(r.checks)
+    rows = "".join(
+        f'<tr><td class="text">{html.escape(c.group)}</td><td class="text">{html.escape(c.name)}</td>'
+        f'<td class="text">{html.escape(c.rule)}</td><td class="text">{html.escape(c.interval_text())}</td>'
+        f"<td>{_badge(c.verdict)}"
+        + ("" if c.role == "decides" else f' <span class="note">({html.escape(c.role)})</span>')
+        + "</td></tr>"
+        for c in r.checks
+    )
+    group_line = "; ".join(f"{html.escape(g)}: {_badge(v)}" for g, v in groups.items())
+    return (
+        "<h3>How the verdict was decided</h3>"
+        f'<p class="note">Each check reads a sample (one value per seed, timing round or held-out pair) and '
+        f"its {round(100 * rules.CONFIDENCE)}% Student-t interval of the mean (mean +- t * s / sqrt(n)): "
+        "<b>holds</b> when the whole interval is on the claimed side of the limit, <b>does not hold</b> when "
+        "it is wholly on the other side, <b>inconclusive</b> otherwise (or with one value). Noise-free "
+        "measures are judged on their value. Every group must hold; within a group, alternatives (options) "
+        "suffice. &quot;cannot refute&quot;: may make the claim inconclusive, never false; &quot;reported&quot;: "
+        "shown, not counted.</p>"
+        '<table><tr><th class="text">group</th><th class="text">check</th><th class="text">rule</th>'
+        f'<th class="text">measured</th><th>verdict</th></tr>{rows}</table>'
+        f"<p>Groups: {group_line}</p>"
+    )
+
+
+def _paper(r: ClaimResult) -> str:
+    if not r.paper:
+        return ""
+    rows = "".join(
+        f'<tr><td class="text">{html.escape(p.quantity)}</td><td class="text">{html.escape(p.paper)}</td>'
+        f'<td class="text">{html.escape(p.ours)}</td><td class="text">{html.escape(p.source)}</td></tr>'
+        for p in r.paper
+    )
+    return (
+        "<h3>The paper's numbers beside ours</h3>"
+        '<table><tr><th class="text">quantity</th><th class="text">paper</th><th class="text">this run</th>'
+        f'<th class="text">source</th></tr>{rows}</table>'
+    )
+
+
+def _seeds(r: ClaimResult) -> str:
+    if not r.seed_verdicts:
+        return ""
+    cells = ", ".join(f"seed {k}: {_badge(v)}" for k, v in r.seed_verdicts.items())
+    return f"<p>Each run alone: {cells}; pooled (the verdict above): {_badge(r.verdict)}.</p>"
+
+
+def _details(r: ClaimResult) -> str:
+    parts = ", ".join(f"{html.escape(k)} {v:.0f} s" for k, v in r.part_seconds.items())
+    raw = html.escape(json.dumps(r.settings, indent=1, default=str))
+    return (
+        f"<details><summary>Settings and timings (raw)</summary>"
+        f'<p class="note">{r.seconds:.0f} s in all{"; " + parts if parts else ""}</p><pre>{raw}</pre></details>'
+    )
 
 
 def _cell(value: object) -> str:
@@ -48,13 +121,12 @@ def _section(r: ClaimResult) -> str:
         f"<figcaption><b>{html.escape(f.title)}.</b> {html.escape(f.caption)}</figcaption></figure>"
         for f in r.figures
     )
-    settings = ", ".join(f"{k}={v}" for k, v in r.settings.items())
     return (
         f'<section id="{html.escape(r.name)}"><h2>{html.escape(r.title)}</h2>'
         f"<blockquote>{html.escape(r.claim)}</blockquote>"
-        f'<p>Verdict: <span class="verdict {r.verdict.replace(" ", "-")}">{html.escape(r.verdict)}</span> '
-        f'<span class="note">({r.seconds:.0f} s; {html.escape(settings)})</span></p>'
-        f"<p>{html.escape(r.summary)}</p>{''.join(_table(t) for t in r.tables)}{figs}</section>"
+        f'<p>Verdict: {_badge(r.verdict)} <span class="note">({r.seconds:.0f} s)</span></p>{_seeds(r)}'
+        f"<p>{html.escape(r.summary)}</p>{_checks(r)}{_paper(r)}{''.join(_table(t) for t in r.tables)}{figs}"
+        f"{_details(r)}</section>"
     )
 
 
@@ -65,7 +137,7 @@ def write_report(results: Sequence[ClaimResult], out_dir: str | Path, quick: boo
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or 'cpu'})"
     rows = "".join(
         f'<tr><td><a href="#{r.name}">{html.escape(r.title)}</a></td>'
-        f'<td><span class="verdict {r.verdict.replace(" ", "-")}">{r.verdict}</span></td><td>{r.seconds:.0f}</td></tr>'
+        f"<td>{_badge(r.verdict)}</td><td>{r.seconds:.0f}</td></tr>"
         for r in results
     )
     rows += "".join(

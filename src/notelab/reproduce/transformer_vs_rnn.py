@@ -36,10 +36,11 @@ starts to fail, not how far each would go.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import math
+import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,16 +48,29 @@ from typing import Any
 import torch
 
 from notelab.core.runtime import seed_everything
-from notelab.reproduce.base import ClaimResult, Figure, Table
+from notelab.reproduce import rules
+from notelab.reproduce.base import (
+    ClaimResult,
+    Figure,
+    PaperNumber,
+    Progress,
+    Section,
+    Table,
+    derived_seeds,
+    mean_std,
+    one_thread,
+    quiet,
+)
 from notelab.seq.experiments import (
     MODELS,
+    best_times,
     build_model,
     count_params,
     decay_rate,
     evaluate,
     input_gradient_norms,
+    make_train_step,
     train_seq,
-    train_throughput,
 )
 from notelab.seq.tasks import SYNTH_VOCAB_SIZE, StdlibDocTask, SyntheticTask
 from notelab.train import TrainConfig
@@ -79,7 +93,9 @@ class Settings:
     throughput_lengths: tuple[int, ...]
     throughput_cpu: tuple[int, int, int]  # (d_model, layers, batch * length per step) of the CPU measurement
     throughput_gpu: tuple[int, int, int]  # the same on a GPU, when there is one
-    throughput_repeats: int  # best of this many interleaved rounds
+    throughput_repeats: (
+        int  # interleaved rounds (every model at every length per round); medians and intervals over them
+    )
     tasks: tuple[str, ...]
     lengths: tuple[int, ...]  # dependency lengths L of the synthetic tasks
     task_steps: int  # training steps per (task, L, model)
@@ -87,6 +103,7 @@ class Settings:
     task_lr: float
     eval_examples: int
     grad_length: int  # source length of the gradient probe at init
+    grad_seeds: int  # initialisations probed (the interval of the decay check is over these)
     doc_seconds: float  # wall-clock training budget per model on stdlib-doc
     doc_vocab: int
     doc_max_train: int | None
@@ -105,7 +122,7 @@ FULL = Settings(
     throughput_lengths=(32, 64, 128, 256, 512, 1024),
     throughput_cpu=(64, 2, 4096),
     throughput_gpu=(512, 6, 65536),  # sized for a data-centre card (run on an H200); smaller cards: --quick
-    throughput_repeats=2,
+    throughput_repeats=5,
     tasks=("copy", "reverse", "adding"),
     lengths=(8, 16, 32, 64),
     task_steps=300,
@@ -113,6 +130,7 @@ FULL = Settings(
     task_lr=3e-3,
     eval_examples=256,
     grad_length=128,
+    grad_seeds=5,
     doc_seconds=60.0,
     doc_vocab=2048,
     doc_max_train=None,
@@ -126,7 +144,7 @@ QUICK = Settings(
     throughput_lengths=(32, 128, 512),
     throughput_cpu=(32, 1, 1024),
     throughput_gpu=(256, 2, 16384),
-    throughput_repeats=2,
+    throughput_repeats=5,
     tasks=("copy", "reverse", "adding"),
     lengths=(8, 16),
     task_steps=100,
@@ -134,6 +152,7 @@ QUICK = Settings(
     task_lr=5e-3,
     eval_examples=64,
     grad_length=64,
+    grad_seeds=5,
     doc_seconds=8.0,
     doc_vocab=1024,
     doc_max_train=1500,
@@ -161,7 +180,7 @@ TINY = Settings(
     throughput_lengths=(8, 16),
     throughput_cpu=(16, 1, 64),
     throughput_gpu=(16, 1, 64),
-    throughput_repeats=1,
+    throughput_repeats=2,
     tasks=("copy", "adding"),
     lengths=(4,),
     task_steps=3,
@@ -169,6 +188,7 @@ TINY = Settings(
     task_lr=3e-3,
     eval_examples=8,
     grad_length=8,
+    grad_seeds=2,
     doc_seconds=0.5,
     doc_vocab=300,
     doc_max_train=150,
@@ -194,38 +214,95 @@ def _train_config(steps: int, batch: int, lr: float, seed: int, constant: bool =
     )
 
 
-@dataclass
-class Section:
-    """What one measurement adds to the report, and the numbers the verdict reads."""
+def sequential_steps(model: str, n_layers: int, src_len: int, tgt_len: int) -> int:
+    """Dependent steps of one encoder-decoder forward pass (Vaswani et al. 2017, Table 1: O(1)
+    sequential operations per self-attention layer, O(n) per recurrent layer).
 
-    tables: list[Table]
-    figures: list[Figure]
-    values: dict[str, Any]
+    Transformer: one step per layer, encoder then decoder. RNN: a layer's state at t needs its
+    state at t - 1; stacked layers can run as a wavefront, so a stack of n over L positions takes
+    L + n - 1 steps (the fewest of any schedule), encoder then decoder.
+    """
+    if model == "transformer":
+        return 2 * n_layers
+    return (src_len + n_layers - 1) + (tgt_len + n_layers - 1)
 
 
-def throughput_section(s: Settings, seed: int, out_dir: Path) -> Section:
-    """(1) tokens/s against length on the CPU and (if any) the GPU, every model at each length in turn."""
+def throughput_checks(
+    rates: dict[str, list[list[float]]], lengths: list[int], n_layers: int, decides: bool
+) -> list[rules.Check]:
+    """The parallelism checks: measured throughput growth (``rates[model][round][length]`` tokens/s,
+    every model timed in each round) and the sequential depth counted from the models' structure."""
+    checks = []
+    for m in ("lstm", "gru"):
+        growth = [
+            math.log((t[-1] / r[-1]) / (t[0] / r[0])) for t, r in zip(rates["transformer"], rates[m])
+        ]  # per round: log of (Transformer / m at the longest length) over the same at the shortest
+        checks.append(
+            rules.check(
+                "parallel over time",
+                f"throughput growth Transformer/{m.upper()} from length {lengths[0]} to {lengths[-1]} (log)",
+                "per interleaved round, log of the speed ratio at the longest length over the shortest; above 0"
+                + ("" if decides else "; reported, not judged, on a CPU: it measures how many cores were free"),
+                growth,
+                0.0,
+                below=False,
+                role="decides" if decides else "reported",
+            )
+        )
+    depth = [sequential_steps("gru", n_layers, L, L) / sequential_steps("transformer", n_layers, L, L) for L in lengths]
+    checks.append(
+        rules.check(
+            "parallel over time",
+            f"sequential depth RNN / Transformer, length {lengths[-1]} over length {lengths[0]}",
+            "dependent steps per forward pass (counted from the architectures, load-independent); the RNN's grows "
+            "with length, the Transformer's does not: above 1",
+            [depth[-1] / depth[0]],
+            1.0,
+            below=False,
+            exact=True,
+        )
+    )
+    return checks
+
+
+def throughput_section(s: Settings, seed: int, out_dir: Path, progress: Progress) -> Section:
+    """(1) tokens/s against length on the CPU and (if any) the GPU: in each round every model runs at
+    every length in turn, so a load burst hits all of them; medians and intervals over rounds."""
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     lengths = list(s.throughput_lengths)
-    tables, panels, values = [], [], {"params": {}, "ratios": {}, "lengths": lengths}
+    tables, panels, checks = [], [], []
+    values: dict[str, Any] = {"params": {}, "ratios": {}, "lengths": lengths}
     for device in devices:
         d_model, n_layers, tokens = s.throughput_gpu if device == "cuda" else s.throughput_cpu
         kw = {"d_model": d_model, "n_layers": n_layers, "dropout": 0.0, "attention": "general"}
         torch.manual_seed(seed)
         models = {m: build_model(m, 256, max(lengths), **kw) for m in THROUGHPUT_MODELS}
         params = {m: count_params(model) for m, model in models.items()}
-        rates: dict[str, list[float]] = {m: [] for m in models}
-        for length in lengths:
-            batch = max(1, tokens // length)
-            measured = train_throughput(models, length, batch, repeats=s.throughput_repeats, device=device, seed=seed)
+        steps = {
+            (m, L): make_train_step(model, L, max(1, tokens // L), device=device, seed=seed)
+            for L in lengths
+            for m, model in models.items()
+        }
+        best_times(steps, 1, device)  # warm-up round
+        rates: dict[str, list[list[float]]] = {m: [] for m in models}
+        for r in range(s.throughput_repeats):
+            progress.step(r + 1, s.throughput_repeats, f"{_device_name(device)}: every model at every length")
+            times = best_times(steps, 1, device)
             for m in models:
-                rates[m].append(measured[m])
-        models = None
+                rates[m].append([2 * max(1, tokens // L) * L / times[(m, L)] for L in lengths])
+        models = steps = None
         if device == "cuda":
             torch.cuda.empty_cache()
-        ratios = {m: [t / r for t, r in zip(rates["transformer"], rates[m])] for m in ("lstm", "gru")}
+        median_rate = {m: [statistics.median(r[i] for r in rates[m]) for i in range(len(lengths))] for m in rates}
+        ratios = {
+            m: [
+                statistics.median(t[i] / o[i] for t, o in zip(rates["transformer"], rates[m]))
+                for i in range(len(lengths))
+            ]
+            for m in ("lstm", "gru")
+        }
         rows = [
-            [L, max(1, tokens // L), *(round(rates[m][i]) for m in THROUGHPUT_MODELS)]
+            [L, max(1, tokens // L), *(round(median_rate[m][i]) for m in THROUGHPUT_MODELS)]
             + [round(ratios["lstm"][i], 2), round(ratios["gru"][i], 2)]
             for i, L in enumerate(lengths)
         ]
@@ -238,18 +315,25 @@ def throughput_section(s: Settings, seed: int, out_dir: Path) -> Section:
                 note="Parameters: "
                 + ", ".join(f"{m} {params[m]:,}" for m in THROUGHPUT_MODELS)
                 + f" (d_model {d_model}, {n_layers} + {n_layers} layers). {tokens:,} tokens per step at every length; "
-                f"models interleaved, best of {s.throughput_repeats}; RNNs with bilinear (SDPA) attention.",
+                f"medians over {s.throughput_repeats} interleaved rounds (ratios: median of per-round ratios); "
+                "RNNs with bilinear (SDPA) attention.",
             )
         )
-        panels.append((name, lengths, rates))
+        panels.append((name, lengths, median_rate))
         values["params"][device], values["ratios"][device] = params, ratios
+        judged_here = device == devices[-1]  # the GPU when there is one: the claim is about parallel hardware
+        checks += [
+            dataclasses.replace(c, name=f"{name}: {c.name}")
+            for c in throughput_checks(rates, lengths, n_layers, decides=judged_here and device == "cuda")
+            if not c.exact or judged_here
+        ]
     _plot_lines(out_dir / "throughput.png", panels, "sequence length", "training tokens / s", logx=True, logy=True)
     figure = Figure(
         "Training throughput vs length",
         "throughput.png",
         "Forward + backward tokens/s at equal parameter count (log-log), one panel per device.",
     )
-    return Section(tables, [figure], values)
+    return Section([*tables], [figure], values, checks)
 
 
 def _train_synthetic(job: tuple[str, int, str, Settings, int, bool]) -> tuple[dict[str, float], int, Any]:
@@ -276,12 +360,19 @@ def _map_jobs(fn: Callable[[Any], Any], jobs: list[Any], workers: int) -> list[A
         return list(pool.map(fn, jobs))
 
 
-def accuracy_section(s: Settings, seed: int, out_dir: Path) -> Section:
+def accuracy_section(s: Settings, seed: int, out_dir: Path, progress: Progress) -> Section:
     """(2) exact match against L per task and model; keeps the copy models at the longest L for (3)."""
     keys = [(t, L, m) for t in s.tasks for L in s.lengths for m in MODELS]
     workers = s.workers if torch.cuda.is_available() else 1
     jobs = [(t, L, m, s, seed, t == "copy" and L == max(s.lengths)) for t, L, m in keys]
-    done = _map_jobs(_train_synthetic, jobs, workers)
+    if workers > 1:
+        progress.say(f"  {len(jobs)} trainings in {workers} processes")
+        done = _map_jobs(_train_synthetic, jobs, workers)
+    else:
+        done = []
+        for i, job in enumerate(jobs):
+            progress.step(i + 1, len(jobs), f"{job[0]} L={job[1]} {job[2]} ({s.task_steps} steps)")
+            done.append(_train_synthetic(job))
     acc = {key: metrics for key, (metrics, _, _) in zip(keys, done)}
     params = {m: n for (_, _, m), (_, n, _) in zip(keys, done)}
     copy_models = {m: model for (_, _, m), (_, _, model) in zip(keys, done) if model is not None}
@@ -321,22 +412,45 @@ def accuracy_section(s: Settings, seed: int, out_dir: Path) -> Section:
     return Section(tables, [figure], {"params": params, "copy_models": copy_models, "token_accuracy": token_acc})
 
 
-def gradient_section(s: Settings, seed: int, out_dir: Path, copy_models: dict[str, Any]) -> Section:
-    """(3) ||d f / d x_t|| against distance at init (length ``grad_length``) and after the copy training."""
+def gradient_check(decay: dict[str, list[float]]) -> rules.Check:
+    """The vanishing-gradient check: per initialisation, the RNN's decay slope minus the steepest
+    other model's (negative: the vanilla RNN's gradient vanishes fastest with distance)."""
+    others = [m for m in decay if m != "rnn"]
+    gaps = [r - min(decay[m][k] for m in others) for k, r in enumerate(decay["rnn"])]
+    return rules.check(
+        "vanishing gradients",
+        "RNN decay slope minus the steepest other model's, at init",
+        "per initialisation seed, slope of log10 ||d f / d x_t|| per position; below 0 (the RNN's vanishes fastest)",
+        gaps,
+        0.0,
+        below=True,
+    )
+
+
+def gradient_section(s: Settings, seed: int, out_dir: Path, copy_models: dict[str, Any], progress: Progress) -> Section:
+    """(3) ||d f / d x_t|| against distance at init (length ``grad_length``, ``grad_seeds``
+    initialisations) and after the copy training."""
     trained_len = max(s.lengths)
-    init, trained = {}, {}
+    init, trained, decay = {}, {}, {m: [] for m in MODELS}
+    for i, init_seed in enumerate(derived_seeds(seed, s.grad_seeds)):
+        progress.step(i + 1, s.grad_seeds, f"initialisation seed {init_seed}")
+        for m in MODELS:
+            torch.manual_seed(init_seed)
+            kw = {"d_model": s.d_model, "n_layers": s.n_layers, "dropout": 0.0}
+            norms = input_gradient_norms(
+                build_model(m, SYNTH_VOCAB_SIZE, s.grad_length, **kw), s.grad_length, seed=init_seed
+            )
+            # Slopes over distances 1..: the last position itself has a direct path in every model.
+            decay[m].append(decay_rate(norms[1:]))
+            init.setdefault(m, norms)  # the first seed's curve for the table and figure
     for m in MODELS:
-        torch.manual_seed(seed)
-        model = build_model(m, SYNTH_VOCAB_SIZE, s.grad_length, d_model=s.d_model, n_layers=s.n_layers, dropout=0.0)
-        init[m] = input_gradient_norms(model, s.grad_length, seed=seed)
         trained[m] = input_gradient_norms(copy_models[m], trained_len, seed=seed)
-    # Slopes over distances 1..: the last position itself has a direct path in every model.
-    slope_init = {m: decay_rate(init[m][1:]) for m in MODELS}
+    slope_init = {m: statistics.fmean(decay[m]) for m in MODELS}
     slope_trained = {m: decay_rate(trained[m][1:]) for m in MODELS}
     rows = [
         [
             m,
-            f"{slope_init[m]:.4f}",
+            mean_std(decay[m], 4),
             f"{slope_trained[m]:.4f}",
             f"{float(init[m][-1] / init[m][1].clamp(min=1e-30)):.2e}",
         ]
@@ -346,7 +460,7 @@ def gradient_section(s: Settings, seed: int, out_dir: Path, copy_models: dict[st
         "Decay of ||d f / d x_t|| with distance (slope of log10 norm per step; more negative = vanishes faster)",
         [
             "model",
-            f"at init (L={s.grad_length})",
+            f"at init (L={s.grad_length}, {s.grad_seeds} seeds)",
             f"after copy training (L={trained_len})",
             f"norm at distance {s.grad_length - 1} / distance 1, at init",
         ],
@@ -371,10 +485,11 @@ def gradient_section(s: Settings, seed: int, out_dir: Path, copy_models: dict[st
         "gradient_vs_distance.png",
         "Norm of the gradient of the encoder's last state w.r.t. each input embedding.",
     )
-    return Section([table], [figure], {"decay_init": slope_init, "decay_trained": slope_trained})
+    values = {"decay_init": slope_init, "decay_init_seeds": decay, "decay_trained": slope_trained}
+    return Section([table], [figure], values, [gradient_check(decay)])
 
 
-def stdlib_doc_section(s: Settings, seed: int, out_dir: Path) -> Section:
+def stdlib_doc_section(s: Settings, seed: int, out_dir: Path, progress: Progress) -> Section:
     """(4) BLEU / exact match on stdlib code summarisation after ``doc_seconds`` of training each."""
     doc = StdlibDocTask(
         run_dir=str(out_dir / "stdlib-doc"),
@@ -386,7 +501,8 @@ def stdlib_doc_section(s: Settings, seed: int, out_dir: Path) -> Section:
         max_test=s.doc_max_test,
     )
     rows, scores = [], {}
-    for m in MODELS:
+    for i, m in enumerate(MODELS):
+        progress.step(i + 1, len(MODELS), f"{m} for {s.doc_seconds:g} s")
         cfg = _train_config(10**7, s.doc_batch, s.doc_lr, seed, constant=True)
         kw = {"d_model": s.doc_d_model or s.d_model, "n_layers": s.n_layers, "dropout": 0.1, "warmup": 20}
         r = train_seq(m, doc, None, cfg, time_budget=s.doc_seconds, **kw)
@@ -411,91 +527,109 @@ def stdlib_doc_section(s: Settings, seed: int, out_dir: Path) -> Section:
     return Section([table], [], {"bleu": {m: v["bleu"] for m, v in scores.items()}})
 
 
-@contextlib.contextmanager
-def _small_model_threads() -> Iterator[None]:
-    """One intra-op thread on CPU while training the small models: their ops are too small to
-    split, and on a busy machine a second thread mostly waits (several times slower)."""
-    before = torch.get_num_threads()
-    if not torch.cuda.is_available():
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def run(out_dir: Path, quick: bool = False, seed: int = 0, tiny: bool = False) -> ClaimResult:
+def run(
+    out_dir: Path, quick: bool = False, seed: int = 0, tiny: bool = False, progress: Progress | None = None
+) -> ClaimResult:
     """Run the four measurements; ``quick`` for ``make demo``, ``tiny`` for tests (numbers meaningless)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    progress = progress or quiet()
     s = TINY if tiny else QUICK if quick else FULL_GPU if torch.cuda.is_available() else FULL
     t_start = time.perf_counter()
     seed_everything(seed)
-    seconds = {}
-
-    def timed(name: str, fn: Callable[..., Section], *args: Any) -> Section:
-        t0 = time.perf_counter()
-        out = fn(*args)
-        seconds[name] = round(time.perf_counter() - t0, 1)
-        return out
-
-    speed = timed("throughput", throughput_section, s, seed, out_dir)
-    with _small_model_threads():
-        acc = timed("accuracy", accuracy_section, s, seed, out_dir)
-        grads = timed("gradients", gradient_section, s, seed, out_dir, acc.values.pop("copy_models"))
-        doc = timed("stdlib-doc", stdlib_doc_section, s, seed, out_dir)
+    # Quick (and tiny) runs measure everything on one CPU thread: their numbers then do not depend on
+    # how busy the machine is. A full run gives the throughput measurement every thread it has.
+    with one_thread(quick or tiny):
+        with progress.part(f"(1) throughput, {s.throughput_repeats} interleaved rounds"):
+            speed = throughput_section(s, seed, out_dir, progress)
+    with one_thread():  # small models: one thread is faster for them than two on a shared machine
+        with progress.part("(2) accuracy vs dependency length"):
+            acc = accuracy_section(s, seed, out_dir, progress)
+        with progress.part(f"(3) gradient norm vs distance, {s.grad_seeds} initialisations"):
+            grads = gradient_section(s, seed, out_dir, acc.values.pop("copy_models"), progress)
+        with progress.part(f"(4) stdlib code summarisation, {s.doc_seconds:g} s per model"):
+            doc = stdlib_doc_section(s, seed, out_dir, progress)
     sections = (speed, acc, grads, doc)
-
-    lengths = speed.values["lengths"]
-    grows = {dev: all(r[-1] > r[0] for r in ratios.values()) for dev, ratios in speed.values["ratios"].items()}
-    judged = "cuda" if "cuda" in grows else "cpu"  # the parallelism claim is about parallel hardware
-    parallel = grows[judged]
-    decay = grads.values["decay_init"]
-    steepest = min(decay, key=decay.get)
-    verdict = "holds" if parallel and steepest == "rnn" else "does not hold"
-
-    def throughput_line(dev: str) -> str:
-        r = speed.values["ratios"][dev]
-        return (
-            f"on {_device_name(dev)} Transformer/LSTM goes from {r['lstm'][0]:.2f}x at length {lengths[0]} to "
-            f"{r['lstm'][-1]:.2f}x at {lengths[-1]}, Transformer/GRU from {r['gru'][0]:.2f}x to "
-            f"{r['gru'][-1]:.2f}x ({'grows' if grows[dev] else 'does not grow for both'} with length"
-            + ("; judged" if dev == judged and len(grows) > 1 else "")
-            + ")"
-        )
-
-    summary = (
-        "Throughput: "
-        + "; ".join(throughput_line(dev) for dev in grows)
-        + ". Gradient decay at init (slope of log10 norm per position): "
-        + ", ".join(f"{m} {decay[m]:.3f}" for m in MODELS)
-        + f"; steepest: {steepest}. Accuracy and BLEU are at a fixed budget ({s.task_steps} steps x batch "
-        f"{s.task_batch} per task, {s.doc_seconds:g} s per model on stdlib-doc): they show where each model "
-        "starts to fail at that budget, not its capacity."
-    )
-    settings = dataclasses.asdict(s)
-    settings.update(
-        throughput_params=speed.values["params"],
-        task_params=acc.values["params"],
-        token_accuracy=acc.values["token_accuracy"],
-        decay_init=decay,
-        decay_trained=grads.values["decay_trained"],
-        bleu=doc.values["bleu"],
-        seed=seed,
-        mode="tiny" if tiny else "quick" if quick else "full",
-        section_seconds=seconds,
-    )
+    checks = [c for sec in sections for c in sec.checks]
+    verdict = rules.claim_verdict(checks)
     return ClaimResult(
         name=NAME,
         title=TITLE,
         claim=CLAIM,
         verdict=verdict,
-        summary=summary,
+        summary=_summary(s, speed, grads, rules.group_verdicts(checks)),
         tables=[t for sec in sections for t in sec.tables],
         figures=[f for sec in sections for f in sec.figures],
-        settings=settings,
+        settings=_settings(s, speed, acc, grads, doc, seed, "tiny" if tiny else "quick" if quick else "full"),
         seconds=time.perf_counter() - t_start,
+        checks=checks,
+        paper=_paper(s, speed.values["lengths"], grads.values["decay_init"]),
+        part_seconds=dict(progress.seconds),
     )
+
+
+def _paper(s: Settings, lengths: list[int], decay: dict[str, float]) -> list[PaperNumber]:
+    source = "Vaswani et al. 2017, Table 1"
+    L0, L1, n = lengths[0], lengths[-1], s.throughput_cpu[1]
+    return [
+        PaperNumber(
+            "sequential operations per layer",
+            "self-attention O(1), recurrent O(n)",
+            source,
+            f"per forward pass ({n} + {n} layers): Transformer {sequential_steps('transformer', n, L0, L0)} at "
+            f"length {L0} and at {L1}; RNN {sequential_steps('rnn', n, L0, L0)} at {L0}, "
+            f"{sequential_steps('rnn', n, L1, L1)} at {L1}",
+        ),
+        PaperNumber(
+            "maximum path length between positions",
+            "self-attention O(1), recurrent O(n)",
+            source,
+            "gradient decay with distance at init (slope of log10 norm per position): "
+            + ", ".join(f"{m} {v:.3f}" for m, v in decay.items()),
+        ),
+    ]
+
+
+def _summary(s: Settings, speed: Section, grads: Section, parts: dict[str, str]) -> str:
+    lengths = speed.values["lengths"]
+
+    def throughput_line(dev: str) -> str:
+        r = speed.values["ratios"][dev]
+        return (
+            f"on {_device_name(dev)} Transformer/LSTM goes from {r['lstm'][0]:.2f}x at length {lengths[0]} to "
+            f"{r['lstm'][-1]:.2f}x at {lengths[-1]}, Transformer/GRU from {r['gru'][0]:.2f}x to {r['gru'][-1]:.2f}x"
+        )
+
+    decay = grads.values["decay_init"]
+    judged = "the GPU's measured throughput" if "cuda" in speed.values["ratios"] else "sequential depth"
+    return (
+        f"Parallel over time ({parts['parallel over time']}, judged by {judged}): "
+        + "; ".join(throughput_line(dev) for dev in speed.values["ratios"])
+        + " (medians over interleaved rounds). Vanishing gradients ("
+        + parts["vanishing gradients"]
+        + f"): decay at init over {s.grad_seeds} initialisations (mean slope of log10 norm per position): "
+        + ", ".join(f"{m} {decay[m]:.3f}" for m in MODELS)
+        + f". Accuracy and BLEU are at a fixed budget ({s.task_steps} steps x batch {s.task_batch} per task, "
+        f"{s.doc_seconds:g} s per model on stdlib-doc): they show where each model starts to fail at that budget, "
+        "not its capacity."
+    )
+
+
+def _settings(s: Settings, speed: Section, acc: Section, grads: Section, doc: Section, seed: int, mode: str) -> dict:
+    settings = dataclasses.asdict(s)
+    settings.update(
+        throughput_params=speed.values["params"],
+        throughput_ratios=speed.values["ratios"],
+        task_params=acc.values["params"],
+        token_accuracy=acc.values["token_accuracy"],
+        decay_init=grads.values["decay_init"],
+        decay_init_seeds=grads.values["decay_init_seeds"],
+        decay_trained=grads.values["decay_trained"],
+        bleu=doc.values["bleu"],
+        seed=seed,
+        mode=mode,
+    )
+    return settings
 
 
 def _plot_lines(
