@@ -192,3 +192,14 @@ def test_schedule_lookup_rejects_t_at_or_above_T_and_floats(sched):
         q_sample(torch.zeros(1, 2), -1, sched)
     assert sched.alpha_bar(torch.tensor([-1, 999])).tolist() == [1.0, sched.alpha_bar(999)]  # t < 0: alpha_bar = 1
     assert sched.alpha_bar(torch.tensor(7)) == sched.alpha_bar(7)
+
+
+def test_schedule_stays_real_when_built_under_the_meta_device():
+    # parameter counting builds models under torch.device("meta"); the schedule must not follow
+    with torch.device("meta"):
+        s = NoiseSchedule.from_name("linear", 50)
+        c = NoiseSchedule.from_betas([0.1, 0.2])
+    assert s.alphas_cumprod.device.type == "cpu" and s.alpha_bar(3) == NoiseSchedule.from_name("linear", 50).alpha_bar(
+        3
+    )
+    assert c.alphas_cumprod.tolist() == pytest.approx([0.9, 0.72])

@@ -34,17 +34,17 @@ from notelab.core.tensor import append_dims
 
 def linear(num_train_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
     """beta_t linear in t (Ho et al. 2020, sec. 4)."""
-    return torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
+    return torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64, device="cpu")
 
 
 def scaled_linear(num_train_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
     """sqrt(beta_t) linear in t, then squared (the latent / Stable Diffusion schedule)."""
-    return torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
+    return torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64, device="cpu") ** 2
 
 
 def squaredcos_cap_v2(num_train_timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
     """Cosine schedule, Nichol & Dhariwal 2021 eq. 17, betas clipped at ``max_beta``."""
-    steps = torch.arange(num_train_timesteps + 1, dtype=torch.float64) / num_train_timesteps
+    steps = torch.arange(num_train_timesteps + 1, dtype=torch.float64, device="cpu") / num_train_timesteps
     f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
     return (1 - f[1:] / f[:-1]).clamp(max=max_beta)
 
@@ -89,7 +89,9 @@ class NoiseSchedule:
     """
 
     def __init__(self, betas: torch.Tensor, name: str = "custom") -> None:
-        betas = torch.as_tensor(betas, dtype=torch.float64).detach().cpu()
+        # Explicitly on CPU: the schedule holds no learned state, so it stays real even when the
+        # model around it is built under torch.device("meta") (size checks before allocation).
+        betas = torch.as_tensor(betas, dtype=torch.float64, device="cpu").detach()
         if betas.ndim != 1 or betas.numel() == 0:
             raise ConfigError(f"betas: expected a non-empty 1-D sequence, got shape {tuple(betas.shape)}")
         if not bool(((betas > 0) & (betas <= 1)).all()):
@@ -100,7 +102,9 @@ class NoiseSchedule:
         self.betas = betas
         self.alphas = 1.0 - betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
-        self.alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod[:-1]])
+        self.alphas_cumprod_prev = torch.cat(
+            [torch.ones(1, dtype=torch.float64, device="cpu"), self.alphas_cumprod[:-1]]
+        )
         self.sqrt_alphas_cumprod = self.alphas_cumprod.sqrt()
         self.sqrt_one_minus_alphas_cumprod = (1.0 - self.alphas_cumprod).sqrt()
         self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
@@ -130,7 +134,7 @@ class NoiseSchedule:
     @classmethod
     def from_betas(cls, betas: torch.Tensor | list[float]) -> NoiseSchedule:
         """A schedule from user-given betas (diffusers' ``trained_betas``)."""
-        return cls(torch.as_tensor(betas), name="custom")
+        return cls(betas, name="custom")
 
     @property
     def num_train_timesteps(self) -> int:
