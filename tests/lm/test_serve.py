@@ -33,8 +33,12 @@ class SlowEngine(Engine):
     """The real engine, slowed down so a test can act while a request is still running."""
 
     delay = 0.0
+    fail = False  # the next step raises
 
     def step(self):
+        if self.fail:
+            self.fail = False
+            raise RuntimeError("device lost")
         if self.delay:
             time.sleep(self.delay)
         return super().step()
@@ -345,6 +349,16 @@ def test_errors_reach_the_openai_client_and_unknown_routes_are_404(setup):
     ok = client.completions.create(model="tiny", prompt="hi", max_tokens=2, temperature=0)
     assert ok.usage.completion_tokens >= 1 or ok.choices[0].finish_reason == "stop"
     wait_idle(setup)
+
+
+def test_an_engine_failure_is_a_500_and_the_server_goes_on(setup):
+    setup["engine"].fail = True
+    status, out = post(setup, "/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 3})
+    assert status == 500 and out["error"]["type"] == "server_error" and "device lost" in out["error"]["message"]
+    wait_idle(setup)
+    ids = prompt_ids(setup, "hello")
+    ok = setup["client"].completions.create(model="tiny", prompt=ids, max_tokens=5, temperature=0)
+    assert ok.choices[0].text == reference(setup, ids, 5)[1]
 
 
 def test_text_stream_holds_back_partial_characters_and_stop_prefixes():

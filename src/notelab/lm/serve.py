@@ -121,15 +121,18 @@ class Scheduler:
         with torch.no_grad():
             while True:
                 outbox: list[tuple[asyncio.Queue, Any]] = []
-                # Idle: sleep until a command comes. Busy: take what has come, then step.
-                cmd = self._inbox.get() if not self.engine.has_work() else self._next()
-                while cmd is not None:
-                    if cmd is _STOP:
-                        return
-                    self._apply(cmd, outbox)
-                    cmd = self._next()
-                if self.engine.has_work():
-                    self._step(outbox)
+                try:
+                    # Idle: sleep until a command comes. Busy: take what has come, then step.
+                    cmd = self._inbox.get() if not self.engine.has_work() else self._next()
+                    while cmd is not None:
+                        if cmd is _STOP:
+                            return
+                        self._apply(cmd, outbox)
+                        cmd = self._next()
+                    if self.engine.has_work():
+                        self._step(outbox)
+                except Exception as e:  # the thread must not die: every waiting handler would hang
+                    self._fail_all(e, outbox)
                 if outbox:
                     self._loop.call_soon_threadsafe(_deliver, outbox)
 
@@ -161,18 +164,7 @@ class Scheduler:
 
     def _step(self, outbox: list) -> None:
         self.steps += 1
-        try:
-            events: list[TokenEvent] = self.engine.step()
-        except Exception as e:
-            log.exception("engine.step failed; failing the %d running sequences", len(self._owner))
-            for rid, (out, _) in self._owner.items():
-                outbox.append((out, Failure(e)))
-                try:
-                    self.engine.cancel(rid)
-                except Exception:  # the engine is already broken; the failure above is what counts
-                    log.exception("engine.cancel(%d) failed", rid)
-            self._owner.clear()
-            return
+        events: list[TokenEvent] = self.engine.step()
         for event in events:
             owner = self._owner.get(event.request_id)
             if owner is None:  # cancelled by its client this step
@@ -180,6 +172,17 @@ class Scheduler:
             outbox.append((owner[0], (owner[1], event)))
             if event.finished:
                 del self._owner[event.request_id]
+
+    def _fail_all(self, error: Exception, outbox: list) -> None:
+        log.exception("the engine failed; failing the %d running sequences", len(self._owner))
+        for out in {id(out): out for out, _ in self._owner.values()}.values():
+            outbox.append((out, Failure(error)))
+        for rid in self._owner:
+            try:
+                self.engine.cancel(rid)
+            except Exception:  # the engine is already broken; the failure above is what counts
+                log.exception("engine.cancel(%d) failed", rid)
+        self._owner.clear()
 
 
 def _deliver(outbox: list[tuple[asyncio.Queue, Any]]) -> None:
