@@ -42,6 +42,8 @@ class Tokenizer:
         # add_special_tokens=False): with this set, their spelling in text is plain characters.
         backend.encode_special_tokens = True
         self.backend = backend
+        # Read once: the backend rebuilds its vocabulary to count it (milliseconds at 128k tokens).
+        self._vocab_size = backend.get_vocab_size(with_added_tokens=True)
         added = backend.get_added_tokens_decoder()
         self._added_ids = {t.content: i for i, t in added.items()}
         specials = {t.content: i for i, t in added.items() if t.special}
@@ -102,7 +104,7 @@ class Tokenizer:
 
     @property
     def vocab_size(self) -> int:
-        return self.backend.get_vocab_size(with_added_tokens=True)
+        return self._vocab_size
 
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
@@ -152,9 +154,10 @@ class Tokenizer:
         return ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        bad = [i for i in ids if not 0 <= int(i) < self.vocab_size]
+        n = self._vocab_size
+        bad = [i for i in ids if not 0 <= int(i) < n]
         if bad:
-            raise DataError(f"decode: token ids must be in [0, {self.vocab_size}), got {bad[:5]}")
+            raise DataError(f"decode: token ids must be in [0, {n}), got {bad[:5]}")
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     @staticmethod
