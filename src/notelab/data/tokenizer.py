@@ -113,8 +113,10 @@ class Tokenizer:
         return self.backend.id_to_token(idx)
 
     def special_id(self, token: str) -> int:
-        """The id of the added (special) token ``token``, for code that builds templates; ConfigError if absent."""
-        return self._need(self._added_ids.get(token), token)
+        """The id of the token ``token`` (an added special token, or else a vocabulary entry), for
+        code that builds templates; ConfigError if the tokenizer has no such token."""
+        idx = self._added_ids.get(token)
+        return self._need(idx if idx is not None else self.backend.token_to_id(token), token)
 
     def encode(
         self, text: str, add_bos: bool = False, add_eos: bool = False, *, allow_special: bool = False
