@@ -202,6 +202,8 @@ def drive(args: argparse.Namespace, port: int, proc: subprocess.Popen, prompts: 
         "ttft_ms_p99": 1e3 * pct(ttft, 99),
         "itl_ms_p50": 1e3 * pct(itl, 50),
         "itl_ms_p99": 1e3 * pct(itl, 99),
+        # above 1: a reader fell behind and got several tokens in one chunk, or a token ended mid-character
+        "tokens_per_chunk": total / max(1, sum(len(t.chunks) for t in many)),
         "texts": [t.text for t in sorted(many, key=lambda t: t.index)],
     }
 
@@ -274,7 +276,10 @@ def main() -> None:
         f"= {result['ratio']:.2f}x one client ({result['aggregate_tokens']} tokens in {result['aggregate_s']:.2f} s)"
     )
     print(f"  time to first token: p50 {result['ttft_ms_p50']:.1f} ms, p99 {result['ttft_ms_p99']:.1f} ms")
-    print(f"  inter-token latency: p50 {result['itl_ms_p50']:.2f} ms, p99 {result['itl_ms_p99']:.2f} ms")
+    print(
+        f"  inter-token latency: p50 {result['itl_ms_p50']:.2f} ms, p99 {result['itl_ms_p99']:.2f} ms "
+        f"({result['tokens_per_chunk']:.2f} tokens per streamed chunk)"
+    )
     if "identical_to_generate" in result:
         print(f"  identical to generate alone (greedy): {result['identical_to_generate']}")
     if args.json:
