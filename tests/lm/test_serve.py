@@ -187,6 +187,15 @@ def test_stop_strings_echo_and_seeded_sampling(setup):
     assert "".join(c.choices[0].text for c in chunks) == expected
     echo = client.completions.create(model="tiny", prompt="import os", max_tokens=3, temperature=0, echo=True)
     assert echo.choices[0].text.startswith("import os")
+    # a text prompt is raw model input: a pre-rendered chat template gives the chat endpoint's tokens
+    tok, messages = setup["tok"], [{"role": "user", "content": "hello"}]
+    rendered = tok.decode(encode_chat(tok, messages), skip_special_tokens=False).removeprefix("<|begin_of_text|>")
+    stops = {"stop_token_ids": chat_stop_tokens(tok)}  # vLLM's extension, through the client's extra_body
+    raw = client.completions.create(model="tiny", prompt=rendered, max_tokens=8, temperature=0, extra_body=stops)
+    chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0)
+    assert (
+        raw.usage.prompt_tokens == chat.usage.prompt_tokens and raw.choices[0].text == chat.choices[0].message.content
+    )
     kw = dict(model="tiny", prompt=ids, max_tokens=8, temperature=1.0, top_p=0.9, n=2, seed=7)
     a, b = client.completions.create(**kw), client.completions.create(**kw)
     assert [c.text for c in a.choices] == [c.text for c in b.choices] and [c.index for c in a.choices] == [0, 1]

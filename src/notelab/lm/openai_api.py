@@ -7,12 +7,15 @@ engine: a bad field becomes :class:`APIError` (HTTP 400) with the OpenAI error b
 
     {"error": {"message": "...", "type": "invalid_request_error", "param": "max_tokens", "code": null}}
 
-Supported: ``prompt`` as a string, a list of token ids, or a list of either (one choice block per
-prompt); ``messages`` rendered with the Llama 3 chat template (:func:`notelab.lm.chat.encode_chat`);
+Supported: ``prompt`` as a string (the model's raw input: ``<|begin_of_text|>`` is put first, and
+spelled special tokens such as ``<|eot_id|>`` are read as those tokens, as vLLM does), a list of
+token ids (taken as they are), or a list of either (one block of ``n`` choices per prompt);
+``messages`` rendered with the Llama 3 chat template (:func:`notelab.lm.chat.encode_chat`);
 ``max_tokens`` (``max_completion_tokens`` for chat), ``temperature``, ``top_p``, ``n``, ``stop``
-(strings, matched on the decoded text), ``seed``, ``stream`` with ``stream_options.include_usage``,
-``echo``, and ``logprobs`` of the chosen tokens (completions: ``logprobs=0``; chat:
-``logprobs=true, top_logprobs=0``: the engine scores the token it picks, not alternatives).
+(strings, matched on the decoded text), ``seed`` (choice i of a request draws from seed + i),
+``stream`` with ``stream_options.include_usage``, ``echo``, and ``logprobs`` of the chosen tokens
+(completions: ``logprobs=0``; chat: ``logprobs=true, top_logprobs=0``: the engine scores the token
+it picks, not alternatives).
 Extensions, as vLLM spells them: ``top_k``, ``repetition_penalty``, ``stop_token_ids``.
 Fields the server cannot honour (penalties, ``logit_bias``, ``suffix``, tools, top alternatives)
 are refused with a 400 rather than ignored; unknown fields are ignored, as OpenAI does.
@@ -233,7 +236,9 @@ class OpenAIAPI:
         return body
 
     def _encode_text(self, text: str, name: str = "prompt") -> list[int]:
-        ids = self.tokenizer.encode(text, add_bos=self.tokenizer.bos_id is not None)
+        # A completions prompt is the model's raw input, so spelled special tokens (a pre-rendered chat
+        # template) are read as such, as vLLM does; chat content never is (encode_chat).
+        ids = self.tokenizer.encode(text, add_bos=self.tokenizer.bos_id is not None, allow_special=True)
         if not ids:
             raise APIError(f"{name}: expected text of at least one token, got {text!r}", "prompt")
         return ids
@@ -364,19 +369,12 @@ class OpenAIAPI:
 
 
 def text_decoder(tokenizer: Tokenizer, skip_special_tokens: bool = True) -> Callable[[Sequence[int]], str]:
-    """Token ids -> text, ids past the tokenizer's vocabulary dropped (a model may have more embeddings
-    than its tokenizer has tokens; those ids have no text).
-
-    It calls the ``tokenizers`` backend directly, with the vocabulary size read once: the library
-    computes ``get_vocab_size(with_added_tokens=True)``, which ``Tokenizer.decode`` checks ids
-    against, by building the whole vocabulary on every call (6 ms for 128k tokens, measured), and
-    the server decodes once per token.
-    """
+    """Token ids -> text, ids past the tokenizer's vocabulary dropped: a model may have more
+    embeddings than its tokenizer has tokens, and those ids have no text."""
     size = tokenizer.vocab_size
-    backend = tokenizer.backend
 
     def decode(ids: Sequence[int]) -> str:
-        return backend.decode([i for i in ids if i < size], skip_special_tokens=skip_special_tokens)
+        return tokenizer.decode([i for i in ids if i < size], skip_special_tokens=skip_special_tokens)
 
     return decode
 
