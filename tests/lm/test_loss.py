@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from notelab.core.errors import ShapeError
 from notelab.lm import Llama, LlamaConfig
-from notelab.lm.loss import default_chunk, linear_cross_entropy
+from notelab.lm.loss import chunk_loss_and_grad, default_chunk, linear_cross_entropy
 from notelab.lm.train import next_token_loss
 
 
@@ -92,3 +92,27 @@ def test_chunk_default_and_bad_shapes():
         linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 8), torch.zeros(5, dtype=torch.long))
     with pytest.raises(ShapeError, match="chunk >= 1"):
         linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4, dtype=torch.long), chunk=0)
+
+
+def test_chunk_kernel_gives_the_loss_sum_and_the_scaled_softmax_gradient():
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(6, 11, generator=g, requires_grad=True)
+    y = torch.randint(0, 11, (6,), generator=g)
+    keep = torch.tensor([True, True, False, True, True, False])
+    scale = torch.tensor(0.25)
+    loss, grad = chunk_loss_and_grad(z.detach(), y, keep, scale)
+    ref = (F.cross_entropy(z, y, reduction="none") * keep).sum()
+    (ref_grad,) = torch.autograd.grad(ref * scale, z)
+    torch.testing.assert_close(loss, ref.detach())
+    torch.testing.assert_close(grad, ref_grad)
+
+
+def test_compiled_chunks_equal_the_eager_chunks():
+    g = torch.Generator().manual_seed(5)
+    hidden, weight = torch.randn(10, 8, generator=g), torch.randn(24, 8, generator=g)
+    targets = torch.randint(0, 24, (10,), generator=g)
+    targets[3] = -100
+    eager = grads(lambda h, w: linear_cross_entropy(h, w, targets, chunk=5), hidden, weight)
+    compiled = grads(lambda h, w: linear_cross_entropy(h, w, targets, chunk=5, compile=True), hidden, weight)
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

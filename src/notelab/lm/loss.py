@@ -24,6 +24,9 @@ the softmax, the loss and the accumulated ``dL/dW`` are float32.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 
 from notelab.core.errors import ShapeError
@@ -47,6 +50,41 @@ def _matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return torch.promote_types(hidden.dtype, weight.dtype)
 
 
+def chunk_loss_and_grad(
+    z: torch.Tensor, y: torch.Tensor, keep: torch.Tensor, scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk's summed loss and ``dL/dz`` from its logits ``z`` (c, V), written for the compiler.
+
+    ``sum_i keep_i (logsumexp(z_i) - z_i[y_i])`` and ``(softmax(z_i) - onehot(y_i)) * keep_i * scale``
+    in ``z``'s dtype, the softmax in float32. Compiled (``torch.compile``), this is two passes over
+    the chunk's logits (a row reduction, then the gradient), with no float32 copy in memory.
+    """
+    zf = z.float()
+    lse = torch.logsumexp(zf, dim=-1, keepdim=True)
+    loss = ((lse - zf.gather(1, y[:, None])).squeeze(1) * keep).sum()
+    onehot = torch.arange(z.shape[-1], device=z.device) == y[:, None]
+    g = (torch.exp(zf - lse) - onehot.float()) * (keep * scale)[:, None]
+    return loss, g.to(z.dtype)
+
+
+@functools.cache
+def _compiled_chunk_loss_and_grad() -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    # Built on first use only (nothing is compiled at import); one compiled kernel per chunk shape.
+    return torch.compile(chunk_loss_and_grad, dynamic=False)
+
+
+def _eager_chunk_loss_and_grad(
+    z: torch.Tensor, y: torch.Tensor, keep: torch.Tensor, scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``chunk_loss_and_grad`` without a compiler: in place, one float32 (c, V) buffer, ``dL/dz`` in ``z``'s storage."""
+    logp = torch.log_softmax(z, dim=-1, dtype=torch.float32)
+    loss = -(logp.gather(1, y[:, None]).squeeze(1) * keep).sum()
+    p = logp.exp_()  # softmax, in place of log-softmax
+    p.scatter_add_(1, y[:, None], -torch.ones_like(p[:, :1]))
+    # (softmax - onehot) * keep * scale, cast into z's storage: one pass.
+    return loss, torch.mul(p, (keep * scale)[:, None], out=z)
+
+
 def _chunks(
     h: torch.Tensor,
     w: torch.Tensor,
@@ -55,28 +93,30 @@ def _chunks(
     ignore_index: int,
     grad_h: torch.Tensor | None,
     grad_w: torch.Tensor | None,
+    compiled: bool,
 ) -> torch.Tensor:
-    """The summed loss over all chunks; fills ``grad_h`` and accumulates ``grad_w`` (unscaled) when given."""
+    """The mean loss over all chunks; fills ``grad_h`` and accumulates ``grad_w`` (already divided by N) when given."""
     total = torch.zeros((), dtype=torch.float32, device=h.device)
+    count = (targets != ignore_index).sum().clamp(min=1)
+    scale = 1.0 / count.float()
+    step = _compiled_chunk_loss_and_grad() if compiled else _eager_chunk_loss_and_grad
     for start in range(0, h.shape[0], chunk):
         hc, yc = h[start : start + chunk], targets[start : start + chunk]
         keep = yc != ignore_index
-        yk = torch.where(keep, yc, 0)[:, None]
+        yk = torch.where(keep, yc, 0)
         z = hc @ w.t()  # (c, V) in the matmul dtype
-        logp = torch.log_softmax(z, dim=-1, dtype=torch.float32)
-        total -= (logp.gather(1, yk).squeeze(1) * keep).sum()
         if grad_h is None and grad_w is None:
+            logp = torch.log_softmax(z, dim=-1, dtype=torch.float32)
+            total -= (logp.gather(1, yk[:, None]).squeeze(1) * keep).sum()
             continue
-        p = logp.exp_()  # softmax, in place of log-softmax
-        p.scatter_add_(1, yk, -keep[:, None].to(p.dtype))
-        # (softmax - onehot), rows of ignored targets zeroed, cast into z's storage: one pass.
-        g = torch.mul(p, keep[:, None], out=z)
-        del p, logp
+        loss, g = step(z, yk, keep, scale)
+        del z
+        total += loss
         if grad_h is not None:
             grad_h[start : start + chunk] = g @ w
         if grad_w is not None:
             grad_w += g.t() @ hc
-    return total
+    return total * scale
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -89,6 +129,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         chunk: int,
         ignore_index: int,
         dtype: torch.dtype,
+        compiled: bool,
     ) -> torch.Tensor:
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         ctx.weight_dtype = weight.dtype
@@ -96,14 +137,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             h, w = hidden.to(dtype), weight.to(dtype)
             grad_h = torch.empty_like(hidden) if need_h else None
             grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
-            total = _chunks(h, w, targets, chunk, ignore_index, grad_h, grad_w)
-            count = (targets != ignore_index).sum().clamp(min=1)
-            # Kept on ctx, not saved for backward: they are no-grad results, scaled in place in backward.
-            ctx.grads = (
-                None if grad_h is None else grad_h.div_(count),
-                None if grad_w is None else grad_w.div_(count),
-            )
-        return total / count
+            loss = _chunks(h, w, targets, chunk, ignore_index, grad_h, grad_w, compiled)
+        # Kept on ctx, not saved for backward: no-grad results, scaled in place in backward.
+        ctx.grads = (grad_h, grad_w)
+        return loss
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -113,7 +150,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         ctx.grads = None  # the gradients move to the caller; the 4 bytes x V x d of grad_w are not kept twice
         grad_h = None if grad_h is None else grad_h.mul_(grad_out)
         grad_w = None if grad_w is None else grad_w.mul_(grad_out).to(ctx.weight_dtype)
-        return grad_h, grad_w, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -123,6 +160,7 @@ def linear_cross_entropy(
     *,
     chunk: int | None = None,
     ignore_index: int = -100,
+    compile: bool = False,
 ) -> torch.Tensor:
     """``F.cross_entropy(F.linear(hidden, weight).float(), targets)`` (mean), chunk by chunk (module docstring).
 
@@ -130,6 +168,9 @@ def linear_cross_entropy(
     embedding works: its gradient is added to the embedding's); ``targets``: ``(...)`` token ids,
     ``ignore_index`` where no loss is taken. ``chunk``: tokens per chunk (``default_chunk(V)``).
     Differentiable in ``hidden`` and ``weight``; the loss of a batch with no target is 0.
+    ``compile``: run each chunk's softmax and gradient as one ``torch.compile``d kernel
+    (:func:`chunk_loss_and_grad`) instead of eager in-place passes; ``next_token_loss`` asks for it
+    when the model it is handed is compiled (``fit`` compiles on CUDA by default).
     """
     if weight.ndim != 2 or hidden.shape[-1] != weight.shape[1]:
         raise ShapeError(
@@ -148,6 +189,5 @@ def linear_cross_entropy(
     h, y = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     if not torch.is_grad_enabled() or not (hidden.requires_grad or weight.requires_grad):
         with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
-            total = _chunks(h.to(dtype), weight.to(dtype), y, chunk, ignore_index, None, None)
-        return total / (y != ignore_index).sum().clamp(min=1)
-    return _LinearCrossEntropy.apply(h, weight, y, chunk, ignore_index, dtype)
+            return _chunks(h.to(dtype), weight.to(dtype), y, chunk, ignore_index, None, None, False)
+    return _LinearCrossEntropy.apply(h, weight, y, chunk, ignore_index, dtype, compile)

@@ -100,12 +100,15 @@ def next_token_loss(
     A model whose ``lm_head`` is a plain bias-free ``nn.Linear`` and which returns its final hidden
     states (``model(x, return_hidden=True)``, :class:`notelab.lm.Llama`) gets the chunked loss of
     :func:`notelab.lm.loss.linear_cross_entropy`, which never holds the ``(B, T, V)`` float32
-    logits; any other model (e.g. a LoRA-wrapped head) gets ``F.cross_entropy`` on its logits.
+    logits (its per-chunk softmax compiled too when the model is, as ``fit`` does on CUDA); any
+    other model (e.g. a LoRA-wrapped head) gets ``F.cross_entropy`` on its logits.
     """
     inputs, targets = batch[:, :-1], batch[:, 1:]
     head = getattr(unwrap_model(model), "lm_head", None)
     if type(head) is nn.Linear and head.bias is None:
-        loss = linear_cross_entropy(model(inputs, return_hidden=True), head.weight, targets)
+        compiled = isinstance(getattr(model, "_orig_mod", None), nn.Module)  # fit's torch.compile wrapper
+        hidden = model(inputs, return_hidden=True)
+        loss = linear_cross_entropy(hidden, head.weight, targets, compile=compiled)
     else:
         logits = model(inputs)
         loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
@@ -227,9 +230,14 @@ def pretrain(
     return result
 
 
-def load_run(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Llama, Tokenizer]:
-    """A run directory (or any Llama checkpoint holding a ``tokenizer.json``) -> (model, tokenizer)."""
-    model = Llama.from_pretrained(path, device=device)
+def load_run(
+    path: str | os.PathLike, device: str | torch.device = "cpu", allow_large: bool = False
+) -> tuple[Llama, Tokenizer]:
+    """A run directory (or any Llama checkpoint holding a ``tokenizer.json``) -> (model, tokenizer).
+
+    ``allow_large`` lifts the size bound checked before the model is allocated (``from_pretrained``).
+    """
+    model = Llama.from_pretrained(path, device=device, allow_large=allow_large)
     tokenizer = Tokenizer.from_file(path)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ConfigError(
