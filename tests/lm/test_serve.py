@@ -382,28 +382,33 @@ def test_text_stream_holds_back_partial_characters_and_stop_prefixes():
 
 
 def test_cli_serves_a_checkpoint(setup):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "notelab", "lm", "serve", "--checkpoint", str(setup["folder"]), "--port", str(port)]
-    proc = subprocess.Popen([*cmd, "--log-level", "warning"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    cmd = [
+        sys.executable,
+        "-m",
+        "notelab",
+        "lm",
+        "serve",
+        "--checkpoint",
+        str(setup["folder"]),
+        "--log-level",
+        "warning",
+    ]
+    proc = subprocess.Popen([*cmd, "--port", "0"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=10)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                models = client.models.list()
-                break
-            except openai.APIConnectionError:
-                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()
-                time.sleep(0.2)
-        assert [m.id for m in models.data] == ["tiny-llama"]
+        line = proc.stdout.readline()  # "serving 'tiny-llama' (...) at http://127.0.0.1:PORT/v1", once loaded
+        assert "serving 'tiny-llama'" in line, line + proc.stdout.read()
+        url = line.split(" at ")[-1].strip()
+        port = int(url.rsplit(":", 1)[1].split("/")[0])
+        client = OpenAI(base_url=url, api_key="x", max_retries=0, timeout=30)
+        assert [m.id for m in client.models.list().data] == ["tiny-llama"]
         ids = prompt_ids(setup, "def ")
         out = client.completions.create(model="tiny-llama", prompt=ids, max_tokens=8, temperature=0)
         assert out.choices[0].text == reference(setup, ids, 8)[1]
+        busy = subprocess.run([*cmd, "--port", str(port)], env=env, capture_output=True, text=True, timeout=60)
+        assert busy.returncode == 2 and busy.stderr.startswith("error: --host/--port") and "in use" in busy.stderr
     finally:
         proc.terminate()
         proc.wait(10)
-    bad = subprocess.run([*cmd[:-2], "--port", "70000"], env=env, capture_output=True, text=True)
+    bad = subprocess.run([*cmd, "--port", "70000"], env=env, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--port" in bad.stderr

@@ -13,6 +13,7 @@ Then, from any OpenAI client::
 from __future__ import annotations
 
 import argparse
+import socket
 from pathlib import Path
 
 from notelab.core.errors import ConfigError, DataError
@@ -33,7 +34,7 @@ def add_serve_parser(verbs: argparse._SubParsersAction) -> None:
     )
     s.add_argument("--checkpoint", required=True, help="a run directory (model + tokenizer.json)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=int, default=8000, help="port to listen on (0: a free one, printed)")
     s.add_argument("--model-name", help="the model id clients send (default: the checkpoint folder's name)")
     s.add_argument("--max-batch", type=int, default=64, help="most sequences decoded together; more wait their turn")
     s.add_argument(
@@ -60,9 +61,18 @@ def serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"--port: expected a port in [0, 65535], got {args.port}")
     if not Path(args.checkpoint).is_dir():
         raise DataError(f"--checkpoint: expected a checkpoint directory, got {args.checkpoint!r} (no such directory)")
+    with _listen(args.host, args.port) as sock:  # before the model loads: a busy port fails at once
+        import uvicorn
 
+        app, what = _app(args)
+        print(f"serving {what} at http://{args.host}:{sock.getsockname()[1]}/v1", flush=True)
+        uvicorn.Server(uvicorn.Config(app, log_level=args.log_level)).run(sockets=[sock])
+    return 0
+
+
+def _app(args: argparse.Namespace) -> tuple[object, str]:
+    """The server's ASGI app over the checkpoint, and a line saying what it serves."""
     import torch
-    import uvicorn
 
     from notelab.core.runtime import get_device
     from notelab.lm.engine import Engine
@@ -85,12 +95,14 @@ def serve(args: argparse.Namespace) -> int:
     cache = kv_cache_bytes(model.config, args.max_batch, max_len, engine.dtype)
     name = args.model_name or Path(args.checkpoint).resolve().name
     config = ServeConfig(model_name=name, context_len=max_len, vocab_size=model.config.vocab_size, max_n=args.max_n)
-    app = create_app(engine, tokenizer, config)
-    url = f"http://{args.host}:{args.port}/v1"
-    print(
-        f"serving {name!r} at {url}: batches of up to {args.max_batch}, context {max_len} tokens, "
-        f"KV cache {cache / 2**30:.2f} GiB",
-        flush=True,
-    )
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
-    return 0
+    what = f"{name!r} (batches of up to {args.max_batch}, context {max_len} tokens, KV cache {cache / 2**30:.2f} GiB)"
+    return create_app(engine, tokenizer, config), what
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port`` (port 0: a free one), or a one-line ConfigError."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        return socket.create_server((host, port), family=family)
+    except OSError as e:
+        raise ConfigError(f"--host/--port: expected an address to listen on, got {host}:{port} ({e})") from e
