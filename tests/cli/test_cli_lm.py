@@ -247,3 +247,17 @@ def test_corrupt_trainer_state_on_resume_is_one_line_exit_2(main, tmp_path, caps
     assert main([*TRAIN, "--steps", "2", "--out", str(out), "--resume"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_allow_large_lifts_the_size_bound_for_loading_and_building(main, run_dir, tmp_path, monkeypatch, capsys):
+    import notelab.core.limits
+
+    monkeypatch.setattr(notelab.core.limits, "size_bound", lambda nbytes: (1000, "a bound of 1000 for the test"))
+    gen = ["lm", "generate", "--checkpoint", str(run_dir), "--prompt", "def ", "--max-new-tokens", "2"]
+    assert main(gen) == 2
+    assert "--allow-large" in capsys.readouterr().err
+    assert main([*gen, "--allow-large"]) == 0
+    train = [*TRAIN, "--steps", "1", "--out", str(tmp_path / "big")]
+    assert main(train) == 2
+    assert "--allow-large" in capsys.readouterr().err
+    assert main([*train, "--allow-large"]) == 0

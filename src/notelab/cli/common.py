@@ -65,6 +65,16 @@ def add_training_options(parser: argparse.ArgumentParser, **defaults: Any) -> No
     parser.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_out_option(parser)
+    add_model_options(parser)
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """Options of every verb that builds or loads a model: ``--allow-large`` (see :func:`run_verb`)."""
+    parser.add_argument(
+        "--allow-large",
+        action="store_true",
+        help="build / load models above notelab's size bound (a guard against configs that would exhaust memory)",
+    )
 
 
 def add_out_option(parser: argparse.ArgumentParser, help: str = "run folder") -> None:
@@ -357,8 +367,18 @@ def _one_line(e: BaseException) -> str:
 
 
 def run_verb(func: Callable[[argparse.Namespace], int | None], args: argparse.Namespace) -> int:
-    """Run a verb; expected failures become one line on stderr and exit code 2 (Ctrl-C: 130)."""
+    """Run a verb; expected failures become one line on stderr and exit code 2 (Ctrl-C: 130).
+
+    With ``--allow-large`` (``args.allow_large``) the verb runs inside
+    ``notelab.core.limits.allow_large_models()``: the size bound on model configs is lifted for
+    every model it builds or loads.
+    """
     try:
+        if getattr(args, "allow_large", False):
+            from notelab.core.limits import allow_large_models
+
+            with allow_large_models(True):
+                return int(func(args) or 0)
         return int(func(args) or 0)
     except (NotelabError, OSError, UnicodeError) as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from notelab.cli.common import (
+    add_model_options,
     add_training_options,
     already_complete,
     check_positive,
@@ -66,6 +67,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="auto")
     s.add_argument("--progress", action="store_true")
+    add_model_options(s)
     s.set_defaults(func=sample)
 
 
@@ -133,7 +135,7 @@ def sample(args: argparse.Namespace) -> int:
         )
     if len(config.sample_shape) == 1 and config.sample_shape[0] < 2:
         raise ConfigError(f"sample: a scatter needs points of 2+ dims, the model has {config.sample_shape}")
-    model = DiffusionModel.from_pretrained(args.checkpoint, device=device)
+    model = DiffusionModel.from_pretrained(args.checkpoint, device=device, allow_large=args.allow_large)
     model.check_steps(args.sampler, args.steps)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     t0 = time.perf_counter()

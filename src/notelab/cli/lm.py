@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from notelab.cli.common import (
+    add_model_options,
     add_out_option,
     add_training_options,
     already_complete,
@@ -71,6 +72,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto")
+    add_model_options(g)
     g.set_defaults(func=generate)
 
     e = verbs.add_parser("eval", help="perplexity on the held-out split of the run's text")
@@ -81,6 +83,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--max-windows", type=int, help="evaluate at most this many windows")
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--device", default="auto")
+    add_model_options(e)
     e.set_defaults(func=evaluate)
 
     c = verbs.add_parser("convert", help="Hugging Face LlamaForCausalLM <-> notelab checkpoint")
@@ -88,6 +91,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     src.add_argument("--from-hf", help="a Hugging Face checkpoint directory (config.json + *.safetensors)")
     src.add_argument("--to-hf", help="a notelab checkpoint directory to write in the Hugging Face layout")
     add_out_option(c, help="the folder to write")
+    add_model_options(c)
     c.set_defaults(func=convert)
 
     for verb, text in (
@@ -109,6 +113,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         s.add_argument("--device", default="auto")
         s.add_argument("--seed", type=int, default=0)
         s.add_argument("--no-progress", action="store_true")
+        add_model_options(s)
         s.set_defaults(func=sft if verb == "sft" else dpo)
     add_serve_parser(verbs)  # `notelab lm serve`, in notelab.cli.lm_serve
 
@@ -166,11 +171,11 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load(path: str, device: str) -> tuple[Llama, Tokenizer]:
+def _load(args: argparse.Namespace) -> tuple[Llama, Tokenizer]:
     from notelab.core.runtime import get_device
     from notelab.lm.train import load_run
 
-    return load_run(path, device=get_device(device))
+    return load_run(args.checkpoint, device=get_device(args.device), allow_large=args.allow_large)
 
 
 def generate(args: argparse.Namespace) -> int:
@@ -183,7 +188,7 @@ def generate(args: argparse.Namespace) -> int:
         raise ConfigError("expected --prompt TEXT or --prompt-ids IDS, got neither")
     for text in args.prompt or ():
         check_text("--prompt", text)
-    model, tokenizer = _load(args.checkpoint, args.device)
+    model, tokenizer = _load(args)
     if args.prompt_ids is not None:
         try:
             prompts = [[int(i) for i in args.prompt_ids.split(",")]]
@@ -242,7 +247,7 @@ def evaluate(args: argparse.Namespace) -> int:
     from notelab.lm.train import load_data_info, mean_nll, prepare_data
 
     check_positive(**{k: getattr(args, k) for k in ("seq_len", "max_windows", "batch_size", "max_chars")})
-    model, tokenizer = _load(args.checkpoint, args.device)
+    model, tokenizer = _load(args)
     info = load_data_info(args.checkpoint)
     source = args.data or info["data"]
     max_chars = args.max_chars if args.max_chars is not None else info.get("max_chars")
@@ -271,7 +276,7 @@ def convert(args: argparse.Namespace) -> int:
         raise DataError(f"expected a checkpoint directory at {src}, found none")
     folder = prepare_out(args.out, "lm convert", overwrite=args.overwrite)
     out = folder.path
-    model = conv.from_hf(src) if args.from_hf else Llama.from_pretrained(src)
+    model = conv.from_hf(src) if args.from_hf else Llama.from_pretrained(src, allow_large=args.allow_large)
     with folder:
         if args.from_hf:
             model.save_pretrained(out)
@@ -291,7 +296,7 @@ def _posttrain_setup(args: argparse.Namespace) -> tuple[Llama, Tokenizer, TrainC
     if args.data != BUILT_IN and not Path(args.data).is_file():
         raise DataError(f"--data: expected '{BUILT_IN}' or a JSONL file, got {args.data!r} (no such file)")
     folder = prepare_out(args.out, f"lm {args.verb}", overwrite=args.overwrite)
-    model, tokenizer = _load(args.checkpoint, args.device)
+    model, tokenizer = _load(args)
     args.max_len = min(args.max_len, model.config.max_seq_len)  # examples are cut to the model's context
     config = TrainConfig(
         steps=args.steps,

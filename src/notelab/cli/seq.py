@@ -16,6 +16,7 @@ import time
 from typing import TYPE_CHECKING
 
 from notelab.cli.common import (
+    add_model_options,
     add_training_options,
     already_complete,
     check_text,
@@ -57,6 +58,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--input", required=True, help="Python source (stdlib-doc) or space-separated token ids")
     s.add_argument("--beam", type=int, default=1, help="beam size; 1 is greedy")
     s.add_argument("--device", default="cpu")
+    add_model_options(s)
     s.set_defaults(func=translate)
 
 
