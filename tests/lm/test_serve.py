@@ -117,6 +117,9 @@ def post(setup, path, body, method="POST"):
 def test_models_lists_the_checkpoint(setup):
     models = setup["client"].models.list()
     assert [m.id for m in models.data] == ["tiny"]
+    assert setup["client"].models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError):
+        setup["client"].models.retrieve("gpt-4")
 
 
 def test_greedy_completion_equals_generate(setup):

@@ -3,6 +3,7 @@
     notelab lm serve --checkpoint DIR [--host 127.0.0.1] [--port 8000] [--model-name NAME] [--max-batch 64]
 
     GET  /v1/models              the checkpoint, as one model id (the folder name unless --model-name)
+    GET  /v1/models/{id}         that model, or 404
     POST /v1/completions         prompt (text or token ids) -> text; stream, logprobs, echo, n, stop, seed
     POST /v1/chat/completions    messages, rendered with the Llama 3 chat template -> the assistant turn
     GET  /health                 200 while the scheduler runs
@@ -319,6 +320,13 @@ class Server:
     async def models(self, request: Request) -> Response:
         return JSONResponse(self.api.models())
 
+    async def model(self, request: Request) -> Response:
+        (served,) = self.api.models()["data"]
+        if request.path_params["model"] != served["id"]:
+            message = f"model: expected {served['id']!r} (the one model served), got {request.path_params['model']!r}"
+            raise APIError(message, "model", status=404, code="model_not_found")
+        return JSONResponse(served)
+
     async def health(self, request: Request) -> Response:
         ok = self.scheduler.running
         return JSONResponse({"status": "ok" if ok else "stopped", "active": self.scheduler.active}, 200 if ok else 503)
@@ -474,6 +482,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, config: ServeConfig) -> Sta
 
     routes = [
         Route("/v1/models", server.models, methods=["GET"]),
+        Route("/v1/models/{model:path}", server.model, methods=["GET"]),
         Route("/v1/completions", server.completions, methods=["POST"]),
         Route("/v1/chat/completions", server.chat, methods=["POST"]),
         Route("/health", server.health, methods=["GET"]),
