@@ -220,13 +220,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_dir, lock = _new_temp_dir(parent, path.name)
     try:
         tmp = tmp_dir / path.name
-        write_file(tmp, b"")
         yield tmp
+        if not tmp.is_file():
+            raise FileNotFoundError(f"atomic_path: the caller wrote nothing to {tmp} (for {path})")
         # After the caller: safetensors replaces the file with its own 0600 temporary file.
         os.chmod(tmp, 0o666 & ~_umask())
         fsync_file(tmp)
         os.replace(tmp, path)
         fsync_dir(parent)
+        os.rmdir(tmp_dir)
     finally:
         try:
             if os.path.lexists(tmp_dir):
