@@ -239,3 +239,37 @@ def test_makefile_reinstalls_when_torch_spec_changes(tmp_path):
     (tmp_path / stamp).touch()  # as if that install had run
     assert "pip install" not in _make_plan(tmp_path, "TORCH_SPEC=torch==9.9")
     assert 'pip install -q "torch"' in _make_plan(tmp_path, "TORCH_SPEC=torch")
+
+
+# ----------------------------------------------------------------------------------- shared options
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["lm", "train", "--out", "r"],
+        ["lm", "sft", "--checkpoint", "c", "--out", "r"],
+        ["lm", "dpo", "--checkpoint", "c", "--out", "r"],
+        ["diffusion", "train", "--data", "moons", "--out", "r"],
+        ["seq", "train", "--model", "gru", "--task", "copy", "--out", "r"],
+    ],
+)
+def test_every_training_verb_takes_the_shared_options(argv):
+    from notelab.cli import build_parser
+    from notelab.cli.common import train_config_kwargs
+    from notelab.train import TrainConfig
+
+    shared = ["--steps", "7", "--batch-size", "3", "--lr", "0.01", "--seed", "9", "--device", "cpu"]
+    shared += ["--ckpt-every", "2", "--log-every", "1", "--resume", "--no-progress", "--no-compile", "--allow-large"]
+    args = build_parser().parse_args([*argv, *shared])
+    assert args.allow_large and args.overwrite is False
+    config = TrainConfig(**train_config_kwargs(args))
+    assert (config.steps, config.batch_size, config.lr, config.seed, config.device) == (7, 3, 0.01, 9, "cpu")
+    assert (config.ckpt_every, config.log_every, config.resume, config.progress, config.compile) == (
+        2,
+        1,
+        True,
+        False,
+        False,
+    )
+    assert config.out_dir == "r"

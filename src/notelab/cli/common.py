@@ -9,8 +9,8 @@ new families get the same behaviour without copying it:
   finished; on failure the old folder comes back) or ``--resume``; an ``--out`` that is a file or
   cannot be created is a one-line error before anything is read or written.
 - ``--seed`` seeds every generator (Python, NumPy, torch) before the model is built.
-- torch's intra-op threads are set to the cores the process may really use (CPU affinity and the
-  cgroup CPU quota), so a container limited to 2 cores does not run 16 threads.
+- torch's intra-op threads are capped at the cores the process may really use (CPU affinity and
+  the cgroup CPU quota), so a container limited to 2 cores does not run 16 threads.
 - every expected failure (``NotelabError``, ``OSError``, ``UnicodeError``) becomes one line on
   stderr and exit code 2 (``run_verb``).
 
@@ -64,6 +64,7 @@ def add_training_options(parser: argparse.ArgumentParser, **defaults: Any) -> No
     parser.add_argument("--log-every", type=int, default=d["log_every"])
     parser.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-compile", action="store_true", help="never torch.compile the model (default: on CUDA)")
     add_out_option(parser)
     add_model_options(parser)
 
@@ -112,6 +113,8 @@ def train_config_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "log_every": args.log_every,
     }
     opts = {k: v for k, v in opts.items() if v is not None}
+    if args.no_compile:
+        opts["compile"] = False
     return {**opts, "out_dir": str(args.out), "resume": args.resume, "progress": not args.no_progress}
 
 
@@ -276,11 +279,15 @@ def _read(path: Path) -> str | None:
         return None
 
 
-def _quota_cores(quota: float, period: float) -> int | None:
-    """``ceil(quota / period)`` cores, or None for no limit (a quota <= 0 or 'max')."""
-    if quota <= 0 or period <= 0:
+def _quota_cores(quota: str | None, period: str | None) -> int | None:
+    """``ceil(quota / period)`` cores from the files' text; None for no limit ("max", -1) or unreadable."""
+    try:
+        q, p = float(quota or "nan"), float(period or "nan")
+    except ValueError:  # "max", or garbage
         return None
-    return max(1, math.ceil(quota / period))
+    if not (q > 0 and p > 0):  # also NaN
+        return None
+    return max(1, math.ceil(q / p))
 
 
 def cgroup_cpu_limit(
@@ -293,9 +300,8 @@ def cgroup_cpu_limit(
     the ``cpu`` controller's folder (-1: no quota).
     """
     root = Path(root)
-    text = _read(Path(proc_cgroup)) or ""
-    limits: list[int] = []
-    for line in text.splitlines():
+    limits: list[int | None] = []
+    for line in (_read(Path(proc_cgroup)) or "").splitlines():
         parts = line.split(":", 2)
         if len(parts) != 3:
             continue
@@ -305,27 +311,14 @@ def cgroup_cpu_limit(
         if controllers == "":  # v2 unified hierarchy
             for p in chain:
                 fields = (_read(root / p / "cpu.max") or "").split()
-                if len(fields) == 2 and fields[0] != "max":
-                    try:
-                        n = _quota_cores(float(fields[0]), float(fields[1]))
-                    except ValueError:
-                        n = None
-                    if n is not None:
-                        limits.append(n)
+                limits.append(_quota_cores(*fields) if len(fields) == 2 else None)
         elif "cpu" in controllers.split(","):
-            for name in dict.fromkeys([controllers, "cpu", "cpu,cpuacct"]):
-                for p in chain:
-                    folder = root / name / p
-                    quota, period = _read(folder / "cpu.cfs_quota_us"), _read(folder / "cpu.cfs_period_us")
-                    if quota is None or period is None:
-                        continue
-                    try:
-                        n = _quota_cores(float(quota), float(period))
-                    except ValueError:
-                        n = None
-                    if n is not None:
-                        limits.append(n)
-    return min(limits) if limits else None
+            for folder in (
+                root / name / p for name in dict.fromkeys([controllers, "cpu", "cpu,cpuacct"]) for p in chain
+            ):
+                limits.append(_quota_cores(_read(folder / "cpu.cfs_quota_us"), _read(folder / "cpu.cfs_period_us")))
+    found = [n for n in limits if n is not None]
+    return min(found) if found else None
 
 
 def usable_cores(

@@ -102,18 +102,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         s.add_argument("--checkpoint", required=True, help="the model to start from (with tokenizer.json)")
         jsonl = '{"prompt", "response"}' if verb == "sft" else '{"prompt", "chosen", "rejected"}'
         s.add_argument("--data", default=BUILT_IN, help=f"'{BUILT_IN}' (stdlib docstrings) or a JSONL file of {jsonl}")
-        add_out_option(s, help="the folder to write the fine-tuned model to")
         s.add_argument("--n", type=int, help="built-in set: use this many examples")
-        s.add_argument("--steps", type=int, default=200)
-        s.add_argument("--batch-size", type=int, default=16)
-        s.add_argument("--lr", type=float, default=1e-4 if verb == "sft" else 5e-5)
         s.add_argument("--max-len", type=int, default=128, help="longest example in tokens")
         if verb == "dpo":
             s.add_argument("--beta", type=float, default=0.1)
-        s.add_argument("--device", default="auto")
-        s.add_argument("--seed", type=int, default=0)
-        s.add_argument("--no-progress", action="store_true")
-        add_model_options(s)
+        add_training_options(s, steps=200, batch_size=16, lr=1e-4 if verb == "sft" else 5e-5, log_every=None)
         s.set_defaults(func=sft if verb == "sft" else dpo)
     add_serve_parser(verbs)  # `notelab lm serve`, in notelab.cli.lm_serve
 
@@ -295,22 +288,23 @@ def _posttrain_setup(args: argparse.Namespace) -> tuple[Llama, Tokenizer, TrainC
     check_positive(**{k: getattr(args, k) for k in ("steps", "batch_size", "lr", "max_len", "n")})
     if args.data != BUILT_IN and not Path(args.data).is_file():
         raise DataError(f"--data: expected '{BUILT_IN}' or a JSONL file, got {args.data!r} (no such file)")
-    folder = prepare_out(args.out, f"lm {args.verb}", overwrite=args.overwrite)
+    folder = prepare_out(args.out, f"lm {args.verb}", resume=args.resume, overwrite=args.overwrite)
     model, tokenizer = _load(args)
     args.max_len = min(args.max_len, model.config.max_seq_len)  # examples are cut to the model's context
     config = TrainConfig(
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
+        **{**train_config_kwargs(args), "log_every": args.log_every or max(1, args.steps // 20)},
         warmup_steps=min(10, args.steps - 1),
-        device=args.device,
-        seed=args.seed,
-        log_every=max(1, args.steps // 20),
-        out_dir=str(folder.path),
-        progress=not args.no_progress,
     )
     seed_all(args.seed)
     return model, tokenizer, config, folder
+
+
+def _complete(args: argparse.Namespace, folder: RunFolder) -> bool:
+    """``--resume`` of a run that already reached ``--steps``: say so (True) instead of training."""
+    done = already_complete(folder.path, args.steps) if folder.resume else None
+    if done is not None:
+        print(complete_message(f"lm {args.verb}", done, args.steps))
+    return done is not None
 
 
 def _save(model: Llama, tokenizer: Tokenizer, out: str) -> None:
@@ -323,6 +317,8 @@ def sft(args: argparse.Namespace) -> int:
     from notelab.lm.posttrain import sft as run_sft
 
     model, tokenizer, config, folder = _posttrain_setup(args)
+    if _complete(args, folder):
+        return 0
     examples = stdlib_sft_examples("train", args.n) if args.data == BUILT_IN else load_sft_jsonl(args.data)
     with folder:
         result = run_sft(model, tokenizer, examples, config, max_len=args.max_len)
@@ -339,6 +335,8 @@ def dpo(args: argparse.Namespace) -> int:
 
     check_positive(beta=args.beta)
     model, tokenizer, config, folder = _posttrain_setup(args)
+    if _complete(args, folder):
+        return 0
     pairs = stdlib_preference_pairs("train", args.n) if args.data == BUILT_IN else load_preference_jsonl(args.data)
     with folder:
         result = run_dpo(model, tokenizer, pairs, config, beta=args.beta, max_len=args.max_len)
