@@ -308,7 +308,7 @@ class _Session:
 
 
 def _sse(data: object) -> str:
-    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+    return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
 class Server:
