@@ -237,7 +237,7 @@ class _Session:
         except BaseException:
             self.close()
             raise
-        if first == DISCONNECTED:
+        if first is DISCONNECTED:
             self.disconnected = True
             self.close()
             return False
@@ -266,7 +266,7 @@ class _Session:
                 items.append(self.out.get_nowait())
             batch = []
             for item in items:
-                if item == DISCONNECTED:
+                if item is DISCONNECTED:
                     self.disconnected = True
                     break
                 if isinstance(item, Failure):
