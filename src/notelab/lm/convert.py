@@ -15,22 +15,27 @@ embeddings are tied). Config fields map one to one::
     rope_theta -> rope_theta    rope_scaling {"rope_type": "llama3", ...} -> RopeScaling
     max_position_embeddings -> max_seq_len   tie_word_embeddings -> tie_embeddings
 
-Only safetensors are read (never pickled ``pytorch_model.bin``).
+Only safetensors are read (never pickled ``pytorch_model.bin``). Everything read is untrusted:
+config fields are type- and range-checked, the size is bounded before allocation, shard paths
+must stay inside the directory, and weights are checked for name, shape, dtype and finiteness.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
-from notelab.core.checkpoint import save_weights
+from notelab.core.checkpoint import CASTABLE_FLOATS, save_weights
+from notelab.core.config import load_json
 from notelab.core.errors import CheckpointError, ConfigError
 from notelab.core.io import atomic_write_text
+from notelab.core.limits import check_size
 from notelab.core.rope import RopeScaling
 from notelab.lm.config import LlamaConfig
 from notelab.lm.model import Llama
@@ -52,64 +57,99 @@ def ours_to_hf(name: str) -> str:
     return name if name.startswith("lm_head.") else f"model.{name}"
 
 
+_MISSING = object()
+
+
+def _field(cfg: dict[str, Any], key: str, kind: str, where: str, default: Any = _MISSING) -> Any:
+    """``cfg[key]`` checked to be ``kind``: "int" (>= 1), "float" (finite, > 0), "bool" or "dict".
+
+    ``default`` when the key is absent or null; without one that is an error."""
+    value = cfg.get(key)
+    if value is None:
+        if default is _MISSING:
+            raise CheckpointError(f"{where}: expected the Llama config key {key!r}, found none")
+        return default
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    ok = {
+        "int": is_int and value >= 1,
+        "float": (is_int or isinstance(value, float)) and math.isfinite(value) and value > 0,
+        "bool": isinstance(value, bool),
+        "dict": isinstance(value, dict),
+    }[kind]
+    if not ok:
+        expected = {
+            "int": "an integer >= 1",
+            "float": "a finite number > 0",
+            "bool": "true or false",
+            "dict": "an object",
+        }
+        raise CheckpointError(f"{where}: {key}: expected {expected[kind]}, got {value!r:.60}")
+    return float(value) if kind == "float" else value
+
+
 def _rope_from_hf(cfg: dict[str, Any], where: str) -> tuple[float, RopeScaling | None]:
     """(theta, scaling) from legacy ``rope_theta`` / ``rope_scaling`` keys or transformers 5's ``rope_parameters``."""
-    params = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
-    theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    params = _field(cfg, "rope_scaling", "dict", where, None) or _field(cfg, "rope_parameters", "dict", where, {})
+    theta = _field(params, "rope_theta", "float", where, None) or _field(cfg, "rope_theta", "float", where, 10000.0)
     kind = params.get("rope_type", params.get("type", "default"))
     if kind == "default":
         return theta, None
     if kind != "llama3":
-        raise CheckpointError(f"{where}: expected RoPE type 'default' or 'llama3', got {kind!r}")
-    try:
-        scaling = RopeScaling(
-            factor=float(params["factor"]),
-            low_freq_factor=float(params["low_freq_factor"]),
-            high_freq_factor=float(params["high_freq_factor"]),
-            original_max_position_embeddings=int(params["original_max_position_embeddings"]),
-        )
-    except KeyError as e:
-        raise CheckpointError(f"{where}: llama3 rope scaling lacks the key {e}") from e
+        raise CheckpointError(f"{where}: expected RoPE type 'default' or 'llama3', got {kind!r:.60}")
+    scaling = RopeScaling(
+        factor=_field(params, "factor", "float", f"{where}: rope_scaling"),
+        low_freq_factor=_field(params, "low_freq_factor", "float", f"{where}: rope_scaling"),
+        high_freq_factor=_field(params, "high_freq_factor", "float", f"{where}: rope_scaling"),
+        original_max_position_embeddings=_field(
+            params, "original_max_position_embeddings", "int", f"{where}: rope_scaling"
+        ),
+    )
     return theta, scaling
 
 
 def config_from_hf(cfg: dict[str, Any], where: str = "config.json") -> LlamaConfig:
-    """A :class:`LlamaConfig` from a Hugging Face Llama ``config.json`` dict; anything else is a CheckpointError."""
+    """A :class:`LlamaConfig` from a Hugging Face Llama ``config.json`` dict; anything else is a CheckpointError.
+
+    Every field used is type- and range-checked (one line naming it); nothing is coerced (``"4096"``
+    or ``4096.5`` for ``hidden_size`` is an error, not 4096).
+    """
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{where}: expected a JSON object, got {type(cfg).__name__}")
     archs = cfg.get("architectures") or []
-    if cfg.get("model_type") != "llama" and "LlamaForCausalLM" not in archs:
+    if cfg.get("model_type") != "llama" and not (isinstance(archs, list) and "LlamaForCausalLM" in archs):
         raise CheckpointError(
-            f"{where}: expected a Llama checkpoint (model_type 'llama'), got model_type {cfg.get('model_type')!r}"
+            f"{where}: expected a Llama checkpoint (model_type 'llama'), got model_type {cfg.get('model_type')!r:.60}"
         )
     unsupported = {
-        "attention_bias": bool(cfg.get("attention_bias", False)),
-        "mlp_bias": bool(cfg.get("mlp_bias", False)),
+        "attention_bias": cfg.get("attention_bias", False) not in (False, None),
+        "mlp_bias": cfg.get("mlp_bias", False) not in (False, None),
         "hidden_act": cfg.get("hidden_act", "silu") != "silu",
-        "pretraining_tp": (cfg.get("pretraining_tp") or 1) != 1,
+        "pretraining_tp": cfg.get("pretraining_tp", 1) not in (1, None),
     }
     bad = [k for k, v in unsupported.items() if v]
     if bad:
-        raise CheckpointError(f"{where}: unsupported Llama variant ({', '.join(f'{k}={cfg.get(k)!r}' for k in bad)})")
+        raise CheckpointError(
+            f"{where}: unsupported Llama variant ({', '.join(f'{k}={cfg.get(k)!r:.40}' for k in bad)})"
+        )
+    heads, dim = _field(cfg, "num_attention_heads", "int", where), _field(cfg, "hidden_size", "int", where)
+    head_dim = _field(cfg, "head_dim", "int", where, dim // heads)
+    if head_dim * heads != dim:
+        raise CheckpointError(f"{where}: expected head_dim = hidden_size / heads = {dim // heads}, got {head_dim}")
+    theta, scaling = _rope_from_hf(cfg, where)
     try:
-        heads, dim = int(cfg["num_attention_heads"]), int(cfg["hidden_size"])
-        head_dim = cfg.get("head_dim") or dim // heads
-        if head_dim * heads != dim:
-            raise CheckpointError(f"{where}: expected head_dim = hidden_size / heads = {dim // heads}, got {head_dim}")
-        theta, scaling = _rope_from_hf(cfg, where)
         return LlamaConfig(
-            vocab_size=int(cfg["vocab_size"]),
+            vocab_size=_field(cfg, "vocab_size", "int", where),
             dim=dim,
-            n_layers=int(cfg["num_hidden_layers"]),
+            n_layers=_field(cfg, "num_hidden_layers", "int", where),
             n_heads=heads,
-            n_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-            ffn_hidden_dim=int(cfg["intermediate_size"]),
-            norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            n_kv_heads=_field(cfg, "num_key_value_heads", "int", where, heads),
+            ffn_hidden_dim=_field(cfg, "intermediate_size", "int", where),
+            norm_eps=_field(cfg, "rms_norm_eps", "float", where, 1e-6),
             rope_theta=theta,
             rope_scaling=scaling,
-            max_seq_len=int(cfg.get("max_position_embeddings", 2048)),
-            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            max_seq_len=_field(cfg, "max_position_embeddings", "int", where, 2048),
+            tie_embeddings=_field(cfg, "tie_word_embeddings", "bool", where, False),
         )
-    except KeyError as e:
-        raise CheckpointError(f"{where}: expected the Llama config key {e}, found none") from e
     except ConfigError as e:
         raise CheckpointError(f"{where}: {e}") from e
 
@@ -155,16 +195,32 @@ def config_to_hf(config: LlamaConfig, dtype: torch.dtype) -> dict[str, Any]:
     }
 
 
+def _inside(root: Path, name: Any, where: str) -> Path:
+    """``root / name`` for a shard name that stays inside ``root``: no absolute path, ``..`` or outward symlink."""
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise CheckpointError(f"{where}: expected a shard file name, got {name!r:.60}")
+    rel = Path(name)
+    if rel.is_absolute() or ".." in rel.parts:
+        raise CheckpointError(f"{where}: shard {name!r:.80} leaves the checkpoint directory {root}")
+    full = root / rel
+    if not full.resolve().is_relative_to(root.resolve()):
+        raise CheckpointError(f"{where}: shard {name!r:.80} is a link that leaves the checkpoint directory {root}")
+    return full
+
+
 def _shard_files(path: Path) -> dict[str, list[str]]:
-    """{shard file: [tensor names]} of a checkpoint directory, single file or sharded."""
+    """{shard file: [tensor names]} of a checkpoint directory, single file or sharded; every shard inside ``path``."""
     index = path / INDEX_NAME
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: expected JSON with a 'weight_map', could not read it ({e})") from e
+            weight_map = load_json(index).get("weight_map")
+        except ConfigError as e:
+            raise CheckpointError(str(e)) from e
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index}: expected a non-empty object 'weight_map' (tensor -> shard file)")
         shards: dict[str, list[str]] = {}
         for name, shard in weight_map.items():
+            _inside(path, shard, str(index))
             shards.setdefault(shard, []).append(name)
         missing = sorted(s for s in shards if not (path / s).is_file())
         if missing:
@@ -173,36 +229,60 @@ def _shard_files(path: Path) -> dict[str, list[str]]:
             )
         return shards
     if (path / WEIGHTS_NAME).is_file():
+        _inside(path, WEIGHTS_NAME, str(path))
         return {WEIGHTS_NAME: []}
     raise CheckpointError(f"{path}: expected {WEIGHTS_NAME} or {INDEX_NAME}, found neither")
 
 
 def _read_state(path: Path, dtype: torch.dtype | None, device: str | torch.device) -> dict[str, torch.Tensor]:
+    """Every tensor of the shards, by our names; stored dtypes must be float16 / bfloat16 / float32."""
     state: dict[str, torch.Tensor] = {}
     for shard in _shard_files(path):
         try:
             with safe_open(str(path / shard), framework="pt", device=str(device)) as f:
                 for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                     ours = hf_to_ours(name)
-                    if ours is not None:
-                        t = f.get_tensor(name)
-                        state[ours] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
-        except (OSError, ValueError, RuntimeError) as e:
+                    if ours is None:
+                        continue
+                    t = f.get_tensor(name)
+                    if t.dtype not in CASTABLE_FLOATS:
+                        raise CheckpointError(
+                            f"{path / shard}: {name}: expected dtype float32, float16 or bfloat16, got "
+                            f"{str(t.dtype).removeprefix('torch.')}"
+                        )
+                    state[ours] = t.to(dtype) if dtype is not None else t
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"{path / shard}: not a readable safetensors file ({e})") from e
     return state
 
 
-def from_hf(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Llama:
-    """Load a Hugging Face ``LlamaForCausalLM`` directory as :class:`Llama` (weights in ``dtype`` or as stored)."""
+def from_hf(
+    path: str | os.PathLike,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    allow_large: bool = False,
+) -> Llama:
+    """Load a Hugging Face ``LlamaForCausalLM`` directory as :class:`Llama` (weights in ``dtype`` or as stored).
+
+    ``config.json`` is checked field by field and against the size bound
+    (:func:`notelab.core.limits.check_size`; ``allow_large=True`` lifts it) before any weight is
+    read; shard paths must stay inside ``path``; weights must match the config in name, shape and
+    dtype (float16 / bfloat16 / float32) and be finite.
+    """
     path = Path(path)
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise CheckpointError(f"expected a Hugging Face checkpoint directory with config.json at {path}, found none")
     try:
-        cfg = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from e
+        cfg = load_json(cfg_path)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from e
     config = config_from_hf(cfg, str(cfg_path))
+    try:
+        check_size(config, allow_large=allow_large, dtype=dtype or torch.bfloat16)
+    except ConfigError as e:
+        raise CheckpointError(f"{cfg_path}: {e}") from e
     state = _read_state(path, dtype, device)
     with torch.device("meta"):
         model = Llama(config)
@@ -218,6 +298,9 @@ def from_hf(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device
     problems += [f"unexpected {len(unexpected)} tensor(s) e.g. {ours_to_hf(unexpected[0])}"] if unexpected else []
     if problems:
         raise CheckpointError(f"{path}: weights do not match config.json: " + "; ".join(problems))
+    for name, t in state.items():
+        if not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{path}: expected finite weights, {ours_to_hf(name)} holds NaN/inf value(s)")
     if config.tie_embeddings:
         state.pop("lm_head.weight", None)
     model.load_state_dict(state, strict=False, assign=True)
