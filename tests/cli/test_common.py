@@ -273,3 +273,19 @@ def test_every_training_verb_takes_the_shared_options(argv):
         False,
     )
     assert config.out_dir == "r"
+
+
+def test_an_output_file_that_cannot_be_written_is_refused_before_any_work(tmp_path, capsys):
+    from notelab.cli.common import check_out_file
+
+    with pytest.raises(ConfigError, match="expected a file path, got the folder"):
+        check_out_file(tmp_path)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match="is a file"):
+        check_out_file(blocker / "grid.png")
+    assert check_out_file(tmp_path / "new" / "grid.png") == tmp_path / "new" / "grid.png"
+    # the CLI says so before it reads the checkpoint (which does not exist here)
+    argv = ["diffusion", "sample", "--checkpoint", str(tmp_path / "none"), "--out", str(blocker / "grid.png")]
+    assert main(argv) == 2
+    assert "is a file" in _one_line_error(capsys)

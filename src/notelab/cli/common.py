@@ -188,6 +188,19 @@ def _nearest_existing(path: Path) -> Path:
     return path
 
 
+def check_out_file(out: str | os.PathLike, option: str = "--out") -> Path:
+    """An output file path that can be written: not a folder, its folder a folder we may write (or create)."""
+    path = Path(out)
+    if path.is_dir():
+        raise ConfigError(f"{option}: expected a file path, got the folder {path}")
+    base = _nearest_existing(path.parent)
+    if not base.is_dir():
+        raise ConfigError(f"{option}: cannot create {path}: {base} is a file")
+    if not os.access(base, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ConfigError(f"{option}: cannot write {path}: no write permission")
+    return path
+
+
 def prepare_out(
     out: str | os.PathLike, command: str, *, resume: bool = False, overwrite: bool = False, option: str = "--out"
 ) -> RunFolder:

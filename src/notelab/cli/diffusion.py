@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 from notelab.cli.common import (
     add_model_options,
     add_training_options,
     already_complete,
+    check_out_file,
     check_positive,
     complete_message,
     prepare_out,
@@ -121,7 +121,7 @@ def sample(args: argparse.Namespace) -> int:
     from notelab.diffusion.pipeline import DiffusionModel
     from notelab.eval import save_image_grid, scatter_png
 
-    out = Path(args.out)
+    out = check_out_file(args.out)
     if out.suffix.lower() != ".png":
         raise ConfigError(f"--out: expected a .png path, got {args.out!r}")
     if args.n < 1:
@@ -149,6 +149,7 @@ def sample(args: argparse.Namespace) -> int:
         progress=args.progress,
     ).cpu()
     seconds = time.perf_counter() - t0
+    out.parent.mkdir(parents=True, exist_ok=True)
     if x.ndim == 2:
         # the first two coordinates of points with more than two
         scatter_png(x[:, :2], out, title=f"{args.sampler}, {args.n} samples", lim=None)
