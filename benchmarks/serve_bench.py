@@ -12,8 +12,9 @@ model's vocabulary, so every id the random model emits has text). Then, with ``A
    over the time from the first request sent to the last one done), its ratio to (2), time to
    first token (request sent -> first text chunk) and inter-token latency (gaps between
    successive chunks, one token each) at p50 / p99;
-4. ``--check`` (default on): each request's text against ``notelab.lm.generate`` alone on the same
-   prompt in this process (greedy; equal in float32, bf16 rounding can flip near-ties).
+4. (unless ``--no-check``) each request's text against ``notelab.lm.generate`` alone on the same
+   prompt in this process (greedy; equal in float32, bf16 rounding can flip near-ties), and
+   generate's own batch-1 tokens/s for comparison with (2).
 
     python benchmarks/serve_bench.py --preset llama-tiny --clients 8 --max-tokens 64       # CPU, a minute
     python benchmarks/serve_bench.py --preset llama3.2-1b --clients 64 --max-tokens 256    # H200
@@ -208,8 +209,9 @@ def drive(args: argparse.Namespace, port: int, proc: subprocess.Popen, prompts: 
     }
 
 
-def check(checkpoint: Path, prompts: list[list[int]], texts: list[str], args: argparse.Namespace) -> int:
-    """How many served texts equal ``generate`` alone on the same prompt (greedy, the server's dtype)."""
+def check(checkpoint: Path, prompts: list[list[int]], texts: list[str], args: argparse.Namespace) -> dict:
+    """How many served texts equal ``generate`` alone on the same prompt (greedy, the server's dtype),
+    and generate's own tokens/s over those calls (the first, which may compile, left out)."""
     from notelab.core.runtime import get_device
 
     model, tok = load_run(checkpoint, device=get_device(args.device))
@@ -219,11 +221,17 @@ def check(checkpoint: Path, prompts: list[list[int]], texts: list[str], args: ar
         model.to(torch.bfloat16)
     model.eval()
     stops = [tok.eos_id] if tok.eos_id is not None else []
-    same = 0
-    for p, text in zip(prompts, texts):
+    same, tokens, seconds = 0, 0, 0.0
+    for k, (p, text) in enumerate(zip(prompts, texts)):
+        t0 = time.perf_counter()
         ids = generate(model, [p], args.max_tokens, stop_tokens=stops)[0]
+        if k:
+            tokens, seconds = tokens + len(ids), seconds + time.perf_counter() - t0
         same += tok.decode([i for i in ids if i < tok.vocab_size]) == text
-    return same
+    out = {"identical_to_generate": f"{same}/{len(texts)}"}
+    if seconds:
+        out["generate_alone_tokens_per_s"] = tokens / seconds
+    return out
 
 
 def main() -> None:
@@ -265,7 +273,7 @@ def main() -> None:
             proc.wait(30)
         texts = result.pop("texts")
         if args.check:
-            result["identical_to_generate"] = f"{check(checkpoint, prompts, texts, args)}/{len(texts)}"
+            result.update(check(checkpoint, prompts, texts, args))
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     print(f"notelab lm serve, {args.checkpoint or args.preset}, {device}, {args.clients} streaming clients")
@@ -282,6 +290,8 @@ def main() -> None:
     )
     if "identical_to_generate" in result:
         print(f"  identical to generate alone (greedy): {result['identical_to_generate']}")
+    if "generate_alone_tokens_per_s" in result:
+        print(f"  generate alone, no server, batch 1: {result['generate_alone_tokens_per_s']:.1f} tokens/s")
     if args.json:
         Path(args.json).write_text(json.dumps({**vars(args), "hardware": device, **result}, indent=2))
 
