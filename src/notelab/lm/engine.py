@@ -140,9 +140,11 @@ def _decode_step(
 class Engine:
     """Continuous batching on a static KV cache of ``max_batch`` rows (see the module docstring).
 
-    ``add`` queues a request and returns its id; ``step`` admits queued requests into free rows, runs one
-    decode step for every active row and returns the new tokens as :class:`TokenEvent` s; ``cancel`` drops a
-    request (no more events for it; its row is free at the next step). ``dtype``: of the cache (default: the
+    ``add`` queues a request and returns its id; ``step`` admits queued requests into free rows (their first
+    tokens come from the prefill), launches one decode step for every active row and returns the new tokens as
+    :class:`TokenEvent` s: the prefills' and the previous step's (one step behind, so the device is never idle
+    while Python handles events); ``cancel`` drops a request (no more events for it; its row is free at the
+    next step). ``dtype``: of the cache (default: the
     autocast dtype, else the weights'). ``max_len`` defaults to the model's context.
     """
 
@@ -182,6 +184,13 @@ class Engine:
         self.queue: deque[_Request] = deque()
         self.requests: dict[int, _Request] = {}
         self.next_id = 0
+        pin = dev.type == "cuda"
+        self.host = [
+            (torch.zeros(B, dtype=torch.long, pin_memory=pin), torch.zeros(B, dtype=torch.float32, pin_memory=pin))
+            for _ in range(2)
+        ]  # two host copies of (out, out_logprob): the one being read and the one being written
+        self.flip = 0
+        self.pending: tuple | None = None  # the last launched step: (event, host copy, rows at launch, logprobs)
         self.steps: dict[Sampler, object] = {}  # the captured (or plain) decode step per kind of processing
         self.warned: set[str] = set()
 
@@ -206,6 +215,7 @@ class Engine:
             req.cancelled = True
 
     def has_work(self) -> bool:
+        """Whether a request is queued or running (``step`` has events to give)."""
         return any(not r.cancelled for r in self.requests.values())
 
     def context_limited(self, request_id: int) -> bool:
@@ -227,7 +237,7 @@ class Engine:
         events = self._admit()
         running = [r for r in self.rows if r is not None]
         if not running:
-            return events
+            return events + self._drain()
         how = Sampler(
             sample=any(r.params.temperature > 0 for r in running),
             filter=any(r.params.temperature > 0 and (r.params.top_k or r.params.top_p) for r in running),
@@ -235,10 +245,34 @@ class Engine:
             logprobs=any(r.params.logprobs for r in running),
         )
         self._run(how)
-        toks = self.out.tolist()
-        lps = self.out_logprob.tolist() if how.logprobs else None
-        for req in running:
-            events.append(self._emit(req, toks[req.row], None if lps is None else lps[req.row]))
+        # Read this step's tokens only at the next call: the device computes step t while the host turns step
+        # t - 1 into events (a request that ended at t - 1 wastes its row's share of step t, nothing else).
+        host = self.host[self.flip]
+        self.flip ^= 1
+        host[0].copy_(self.out, non_blocking=True)
+        if how.logprobs:
+            host[1].copy_(self.out_logprob, non_blocking=True)
+        ready = torch.cuda.Event() if self.device.type == "cuda" else None
+        if ready is not None:
+            ready.record()
+        events += self._drain()
+        self.pending = (ready, host, list(self.rows), how.logprobs)
+        return events
+
+    def _drain(self) -> list[TokenEvent]:
+        """The events of the step launched at the previous call, for the requests still in their rows."""
+        if self.pending is None:
+            return []
+        ready, host, launched, logprobs = self.pending
+        self.pending = None
+        if ready is not None:
+            ready.synchronize()
+        toks = host[0].tolist()
+        lps = host[1].tolist() if logprobs else None
+        events = []
+        for b, req in enumerate(launched):
+            if req is not None and req.row == b:  # not ended, cancelled or replaced since the launch
+                events.append(self._emit(req, toks[b], None if lps is None else lps[b]))
         return events
 
     def _emit(self, req: _Request, token: int, logprob: float | None) -> TokenEvent:

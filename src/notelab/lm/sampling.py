@@ -58,6 +58,18 @@ def uniform_noise(seed: torch.Tensor, counter: torch.Tensor, vocab: int) -> torc
     return (bits.float() + 0.5) * 2.0**-24
 
 
+@torch.library.custom_op("notelab::cumsum_last", mutates_args=())
+def cumsum_last(x: torch.Tensor) -> torch.Tensor:
+    """``x.cumsum(-1)`` as one opaque operator: inductor (torch 2.11) fails to generate its split scan over a
+    128K vocabulary inside the compiled decode step, so the compiled step calls ATen's kernel instead."""
+    return x.cumsum(dim=-1)
+
+
+@cumsum_last.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
 @dataclass(frozen=True)
 class Sampler:
     """Which parts of the processing a batch needs (Python constants, so each choice is one captured graph)."""
@@ -87,7 +99,7 @@ def filter_threshold(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Ten
     rank = torch.arange(scaled.shape[-1], device=scaled.device)
     ordered = ordered.masked_fill(rank >= top_k, float("-inf"))
     probs = ordered.softmax(dim=-1)
-    drop = ((probs.cumsum(dim=-1) - probs) >= top_p) & (top_p < 1.0)
+    drop = ((cumsum_last(probs) - probs) >= top_p) & (top_p < 1.0)
     keep = (~drop).sum(dim=-1, keepdim=True).clamp(min=1).minimum(top_k)
     return ordered.gather(-1, keep - 1)
 
