@@ -14,10 +14,13 @@ model's vocabulary, so every id the random model emits has text). Then, with ``A
    successive chunks, one token each) at p50 / p99;
 4. (unless ``--no-check``) each request's text against ``notelab.lm.generate`` alone on the same
    prompt in this process (greedy; equal in float32, bf16 rounding can flip near-ties), and
-   generate's own batch-1 tokens/s for comparison with (2).
+   generate's own batch-1 tokens/s for comparison with (2);
+5. ``--disconnect K``: the clients once more, K of them closing their connection after 4 chunks:
+   the server's ``/health`` count of sequences must fall to the others' while they still run (the
+   leavers' slots freed), and the others' texts must equal those of (3).
 
     python benchmarks/serve_bench.py --preset llama-tiny --clients 8 --max-tokens 64       # CPU, a minute
-    python benchmarks/serve_bench.py --preset llama3.2-1b --clients 64 --max-tokens 256    # H200
+    python benchmarks/serve_bench.py --preset llama3.2-1b --clients 64 --max-tokens 256 --disconnect 8   # H200
 
 Token counts come from the server's ``usage`` (``stream_options.include_usage``).
 
@@ -42,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,7 +115,10 @@ def make_client(port: int) -> AsyncOpenAI:
     return AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=3600)
 
 
-async def one(client: AsyncOpenAI, index: int, prompt: list[int], max_tokens: int) -> Timing:
+async def one(
+    client: AsyncOpenAI, index: int, prompt: list[int], max_tokens: int, leave_after: int | None = None
+) -> Timing:
+    """One streamed greedy completion; ``leave_after``: close the connection after that many chunks."""
     # time.monotonic is CLOCK_MONOTONIC on Linux: one clock for every client process
     t = Timing(index, time.monotonic())
     stream = await client.completions.create(
@@ -129,8 +136,35 @@ async def one(client: AsyncOpenAI, index: int, prompt: list[int], max_tokens: in
         if chunk.choices and chunk.choices[0].text:
             t.chunks.append(now)
             t.text += chunk.choices[0].text
+        if leave_after is not None and len(t.chunks) >= leave_after:
+            await stream.close()
+            break
     t.done = time.monotonic()
     return t
+
+
+def health_active(port: int) -> int:
+    """The server's count of sequences it holds (its /health)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health") as r:
+        return json.load(r)["active"]
+
+
+def leave_midway(port: int, prompts: list[list[int]], max_tokens: int, leaving: int) -> dict:
+    """All clients again, the first ``leaving`` closing their connection after 4 chunks: the others'
+    texts, and how soon after the last one left the server held only the others' sequences."""
+
+    async def go() -> dict:
+        client = make_client(port)
+        stayers = asyncio.gather(*(one(client, i, p, max_tokens) for i, p in enumerate(prompts) if i >= leaving))
+        await asyncio.gather(*(one(client, i, prompts[i], max_tokens, leave_after=4) for i in range(leaving)))
+        t0, freed = time.monotonic(), None
+        while freed is None and not stayers.done():
+            if await asyncio.to_thread(health_active, port) <= len(prompts) - leaving:
+                freed = time.monotonic() - t0
+            await asyncio.sleep(0.002)
+        return {"texts": [t.text for t in await stayers], "freed_s": freed}
+
+    return asyncio.run(go())
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -183,11 +217,21 @@ def drive(args: argparse.Namespace, port: int, proc: subprocess.Popen, prompts: 
             return list(await asyncio.gather(*(one(client, i, p, args.max_tokens) for i, p in enumerate(prompts))))
 
         many = asyncio.run(together())
+    left = leave_midway(port, prompts, args.max_tokens, args.disconnect) if args.disconnect else None
     wall = max(t.done for t in many) - min(t.sent for t in many)
     ttft = [t.chunks[0] - t.sent for t in many if t.chunks]
     itl = [b - a for t in many for a, b in zip(t.chunks, t.chunks[1:])]
     single_tps = single.tokens / (single.done - single.sent)
     total = sum(t.tokens for t in many)
+    texts = [t.text for t in sorted(many, key=lambda t: t.index)]
+    if left is not None:
+        stayed = texts[args.disconnect :]
+        left = {
+            "disconnected": args.disconnect,
+            "others_unchanged": f"{sum(a == b for a, b in zip(left['texts'], stayed))}/{len(stayed)}",
+            # None: the others had finished before the server let go of the leavers' sequences
+            "slots_freed_while_others_ran_after_s": left["freed_s"],
+        }
     return {
         "clients": len(many),
         "client_procs": args.client_procs,
@@ -205,7 +249,8 @@ def drive(args: argparse.Namespace, port: int, proc: subprocess.Popen, prompts: 
         "itl_ms_p99": 1e3 * pct(itl, 99),
         # above 1: a reader fell behind and got several tokens in one chunk, or a token ended mid-character
         "tokens_per_chunk": total / max(1, sum(len(t.chunks) for t in many)),
-        "texts": [t.text for t in sorted(many, key=lambda t: t.index)],
+        **(left or {}),
+        "texts": texts,
     }
 
 
@@ -247,6 +292,12 @@ def main() -> None:
     )
     ap.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     ap.add_argument("--device", default="auto")
+    ap.add_argument(
+        "--disconnect",
+        type=int,
+        default=0,
+        help="then run the clients again with this many leaving after 4 chunks: the others' texts must not change",
+    )
     ap.add_argument("--no-check", dest="check", action="store_false", help="skip the comparison with generate")
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args()
@@ -290,6 +341,13 @@ def main() -> None:
     )
     if "identical_to_generate" in result:
         print(f"  identical to generate alone (greedy): {result['identical_to_generate']}")
+    if args.disconnect:
+        freed = result["slots_freed_while_others_ran_after_s"]
+        when = "NOT while the others ran" if freed is None else f"{freed * 1e3:.0f} ms after they left"
+        print(
+            f"  {args.disconnect} clients left after 4 chunks: their slots freed {when}; "
+            f"the others' texts unchanged {result['others_unchanged']}"
+        )
     if "generate_alone_tokens_per_s" in result:
         print(f"  generate alone, no server, batch 1: {result['generate_alone_tokens_per_s']:.1f} tokens/s")
     if args.json:
