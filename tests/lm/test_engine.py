@@ -1,5 +1,7 @@
 """notelab.lm.engine: continuous batching gives each request the tokens it gets alone, whoever joins or leaves."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -135,3 +137,25 @@ def test_engine_on_cuda_replays_graphs_with_the_reference_tokens():
         assert tokens_of(events[rid]) == generate(model, [p], 10, path="reference")[0]
     want = generate(model, [prompts[2]], 10, temperature=1.0, seed=3, path="reference")[0]
     assert tokens_of(events[ids[2]]) == want
+
+
+@pytest.mark.parametrize("variant", [{}, dict(norm="layernorm", mlp="gelu", pos="learned")])
+def test_stacked_projections_give_the_reference_tokens_and_follow_weight_changes(variant):
+    cfg = LlamaConfig(vocab_size=101, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=16, max_seq_len=64)
+    torch.manual_seed(0)
+    model = Llama(dataclasses.replace(cfg, **variant)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    prompts = [[5, 6, 7], list(range(1, 12))]
+    engine = Engine(model, max_batch=2, stacked=True)
+    for _ in range(2):
+        events: dict[int, list[TokenEvent]] = {}
+        ids = [engine.add(p, SamplingParams(max_new_tokens=8)) for p in prompts]
+        run(engine, events)
+        assert [tokens_of(events[i]) for i in ids] == generate(model, prompts, 8, path="reference")
+        with torch.no_grad():  # in place, as an optimizer step: the stacked copies follow after refresh_weights
+            for layer in model.layers:
+                layer.self_attn.k_proj.weight.mul_(-0.5)
+                next(layer.mlp.parameters()).mul_(-1.0)  # gate_proj (SwiGLU), fc1 (GELU)
+        engine.refresh_weights()

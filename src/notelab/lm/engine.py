@@ -26,11 +26,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from notelab.core.attention import KVCache
+from notelab.core.attention import KVCache, attention
 from notelab.core.errors import ConfigError, ShapeError
-from notelab.lm.model import Llama
+from notelab.core.rope import apply_rope, rope_cos_sin
+from notelab.lm.model import FusedWeights, Llama
 from notelab.lm.sampling import Sampler, choose_tokens
 
 
@@ -105,8 +107,48 @@ class _Request:
     stops: frozenset[int] = field(default_factory=frozenset)
 
 
+def stacked_forward(
+    model: Llama, fused: FusedWeights, tok: torch.Tensor, pos: torch.Tensor, cache: nn.ModuleList
+) -> torch.Tensor:
+    """``Llama._forward`` for one token a row, ``tok`` ``(B, 1)`` at cache slots ``pos`` ``(B,)``, multiplying by
+    the stacked ``[W_q; W_k; W_v]`` and ``[W_gate; W_up]`` of ``Llama.fused_decode_weights``: the same
+    arithmetic as the layers' own projections, in two kernels instead of five (a decode step is bound by
+    its kernels' count and their weight reads, not by arithmetic)."""
+    B = tok.shape[0]
+    slots = pos[:, None]
+    x = model.embed_tokens(tok)
+    rope = None
+    if model.embed_positions is not None:
+        x = x + model.embed_positions(slots)
+    else:
+        cos, sin = rope_cos_sin(slots, model.inv_freq)
+        rope = (cos[:, None], sin[:, None])
+    mask, _ = model._mask(1, pos, slots, None, cache, tok.device)
+    for i, layer in enumerate(model.layers):
+        a = layer.self_attn
+        w_qkv, w_gate_up = fused[i]
+        hq, hkv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+        q, k, v = F.linear(layer.input_layernorm(x), w_qkv).split([hq, hkv, hkv], dim=-1)
+        q = q.view(B, 1, a.n_heads, a.head_dim).transpose(1, 2)
+        k = k.view(B, 1, a.n_kv_heads, a.head_dim).transpose(1, 2)
+        v = v.view(B, 1, a.n_kv_heads, a.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        k, v = cache[i].write(slots, k, v)
+        y = attention(q, k.to(q.dtype), v.to(q.dtype), mask=mask)
+        x = x + a.o_proj(y.transpose(1, 2).reshape(B, 1, hq))
+        h = layer.post_attention_layernorm(x)
+        if w_gate_up is None:
+            x = x + layer.mlp(h)
+        else:
+            gate, up = F.linear(h, w_gate_up).chunk(2, dim=-1)
+            x = x + layer.mlp.down_proj(F.silu(gate) * up)
+    return model.lm_head(model.norm(x))
+
+
 def _decode_step(
     model: Llama,
+    fused: FusedWeights | None,
     cache: nn.ModuleList,
     tok: torch.Tensor,
     pos: torch.Tensor,
@@ -121,7 +163,10 @@ def _decode_step(
     """One token for every row, in place: ``tok`` ``(B, 1)`` at cache slots ``pos`` ``(B,)`` -> next tokens in
     ``tok`` and ``out``; active rows advance ``pos`` and ``count``. Fixed buffers only (capturable)."""
     temperature, top_k, top_p, penalty, seed = settings
-    logits = model._forward(tok, pos, None, None, cache, 1)[:, -1].float()
+    if fused is None:
+        logits = model._forward(tok, pos, None, None, cache, 1)[:, -1].float()
+    else:
+        logits = stacked_forward(model, fused, tok, pos, cache)[:, -1].float()
     nxt, logprob = choose_tokens(
         logits, how, temperature=temperature, top_k=top_k, top_p=top_p, penalty=penalty,
         seen=seen, seed=seed, counter=count,
@@ -145,10 +190,20 @@ class Engine:
     :class:`TokenEvent` s: the prefills' and the previous step's (one step behind, so the device is never idle
     while Python handles events); ``cancel`` drops a request (no more events for it; its row is free at the
     next step). ``dtype``: of the cache (default: the
-    autocast dtype, else the weights'). ``max_len`` defaults to the model's context.
+    autocast dtype, else the weights'). ``max_len`` defaults to the model's context. ``stacked`` (default: on
+    CUDA) multiplies by stacked projection copies (``stacked_forward``); call ``refresh_weights`` after changing
+    the model's weights in place.
     """
 
-    def __init__(self, model: Llama, max_batch: int = 64, max_len: int | None = None, dtype=None) -> None:  # noqa: ANN001
+    def __init__(
+        self,
+        model: Llama,
+        max_batch: int = 64,
+        max_len: int | None = None,
+        dtype=None,  # noqa: ANN001
+        *,
+        stacked: bool | None = None,
+    ) -> None:
         c = model.config
         max_len = max_len or c.max_seq_len
         if max_batch < 1 or not 2 <= max_len <= c.max_seq_len:
@@ -163,6 +218,8 @@ class Engine:
         self.vocab = c.vocab_size
         B = max_batch
         self.cache = model.make_cache(B, max_len, dtype=dtype)
+        # Stacked projections (extra memory: those weights once more) where they pay: the compiled CUDA step.
+        self.fused = model.fused_decode_weights() if (dev.type == "cuda" if stacked is None else stacked) else None
         long = dict(dtype=torch.long, device=dev)
         self.tok = torch.zeros(B, 1, **long)
         self.pos = torch.zeros(B, **long)
@@ -359,8 +416,13 @@ class Engine:
 
     # -- the decode step: eager on CPU, compiled and captured on CUDA -------------------------------------
 
+    def refresh_weights(self) -> None:
+        """Copy the model's current weights into the stacked ones (in place: the captured graphs read them)."""
+        if self.fused is not None:
+            self.model.fused_decode_weights(out=self.fused)
+
     def _buffers(self) -> tuple:
-        return (self.cache, self.tok, self.pos, self.active, self.count, self.seen, self.settings, self.out,
+        return (self.fused, self.cache, self.tok, self.pos, self.active, self.count, self.seen, self.settings, self.out,
                 self.out_logprob)  # fmt: skip
 
     def _run(self, how: Sampler) -> None:

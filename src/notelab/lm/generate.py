@@ -233,6 +233,7 @@ def _stream_engine(
     )
     for rid in list(engine.requests):  # an earlier stream left unfinished
         engine.cancel(rid)
+    engine.refresh_weights()  # the model may have changed in place since the last call
     ids = {}
     for b, r in enumerate(rows):
         rid = engine.add(r, SamplingParams(**{**p.__dict__, "seed": base + b}))
