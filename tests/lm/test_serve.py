@@ -300,6 +300,10 @@ def test_a_client_that_never_reads_blocks_nobody(setup):
         setup["engine"].delay = 0.0
 
 
+GOOD = {
+    "/v1/completions": {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 2, "temperature": 0},
+    "/v1/chat/completions": {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+}
 BAD = [
     (b'{"model": "tiny", "prompt": ', None, "malformed JSON"),
     (b"[1, 2]", None, "JSON object"),
@@ -344,6 +348,8 @@ def test_bad_input_is_a_400_and_the_server_goes_on(setup, path, body, param, wor
     err = out["error"]
     assert err["type"] == "invalid_request_error" and err["param"] == param and words in err["message"]
     assert set(err) == {"message", "type", "param", "code"}
+    status, ok = post(setup, path, GOOD[path])  # and the server goes on
+    assert status == 200 and ok["usage"]["completion_tokens"] >= 0 and ok["choices"][0]["finish_reason"]
 
 
 def test_errors_reach_the_openai_client_and_unknown_routes_are_404(setup):
