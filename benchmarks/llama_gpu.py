@@ -12,7 +12,9 @@ random weights (speed does not depend on them), bf16, and run in the same proces
     every row gets N tokens. tokens/s = B N / seconds, against the roofline
     B x copy bandwidth / (weight bytes + KV-cache bytes a step must read), the KV bytes at the mean
     context P + (N - 1) / 2 (each step reads every weight once and every row's cache so far);
-(b) transformers ``generate`` (eager, its default dynamic cache, SDPA) on the same weights and prompts, for
+(b) with ``--variants B``: ``notelab.lm.engine.Engine`` driven directly at batch B, greedy, with its step's
+    variants (plain or stacked projections, inductor's coordinate-descent tuning), ``--profile``: kernels;
+(c) transformers ``generate`` (eager, its default dynamic cache, SDPA) on the same weights and prompts, for
     the batches in ``--hf-batches``.
 
 Every phase is guarded: a failure prints its error and the others still run. A JSON with every figure goes to
@@ -37,6 +39,7 @@ import torch
 
 from notelab.lm import Llama, LlamaConfig, generate
 from notelab.lm.convert import config_to_hf, ours_to_hf
+from notelab.lm.engine import Engine, SamplingParams
 from notelab.lm.flops import count_parameters, weight_bytes
 
 if TYPE_CHECKING:
@@ -124,7 +127,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--modes", nargs="+", choices=["greedy", "sampled"], default=["greedy", "sampled"])
     p.add_argument("--hf-batches", type=int, nargs="*", default=[1, 8, 32], help="transformers for these batches")
-    p.add_argument("--profile", action="store_true", help="print the kernels of one more run of each notelab case")
+    p.add_argument("--profile", action="store_true", help="print the kernels of one more run of each variant")
+    p.add_argument("--variants", type=int, default=0, help="at this batch (greedy): the engine's step variants")
     p.add_argument("--phase-timeout-s", type=float, default=240.0, help="stop any one phase after this long")
     p.add_argument("--tiny", action="store_true", help="a small model and sizes: a CPU smoke test of the script")
     p.add_argument("--out", default=None, help="write every figure as JSON here")
@@ -211,14 +215,47 @@ def main(argv: list[str] | None = None) -> dict:
             res = {"tokens_per_s": tps, "roofline_tokens_per_s": roofline(batch), "warmup_s": warm_s}
             res["roofline_fraction"] = tps / res["roofline_tokens_per_s"]
             res["tokens"] = tokens
-            if args.profile and device.type == "cuda":
-                from torch.profiler import ProfilerActivity, profile
-
-                with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    generate(ours, prompts, n, **kw)
-                    sync(device)
-                print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=80))
             return res
+
+        return run
+
+    def variant(batch: int, stacked: bool, tuned: bool) -> Callable[[], dict]:
+        """The engine directly (its step with or without stacked projections, inductor's coordinate-descent
+        tuning on or off): greedy, one run to compile and capture, one timed."""
+
+        def run() -> dict:
+            import torch._inductor.config as inductor_config
+
+            torch._dynamo.reset()  # compile again under this configuration
+            inductor_config.coordinate_descent_tuning = tuned
+            try:
+                engine = Engine(shared["ours"], batch, P + n, stacked=stacked)
+                prompts = shared["prompts"][:batch].tolist()
+
+                def go() -> list[list[int]]:
+                    ids = [engine.add(r, SamplingParams(max_new_tokens=n)) for r in prompts]
+                    got: dict[int, list[int]] = {i: [] for i in ids}
+                    while engine.has_work():
+                        for e in engine.step():
+                            if e.token is not None:
+                                got[e.request_id].append(e.token)
+                    return list(got.values())
+
+                warm_s, _ = timed(go)
+                dt, out = timed(go)
+                if args.profile and device.type == "cuda":
+                    from torch.profiler import ProfilerActivity, profile
+
+                    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                        go()
+                        sync(device)
+                    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=70)
+                    print(table)
+            finally:
+                inductor_config.coordinate_descent_tuning = False
+                torch._dynamo.reset()
+            tps = sum(len(r) for r in out) / dt
+            return {"tokens_per_s": tps, "roofline_fraction": tps / roofline(batch), "warmup_s": warm_s}
 
         return run
 
@@ -242,6 +279,10 @@ def main(argv: list[str] | None = None) -> dict:
     for batch in args.batches:
         for mode in args.modes:
             run_phase(f"notelab generate, batch {batch}, {mode}", ours_case(batch, mode))
+    if args.variants:
+        for stacked, tuned in ((False, False), (True, True)):
+            name = f"engine, batch {args.variants}, greedy, {'stacked' if stacked else 'plain'} projections"
+            run_phase(f"{name}{', tuned' if tuned else ''}", variant(args.variants, stacked, tuned))
     for batch in args.hf_batches:
         for mode in args.modes:
             run_phase(f"transformers generate, batch {batch}, {mode}", hf_case(batch, mode))
