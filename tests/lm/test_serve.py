@@ -407,17 +407,27 @@ def test_cli_serves_a_checkpoint(setup):
     try:
         line = proc.stdout.readline()  # "serving 'tiny-llama' (...) at http://127.0.0.1:PORT/v1", once loaded
         assert "serving 'tiny-llama'" in line, line + proc.stdout.read()
-        url = line.split(" at ")[-1].strip()
-        port = int(url.rsplit(":", 1)[1].split("/")[0])
-        client = OpenAI(base_url=url, api_key="x", max_retries=0, timeout=30)
+        client = OpenAI(base_url=line.split(" at ")[-1].strip(), api_key="x", max_retries=0, timeout=30)
         assert [m.id for m in client.models.list().data] == ["tiny-llama"]
         ids = prompt_ids(setup, "def ")
         out = client.completions.create(model="tiny-llama", prompt=ids, max_tokens=8, temperature=0)
         assert out.choices[0].text == reference(setup, ids, 8)[1]
-        busy = subprocess.run([*cmd, "--port", str(port)], env=env, capture_output=True, text=True, timeout=60)
-        assert busy.returncode == 2 and busy.stderr.startswith("error: --host/--port") and "in use" in busy.stderr
     finally:
         proc.terminate()
         proc.wait(10)
-    bad = subprocess.run([*cmd, "--port", "70000"], env=env, capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 2 and "--port" in bad.stderr
+
+
+def test_cli_bad_address_is_one_line_before_loading(setup, capsys):
+    import notelab.cli as cli
+
+    args = ["lm", "serve", "--checkpoint", str(setup["folder"])]
+    assert cli.main([*args, "--port", "70000"]) == 2
+    assert capsys.readouterr().err.startswith("error: --port")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        assert cli.main([*args, "--port", str(busy.getsockname()[1])]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --host/--port") and "in use" in err and len(err.strip().splitlines()) == 1
+    assert cli.main(["lm", "serve", "--checkpoint", str(setup["folder"] / "nope")]) == 2
+    assert "--checkpoint" in capsys.readouterr().err
