@@ -261,3 +261,15 @@ def test_allow_large_lifts_the_size_bound_for_loading_and_building(main, run_dir
     assert main(train) == 2
     assert "--allow-large" in capsys.readouterr().err
     assert main([*train, "--allow-large"]) == 0
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [(["--device", "tpu"], "device"), (["--warmup-steps", "-1"], "--warmup-steps"), (["--ckpt-every", "-2"], "ckpt")],
+)
+def test_train_bad_options_are_one_line_and_write_nothing(main, tmp_path, capsys, extra, message):
+    out = tmp_path / "run"
+    assert main([*TRAIN, "--steps", "1", "--out", str(out), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert not out.exists()

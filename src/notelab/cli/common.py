@@ -101,6 +101,17 @@ def check_text(option: str, text: str) -> str:
     return text
 
 
+def check_training_options(args: argparse.Namespace) -> None:
+    """The shared options' cheap checks (numbers, device), before any data is read or file written."""
+    from notelab.core.runtime import get_device
+
+    check_positive(steps=args.steps, batch_size=args.batch_size, lr=args.lr, log_every=args.log_every)
+    if args.ckpt_every is not None and args.ckpt_every < 0:
+        raise ConfigError(f"--ckpt-every: expected a number of steps >= 0 (0: only at the end), got {args.ckpt_every}")
+    if args.device is not None:
+        get_device(args.device)
+
+
 def train_config_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The ``TrainConfig`` fields the shared options set (those given, for options defaulting to None)."""
     opts = {
@@ -152,9 +163,12 @@ class RunFolder:
         if not marker.exists():
             marker.write_text(json.dumps({"command": self.command}) + "\n")
 
-    def finish(self, ok: bool) -> None:
-        if not ok and self.created and self.path.is_dir() and {p.name for p in self.path.iterdir()} <= {MARKER}:
-            shutil.rmtree(self.path)
+    def finish(self, ok: bool, bad_input: bool = False) -> None:
+        if not ok and self.created and self.path.is_dir():
+            names = {p.name for p in self.path.iterdir()}
+            # Bad input leaves nothing behind, unless training got as far as a checkpoint to resume from.
+            if names <= {MARKER} or (bad_input and "checkpoint" not in names):
+                shutil.rmtree(self.path)
         if not self.replace or not self.aside.exists():
             return
         if ok:
@@ -169,7 +183,7 @@ class RunFolder:
         return self
 
     def __exit__(self, kind: type | None, *rest: Any) -> None:
-        self.finish(ok=kind is None)
+        self.finish(ok=kind is None, bad_input=kind is not None and issubclass(kind, NotelabError))
 
 
 def _run_command(path: Path) -> str | None:

@@ -18,7 +18,7 @@ from notelab.cli.common import (
     add_training_options,
     already_complete,
     check_out_file,
-    check_positive,
+    check_training_options,
     complete_message,
     prepare_out,
     seed_all,
@@ -80,7 +80,7 @@ def train(args: argparse.Namespace) -> int:
 
     if args.steps is not None and args.steps < 1:
         raise ConfigError(f"--steps: expected at least 1 training step, got {args.steps}")
-    check_positive(batch_size=args.batch_size, lr=args.lr)
+    check_training_options(args)
     folder = prepare_out(args.out, "diffusion train", resume=args.resume, overwrite=args.overwrite)
     opts = {**TRAIN_DEFAULTS, **train_config_kwargs(args)}
     opts.update({k: getattr(args, k) for k in _EXTRA_OPTS if getattr(args, k) is not None})

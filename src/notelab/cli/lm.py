@@ -27,6 +27,7 @@ from notelab.cli.common import (
     already_complete,
     check_positive,
     check_text,
+    check_training_options,
     complete_message,
     prepare_out,
     saved_step,
@@ -117,7 +118,10 @@ def train(args: argparse.Namespace) -> int:
     from notelab.lm.train import check_resume, mean_nll, prepare_data, pretrain
     from notelab.train import TrainConfig
 
-    check_positive(**{k: getattr(args, k) for k in ("steps", "batch_size", "lr", "seq_len", "vocab_size", "max_chars")})
+    check_training_options(args)
+    check_positive(seq_len=args.seq_len, vocab_size=args.vocab_size, max_chars=args.max_chars)
+    if args.warmup_steps < 0:
+        raise ConfigError(f"--warmup-steps: expected a number >= 0, got {args.warmup_steps}")
     base = LlamaConfig.from_name(args.preset)
     seq_len = args.seq_len or min(256, base.max_seq_len)
     if seq_len > base.max_seq_len:
@@ -285,7 +289,8 @@ def convert(args: argparse.Namespace) -> int:
 def _posttrain_setup(args: argparse.Namespace) -> tuple[Llama, Tokenizer, TrainConfig, RunFolder]:
     from notelab.train import TrainConfig
 
-    check_positive(**{k: getattr(args, k) for k in ("steps", "batch_size", "lr", "max_len", "n")})
+    check_training_options(args)
+    check_positive(max_len=args.max_len, n=args.n)
     if args.data != BUILT_IN and not Path(args.data).is_file():
         raise DataError(f"--data: expected '{BUILT_IN}' or a JSONL file, got {args.data!r} (no such file)")
     folder = prepare_out(args.out, f"lm {args.verb}", resume=args.resume, overwrite=args.overwrite)

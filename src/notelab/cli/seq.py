@@ -20,6 +20,7 @@ from notelab.cli.common import (
     add_training_options,
     already_complete,
     check_text,
+    check_training_options,
     complete_message,
     prepare_out,
     seed_all,
@@ -63,7 +64,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def train(args: argparse.Namespace) -> int:
-    from notelab.seq.experiments import evaluate, train_seq
+    from notelab.seq.experiments import evaluate, model_config, train_seq
     from notelab.seq.tasks import make_task
     from notelab.train import TrainConfig
 
@@ -77,6 +78,11 @@ def train(args: argparse.Namespace) -> int:
         raise ConfigError(f"--steps / --batch-size: expected integers >= 1, got {args.steps} / {args.batch_size}")
     if args.time_budget is not None and not args.time_budget > 0:
         raise ConfigError(f"--time-budget: expected a positive number of seconds, got {args.time_budget}")
+    check_training_options(args)
+    if args.warmup < 0:
+        raise ConfigError(f"--warmup: expected a number of steps >= 0, got {args.warmup}")
+    # The model's config is checked on a tiny vocabulary now, before the task is built or a file written.
+    model_config(args.model, 8, 8, d_model=args.d_model, n_layers=args.layers, dropout=args.dropout)
     folder = prepare_out(args.out, "seq train", resume=args.resume, overwrite=args.overwrite)
     config = TrainConfig(
         **{**train_config_kwargs(args), "log_every": args.log_every or max(1, min(50, args.steps))},
