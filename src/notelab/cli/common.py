@@ -1,14 +1,18 @@
 """What every ``notelab`` verb shares: training options, run folders, seeding, threads, exit codes.
 
-A family's CLI module adds its verbs with ``add_training_options`` / ``add_out_option`` and, in the
-verb, calls ``prepare_out`` (checks before any work) and ``RunFolder.start`` (when work begins), so
-new families get the same behaviour without copying it:
+A family's CLI module adds its verbs' options with ``add_training_options`` / ``add_out_option`` /
+``add_model_options``; a verb checks them (``check_training_options``, ``prepare_out``) before any
+work and wraps the work that writes the run folder in ``with folder:``. New families get the same
+behaviour without copying it:
 
 - ``--out`` refuses a folder that holds anything but this verb's own run being resumed, unless
   ``--overwrite`` (the old folder is replaced whole: moved aside, and removed once the new run has
   finished; on failure the old folder comes back) or ``--resume``; an ``--out`` that is a file or
   cannot be created is a one-line error before anything is read or written.
 - ``--seed`` seeds every generator (Python, NumPy, torch) before the model is built.
+- ``--resume`` of a run that already reached ``--steps`` says so instead of training
+  (``already_complete``).
+- ``--allow-large`` lifts the model size bound for everything the verb builds or loads.
 - torch's intra-op threads are capped at the cores the process may really use (CPU affinity and
   the cgroup CPU quota), so a container limited to 2 cores does not run 16 threads.
 - every expected failure (``NotelabError``, ``OSError``, ``UnicodeError``) becomes one line on
