@@ -151,6 +151,11 @@ def fit(
     only; the other ranks then wait until the process group times out). ``optimizer`` replaces fit's AdamW (its groups'
     ``lr`` is taken as the peak and scaled by the schedule).
 
+    Fast by default on CUDA: the model is ``torch.compile``d (``config.compile="auto"``; ``False``
+    opts out), runs under bf16 autocast (``precision="auto"``) and is stepped by the fused AdamW
+    kernel; on the CPU it stays eager in float32. ``config.activation_checkpointing`` asks a model
+    that supports it (``notelab.lm.Llama``) to recompute its blocks' activations in backward.
+
     ``resume=True`` continues from ``out_dir/checkpoint``; when there is none yet (killed before
     the first checkpoint) training starts from step 0 with a warning on the ``notelab.train``
     logger. A non-finite loss or gradient norm raises :class:`TrainingDivergedError` before the
