@@ -379,6 +379,20 @@ def test_an_engine_failure_is_a_500_and_the_server_goes_on(setup):
     assert ok.choices[0].text == reference(setup, ids, 5)[1]
 
 
+def test_api_key_is_required_when_set(setup):
+    config = ServeConfig(model_name="tiny", context_len=CONTEXT, vocab_size=300, api_key="s3cret")
+    live = LiveServer(create_app(Engine(setup["model"], max_batch=2), setup["tok"], config))
+    try:
+        url = f"http://127.0.0.1:{live.port}/v1"
+        with pytest.raises(openai.AuthenticationError) as e:
+            OpenAI(base_url=url, api_key="wrong", max_retries=0).models.list()
+        assert e.value.status_code == 401 and e.value.body["code"] == "invalid_api_key"
+        client = OpenAI(base_url=url, api_key="s3cret", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["tiny"]
+    finally:
+        live.close()
+
+
 def test_text_stream_holds_back_partial_characters_and_stop_prefixes():
     tok = Tokenizer.train(TEXTS, vocab_size=300)
     ids = tok.encode("héllo wörld ✓ done")

@@ -1,7 +1,7 @@
 """``notelab lm serve``: an OpenAI-compatible HTTP server for a checkpoint (see :mod:`notelab.lm.serve`).
 
     notelab lm serve --checkpoint DIR [--host 127.0.0.1] [--port 8000] [--model-name NAME]
-                     [--max-batch 64] [--max-len N] [--max-n 16] [--dtype auto] [--device auto]
+                     [--max-batch 64] [--max-len N] [--max-n 16] [--dtype auto] [--device auto] [--api-key KEY]
 
 Then, from any OpenAI client::
 
@@ -35,6 +35,7 @@ def add_serve_parser(verbs: argparse._SubParsersAction) -> None:
     s.add_argument("--checkpoint", required=True, help="a run directory (model + tokenizer.json)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     s.add_argument("--port", type=int, default=8000, help="port to listen on (0: a free one, printed)")
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ (the client's api_key)")
     s.add_argument("--model-name", help="the model id clients send (default: the checkpoint folder's name)")
     s.add_argument("--max-batch", type=int, default=64, help="most sequences decoded together; more wait their turn")
     s.add_argument(
@@ -94,7 +95,13 @@ def _app(args: argparse.Namespace) -> tuple[object, str]:
     engine = Engine(model, max_batch=args.max_batch, max_len=max_len)
     cache = kv_cache_bytes(model.config, args.max_batch, max_len, engine.dtype)
     name = args.model_name or Path(args.checkpoint).resolve().name
-    config = ServeConfig(model_name=name, context_len=max_len, vocab_size=model.config.vocab_size, max_n=args.max_n)
+    config = ServeConfig(
+        model_name=name,
+        context_len=max_len,
+        vocab_size=model.config.vocab_size,
+        max_n=args.max_n,
+        api_key=args.api_key,
+    )
     what = f"{name!r} (batches of up to {args.max_batch}, context {max_len} tokens, KV cache {cache / 2**30:.2f} GiB)"
     return create_app(engine, tokenizer, config), what
 

@@ -60,6 +60,7 @@ class ServeConfig:
     max_n: int = 16  # most sequences one request may ask for (n times the number of prompts)
     max_stop: int = 16  # most stop strings
     default_max_tokens: int = 16  # completions without max_tokens (OpenAI's default); chat: the room left
+    api_key: str | None = None  # if set, /v1/ requests must carry "Authorization: Bearer <api_key>"
 
 
 @dataclass

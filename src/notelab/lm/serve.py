@@ -1,6 +1,7 @@
 """``notelab lm serve``: an OpenAI-compatible HTTP server for notelab Llama checkpoints.
 
     notelab lm serve --checkpoint DIR [--host 127.0.0.1] [--port 8000] [--model-name NAME] [--max-batch 64]
+                     [--api-key KEY]
 
     GET  /v1/models              the checkpoint, as one model id (the folder name unless --model-name)
     GET  /v1/models/{id}         that model, or 404
@@ -10,6 +11,7 @@
 
 Any OpenAI client works: ``OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")``.
 Streaming answers are server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``.
+With ``--api-key KEY``, /v1/ requests must carry ``Authorization: Bearer KEY`` (401 otherwise).
 Bad requests get HTTP 400 with OpenAI's error body (:mod:`notelab.lm.openai_api`), unknown routes
 404 in the same shape; neither disturbs the requests in flight.
 
@@ -28,6 +30,7 @@ Built on Starlette (routing, streaming responses) and uvicorn (the HTTP server).
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import queue
@@ -40,9 +43,11 @@ from typing import Any
 import torch
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from notelab.core.errors import NotelabError
 from notelab.data.tokenizer import Tokenizer
@@ -467,6 +472,23 @@ async def _server_error(request: Request, exc: Exception) -> Response:
     return JSONResponse(err.body(), status_code=500)
 
 
+class _RequireKey:
+    """ASGI middleware: /v1/ requests without ``Authorization: Bearer <key>`` get OpenAI's 401."""
+
+    def __init__(self, app: ASGIApp, key: str) -> None:
+        self.app, self.expected = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):  # constant time: the key is not guessed by timing
+                message = "expected the server's API key as 'Authorization: Bearer KEY'"
+                err = APIError(message, status=401, code="invalid_api_key")
+                await JSONResponse(err.body(), status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(engine: Engine, tokenizer: Tokenizer, config: ServeConfig) -> Starlette:
     """The ASGI app; its scheduler thread runs while the app is being served (``app.state.scheduler``)."""
     scheduler = Scheduler(engine)
@@ -488,6 +510,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, config: ServeConfig) -> Sta
         Route("/health", server.health, methods=["GET"]),
     ]
     handlers = {APIError: _api_error, HTTPException: _http_error, Exception: _server_error}
-    app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
+    middleware = [Middleware(_RequireKey, key=config.api_key)] if config.api_key else []
+    app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan, middleware=middleware)
     app.state.scheduler = scheduler
     return app
