@@ -111,7 +111,7 @@ def test_run_end_to_end_on_tiny_settings(tmp_path):
     assert result.settings["training_seeds"] == [0, 1000]
     assert len(result.settings["llama_losses"]) == 2 and len(result.settings["gqa"]["1"]["losses"]) == 2
     cache = [c for c in result.checks if "cache" in c.name]
-    assert len(cache) == 2 and all(c.verdict == "holds" for c in cache)  # ratios are exact
+    assert len(cache) == len(tiny.kv_heads) and all(c.verdict == "holds" for c in cache)  # ratios are exact
     assert len(result.tables) == 4 and len(result.paper) == 3 and all(p.ours for p in result.paper)
     for fig in result.figures:
         assert (tmp_path / fig.path).is_file(), fig.path
