@@ -178,3 +178,18 @@ def test_killed_training_resumes_and_loses_at_most_one_checkpoint_interval(tmp_p
     # the resumed log continues from the checkpoint: every step once, in order, up to the end
     assert [r["step"] for r in records] == list(range(1, steps + 1))
     assert (run / "model.safetensors").is_file() and (run / "config.json").is_file()
+
+
+def test_resume_checks_the_model_config_and_a_finished_run_says_so(tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = ["diffusion", "train", "--data", "moons", "--out", str(run), "--batch-size", "8", "--no-progress"]
+    assert run_cli([*argv, "--steps", "2"]) == 0
+    assert json.loads((run / "config.json").read_text())["beta_schedule"] == "linear"
+    capsys.readouterr()
+    assert run_cli([*argv, "--steps", "4", "--resume", "--beta-schedule", "cosine"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "beta_schedule 'linear', given 'cosine'" in err and "\n" not in err
+    assert run_cli([*argv, "--steps", "2", "--resume"]) == 0
+    assert "already complete at 2 steps" in capsys.readouterr().out
+    assert run_cli([*argv, "--steps", "3", "--resume"]) == 0
+    assert json.loads((run / "checkpoint" / "trainer_state.json").read_text())["step"] == 3

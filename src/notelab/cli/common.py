@@ -259,6 +259,16 @@ def prepare_out(
     return RunFolder(path, command, resume and holds, replace)
 
 
+def check_same_settings(source: str | os.PathLike, saved: dict[str, Any], given: dict[str, Any]) -> None:
+    """``--resume`` goes on with the settings the run was started with: one line naming the first difference."""
+    for name, value in given.items():
+        if saved.get(name) != value:
+            raise ConfigError(
+                f"--resume: {source} has {name} {saved.get(name)!r}, given {value!r}; "
+                "resume with the run's settings or start a new run"
+            )
+
+
 def saved_step(out: str | os.PathLike) -> int | None:
     """The step of the run folder's training checkpoint (``fit``'s), or None when it has none."""
     from notelab.core.config import load_json

@@ -18,6 +18,7 @@ from notelab.cli.common import (
     add_training_options,
     already_complete,
     check_out_file,
+    check_same_settings,
     check_training_options,
     complete_message,
     prepare_out,
@@ -100,11 +101,7 @@ def train(args: argparse.Namespace) -> int:
     )
     config_path = folder.path / CONFIG_NAME
     if folder.resume and config_path.is_file():  # the same weights under another schedule would resume silently
-        saved = load_json(config_path)
-        saved.pop("model_type", None)
-        for name, value in config_to_dict(diffusion_config).items():
-            if saved.get(name) != value:
-                raise ConfigError(f"--resume: {config_path} has {name} {saved.get(name)!r}, given {value!r}")
+        check_same_settings(config_path, load_json(config_path), config_to_dict(diffusion_config))
     seed_all(train_config.seed)
     t0 = time.perf_counter()
     with folder:

@@ -19,6 +19,7 @@ from notelab.cli.common import (
     add_model_options,
     add_training_options,
     already_complete,
+    check_same_settings,
     check_text,
     check_training_options,
     complete_message,
@@ -124,12 +125,7 @@ def check_same_task(folder: RunFolder, task: object) -> None:
     from notelab.seq.tasks import save_task
 
     if folder.resume and (folder.path / "task.json").is_file():
-        saved = check_task_file(folder.path)
-        for key, value in task.spec().items():
-            if saved.get(key) != value:
-                raise ConfigError(
-                    f"--resume: {folder.path / 'task.json'} has {key} {saved.get(key)!r}, given {value!r}"
-                )
+        check_same_settings(folder.path / "task.json", check_task_file(folder.path), task.spec())
     save_task(task, folder.path)
 
 
