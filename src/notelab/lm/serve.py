@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -353,7 +354,14 @@ class Server:
         }
         if req.stream:
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-            return StreamingResponse(self._stream(session, meta), media_type="text/event-stream", headers=headers)
+            # The background close also covers a stream cancelled before its generator began (whose
+            # finally never runs); closing twice is harmless.
+            return StreamingResponse(
+                self._stream(session, meta),
+                media_type="text/event-stream",
+                headers=headers,
+                background=BackgroundTask(session.close),
+            )
         try:
             body = await self._collect(session, meta)
         finally:
