@@ -207,7 +207,11 @@ def test_resume_reuses_the_run_tokenizer_and_checks_the_data_flags(main, tmp_pat
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and saved_value in err and value in err, err
     assert main([*TRAIN, "--seq-len", "8", "--steps", "3", "--out", str(out), "--resume"]) == 2
-    capsys.readouterr()
+    assert "seq_len 16, given 8" in capsys.readouterr().err
+    other_preset = [*TRAIN]
+    other_preset[other_preset.index("llama-tiny")] = "llama3-tiny"
+    assert main([*other_preset, "--steps", "3", "--out", str(out), "--resume"]) == 2
+    assert "config.json has" in capsys.readouterr().err
 
     # the saved tokenizer is reused, never a new one trained
     def no_training(*a, **k):

@@ -137,6 +137,7 @@ def train(args: argparse.Namespace) -> int:
         check_resume(out, source, model_config=None)
         if (out / "tokenizer.json").is_file():
             tokenizer = Tokenizer.from_file(out)  # never a new one: the embeddings mean the run's tokens
+            check_resume(out, {}, model_config=LlamaConfig.from_name(args.preset, vocab_size=tokenizer.vocab_size))
         elif start is not None:
             raise CheckpointError(f"{out}: a checkpoint at step {start} but no tokenizer.json to resume with")
         done = already_complete(out, args.steps)
