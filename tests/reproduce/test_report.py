@@ -74,3 +74,13 @@ def test_progress_prints_parts_steps_and_times(capsys):
     err = capsys.readouterr().err
     assert "[ddim" in err and "train ..." in err and "train 1/2: seed 0" in err and "train: done in" in err
     assert set(p.seconds) == {"train"}
+
+
+def test_cli_rejects_bad_seeds_in_one_line_before_running(capsys, tmp_path):
+    from notelab.cli import main
+
+    assert main(["reproduce", "ddim", "--seed", "1,1", "--out", str(tmp_path / "r")]) == 2
+    assert main(["reproduce", "ddim", "--seeds", "0", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("error:") for line in err) and "--seed" in err[0]
+    assert not (tmp_path / "r").exists()

@@ -48,12 +48,13 @@ def _checks(r: ClaimResult) -> str:
         return ""
     groups = rules.group_verdicts(r.checks)
     rows = "".join(
-        f'<tr><td class="text">{html.escape(c.group)}</td><td class="text">{html.escape(c.name)}</td>'
+        f'<tr><td class="text">{html.escape(c.group) if i == 0 or r.checks[i - 1].group != c.group else ""}</td>'
+        f'<td class="text">{html.escape(c.name)}</td>'
         f'<td class="text">{html.escape(c.rule)}</td><td class="text">{html.escape(c.interval_text())}</td>'
         f"<td>{_badge(c.verdict)}"
         + ("" if c.role == "decides" else f' <span class="note">({html.escape(c.role)})</span>')
         + "</td></tr>"
-        for c in r.checks
+        for i, c in enumerate(r.checks)
     )
     group_line = "; ".join(f"{html.escape(g)}: {_badge(v)}" for g, v in groups.items())
     return (
@@ -137,7 +138,8 @@ def write_report(results: Sequence[ClaimResult], out_dir: str | Path, quick: boo
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or 'cpu'})"
     rows = "".join(
         f'<tr><td><a href="#{r.name}">{html.escape(r.title)}</a></td>'
-        f"<td>{_badge(r.verdict)}</td><td>{r.seconds:.0f}</td></tr>"
+        f"<td>{_badge(r.verdict)}</td><td>{r.seconds:.0f}</td>"
+        f'<td class="text note">{html.escape(", ".join(f"{k} {v:.0f} s" for k, v in r.part_seconds.items()))}</td></tr>'
         for r in results
     )
     rows += "".join(
@@ -150,7 +152,8 @@ def write_report(results: Sequence[ClaimResult], out_dir: str | Path, quick: boo
         f"</head><body><h1>notelab: the notes' claims, reproduced</h1>"
         f'<p class="meta">{now} &middot; notelab {__version__} &middot; torch {torch.__version__} &middot; '
         f"{html.escape(device)} &middot; {'quick mode (small budgets)' if quick else 'full runs'}</p>"
-        f"<table><tr><th>claim</th><th>verdict</th><th>seconds</th></tr>{rows}</table>"
+        '<table><tr><th>claim</th><th>verdict</th><th>seconds</th><th class="text">time per part</th></tr>'
+        f"{rows}</table>"
         f"{''.join(_section(r) for r in results)}</body></html>\n"
     )
     path = out_dir / "index.html"

@@ -135,7 +135,10 @@ class Check:
 
     def interval_text(self) -> str:
         def f(x: float) -> str:
-            return f"{x * self.scale:+.3g}{self.unit}" if math.isfinite(x) else ("-inf" if x < 0 else "+inf")
+            if not math.isfinite(x):
+                return "-inf" if x < 0 else "+inf"
+            # a sign where the value is a change (percent, log ratio, slope difference); none for a factor
+            return f"{x * self.scale:{'' if self.unit == 'x' else '+'}.3g}{self.unit}"
 
         side = "<" if self.below else ">"
         n = len(self.values)
