@@ -22,11 +22,13 @@ model's vocabulary, so every id the random model emits has text). Then, with ``A
     python benchmarks/serve_bench.py --preset llama-tiny --clients 8 --max-tokens 64       # CPU, a minute
     python benchmarks/serve_bench.py --preset llama3.2-1b --clients 64 --max-tokens 256 --disconnect 8   # H200
 
-Token counts come from the server's ``usage`` (``stream_options.include_usage``).
+Token counts come from the server's ``usage`` (``stream_options.include_usage``). The server runs
+as ``python -m notelab``, so notelab must be importable (``pip install -e .`` or ``PYTHONPATH=src``).
 
 On a machine without the serving stack (the device machine has no starlette / uvicorn / openai /
 pydantic), carry wheels: on a machine with the package index,
-``pip download --only-binary=:all: --python-version 3.11 -d wheels starlette uvicorn openai``
+``pip download --only-binary=:all: --python-version 3.X -d wheels starlette uvicorn openai``
+(3.X: the device's Python; 17 wheels, 6 MB for 3.11 on x86-64)
 (this pulls anyio, idna, sniffio, typing_extensions, click, h11, httpx2, httpcore2, truststore,
 jiter, pydantic, pydantic_core, annotated_types, typing_inspection), then there
 ``pip install --no-index --find-links wheels starlette uvicorn openai``.
