@@ -28,9 +28,9 @@ as ``python -m notelab``, so notelab must be importable (``pip install -e .`` or
 On a machine without the serving stack (the device machine has no starlette / uvicorn / openai /
 pydantic), carry wheels: on a machine with the package index,
 ``pip download --only-binary=:all: --python-version 3.X -d wheels starlette uvicorn openai``
-(3.X: the device's Python; 17 wheels, 6 MB for 3.11 on x86-64)
-(this pulls anyio, idna, sniffio, typing_extensions, click, h11, httpx2, httpcore2, truststore,
-jiter, pydantic, pydantic_core, annotated_types, typing_inspection), then there
+(3.X: the device's Python; with anyio, idna, sniffio, typing_extensions, click, h11, httpx2,
+httpcore2, truststore, jiter, pydantic, pydantic_core, annotated_types and typing_inspection, 17
+wheels, 6 MB for 3.11 on x86-64), then there
 ``pip install --no-index --find-links wheels starlette uvicorn openai``.
 """
 
