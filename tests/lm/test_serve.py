@@ -406,18 +406,10 @@ def test_text_stream_holds_back_partial_characters_and_stop_prefixes():
 
 def test_cli_serves_a_checkpoint(setup):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "notelab",
-        "lm",
-        "serve",
-        "--checkpoint",
-        str(setup["folder"]),
-        "--log-level",
-        "warning",
-    ]
-    proc = subprocess.Popen([*cmd, "--port", "0"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # on the CPU in float32, as the reference it is compared with, also on a GPU machine
+    cmd = [sys.executable, "-m", "notelab", "lm", "serve", "--checkpoint", str(setup["folder"]), "--device", "cpu"]
+    cmd += ["--port", "0", "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         line = proc.stdout.readline()  # "serving 'tiny-llama' (...) at http://127.0.0.1:PORT/v1", once loaded
         assert "serving 'tiny-llama'" in line, line + proc.stdout.read()
