@@ -52,7 +52,7 @@ def test_train_then_translate(tmp_path, capsys) -> None:
         (["--model", "lstm", "--task", "copy", "--length", "100000"], "--length"),
         (["--model", "transformer", "--task", "copy", "--d-model", "6"], "divisible"),
         (["--model", "gru", "--task", "copy", "--device", "tpu"], "device"),
-        (["--model", "gru", "--task", "stdlib-doc", "--vocab-size", "0"], "vocab_size"),
+        (["--model", "gru", "--task", "stdlib-doc", "--vocab-size", "0"], "--vocab-size"),
     ],
 )
 def test_train_bad_input_exits_2(tmp_path, capsys, args, message) -> None:

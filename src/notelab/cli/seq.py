@@ -19,6 +19,7 @@ from notelab.cli.common import (
     add_model_options,
     add_training_options,
     already_complete,
+    check_positive,
     check_same_settings,
     check_text,
     check_training_options,
@@ -80,6 +81,7 @@ def train(args: argparse.Namespace) -> int:
     if args.time_budget is not None and not args.time_budget > 0:
         raise ConfigError(f"--time-budget: expected a positive number of seconds, got {args.time_budget}")
     check_training_options(args)
+    check_positive(vocab_size=args.vocab_size, max_train=args.max_train)
     if args.warmup < 0:
         raise ConfigError(f"--warmup: expected a number of steps >= 0, got {args.warmup}")
     # The model's config is checked on a tiny vocabulary now, before the task is built or a file written.
