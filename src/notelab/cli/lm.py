@@ -7,7 +7,11 @@
     notelab lm sft --checkpoint DIR --data built-in|FILE.jsonl --out DIR
     notelab lm dpo --checkpoint DIR --data built-in|FILE.jsonl --out DIR [--beta 0.1]
 
-Cheap checks (names, numbers, files) run before any data is read or anything is written.
+Training verbs share ``notelab.cli.common``'s options (--steps --batch-size --lr --seed --device
+--ckpt-every --log-every --resume --overwrite --no-progress --no-compile --allow-large). Cheap
+checks (names, numbers, files, the run folder) run before any data is read or anything is written;
+``train`` writes tokenizer.json, data.json and config.json before its first step, and ``--resume``
+reuses that tokenizer and refuses other data flags or another preset.
 """
 
 from __future__ import annotations
