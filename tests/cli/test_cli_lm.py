@@ -277,3 +277,16 @@ def test_train_bad_options_are_one_line_and_write_nothing(main, tmp_path, capsys
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
     assert not out.exists()
+
+
+def test_convert_overwriting_its_own_source_keeps_the_tokenizer(main, run_dir, tmp_path, capsys):
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(run_dir, src)
+    assert main(["lm", "convert", "--to-hf", str(src), "--out", str(src)]) == 2  # holds a run: refused
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["lm", "convert", "--to-hf", str(src), "--out", str(src), "--overwrite"]) == 0
+    assert (src / "tokenizer.json").read_bytes() == (run_dir / "tokenizer.json").read_bytes()
+    assert json.loads((src / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    assert not (src / "data.json").exists()  # replaced whole

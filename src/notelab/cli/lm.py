@@ -268,8 +268,7 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def convert(args: argparse.Namespace) -> int:
-    import shutil
-
+    from notelab.core.io import atomic_write_bytes
     from notelab.lm import convert as conv
     from notelab.lm.model import Llama
 
@@ -279,13 +278,15 @@ def convert(args: argparse.Namespace) -> int:
     folder = prepare_out(args.out, "lm convert", overwrite=args.overwrite)
     out = folder.path
     model = conv.from_hf(src) if args.from_hf else Llama.from_pretrained(src, allow_large=args.allow_large)
+    # Read now: with --overwrite, --out may be the source folder, which is moved aside when writing starts.
+    tokenizer = (src / "tokenizer.json").read_bytes() if (src / "tokenizer.json").is_file() else None
     with folder:
         if args.from_hf:
             model.save_pretrained(out)
         else:
             conv.to_hf(model, out)
-        if (src / "tokenizer.json").is_file():
-            shutil.copyfile(src / "tokenizer.json", out / "tokenizer.json")
+        if tokenizer is not None:
+            atomic_write_bytes(out / "tokenizer.json", tokenizer)
     n = sum(p.numel() for p in model.parameters())
     print(f"converted {src} ({n:,} parameters) -> {out}")
     return 0
