@@ -181,7 +181,7 @@ def _load(args: argparse.Namespace) -> tuple[Llama, Tokenizer]:
 
 
 def generate(args: argparse.Namespace) -> int:
-    from notelab.lm.chat import apply_chat_template, chat_stop_tokens
+    from notelab.lm.chat import chat_stop_tokens, encode_chat
     from notelab.lm.generate import ContextLimitWarning
     from notelab.lm.generate import generate as generate_tokens
 
@@ -197,8 +197,10 @@ def generate(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise ConfigError(f"--prompt-ids: expected comma-separated integers, got {args.prompt_ids!r}") from e
     else:
-        texts = [apply_chat_template([{"role": "user", "content": p}], True) if args.chat else p for p in args.prompt]
-        prompts = [tokenizer.encode(t, add_bos=tokenizer.bos_id is not None and not args.chat) for t in texts]
+        if args.chat:  # the template's control tokens come from code, never from the user's text
+            prompts = [encode_chat(tokenizer, [{"role": "user", "content": p}]) for p in args.prompt]
+        else:
+            prompts = [tokenizer.encode(p, add_bos=tokenizer.bos_id is not None) for p in args.prompt]
     stops = chat_stop_tokens(tokenizer) if args.chat else [i for i in (tokenizer.eos_id,) if i is not None]
     callback = None
     if args.stream and len(prompts) == 1:
