@@ -16,6 +16,7 @@ import argparse
 import socket
 from pathlib import Path
 
+from notelab.cli.common import add_model_options
 from notelab.core.errors import ConfigError, DataError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -50,6 +51,7 @@ def add_serve_parser(verbs: argparse._SubParsersAction) -> None:
     )
     s.add_argument("--device", default="auto")
     s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    add_model_options(s)
     s.set_defaults(func=serve)
 
 
@@ -82,7 +84,7 @@ def _app(args: argparse.Namespace) -> tuple[object, str]:
     from notelab.lm.serve import create_app
     from notelab.lm.train import load_run
 
-    model, tokenizer = load_run(args.checkpoint, device=get_device(args.device))
+    model, tokenizer = load_run(args.checkpoint, device=get_device(args.device), allow_large=args.allow_large)
     context = model.config.max_seq_len
     if args.max_len is not None and not 2 <= args.max_len <= context:
         raise ConfigError(f"--max-len: expected 2 to the model's max_seq_len {context}, got {args.max_len}")
