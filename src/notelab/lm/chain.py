@@ -64,6 +64,8 @@ from notelab.core.rope import rope_cos_sin
 from notelab.lm.model import FusedWeights, Llama
 from notelab.lm.sampling import Sampler, choose_tokens
 
+RECOMPILE_LIMIT = 64  # compiled versions of the sampler kept (kinds of processing x cache lengths)
+
 try:  # triton is optional: without it the chain is unavailable and generate takes the torch step
     import triton
     import triton.language as tl
@@ -621,7 +623,8 @@ class ChainDecoder:
     def _pick(self, logits: torch.Tensor, how: Sampler) -> None:
         args = (logits, how, self.settings, self.seen, self.count, self.tok, self.out, self.slot)
         try:
-            self.sampler(*args)
+            with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):  # one version per kind and length
+                self.sampler(*args)
         except Exception as e:  # noqa: BLE001 - any compiler failure: the eager function still runs
             if self.sampler is sample_into:
                 raise

@@ -35,6 +35,8 @@ from notelab.core.rope import apply_rope, rope_cos_sin
 from notelab.lm.model import FusedWeights, Llama
 from notelab.lm.sampling import Sampler, choose_tokens
 
+RECOMPILE_LIMIT = 64  # compiled versions kept per decode function (kinds of processing x shapes)
+
 
 @dataclass
 class SamplingParams:
@@ -455,7 +457,9 @@ class Engine:
         saved = [t.clone() for t in state]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        # Each kind of processing and each engine shape is one more compiled version of the same function: more
+        # than dynamo's default of 8 would silently fall back to the eager step.
+        with torch.cuda.stream(side), torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
             for _ in range(3):
                 fn(self.model, *self._buffers(), how)
                 for t, s in zip(state, saved):
