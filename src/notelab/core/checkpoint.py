@@ -148,7 +148,10 @@ class PretrainedMixin:
         path = Path(path)
         if not path.is_dir():
             raise CheckpointError(f"expected a checkpoint directory at {path}, found none")
-        data = load_json(path / CONFIG_NAME)
+        try:
+            data = load_json(path / CONFIG_NAME)
+        except ConfigError as e:
+            raise CheckpointError(str(e)) from e
         kind = data.pop("model_type", None)
         if kind != cls.model_type:
             raise CheckpointError(f"{path}: expected model_type {cls.model_type!r}, config.json has {kind!r}")
