@@ -60,6 +60,12 @@ def ours_to_hf(name: str) -> str:
 _MISSING = object()
 
 
+def _short(value: Any, limit: int = 200) -> str:
+    """``repr(value)``, cut to ``limit`` characters (a value from an untrusted file may be huge)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _field(cfg: dict[str, Any], key: str, kind: str, where: str, default: Any = _MISSING) -> Any:
     """``cfg[key]`` checked to be ``kind``: "int" (>= 1), "float" (finite, > 0), "bool" or "dict".
 
@@ -83,7 +89,7 @@ def _field(cfg: dict[str, Any], key: str, kind: str, where: str, default: Any = 
             "bool": "true or false",
             "dict": "an object",
         }
-        raise CheckpointError(f"{where}: {key}: expected {expected[kind]}, got {value!r:.60}")
+        raise CheckpointError(f"{where}: {key}: expected {expected[kind]}, got {_short(value)}")
     return float(value) if kind == "float" else value
 
 
@@ -95,7 +101,7 @@ def _rope_from_hf(cfg: dict[str, Any], where: str) -> tuple[float, RopeScaling |
     if kind == "default":
         return theta, None
     if kind != "llama3":
-        raise CheckpointError(f"{where}: expected RoPE type 'default' or 'llama3', got {kind!r:.60}")
+        raise CheckpointError(f"{where}: expected RoPE type 'default' or 'llama3', got {_short(kind)}")
     scaling = RopeScaling(
         factor=_field(params, "factor", "float", f"{where}: rope_scaling"),
         low_freq_factor=_field(params, "low_freq_factor", "float", f"{where}: rope_scaling"),
@@ -118,7 +124,7 @@ def config_from_hf(cfg: dict[str, Any], where: str = "config.json") -> LlamaConf
     archs = cfg.get("architectures") or []
     if cfg.get("model_type") != "llama" and not (isinstance(archs, list) and "LlamaForCausalLM" in archs):
         raise CheckpointError(
-            f"{where}: expected a Llama checkpoint (model_type 'llama'), got model_type {cfg.get('model_type')!r:.60}"
+            f"{where}: expected a Llama checkpoint (model_type 'llama'), got model_type {_short(cfg.get('model_type'))}"
         )
     unsupported = {
         "attention_bias": cfg.get("attention_bias", False) not in (False, None),
@@ -129,7 +135,7 @@ def config_from_hf(cfg: dict[str, Any], where: str = "config.json") -> LlamaConf
     bad = [k for k, v in unsupported.items() if v]
     if bad:
         raise CheckpointError(
-            f"{where}: unsupported Llama variant ({', '.join(f'{k}={cfg.get(k)!r:.40}' for k in bad)})"
+            f"{where}: unsupported Llama variant ({', '.join(f'{k}={_short(cfg.get(k))}' for k in bad)})"
         )
     heads, dim = _field(cfg, "num_attention_heads", "int", where), _field(cfg, "hidden_size", "int", where)
     head_dim = _field(cfg, "head_dim", "int", where, dim // heads)
@@ -198,13 +204,13 @@ def config_to_hf(config: LlamaConfig, dtype: torch.dtype) -> dict[str, Any]:
 def _inside(root: Path, name: Any, where: str) -> Path:
     """``root / name`` for a shard name that stays inside ``root``: no absolute path, ``..`` or outward symlink."""
     if not isinstance(name, str) or not name or "\x00" in name:
-        raise CheckpointError(f"{where}: expected a shard file name, got {name!r:.60}")
+        raise CheckpointError(f"{where}: expected a shard file name, got {_short(name)}")
     rel = Path(name)
     if rel.is_absolute() or ".." in rel.parts:
-        raise CheckpointError(f"{where}: shard {name!r:.80} leaves the checkpoint directory {root}")
+        raise CheckpointError(f"{where}: shard {_short(name)} leaves the checkpoint directory {root}")
     full = root / rel
     if not full.resolve().is_relative_to(root.resolve()):
-        raise CheckpointError(f"{where}: shard {name!r:.80} is a link that leaves the checkpoint directory {root}")
+        raise CheckpointError(f"{where}: shard {_short(name)} is a link that leaves the checkpoint directory {root}")
     return full
 
 
