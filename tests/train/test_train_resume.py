@@ -307,3 +307,11 @@ def test_find_checkpoint_prefers_a_complete_checkpoint(tmp_path):
     assert find_checkpoint(tmp_path) == tmp_path / "checkpoint"  # load_checkpoint will say what is wrong
     with pytest.raises(CheckpointError, match="trainer_state.json"):
         load_checkpoint(tmp_path / "checkpoint", model=toy_model())
+
+
+def test_a_fit_checkpoint_loads_into_a_plain_optimizer(tmp_path):
+    fit(toy_model(), mse_loss, toy_data(), TrainConfig(steps=2, batch_size=8, out_dir=str(tmp_path), progress=False))
+    model = toy_model(seed=4)
+    opt = torch.optim.AdamW(model.parameters())
+    loaded = load_checkpoint(tmp_path / "checkpoint", model=model, optimizer=opt)
+    assert loaded.step == 2 and opt.param_groups[0]["initial_lr"] == TrainConfig().lr  # the scheduler's key is kept

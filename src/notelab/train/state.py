@@ -89,7 +89,18 @@ def optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch
 
 # Flags that change what an optimizer computes or how, not hyper-parameters a schedule moves:
 # always the live optimizer's own values.
-OPTIMIZER_FLAGS = ("maximize", "foreach", "capturable", "differentiable", "fused", "amsgrad", "nesterov")
+OPTIMIZER_FLAGS = (
+    "maximize",
+    "foreach",
+    "capturable",
+    "differentiable",
+    "fused",
+    "amsgrad",
+    "nesterov",
+    "decoupled_weight_decay",
+)
+# Keys other code adds to a param group (torch's LR schedulers): kept when the live group lacks them.
+EXTRA_GROUP_KEYS = ("initial_lr",)
 # Flags that also change which state tensors exist: a checkpoint written with another value cannot be resumed.
 STATE_LAYOUT_FLAGS = ("amsgrad",)
 # Optimizers whose state tensors are elementwise (the parameter's shape) or scalars (``step``).
@@ -140,7 +151,7 @@ def _restore_groups(own_groups: list[dict[str, Any]], groups: Any, source: str) 
     restored = []
     for i, (own, group) in enumerate(zip(own_groups, groups)):
         where = f"{source}: optimizer.param_groups[{i}]"
-        unknown = sorted(set(group) - set(own))
+        unknown = sorted(set(group) - set(own) - set(EXTRA_GROUP_KEYS))
         if unknown:
             raise CheckpointError(f"{where}: unknown key(s) {', '.join(unknown)}; the optimizer has {', '.join(own)}")
         params = group["params"]
@@ -157,6 +168,9 @@ def _restore_groups(own_groups: list[dict[str, Any]], groups: Any, source: str) 
                 new[key] = own_value
             else:
                 new[key] = _check_group_value(key, own_value, group[key], where)
+        for key in EXTRA_GROUP_KEYS:
+            if key in group and key not in own:
+                new[key] = _check_group_value(key, 0.0, group[key], where)
         restored.append(new)
     return restored
 
