@@ -15,6 +15,7 @@ from notelab.core.checkpoint import save_weights
 from notelab.core.errors import CheckpointError
 from notelab.train import TrainConfig, find_checkpoint, fit, load_checkpoint, save_checkpoint
 from notelab.train import state as state_mod
+from notelab.train.loop import param_groups
 
 HERE = Path(__file__).parent
 
@@ -312,6 +313,7 @@ def test_find_checkpoint_prefers_a_complete_checkpoint(tmp_path):
 def test_a_fit_checkpoint_loads_into_a_plain_optimizer(tmp_path):
     fit(toy_model(), mse_loss, toy_data(), TrainConfig(steps=2, batch_size=8, out_dir=str(tmp_path), progress=False))
     model = toy_model(seed=4)
-    opt = torch.optim.AdamW(model.parameters())
+    opt = torch.optim.AdamW(param_groups(model, 0.0))  # fit's two groups, without the scheduler's initial_lr
+    assert "initial_lr" not in opt.param_groups[0]
     loaded = load_checkpoint(tmp_path / "checkpoint", model=model, optimizer=opt)
     assert loaded.step == 2 and opt.param_groups[0]["initial_lr"] == TrainConfig().lr  # the scheduler's key is kept
