@@ -175,3 +175,14 @@ def test_atomic_dir_cleans_up_and_keeps_one_complete_version_at_each_step(tmp_pa
     with atomic_dir(target) as d:
         (d / "x").write_text("four")
     assert (target / "x").read_text() == "four" and [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
+def test_a_second_writer_leaves_a_live_writers_temporary_alone(tmp_path):
+    target = tmp_path / "cache"
+    with atomic_dir(target) as first:
+        (first / "x").write_text("first")
+        with atomic_dir(target) as second:  # e.g. another test worker filling the same cache
+            (second / "x").write_text("second")
+        assert (target / "x").read_text() == "second" and (first / "x").is_file()
+    assert (target / "x").read_text() == "first"
+    assert [p.name for p in tmp_path.iterdir()] == ["cache"]

@@ -95,7 +95,8 @@ def _fsync_tree(root: Path) -> None:
 def _try_lock(path: Path) -> int | None:
     """An fd of ``path`` holding an exclusive flock, or ``None`` when a live process holds it.
 
-    Raises ``FileNotFoundError`` when ``path`` is gone. Without ``fcntl`` the lock always succeeds.
+    Raises ``FileNotFoundError`` when ``path`` is gone. Without ``fcntl``, or on a file system
+    without ``flock``, the lock always succeeds.
     """
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     if fcntl is None:  # pragma: no cover
@@ -105,6 +106,8 @@ def _try_lock(path: Path) -> int | None:
     except BlockingIOError:
         os.close(fd)
         return None
+    except OSError:  # a file system without flock (some network mounts): one writer per directory is assumed
+        pass
     return fd
 
 
@@ -196,6 +199,8 @@ def latest_version(path: str | os.PathLike) -> Path | None:
 def _discard(path: Path) -> None:
     """Delete directory ``path``: first renamed to a temporary name, so no cut-short deletion keeps its name."""
     fd = _try_lock(path)
+    if fd is None:  # another process is discarding it
+        return
     try:
         trash = _temp_name(path.parent, path.name.lstrip(".").removesuffix(ASIDE_SUFFIX))
         os.rename(path, trash)
