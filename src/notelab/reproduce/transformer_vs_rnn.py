@@ -21,17 +21,26 @@ count (RNN width solved for to match the Transformer's; the counts are in the ta
 4. stdlib code summarisation (source -> first docstring sentence): BLEU and exact match of each
    model after the same wall-clock training time.
 
-Measurement 1 uses every CPU thread; 2-4 train small models on one thread (on CPU), which is
-faster for them than two threads on a shared machine. On a GPU the full run trains longer (the
+Measurement 1 uses every CPU thread in a full run and one in a quick one; 2-4 train small models
+on one thread (on CPU), which is faster for them than two threads on a shared machine, and makes
+their numbers independent of the machine's load. On a GPU the full run trains longer (the
 ``FULL_GPU`` settings) and runs the trainings of (2) in several processes at once: models this
 small leave the card mostly idle.
 
-The claim holds when the Transformer's throughput relative to both LSTM and GRU is higher at the
-longest length than at the shortest (the parallelism claim: judged on the GPU when there is one,
-since parallel hardware is what it is about, and reported for the CPU either way) and the vanilla
-RNN's gradient norm decays fastest with distance at initialisation (the vanishing-gradient
-claim). Accuracy and BLEU are reported, not judged: at a fixed budget they say where a model
-starts to fail, not how far each would go.
+Decision rule (``notelab.reproduce.rules``; 95% t-intervals):
+
+- parallel over time: on a GPU, the Transformer's speed relative to LSTM and to GRU must grow from
+  the shortest length to the longest: per interleaved round (every model at every length, so a
+  load burst hits all), log((T/m at the longest) / (T/m at the shortest)), interval above 0. On a
+  CPU those timings are shown with their intervals but not judged (with two cores or a busy
+  machine they measure how many cores were free, not the architectures); the claim is judged
+  there by sequential depth, the dependent steps of a forward pass counted from the models'
+  structure (Vaswani et al., Table 1), which no load changes.
+- vanishing gradients: per initialisation seed, the vanilla RNN's decay slope minus the steepest
+  other model's, interval below 0 (the RNN's gradient vanishes fastest with distance).
+
+Accuracy and BLEU are reported, not judged: at a fixed budget they say where a model starts to
+fail, not how far each would go.
 """
 
 from __future__ import annotations
