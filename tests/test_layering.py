@@ -11,7 +11,7 @@ TIER = {
     "eval": 1,
     "diffusion": 2,
     "flows": 2,
-    "vq": 2,
+    "vq": 3,  # its prior is a notelab.lm Llama over code indices (DESIGN.md: tier 2, like oad)
     "seq": 2,
     "lm": 2,
     "peft": 2,
