@@ -104,7 +104,7 @@ def test_run_end_to_end_on_tiny_settings(tmp_path):
         decode_tokens=4,
         decode_repeats=1,
     )
-    tiny = dataclasses.replace(tiny, seeds=2)
+    tiny = dataclasses.replace(tiny, seeds=2, kv_heads=(2, 1))
     result = claim.run(tmp_path, quick=True, seed=0, settings=tiny)
     assert result.verdict in ("holds", "does not hold", "inconclusive")
     assert set(result.settings["verdicts"]) == {claim.BLOCK, claim.GQA, claim.LONG, claim.DPO}
