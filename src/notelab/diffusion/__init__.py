@@ -19,8 +19,8 @@ from notelab.diffusion.ddpm import (
     posterior_coefficients,
     posterior_mean_variance,
     q_sample,
+    run_chain,
     sample_ddpm,
-    sample_loop,
 )
 from notelab.diffusion.parametrization import (
     PREDICTION_TYPES,

@@ -41,7 +41,7 @@ import numbers
 import torch
 
 from notelab.core.errors import ConfigError, ShapeError, unknown_name
-from notelab.diffusion.ddpm import Model, call_model, sample_loop
+from notelab.diffusion.ddpm import Model, call_model, run_chain
 from notelab.diffusion.parametrization import (
     Coef,
     as_coef,
@@ -175,7 +175,7 @@ def sample_ddim(
             out, t, t_prev, x, schedule, eta, prediction_type, None, clip_sample, thresholding, generator=generator
         )
 
-    return sample_loop(x_T, list(zip(ts, ts[1:] + [-1])), step, progress, desc=f"DDIM {steps}")
+    return run_chain(x_T, ts + [-1], step, progress, desc=f"DDIM {steps}")
 
 
 def ddim_invert(
@@ -201,7 +201,7 @@ def ddim_invert(
         _, eps = predict_x0_eps(call_model(model, x, t_to), x, schedule.alpha_bar(t_to), prediction_type)
         return ddim_step(eps, t_from, t_to, x, schedule, eta=0.0)
 
-    return sample_loop(x0, list(zip([-1] + ts[:-1], ts)), step, progress, desc=f"DDIM inversion {steps}")
+    return run_chain(x0, [-1] + ts, step, progress, desc=f"DDIM inversion {steps}")
 
 
 def ddim_reconstruct(

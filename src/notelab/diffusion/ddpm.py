@@ -15,7 +15,7 @@ and no noise on the last step (t' < 0, where a' = 1 and the posterior collapses 
 Diffusers' ``DDPMScheduler.step`` is matched exactly on the full chain; for a strided chain it adds
 noise whenever t > 0, we whenever t' >= 0, which differs only on a final step that starts above 0.
 
-``sample_loop`` is the one loop every sampler in this family runs; a sampler is a step function.
+Every sampler in this family runs ``notelab.core.integrate.integrate``; a sampler is a step function.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from notelab.core.errors import ShapeError, unknown_name
+from notelab.core.integrate import integrate
 from notelab.diffusion.parametrization import (
     Coef,
     as_coef,
@@ -156,21 +156,18 @@ def call_model(model: Model, x: torch.Tensor, t: int) -> torch.Tensor:
     return model(x, torch.full((x.shape[0],), t, dtype=torch.long, device=x.device))
 
 
-def sample_loop(
-    x: torch.Tensor,
-    transitions: Sequence[tuple[int, int]],
-    step: Step,
-    progress: bool = False,
-    desc: str = "sampling",
-) -> torch.Tensor:
-    """Apply ``x = step(x, t, t_next)`` for each (t, t_next) in order, without autograd.
+def int_step(step: Step) -> Callable[[torch.Tensor, float, float], torch.Tensor]:
+    """A step over integer timesteps as a step of ``notelab.core.integrate.integrate`` (float times)."""
+    return lambda x, t, t_next: step(x, round(t), round(t_next))
 
-    Every sampler and the DDIM inversion of this family is this loop with its own ``step``.
+
+def run_chain(x: torch.Tensor, timesteps: Sequence[int], step: Step, progress: bool, desc: str) -> torch.Tensor:
+    """x = step(x, t, t_next) over consecutive integer ``timesteps``, without autograd.
+
+    Every sampler and the DDIM inversion of this family is ``integrate`` with its own ``step``.
     """
     with torch.no_grad():
-        for t, t_next in tqdm(transitions, desc=desc, disable=not progress, leave=False):
-            x = step(x, t, t_next)
-    return x
+        return integrate(x, [float(t) for t in timesteps], int_step(step), progress, desc=desc)
 
 
 def sample_ddpm(
@@ -196,5 +193,4 @@ def sample_ddpm(
             out, t, x, schedule, variance_type, prediction_type, clip_sample=clip_sample, generator=generator
         )
 
-    transitions = [(t, t - 1) for t in range(schedule.num_train_timesteps - 1, -1, -1)]
-    return sample_loop(x_T, transitions, step, progress, desc="DDPM")
+    return run_chain(x_T, range(schedule.num_train_timesteps - 1, -2, -1), step, progress, desc="DDPM")
