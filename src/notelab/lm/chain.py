@@ -113,6 +113,8 @@ def chain_unsupported(model: Llama, batch: int, padded: bool, dtype: torch.dtype
     w = model.embed_tokens.weight
     if triton is None:
         return "triton is not installed"
+    if model.unplain_reason():  # the kernels read the projection weights directly and would skip an adapter
+        return model.unplain_reason()
     if not (_INTERPRET or w.is_cuda):
         return "the model is not on a CUDA device (and TRITON_INTERPRET is not set)"
     if batch != 1 or padded:

@@ -221,7 +221,11 @@ class Engine:
         B = max_batch
         self.cache = model.make_cache(B, max_len, dtype=dtype)
         # Stacked projections (extra memory: those weights once more) where they pay: the compiled CUDA step.
-        self.fused = model.fused_decode_weights() if (dev.type == "cuda" if stacked is None else stacked) else None
+        stack = dev.type == "cuda" if stacked is None else stacked
+        if stack and model.unplain_reason():  # stacked copies would skip an adapter: the layers' own forward runs
+            warnings.warn(f"Engine: stacked projections off ({model.unplain_reason()})", RuntimeWarning, 2)
+            stack = False
+        self.fused = model.fused_decode_weights() if stack else None
         long = dict(dtype=torch.long, device=dev)
         self.tok = torch.zeros(B, 1, **long)
         self.pos = torch.zeros(B, **long)

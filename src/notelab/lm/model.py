@@ -66,6 +66,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
         self.v_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
         self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+        # Prefix tuning's hook (notelab.peft.KVPrefix): (k, v, mask) -> the same with learned keys/values first.
+        self.kv_prefix: nn.Module | None = None
 
     def forward(
         self,
@@ -86,6 +88,8 @@ class Attention(nn.Module):
             # An int start grows the visible prefix; a tensor (cache slots) keeps every shape static.
             k, v = cache.update(start, k, v) if isinstance(start, int) else cache.write(start, k, v)
             k, v = k.to(q.dtype), v.to(q.dtype)
+        if self.kv_prefix is not None:
+            k, v, mask = self.kv_prefix(k, v, mask)
         y = attention(q, k, v, mask=mask, is_causal=is_causal)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
@@ -205,6 +209,26 @@ class Llama(PretrainedMixin, nn.Module):
             ]
             fused.append((pair[0], pair[1]))
         return fused
+
+    def unplain_reason(self) -> str:
+        """Why decode paths that read projection weights directly (stacked, chain) would not run this model
+        exactly ("" when they would): a projection wrapped by an adapter (notelab.peft), a KV prefix hook."""
+        plain = {"embed_tokens": nn.Embedding, "lm_head": nn.Linear}
+        mods = [(n, getattr(self, n), t) for n, t in plain.items()]
+        for i, b in enumerate(self.layers):
+            a, m = b.self_attn, b.mlp
+            if type(a) is not Attention or a.kv_prefix is not None:
+                return f"layers.{i}.self_attn is not the plain Attention (an adapter or a KV prefix is attached)"
+            projections = [n for n in ("gate_proj", "up_proj", "down_proj", "fc1", "fc2") if hasattr(m, n)]
+            if type(m) not in (SwiGLU, FeedForward) or len(projections) < 2:
+                return f"layers.{i}.mlp is {type(m).__name__}, not the plain feed-forward (an adapter wraps it)"
+            for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                mods.append((f"layers.{i}.self_attn.{n}", getattr(a, n), nn.Linear))
+            mods += [(f"layers.{i}.mlp.{n}", getattr(m, n), nn.Linear) for n in projections]
+        for name, mod, kind in mods:
+            if type(mod) is not kind:
+                return f"{name} is {type(mod).__name__}, not a plain nn.{kind.__name__} (an unmerged adapter)"
+        return ""
 
     def check_tokens(self, tokens: torch.Tensor, start_pos: int | torch.Tensor = 0) -> None:
         """Raise :class:`ShapeError` unless ``tokens`` are (B, T) integer ids in the vocabulary within max_seq_len."""
