@@ -84,3 +84,12 @@ def test_cli_rejects_bad_seeds_in_one_line_before_running(capsys, tmp_path):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("error:") for line in err) and "--seed" in err[0]
     assert not (tmp_path / "r").exists()
+
+
+def test_progress_says_when_a_part_failed(capsys):
+    import sys
+
+    p = Progress("llama", stream=sys.stderr)
+    with pytest.raises(RuntimeError), p.part("(2) GQA"):
+        raise RuntimeError("boom")
+    assert "(2) GQA: failed after" in capsys.readouterr().err and "(2) GQA" in p.seconds

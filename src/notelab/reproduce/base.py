@@ -97,11 +97,13 @@ class Progress:
     def part(self, name: str) -> Iterator[None]:
         self._part, t0 = name, time.perf_counter()
         self.say(f"{name} ...")
+        outcome = "failed after"
         try:
             yield
+            outcome = "done in"
         finally:
             self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - t0, 1)
-            self.say(f"{name}: done in {time.perf_counter() - t0:.0f} s")
+            self.say(f"{name}: {outcome} {time.perf_counter() - t0:.0f} s")
             self._part = ""
 
     def step(self, i: int, n: int, what: str) -> None:
