@@ -1,0 +1,91 @@
+"""Streaming inference: one frame feature in, the current frame's class probabilities out.
+
+:class:`OnlineDetector` keeps the last ``T`` features in a ring buffer ``(T, D)``; slot
+``i mod T`` holds frame ``i``, so after frame ``t`` the window oldest-first is
+``buffer[(t+1) mod T :] ++ buffer[: (t+1) mod T]``. Before ``T`` frames have arrived the missing
+past is zeros. :func:`window_outputs` computes the same windows for a whole video at once (zeros
+padded in front, one stride-1 window per frame) in batches, so streaming and batched evaluation
+give the same scores; from frame ``T - 1`` on these are exactly the official evaluation windows.
+Only frames ``<= t`` ever enter the score of frame ``t``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from notelab.core.errors import ShapeError
+from notelab.eval.detection import drop_ambiguous_softmax
+from notelab.oad.oadtr import OADOutput
+
+
+def padded_windows(features: torch.Tensor, window: int) -> torch.Tensor:
+    """``(F, D)`` -> ``(F, T, D)``: window ``t`` is frames ``t-T+1 .. t``, zeros before frame 0."""
+    padded = F.pad(features, (0, 0, window - 1, 0))
+    return padded.unfold(0, window, 1).transpose(1, 2)
+
+
+def as_features(x: np.ndarray | torch.Tensor, d_in: int, name: str = "features") -> torch.Tensor:
+    """A float32 tensor ``(F, d_in)``; a wrong feature size is a :class:`ShapeError`."""
+    t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x, dtype=torch.float32)
+    if t.ndim != 2 or t.shape[1] != d_in:
+        raise ShapeError(f"{name}: expected (frames, {d_in}) features for this model, got {tuple(t.shape)}")
+    if not bool(torch.isfinite(t).all()):
+        raise ShapeError(f"{name}: expected finite features, got {int((~torch.isfinite(t)).sum())} NaN/inf value(s)")
+    return t
+
+
+@torch.no_grad()
+def window_outputs(
+    model: nn.Module, features: np.ndarray | torch.Tensor, batch_size: int = 512, device: str | torch.device = "cpu"
+) -> OADOutput:
+    """Every frame's output on a whole video, batched: logits ``(F, C)``, future ``(F, Q, C)`` or None."""
+    cfg = model.config
+    x = as_features(features, cfg.d_in).to(device)
+    model.eval()
+    windows = padded_windows(x, cfg.window)
+    outs = [model(windows[i : i + batch_size]) for i in range(0, len(windows), batch_size)]
+    future = torch.cat([o.future for o in outs]).cpu() if outs[0].future is not None else None
+    return OADOutput(torch.cat([o.logits for o in outs]).cpu(), future)
+
+
+class OnlineDetector:
+    """``step(feature (D,)) -> probabilities (K,)`` over every class but the ambiguous one (``classes``)."""
+
+    def __init__(self, model: nn.Module, device: str | torch.device = "cpu") -> None:
+        self.model = model.to(device).eval()
+        self.config = model.config
+        self.device = torch.device(device)
+        self.buffer = torch.zeros(self.config.window, self.config.d_in, device=self.device)
+        self.frames = 0  # frames seen since the last reset
+        amb = self.config.ambiguous
+        self.classes = [c for c in range(self.config.n_classes) if c != amb]
+
+    def reset(self) -> None:
+        self.buffer.zero_()
+        self.frames = 0
+
+    def window(self) -> torch.Tensor:
+        """The ring buffer oldest-first, ``(T, D)``."""
+        head = self.frames % self.config.window
+        return torch.cat([self.buffer[head:], self.buffer[:head]])
+
+    @torch.no_grad()
+    def step_output(self, feature: np.ndarray | torch.Tensor) -> OADOutput:
+        """Push one frame; the model's output on the window ending at it (batch of one)."""
+        f = torch.as_tensor(
+            np.asarray(feature) if not isinstance(feature, torch.Tensor) else feature, dtype=torch.float32
+        )
+        if f.shape != (self.config.d_in,):
+            raise ShapeError(f"step: expected one frame feature ({self.config.d_in},), got {tuple(f.shape)}")
+        if not bool(torch.isfinite(f).all()):
+            raise ShapeError("step: expected a finite frame feature, got NaN/inf")
+        self.buffer[self.frames % self.config.window] = f.to(self.device)
+        self.frames += 1
+        return self.model(self.window()[None])
+
+    def step(self, feature: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Push one frame; its class probabilities ``(K,)`` (softmax without the ambiguous class)."""
+        return drop_ambiguous_softmax(self.step_output(feature).logits, self.config.ambiguous)[0].cpu()

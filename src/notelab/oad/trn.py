@@ -1,0 +1,91 @@
+"""TRN: Temporal Recurrent Network (Xu et al. 2019, "Temporal Recurrent Networks for Online Action
+Detection", ICCV, sec. 3) and the plain LSTM / GRU baselines.
+
+At every step ``t`` of the window the encoder reads the frame together with the anticipated future
+of the previous step; a temporal decoder, started from the encoder's state, rolls ``Q`` steps
+ahead, each step's action scores fed to the next, and the average of its hidden states is that
+anticipated future (the "future gate" / spatiotemporal accumulator input)::
+
+    x_t  = ReLU(W_f [f_t ; u_{t-1}])                         u_0 = 0
+    (h_t, c_t) = LSTMCell_enc(x_t, (h_{t-1}, c_{t-1}))
+    s_t  = W_c h_t                                            current-frame scores
+    (g_0, k_0) = (W_h h_t, W_k c_t),  a_0 = 0
+    (g_i, k_i) = LSTMCell_dec(a_{i-1}, (g_{i-1}, k_{i-1})),  p_i = W_c g_i,  a_i = ReLU(W_a p_i)   i = 1..Q
+    u_t  = (1/Q) sum_i g_i                                    fed back at t+1
+
+The classifier ``W_c`` is shared by the encoder and the decoder, as in the paper. The detector's
+output is the last step's ``s_T`` and its anticipated ``p_1..p_Q``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from notelab.core.checkpoint import PretrainedMixin
+from notelab.oad.config import RNNDetectorConfig, TRNConfig
+from notelab.oad.oadtr import OADOutput, check_window
+
+
+class TRN(PretrainedMixin, nn.Module):
+    config_class = TRNConfig
+    model_type = "trn"
+
+    def __init__(self, config: TRNConfig) -> None:
+        super().__init__()
+        self.config = c = config
+        self.fusion = nn.Linear(c.d_in + c.d_hidden, c.d_fusion)
+        self.enc = nn.LSTMCell(c.d_fusion, c.d_hidden)
+        self.h_to_dec = nn.Linear(c.d_hidden, c.d_hidden)
+        self.c_to_dec = nn.Linear(c.d_hidden, c.d_hidden)
+        self.dec = nn.LSTMCell(c.d_hidden, c.d_hidden)
+        self.scores_to_input = nn.Linear(c.n_classes, c.d_hidden)
+        self.classifier = nn.Linear(c.d_hidden, c.n_classes)
+        self.drop = nn.Dropout(c.dropout)
+
+    def anticipate(self, h: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Roll the decoder ``Q`` steps from the encoder state: ``(future scores (B, Q, C), u (B, d_hidden))``."""
+        g, k = self.h_to_dec(h), self.c_to_dec(c)
+        a = h.new_zeros(h.shape)
+        scores, total = [], h.new_zeros(h.shape)
+        for _ in range(self.config.n_future):
+            g, k = self.dec(self.drop(a), (g, k))
+            p = self.classifier(self.drop(g))
+            a = torch.relu(self.scores_to_input(p))
+            scores.append(p)
+            total = total + g
+        return torch.stack(scores, dim=1), total / self.config.n_future
+
+    def forward(self, features: torch.Tensor) -> OADOutput:
+        check_window("TRN", features, self.config.window, self.config.d_in)
+        b = features.shape[0]
+        h = features.new_zeros(b, self.config.d_hidden)
+        c, u = h, h
+        future = None
+        for t in range(features.shape[1]):
+            x = torch.relu(self.fusion(torch.cat([features[:, t], u], dim=-1)))
+            h, c = self.enc(self.drop(x), (h, c))
+            future, u = self.anticipate(h, c)
+        return OADOutput(self.classifier(self.drop(h)), future)
+
+
+class RNNDetector(PretrainedMixin, nn.Module):
+    """LSTM or GRU (``config.cell``) over the window; the last hidden state classifies the current frame."""
+
+    config_class = RNNDetectorConfig
+    model_type = "rnn_detector"
+    cells = {"lstm": nn.LSTM, "gru": nn.GRU}
+
+    def __init__(self, config: RNNDetectorConfig) -> None:
+        super().__init__()
+        self.config = c = config
+        self.rnn = self.cells[c.cell](
+            c.d_in, c.d_hidden, c.n_layers, batch_first=True, dropout=c.dropout if c.n_layers > 1 else 0.0
+        )
+        self.drop = nn.Dropout(c.dropout)
+        self.head = nn.Linear(c.d_hidden, c.n_classes)
+
+    def forward(self, features: torch.Tensor) -> OADOutput:
+        check_window(self.config.cell.upper(), features, self.config.window, self.config.d_in)
+        out, _ = self.rnn(features)
+        return OADOutput(self.head(self.drop(out[:, -1])), None)
