@@ -109,7 +109,7 @@ def save_adapter(
     config = model.peft_config[name]
     tensors = adapter_tensors(model, name, names)
     meta = {**config_to_json(config), "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
-            "inference_mode": True, "notelab_names": names}  # fmt: skip
+            "inference_mode": True}  # fmt: skip
     if isinstance(config, LoraConfig):
         meta.update(bias="none", fan_in_fan_out=False)
     if isinstance(config, PromptTuningConfig):
@@ -157,6 +157,18 @@ def load_adapter(
     peft = model if isinstance(model, PeftModel) else PeftModel(model, config, adapter_name)
     if peft is model:
         peft.add_adapter(adapter_name, config)
+    # PEFT saves the whole base embedding beside an adapted embedding (save_embedding_layers); it replaces ours.
+    saved_base = {k: state.pop(k) for k in list(state) if ".base_layer." in k and k.startswith(ROOT)}
+    own = dict(peft.base_model.named_parameters())
+    from_file = _name_map(names)[1]
+    for k, t in saved_base.items():
+        mod, _, tail = k.removeprefix(ROOT).rpartition(".base_layer.")
+        target = own.get(f"{from_file(mod)}.base_layer.{tail}")
+        if target is None or target.shape != t.shape:
+            want = "no such tensor" if target is None else f"shape {tuple(target.shape)}"
+            raise CheckpointError(f"{path / WEIGHTS_FILE}: {k}: the model has {want}, the file {tuple(t.shape)}")
+        with torch.no_grad():
+            target.copy_(t.to(target.dtype))
     expected = adapter_tensors(peft, adapter_name, names)
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
