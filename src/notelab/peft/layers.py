@@ -232,8 +232,13 @@ class SoftPrompt(TunerLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         running = self.running()
-        if not self.armed or not running:
+        if not running:
             return y
+        if not self.armed:  # called past PeftModel.forward (e.g. a decode loop): the prompt would be silently lost
+            raise ConfigError(
+                "prompt tuning: the soft prompt goes before the tokens; call the PeftModel with whole sequences "
+                "(decode paths that call the base model are not supported), or disable the adapter"
+            )
         prompt = self.prompt_embeddings[running[0]].to(y.dtype)
         return torch.cat([prompt.expand(y.shape[0], -1, -1), y[:, self.armed :]], dim=1)
 
