@@ -148,17 +148,18 @@ def sample_codes(
     top_k: int | None = None,
     top_p: float | None = None,
     seed: int = 0,
-    tries: int = 8,
+    tries: int = 32,
 ) -> torch.Tensor:
     """``n`` code grids (n, h, w) drawn from the prior with ``notelab.lm.generate``.
 
     The start token is never a training target, so the prior gives it almost no mass; a row that
-    draws it anyway is drawn again with the next seeds (``tries`` times, then a DataError).
+    draws it anyway stops there (a stop token) and is drawn again whole with the next seeds (``tries``
+    times, then a DataError): the rows returned are exact draws from ``p(z | no start token)``.
     """
     if n < 1:
         raise ConfigError(f"n: expected at least 1 sample, got {n}")
     length = grid[0] * grid[1]
-    kw = {"temperature": temperature, "seed": seed}
+    kw = {"temperature": temperature, "seed": seed, "stop_tokens": (codebook_size,)}
     if top_k is not None:
         kw["top_k"] = top_k
     if top_p is not None:
@@ -174,7 +175,10 @@ def sample_codes(
             if len(toks) == length and max(toks) < codebook_size:
                 rows[i] = toks
     if any(r is None for r in rows):
-        raise DataError(f"sample_codes: the prior kept drawing the start token in {rows.count(None)} of {n} rows")
+        raise DataError(
+            f"sample_codes: the prior kept drawing the start token in {rows.count(None)} of {n} rows "
+            f"over {tries} tries; expected a trained prior (train it longer)"
+        )
     return torch.tensor(rows, dtype=torch.long).reshape(n, *grid)
 
 

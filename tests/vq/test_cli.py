@@ -1,0 +1,88 @@
+"""`notelab vq train | prior | sample | eval` end to end on digits, and bad input as exit 2 with one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from notelab.cli import main
+
+TINY = ["--steps", "3", "--batch-size", "16", "--no-progress", "--device", "cpu"]
+NET = ["--hidden", "8", "--res-blocks", "1", "--code-dim", "4", "--codebook-size", "8"]
+
+
+def run_cli(argv: list[str]) -> int:
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 1
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("vqcli")
+    vq, prior = root / "vq", root / "prior"
+    assert run_cli(["vq", "train", "--data", "digits", "--out", str(vq), *TINY, *NET]) == 0
+    assert run_cli(["vq", "prior", "--vqvae", str(vq), "--out", str(prior), *TINY, "--dim", "16", "--steps", "30"]) == 0
+    return vq, prior
+
+
+def test_train_and_prior_write_run_folders(runs):
+    vq, prior = runs
+    for name in ("config.json", "model.safetensors", "data.json", "log.jsonl"):
+        assert (vq / name).is_file(), name
+    config = json.loads((vq / "config.json").read_text())
+    assert config["model_type"] == "vqvae" and config["codebook_size"] == 8 and config["ema"] is True
+    assert json.loads((prior / "config.json").read_text())["vocab_size"] == 9  # K + the start token
+
+
+def test_sample_and_eval(runs, tmp_path, capsys):
+    vq, prior = runs
+    out = tmp_path / "s.png"
+    assert run_cli(["vq", "sample", "--vqvae", str(vq), "--prior", str(prior), "--n", "4", "--out", str(out)]) == 0
+    with Image.open(out) as im:
+        assert im.format == "PNG"
+    recon = tmp_path / "r.png"
+    argv = ["vq", "eval", "--vqvae", str(vq), "--prior", str(prior), "--n-bins", "17", "--out", str(recon)]
+    assert run_cli([*argv, "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    assert "reconstruction MSE" in text and "bits/dim" in text and recon.is_file()
+
+
+def test_resume_of_a_finished_run_says_so(runs, capsys):
+    vq, _ = runs
+    assert run_cli(["vq", "train", "--data", "digits", "--out", str(vq), *TINY, *NET, "--resume"]) == 0
+    assert "already complete" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["vq", "train", "--data", "digits", "--codebook", "kmeans"], "--codebook"),
+        (["vq", "train", "--data", "digits", "--codebook-size", "1"], "codebook_size"),
+        (["vq", "train", "--data", "moons"], "expected images"),
+        (["vq", "train", "--data", "digits", "--downsample", "3"], "power of 2"),
+    ],
+)
+def test_bad_training_input_is_one_line_and_writes_nothing(tmp_path, capsys, argv, message):
+    out = tmp_path / "run"
+    assert run_cli([*argv, "--out", str(out), *TINY]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+    assert not out.exists()
+
+
+def test_bad_sampling_input(runs, tmp_path, capsys):
+    vq, prior = runs
+    base = ["vq", "sample", "--vqvae", str(vq), "--prior", str(prior)]
+    assert run_cli([*base, "--n", "0", "--out", str(tmp_path / "a.png")]) == 2
+    assert run_cli([*base, "--out", str(tmp_path / "a.jpg")]) == 2
+    # a prior that does not belong to the VQ-VAE: its vocabulary is K + 1 of another codebook
+    assert (
+        run_cli(["vq", "sample", "--vqvae", str(prior), "--prior", str(prior), "--out", str(tmp_path / "b.png")]) == 2
+    )
+    assert "model_type" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
