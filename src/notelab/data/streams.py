@@ -389,10 +389,11 @@ def digits_streams(split: str = "train", digits_per_video: int = 24, seed: int =
 
     Each digit is 8 frames, one 8-pixel row each (scaled to [0, 1]); a video is ``digits_per_video``
     digits in a seeded random order. Digits 0-4 are the actions (classes 1-5), 5-9 the background
-    (class 0); a blank row inside an action carries no trace of its digit and is labelled
-    ambiguous (class 6, last, as in THUMOS). The current row alone rarely tells the digit: the
-    detector must read the rows before it, and the first rows of a digit are the hard, early part
-    of an action that anticipation is meant to help.
+    (class 0). The first (top) row of an action digit is labelled ambiguous (class 6, last, as in
+    THUMOS): an onset that rarely tells which digit is being written, neither trained on nor
+    scored. The current row alone rarely tells the digit: the detector must read the rows before
+    it, and the first rows of a digit are the hard, early part of an action that anticipation is
+    meant to help.
     """
     from sklearn.datasets import load_digits
 
@@ -413,7 +414,8 @@ def digits_streams(split: str = "train", digits_per_video: int = 24, seed: int =
         chunk = idx[v * digits_per_video : (v + 1) * digits_per_video]
         rows = images[chunk].reshape(-1, 8)  # (digits * 8, 8)
         cls = np.repeat([DIGIT_ACTIONS.index(t) + 1 if t in DIGIT_ACTIONS else 0 for t in targets[chunk]], 8)
-        cls = np.where((cls > 0) & (rows.sum(axis=1) == 0), c - 1, cls)
+        onset = np.tile(np.arange(8) == 0, len(chunk))
+        cls = np.where((cls > 0) & onset, c - 1, cls)
         videos.append(Video(f"digits-{split}-{v:03d}", rows, np.eye(c, dtype=np.float32)[cls]))
     return StreamSet(videos, list(DIGIT_CLASSES), ambiguous=c - 1, name=f"digits-{split}")
 

@@ -56,7 +56,7 @@ def check_window(name: str, x: torch.Tensor, window: int, d_in: int) -> None:
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention with one fused q/k/v projection (bias-free, as ViT's ``qkv``) and an output projection."""
+    """Multi-head self-attention: one fused bias-free q/k/v projection (ViT's ``qkv``), an output projection."""
 
     def __init__(self, dim: int, n_heads: int, dropout: float = 0.0) -> None:
         super().__init__()

@@ -1,0 +1,51 @@
+"""OnlineDetector.step equals the batched windowed evaluation, frame by frame."""
+
+import numpy as np
+import pytest
+import torch
+from oad_helpers import AMB, C, D, tiny_models
+
+from notelab.core.errors import ShapeError
+from notelab.data.streams import OADWindows, StreamSet, Video
+from notelab.eval.detection import drop_ambiguous_softmax
+from notelab.oad import OnlineDetector, padded_windows, window_outputs
+
+
+def test_padded_windows_are_the_past_frames():
+    x = torch.arange(10.0).repeat(2, 1).T  # frame i has features (i, i)
+    w = padded_windows(x, 4)
+    assert w.shape == (10, 4, 2)
+    assert torch.equal(w[6, :, 0], torch.tensor([3.0, 4, 5, 6]))
+    assert torch.equal(w[1, :, 0], torch.tensor([0.0, 0, 0, 1]))  # zeros before frame 0
+
+
+@pytest.mark.parametrize("model", tiny_models(), ids=lambda m: m.model_type + getattr(m.config, "cell", ""))
+def test_step_equals_batched_windows(model):
+    torch.manual_seed(0)
+    video = torch.randn(30, D)
+    batched = drop_ambiguous_softmax(window_outputs(model, video, batch_size=7).logits, AMB)
+    det = OnlineDetector(model)
+    streamed = torch.stack([det.step(f) for f in video])
+    assert streamed.shape == (30, C - 1) and det.classes == [0, 1, 2, 3]
+    torch.testing.assert_close(streamed, batched, rtol=1e-5, atol=1e-6)
+    # from frame T-1 on these are the official evaluation windows (offset 0)
+    labels = np.eye(C, dtype=np.float32)[np.zeros(30, dtype=int)]
+    windows = OADWindows(
+        StreamSet([Video("v", video.numpy(), labels)], list("abcde"), AMB), model.config.window, model.config.n_future
+    )
+    for i in (0, len(windows) - 1):
+        item = windows[i]
+        official = drop_ambiguous_softmax(model(item["features"][None]).logits, AMB)[0]
+        torch.testing.assert_close(streamed[item["end"] - 1], official, rtol=1e-5, atol=1e-6)
+    det.reset()
+    torch.testing.assert_close(det.step(video[0]), streamed[0])
+
+
+def test_step_bad_input():
+    det = OnlineDetector(tiny_models()[0])
+    with pytest.raises(ShapeError, match=f"\\({D},\\)"):
+        det.step(torch.randn(D + 2))
+    with pytest.raises(ShapeError, match="finite"):
+        det.step(torch.full((D,), float("nan")))
+    with pytest.raises(ShapeError, match=f"\\(frames, {D}\\)"):
+        window_outputs(det.model, torch.randn(10, D - 1))
