@@ -69,6 +69,10 @@ class Flow(nn.Module):
         check_rows(x, self.dim, "Flow")
         return x
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``log p(x)``: the call ``fit`` makes through a DDP / compile wrapper."""
+        return self.log_prob(x)
+
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """``log p(x)`` of each row, shape (B,), nats."""
         z, ladj = self.bijection(self._flat(x))

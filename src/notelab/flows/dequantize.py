@@ -49,7 +49,7 @@ def nll_loss(
     """
     x = dequantize(batch, n_bins, generator) if n_bins is not None else batch
     dims = x[0].numel()
-    log_p = model.log_prob(x)
+    log_p = model(x)  # forward is log_prob; calling the module keeps fit's DDP / compile wrappers
     loss = -log_p.mean() / dims
     metrics = {"bits_per_dim": float(bits_per_dim(log_p.detach().mean(), dims, n_bins))} if n_bins else {}
     return loss, metrics
