@@ -16,7 +16,14 @@ from notelab import __version__
 from notelab.cli.common import run_verb, set_threads
 
 # Each module registers its subcommands through `add_parser(subparsers)`.
-COMMANDS = ("notelab.cli.reproduce", "notelab.cli.diffusion", "notelab.cli.seq", "notelab.cli.lm", "notelab.cli.vq")
+COMMANDS = (
+    "notelab.cli.reproduce",
+    "notelab.cli.diffusion",
+    "notelab.cli.seq",
+    "notelab.cli.lm",
+    "notelab.cli.vq",
+    "notelab.cli.peft",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
