@@ -397,7 +397,7 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0, progress: Progress | 
     settings = {
         "quick": quick,
         "seed": seed,
-        **{k: v for k, v in trained.values.items()},
+        **trained.values,
         "n_samples": s.n_samples,
         "ddpm_seeds": s.ddpm_seeds,
         "fds": {k: [round(v, 4) for v in vs] for k, vs in fds.items()},
