@@ -23,6 +23,7 @@ COMMANDS = (
     "notelab.cli.lm",
     "notelab.cli.vq",
     "notelab.cli.peft",
+    "notelab.cli.oad",
 )
 
 
