@@ -21,6 +21,7 @@ COMMANDS = (
     "notelab.cli.diffusion",
     "notelab.cli.seq",
     "notelab.cli.lm",
+    "notelab.cli.flows",
     "notelab.cli.vq",
     "notelab.cli.peft",
     "notelab.cli.oad",
