@@ -13,12 +13,13 @@ Activations kept for backward, per token and layer, in elements (flash attention
 
     attention  2 d (block input, its norm) + 2 q_dim (queries, attention output) + 2 kv_dim (keys, values)
     mlp        2 d (residual, its norm) + 4 h (gate, up, SiLU(gate), product)
-    logits     V (w bytes) + V (fp32 for the softmax), per token, once
+    logits     V (w bytes) + V (fp32 for the softmax, when w < 4), per token, once
 
 With activation checkpointing only each block's input (d per token and layer) is kept, plus one block's
 activations while it is recomputed. LoRA adds ``r`` per token and adapted Linear (``A x``); prompt tuning
 makes every sequence ``n`` tokens longer. An estimate of the dominant terms: framework overhead, CUDA
-context and fragmentation are not counted.
+context and fragmentation are not counted. Checked against the bytes autograd saves for a small notelab
+Llama on the CPU (``tests/peft/test_estimate.py``).
 """
 
 from __future__ import annotations
@@ -137,7 +138,7 @@ def activation_bytes(shape: ModelShape, spec: MethodSpec, batch: int, seq: int, 
     if spec.method == "lora":
         per_layer += spec.r * len(shape.linears())
     layer = tokens * per_layer * act_bytes
-    logits = tokens * shape.vocab_size * (act_bytes + 4)
+    logits = tokens * shape.vocab_size * (act_bytes + (4 if act_bytes < 4 else 0))  # + the fp32 copy
     if recompute:
         return shape.n_layers * tokens * d * act_bytes + layer + logits
     return shape.n_layers * layer + logits
