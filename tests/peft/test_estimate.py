@@ -49,7 +49,7 @@ def test_activations_against_saved_tensors():
     for recompute in (False, True):
         saved: dict[int, int] = {}
 
-        def pack(t):
+        def pack(t, saved=saved):
             if t.data_ptr() not in params:
                 saved[t.data_ptr()] = t.untyped_storage().nbytes()
             return t
