@@ -176,6 +176,8 @@ def remove_stale_temps(directory: str | os.PathLike, name: str | None = None) ->
         try:
             _remove(entry)
             removed.append(entry)
+        except FileNotFoundError:  # another process (a DDP rank at start-up) removed it under the lock first
+            pass
         finally:
             _unlock(fd)
     return removed
