@@ -46,7 +46,7 @@ def test_sample_and_eval(runs, tmp_path, capsys):
     with Image.open(out) as im:
         assert im.format == "PNG"
     recon = tmp_path / "r.png"
-    argv = ["vq", "eval", "--vqvae", str(vq), "--prior", str(prior), "--n-bins", "17", "--out", str(recon)]
+    argv = ["vq", "eval", "--vqvae", str(vq), "--prior", str(prior), "--n-bins", "16", "--out", str(recon)]
     assert run_cli([*argv, "--device", "cpu"]) == 0
     text = capsys.readouterr().out
     assert "reconstruction MSE" in text and "bits/dim" in text and recon.is_file()
@@ -86,3 +86,17 @@ def test_bad_sampling_input(runs, tmp_path, capsys):
     )
     assert "model_type" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_colour_images_from_a_npy_array(tmp_path, capsys):
+    import numpy as np
+
+    arr = np.random.default_rng(0).integers(0, 256, size=(40, 16, 16, 3), dtype=np.uint8)  # channels last
+    np.save(tmp_path / "imgs.npy", arr)
+    run = tmp_path / "vq"
+    argv = ["vq", "train", "--data", str(tmp_path / "imgs.npy"), "--out", str(run), *TINY, *NET, "--downsample", "4"]
+    assert run_cli(argv) == 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["in_channels"] == 3 and config["image_size"] == 16
+    assert run_cli(["vq", "eval", "--vqvae", str(run), "--device", "cpu"]) == 0
+    assert "reconstruction MSE" in capsys.readouterr().out

@@ -87,7 +87,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     e = verbs.add_parser("eval", help="reconstruction MSE, codebook use and (with --prior) bits/dim on the test split")
     e.add_argument("--vqvae", required=True, help="run folder of `notelab vq train`")
     e.add_argument("--prior", help="run folder of `notelab vq prior`: adds the prior's bits/dim")
-    e.add_argument("--n-bins", type=int, default=256, help="levels of the data for bits/dim (digits: 17)")
+    e.add_argument(
+        "--n-bins",
+        type=int,
+        default=256,
+        help="bits/dim: the data's levels are 2/N apart in [-1, 1] (8-bit: 256; digits: 16)",
+    )
     e.add_argument("--out", help="PNG of test images above their reconstructions")
     e.add_argument("--device", default="auto")
     add_model_options(e)
