@@ -27,6 +27,7 @@ CLAIMS: dict[str, str] = {
     "transformer-vs-rnn": "notelab.reproduce.transformer_vs_rnn",
     "llama": "notelab.reproduce.llama",
     "vqvae": "notelab.reproduce.vqvae",
+    "oadtr": "notelab.reproduce.oadtr",
 }
 
 
