@@ -279,7 +279,10 @@ def convert(args: argparse.Namespace) -> int:
         raise DataError(f"expected a checkpoint directory at {src}, found none")
     folder = prepare_out(args.out, "lm convert", overwrite=args.overwrite)
     out = folder.path
-    model = conv.from_hf(src) if args.from_hf else Llama.from_pretrained(src, allow_large=args.allow_large)
+    if args.from_hf:
+        model = conv.from_hf(src, allow_large=args.allow_large)
+    else:
+        model = Llama.from_pretrained(src, allow_large=args.allow_large)
     # Read now: with --overwrite, --out may be the source folder, which is moved aside when writing starts.
     tokenizer = (src / "tokenizer.json").read_bytes() if (src / "tokenizer.json").is_file() else None
     with folder:
