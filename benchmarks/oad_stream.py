@@ -1,0 +1,114 @@
+"""Streaming and batched speed of the online action detectors (random weights: speed does not depend on training).
+
+For each model and preset: ``OnlineDetector.step`` on one frame at a time (frames/s, per-frame
+latency p50 / p99, after a warm-up), and the batched windowed evaluation ``window_outputs`` over a
+whole video (frames/s). The official presets are OadTR's (3072-d inputs, T=64, 74.7M parameters)
+and TRN's (4096 LSTM units, 64 steps, 8 anticipated). Streaming recomputes the whole window at
+every frame for every model: that is what makes its scores equal to the windowed evaluation
+(a recurrent model's state depends on where its window starts).
+
+    python benchmarks/oad_stream.py                                   # CPU, small presets and the official ones
+    python benchmarks/oad_stream.py --device cuda --frames 500 --video 20000
+    python benchmarks/oad_stream.py --models oadtr --presets small --frames 50 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import numpy as np
+import torch
+
+from notelab.data.streams import StreamSet, Video
+from notelab.oad import OnlineDetector, build_model, window_outputs
+
+
+def fake_streams(d_in: int, n_classes: int = 22) -> StreamSet:
+    """Only the shapes matter to ``build_model``: one video of the right feature size and classes."""
+    return StreamSet(
+        [Video("x", np.zeros((1, d_in), np.float32), np.zeros((1, n_classes), np.float32))],
+        [str(c) for c in range(n_classes)],
+        ambiguous=n_classes - 1,
+    )
+
+
+def stream_times(model: torch.nn.Module, frames: int, warmup: int, device: str) -> dict[str, float]:
+    det = OnlineDetector(model, device=device)
+    feats = torch.randn(frames + warmup, model.config.d_in)
+    for f in feats[:warmup]:
+        det.step(f)
+    times = []
+    t0 = time.perf_counter()
+    for f in feats[warmup:]:
+        s = time.perf_counter()
+        det.step(f)  # returns a CPU tensor: synchronises with the device
+        times.append(time.perf_counter() - s)
+    total = time.perf_counter() - t0
+    ms = np.asarray(times) * 1e3
+    return {
+        "stream_fps": frames / total,
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p99_ms": float(np.percentile(ms, 99)),
+    }
+
+
+def batched_fps(model: torch.nn.Module, video: int, batch: int, device: str) -> float:
+    x = torch.randn(video, model.config.d_in)
+    window_outputs(model, x[: min(video, batch)], batch_size=batch, device=device)  # warm-up
+    t0 = time.perf_counter()
+    window_outputs(model, x, batch_size=batch, device=device)
+    return video / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="oadtr,trn")
+    p.add_argument("--presets", default="small,official")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--frames", type=int, default=50, help="streamed frames timed per model")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--video", type=int, default=512, help="frames of the batched evaluation")
+    p.add_argument("--batch", type=int, default=128, help="windows per batch in the batched evaluation")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(
+        f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} "
+        f"threads, device {args.device}"
+        + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else "")
+    )
+    print("model\tpreset\tparams\tstream frames/s\tp50 ms\tp99 ms\tbatched frames/s")
+    for preset in args.presets.split(","):
+        d_in = 3072 if preset == "official" else 64
+        for name in args.models.split(","):
+            torch.manual_seed(0)
+            model = build_model(name, fake_streams(d_in), preset).eval()
+            n = sum(q.numel() for q in model.parameters())
+            frames = (
+                args.frames if preset != "official" or name != "trn" or args.device != "cpu" else min(args.frames, 5)
+            )
+            st = stream_times(model, frames, args.warmup if frames > 5 else 1, args.device)
+            fps = batched_fps(model, args.video if frames > 5 else 32, args.batch, args.device)
+            print(f"{name}\t{preset}\t{n:,}\t{st['stream_fps']:.1f}\t{st['p50_ms']:.2f}\t{st['p99_ms']:.2f}\t{fps:.1f}")
+            print(
+                json.dumps(
+                    {
+                        "model": name,
+                        "preset": preset,
+                        "params": n,
+                        **st,
+                        "batched_fps": fps,
+                        "device": args.device,
+                        "frames": frames,
+                    }
+                ),
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
