@@ -18,6 +18,7 @@ log-likelihood is of the same continuous density and bits/dim compare.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -130,7 +131,9 @@ def train_flow(
         pairs = reflow_pairs(results[0].model, spec.reflow_pairs, Solver("dopri5", rtol=1e-4, atol=1e-4), generator)
         reflow_dir = None if out_dir is None else str(Path(out_dir) / "reflow")
         cfg2 = dataclasses.replace(cfg, steps=max(1, cfg.steps - first), out_dir=reflow_dir)
-        results.append(fit(results[0].model.train(), FlowMatchingLoss(LinearPath(), pairs=True), pairs.cpu(), cfg2))
+        # A copy: results[0].model stays 1-RF, the reflow stage starts from its weights (2-RF).
+        second = copy.deepcopy(results[0].model).train()
+        results.append(fit(second, FlowMatchingLoss(LinearPath(), pairs=True), pairs.cpu(), cfg2))
     final = results[-1].model.eval()
     if out_dir is not None:
         save_flow(final, spec, out_dir)

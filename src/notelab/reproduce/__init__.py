@@ -26,6 +26,7 @@ CLAIMS: dict[str, str] = {
     "ddim": "notelab.reproduce.ddim",
     "transformer-vs-rnn": "notelab.reproduce.transformer_vs_rnn",
     "llama": "notelab.reproduce.llama",
+    "flows": "notelab.reproduce.flows",
     "vqvae": "notelab.reproduce.vqvae",
     "oadtr": "notelab.reproduce.oadtr",
 }
