@@ -65,7 +65,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--checkpoint", required=True, help="folder written by `notelab oad train`")
     e.add_argument("--model", help="check the checkpoint holds this model")
     e.add_argument("--split", default="test", help="train or test (embedded and official data)")
-    e.add_argument("--device", default="cpu")
+    e.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda, cuda:N")
     e.add_argument("--batch-size", type=int, default=512)
     _add_data_options(e, "digits")
     add_model_options(e)
@@ -138,8 +138,10 @@ def train(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace) -> Any:
+    from notelab.core.runtime import get_device
     from notelab.oad import load_detector
 
+    args.device = get_device(args.device)
     model = load_detector(args.checkpoint, device=args.device)
     if args.model is not None:
         if args.model not in MODELS:
