@@ -28,6 +28,7 @@ CLAIMS: dict[str, str] = {
     "llama": "notelab.reproduce.llama",
     "flows": "notelab.reproduce.flows",
     "vqvae": "notelab.reproduce.vqvae",
+    "peft": "notelab.reproduce.peft",
     "oadtr": "notelab.reproduce.oadtr",
 }
 
