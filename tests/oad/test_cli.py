@@ -98,3 +98,41 @@ def test_bad_input_exits_2(trained, tmp_path, capsys, monkeypatch):
     assert not out.exists()
     assert main(["oad", "train", "--model", "resnet", "--out", str(out)]) == 2
     assert "unknown model 'resnet'" in capsys.readouterr().err
+
+
+def test_official_pickles_train_and_eval(tmp_path, capsys):
+    from test_streams import write_official
+
+    write_official(tmp_path)
+    data = [
+        "--features-pickle",
+        str(tmp_path / "f.pickle"),
+        "--labels-pickle",
+        str(tmp_path / "l.pickle"),
+        "--data-info",
+        str(tmp_path / "info.json"),
+    ]
+    out = tmp_path / "run"
+    code = main(
+        [
+            "oad",
+            "train",
+            "--model",
+            "gru",
+            "--preset",
+            "tiny",
+            "--steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--out",
+            str(out),
+            "--no-progress",
+            *data,
+        ]
+    )
+    assert code == 0 and "on thumos-train" in capsys.readouterr().out
+    assert main(["oad", "eval", "--checkpoint", str(out), "--device", "cpu", *data]) == 0
+    assert "thumos-test:" in capsys.readouterr().out
+    assert main(["oad", "eval", "--checkpoint", str(out), *data[:2]]) == 2
+    assert "expected all three" in capsys.readouterr().err

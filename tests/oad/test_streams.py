@@ -168,3 +168,36 @@ def test_parse_ts():
     assert x.shape == (2, 2, 3) and labels == ["walking", "running"] and x[1, 0, 2] == 9
     with pytest.raises(DataError, match="equal-length"):
         parse_ts("@data\n1,2:3:a\n", "y.ts")
+
+
+class AllocateHuge:
+    def __reduce__(self):
+        return (np.ndarray, ((10**12,),))
+
+
+def test_unpickler_refuses_allocations_and_zip_members(tmp_path):
+    (tmp_path / "huge.pickle").write_bytes(pickle.dumps(AllocateHuge()))
+    with pytest.raises(DataError, match="not a readable pickle"):
+        load_numpy_pickle(tmp_path / "huge.pickle")
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "a.zip", "w") as z:
+        z.writestr("x_anno.pickle", pickle.dumps({"v": {"anno": np.eye(2)}}))
+    assert np.array_equal(load_numpy_pickle(tmp_path / "a.zip", "x_anno.pickle")["v"]["anno"], np.eye(2))
+    with pytest.raises(DataError, match="expected a member 'y.pickle'"):
+        load_numpy_pickle(tmp_path / "a.zip", "y.pickle")
+
+
+def test_basic_motions_from_a_ts_file(tmp_path):
+    from notelab.data.streams import basic_motions_streams
+
+    rng = np.random.default_rng(0)
+    lines = ["@problemName BasicMotions", "@data"]
+    for label in ["Standing", "Walking", "Running", "Badminton"] * 2:
+        dims = [",".join(f"{v:.3f}" for v in rng.normal(size=10)) for _ in range(6)]
+        lines.append(":".join(dims) + f":{label}")
+    (tmp_path / "bm.ts").write_text("\n".join(lines) + "\n")
+    s = basic_motions_streams("train", recordings_per_video=4, path=tmp_path / "bm.ts")
+    assert len(s.videos) == 2 and s.feature_dim == 6 and s.videos[0].n_frames == 40 and s.ambiguous is None
+    assert s.class_names[0] == "standing"  # the background
+    assert set(np.concatenate([v.labels.argmax(1) for v in s.videos])) == {0, 1, 2, 3}
