@@ -1,4 +1,5 @@
-"""DDPM / DDIM: beta schedules, parametrisations, the simple loss and the DDPM / DDIM samplers."""
+"""DDPM / DDIM: beta schedules, parametrisations, the simple loss and the DDPM / DDIM samplers;
+score SDEs (VE, VP, sub-VP): score matching, SDE / ODE samplers and exact likelihoods."""
 # ruff: noqa: F401  (re-exports: the public API of the family is this list of imports)
 
 from notelab.diffusion.ddim import (
@@ -22,6 +23,7 @@ from notelab.diffusion.ddpm import (
     run_chain,
     sample_ddpm,
 )
+from notelab.diffusion.likelihood import LikelihoodResult, log_likelihood
 from notelab.diffusion.parametrization import (
     PREDICTION_TYPES,
     check_prediction_type,
@@ -36,4 +38,7 @@ from notelab.diffusion.parametrization import (
     x0_from_eps,
 )
 from notelab.diffusion.pipeline import DiffusionConfig, DiffusionModel, default_net_config, train_diffusion
+from notelab.diffusion.samplers import SDE_SAMPLERS, SampleResult, sample_ode, sample_sde
 from notelab.diffusion.schedules import BETA_SCHEDULES, NoiseSchedule
+from notelab.diffusion.score import dsm_loss, eps_to_score
+from notelab.diffusion.sde import SDE, SDE_NAMES, SDES, VESDE, VPSDE, ReverseSDE, SubVPSDE

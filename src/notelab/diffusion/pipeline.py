@@ -10,6 +10,12 @@ over a sub-sequence of S << T timesteps, with ``eta`` scaling the noise of eq. 1
 deterministic DDIM; eta=1: the DDPM posterior variance). The same trained network serves both:
 that is DDIM's point, and what ``notelab reproduce ddim`` measures.
 
+With ``sde`` set ("ve", "vp", "subvp"), the same network is trained by continuous-time denoising
+score matching (Song et al. 2021, eq. 7; ``notelab.diffusion.score``) and sampled by the SDE
+samplers ("pc", "em", "rd", "ode"; ``notelab.diffusion.samplers``); a DDPM-trained model (sde
+"none", linear betas) is the VP SDE's discretisation and takes those samplers and the exact
+likelihood too, through its eps-to-score adapter (``score_fn``).
+
 A run directory holds ``config.json`` (a :class:`DiffusionConfig`, model_type "ddpm") and
 ``model.safetensors`` (the EMA weights), and loads with ``DiffusionModel.from_pretrained(dir)``.
 """
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,12 +39,18 @@ from notelab.core.errors import ConfigError, ShapeError, unknown_name
 from notelab.core.runtime import autocast, autocast_dtype, seed_everything
 from notelab.diffusion.ddim import sample_ddim
 from notelab.diffusion.ddpm import VARIANCE_TYPES, ddpm_loss, sample_ddpm
+from notelab.diffusion.likelihood import LikelihoodResult, log_likelihood
 from notelab.diffusion.parametrization import PREDICTION_TYPES
+from notelab.diffusion.samplers import SDE_SAMPLERS, SampleResult, sample_sde
 from notelab.diffusion.schedules import BETA_SCHEDULES, NoiseSchedule
+from notelab.diffusion.score import WEIGHTINGS, dsm_loss, eps_to_score
+from notelab.diffusion.sde import SDE, SDE_NAMES, VESDE, VPSDE, Score, SubVPSDE
 from notelab.train import fit, plot_history
 
 NETS = {"unet": (UNet, UNetConfig), "mlp": (MLPDenoiser, MLPDenoiserConfig)}
-SAMPLERS = ("ddim", "ddpm")
+SAMPLERS = ("ddim", "ddpm", *SDE_SAMPLERS)
+DISCRETE_SAMPLERS = ("ddim", "ddpm")
+LossFn = Callable[[nn.Module, torch.Tensor, "torch.Generator | None"], torch.Tensor]
 
 
 def default_net_config(sample_shape: tuple[int, ...]) -> dict[str, Any]:
@@ -81,6 +94,11 @@ class DiffusionConfig:
     beta_end: float = 0.02  # beta_T
     prediction_type: str = "epsilon"  # what the network outputs: "epsilon", "sample" (x0) or "v_prediction"
     variance_type: str = "fixed_small"  # DDPM sampler's sigma_t^2: posterior beta_tilde or beta_t
+    sde: str = "none"  # "none" (DDPM's discrete loss) or "ve", "vp", "subvp" (continuous score matching)
+    sigma_min: float = 0.01  # VE SDE's sigma range; VP / sub-VP take beta_start T .. beta_end T
+    sigma_max: float = 50.0
+    weighting: str = "eps"  # score matching weight lambda(t): "eps" (s^2) or "likelihood" (g^2)
+    importance: bool = False  # draw t with density g^2 / s^2 (weighting "likelihood" only)
 
     def __post_init__(self) -> None:
         if dataclasses.is_dataclass(self.net_config):
@@ -98,6 +116,17 @@ class DiffusionConfig:
             raise unknown_name("variance_type", self.variance_type, VARIANCE_TYPES)
         if self.num_train_timesteps < 1:
             raise ConfigError(f"num_train_timesteps: expected >= 1, got {self.num_train_timesteps}")
+        if self.sde not in ("none", *SDE_NAMES):
+            raise unknown_name("sde", self.sde, ("none", *SDE_NAMES))
+        if self.weighting not in WEIGHTINGS:
+            raise unknown_name("weighting", self.weighting, WEIGHTINGS)
+        if self.sde != "none" and self.prediction_type != "epsilon":
+            raise ConfigError(f"prediction_type: sde {self.sde!r} trains an eps network, got {self.prediction_type!r}")
+        if self.importance and self.weighting != "likelihood":
+            raise ConfigError("importance: needs weighting 'likelihood', got weighting 'eps'")
+        if self.sde in ("vp", "subvp") and self.beta_schedule != "linear":
+            raise ConfigError(f"beta_schedule: the {self.sde} SDE has linear betas, got {self.beta_schedule!r}")
+        self.build_sde()  # checks sigma_min < sigma_max, positive betas
         # The fields the data fixes are filled from sample_shape and must agree with it when given.
         fixed = _shape_fields(self.net, self.sample_shape)
         for k, v in fixed.items():
@@ -118,6 +147,15 @@ class DiffusionConfig:
 
     def build_net(self) -> nn.Module:
         return NETS[self.net][0](self.net_config_object())
+
+    def build_sde(self) -> SDE:
+        """The SDE of this model: VE from sigma_min / sigma_max, else VP / sub-VP whose N = T step
+        discretisation is the linear schedule beta_start..beta_end (a DDPM model is "vp")."""
+        T = self.num_train_timesteps
+        if self.sde == "ve":
+            return VESDE(N=T, sigma_min=self.sigma_min, sigma_max=self.sigma_max)
+        cls = SubVPSDE if self.sde == "subvp" else VPSDE
+        return cls(N=T, beta_min=self.beta_start * T, beta_max=self.beta_end * T)
 
     @classmethod
     def for_shape(cls, sample_shape: tuple[int, ...], **overrides: Any) -> DiffusionConfig:
@@ -168,13 +206,72 @@ class DiffusionModel(PretrainedMixin, nn.Module):
         return self.net(x, t)
 
     def loss(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """DDPM's simple loss (eq. 14) on a batch of clean samples ``x0``."""
-        return ddpm_loss(self, x0, self.schedule, generator=generator, prediction_type=self.config.prediction_type)
+        """DDPM's simple loss (eq. 14), or continuous score matching when ``config.sde`` is set."""
+        return model_loss(self.config, self.schedule)(self, x0, generator)
+
+    @property
+    def sde(self) -> SDE:
+        return self.config.build_sde()
+
+    def score_fn(self, net: nn.Module | None = None) -> Score:
+        """score(x, t) = -eps(x, t (T - 1)) / s(t) of this model's SDE (VP for a DDPM model)."""
+        c = self.config
+        if c.sde == "none" and c.beta_schedule != "linear":
+            raise ConfigError(f"score_fn: a DDPM model is a VP SDE only with linear betas, got {c.beta_schedule!r}")
+        return eps_to_score(net or self.net, self.sde, c.prediction_type)
+
+    @torch.no_grad()
+    def sample_sde(
+        self,
+        n: int,
+        sampler: str = "pc",
+        steps: int = 1000,
+        generator: torch.Generator | None = None,
+        precision: str = "auto",
+        compile: bool | str = "auto",
+        x_T: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> SampleResult:
+        """(samples, NFE) by an SDE sampler (``notelab.diffusion.samplers.sample_sde``; kwargs: snr,
+        n_corrector, eps, denoise, method, rtol, atol, progress)."""
+        if n < 1:
+            raise ConfigError(f"n: expected at least 1 sample, got {n}")
+        amp_dtype, compiled = sampling_setup(self.device, precision, compile)
+        was_training = self.training
+        self.eval()
+        try:
+            with autocast(self.device, amp_dtype):
+                res = sample_sde(
+                    self.score_fn(self.denoiser(compiled)),
+                    self.sde,
+                    (n, *self.config.sample_shape),
+                    sampler,
+                    steps,
+                    generator,
+                    x_T=x_T,
+                    device=self.device,
+                    **kwargs,
+                )
+            res.x = res.x.float()
+            return res
+        finally:
+            self.train(was_training)
+
+    def log_likelihood(self, x: torch.Tensor, **kwargs: Any) -> LikelihoodResult:
+        """log p_0(x) in nats per sample by the probability-flow ODE, in x's dtype (no autocast)."""
+        was_training = self.training
+        self.eval()
+        try:
+            return log_likelihood(self.score_fn(), self.sde, x.to(self.device), **kwargs)
+        finally:
+            self.train(was_training)
 
     def check_steps(self, sampler: str, steps: int) -> None:
         """Raise :class:`ConfigError` unless ``sampler`` is known and ``1 <= steps <= T``."""
         if sampler not in SAMPLERS:
             raise unknown_name("sampler", sampler, SAMPLERS)
+        if sampler in DISCRETE_SAMPLERS and self.config.sde in ("ve", "subvp"):
+            raise ConfigError(f"sampler: {sampler!r} needs a DDPM / VP model, this one is {self.config.sde!r}")
         T = self.config.num_train_timesteps
         if not 1 <= int(steps) <= T:
             raise ConfigError(f"steps: expected 1..{T} (the model's training timesteps), got {steps}")
@@ -216,6 +313,8 @@ class DiffusionModel(PretrainedMixin, nn.Module):
         one-off compile within a few batches; the first call on a model takes that compile time).
         See :func:`sampling_setup`.
         """
+        if sampler in SDE_SAMPLERS:
+            return self.sample_sde(n, sampler, steps, generator, precision, compile, x_T, progress=progress).x
         self.check_steps(sampler, steps if sampler == "ddim" else self.config.num_train_timesteps)
         if n < 1:
             raise ConfigError(f"n: expected at least 1 sample, got {n}")
@@ -274,6 +373,26 @@ def sampling_setup(
     return autocast_dtype(device, precision), device.type == "cuda" if compile == "auto" else compile
 
 
+def model_loss(config: DiffusionConfig, schedule: NoiseSchedule) -> LossFn:
+    """loss_fn(net, x0, generator) for ``fit``: DDPM's eq. 14, or continuous DSM under ``config.sde``.
+
+    ``net`` may be a DDP / compiled wrapper of the model, so the schedule / SDE come from the closure.
+    """
+    if config.sde == "none":
+        prediction_type = config.prediction_type
+
+        def ddpm(net: nn.Module, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+            return ddpm_loss(net, x0, schedule, generator=generator, prediction_type=prediction_type)
+
+        return ddpm
+    sde, weighting, importance = config.build_sde(), config.weighting, config.importance
+
+    def dsm(net: nn.Module, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return dsm_loss(net, x0, sde, generator, weighting, importance)
+
+    return dsm
+
+
 def train_diffusion(
     dataset: Any,
     out_dir: str | os.PathLike,
@@ -294,12 +413,7 @@ def train_diffusion(
     out_dir = Path(out_dir)
     seed_everything(train_config.seed)  # the initial weights are the run's: same seed, same model
     model = DiffusionModel(config)
-    schedule, prediction_type = model.schedule, config.prediction_type
-
-    def loss_fn(net: nn.Module, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        # ``net`` may be a DDP / compiled wrapper of the model, so the schedule comes from the closure.
-        return ddpm_loss(net, x0, schedule, generator=generator, prediction_type=prediction_type)
-
+    loss_fn = model_loss(config, model.schedule)
     # The samples as one tensor: fit keeps a small data set on the device whole.
     data = torch.as_tensor(dataset.x, dtype=torch.float32)
     train_config = dataclasses.replace(train_config, out_dir=str(out_dir))
