@@ -71,7 +71,7 @@ def test_bad_input():
 
 def test_fit_trains_on_digits_and_the_prior_learns_the_codes():
     train, test = load_dataset("digits").split()
-    tc = TrainConfig(steps=60, batch_size=64, lr=3e-3, progress=False, device="cpu", log_every=1000)
+    tc = TrainConfig(steps=100, batch_size=32, lr=5e-3, progress=False, device="cpu", log_every=1000)
     m = fit_vqvae(train.x, VQVAEConfig(**TINY, ema=True, dead_code_threshold=1.0), tc).model
     scores = evaluate(m, test.x)
     assert scores["mse"] < 0.5 * float(test.x.var())  # far better than the mean image

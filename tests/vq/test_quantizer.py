@@ -155,3 +155,14 @@ def test_bad_input():
         vq(torch.full((2, 5), float("nan")))
     with pytest.raises(ShapeError, match=r"\[0, 7\)"):
         vq.lookup(torch.tensor([0, 7]))
+
+
+def test_training_call_returns_the_codes_it_searched_then_updates():
+    for ema in (False, True):
+        vq = _vq(ema=ema, dead_code_threshold=5.0).train()
+        before = vq.codebook.detach().clone()
+        x = torch.randn(30, 5)
+        q, idx, _, _ = vq(x)
+        torch.testing.assert_close(q, before[idx])  # the nearest codes of the codebook searched
+        assert torch.equal(idx, ((x[:, None] - before[None]) ** 2).sum(-1).argmin(1))
+        assert not torch.equal(vq.codebook.detach(), before)  # then the update (EMA / restarts) ran

@@ -180,8 +180,9 @@ class VectorQuantizer(nn.Module):
     ``loss = codebook_loss + beta * commitment_loss`` (EMA: ``beta * commitment_loss`` only);
     ``stats``: detached scalars ``codebook_loss``, ``commitment_loss``, ``perplexity`` (of this
     batch's code frequencies), ``usage`` (fraction of codes used in the batch), ``restarted``
-    (codes restarted at this step). Training-mode calls update the codebook statistics (EMA,
-    usage, restarts, k-means initialisation); eval-mode calls change nothing.
+    (codes restarted at this step). Training-mode calls with gradients enabled update the codebook
+    statistics after the lookup (EMA, usage, restarts, k-means initialisation before it); eval-mode
+    calls and calls under ``torch.no_grad()`` change nothing.
     """
 
     def __init__(
@@ -239,19 +240,18 @@ class VectorQuantizer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         z, how = flatten_input(x, self.dim)
-        if not bool(torch.isfinite(z).all()):
+        if not torch.compiler.is_compiling() and not bool(torch.isfinite(z).all()):
             raise DataError("VectorQuantizer: expected finite inputs, got NaN or Inf")
         update = self.training and torch.is_grad_enabled()
-        if update and not bool(self.initialized):
+        if update:
             self._kmeans_init(z.detach())
         idx = nearest_codes(z.detach(), self.codebook.detach())
+        # The codes searched are the codes returned: looked up before this step's update (as Sonnet does).
+        e = F.embedding(idx, self.codebook).to(z.dtype)
         counts = code_counts(idx, self.codebook_size)
         restarted = torch.zeros((), device=z.device)
         if update:
-            with torch.no_grad():
-                all_counts = all_reduce_sum(counts.clone())
-                restarted = self._update(z.detach(), idx, all_counts)
-        e = F.embedding(idx, self.codebook).to(z.dtype)
+            restarted = self._update(z.detach(), idx, counts)
         codebook_loss, commitment_loss = vq_losses(z, e)
         loss = self.beta * commitment_loss if self.ema else codebook_loss + self.beta * commitment_loss
         quantized = unflatten(straight_through(z, e), how)
@@ -264,15 +264,21 @@ class VectorQuantizer(nn.Module):
         }
         return quantized, unflatten(idx, how), loss, stats
 
+    # The statistics run eagerly under torch.compile (fit compiles on CUDA): they branch on counts.
+    @torch.compiler.disable
     @torch.no_grad()
     def _kmeans_init(self, z: torch.Tensor) -> None:
+        if bool(self.initialized):
+            return
         centres = broadcast_from_first(kmeans(z, self.codebook_size, self.kmeans_iters).contiguous())
         self.codebook.data.copy_(centres)
         self.initialized.fill_(True)
 
+    @torch.compiler.disable
     @torch.no_grad()
     def _update(self, z: torch.Tensor, idx: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """EMA statistics (and the EMA codebook), then restarts; ``counts`` already summed over ranks."""
+        """EMA statistics (and the EMA codebook), then restarts, from this rank's ``counts`` and all ranks'."""
+        counts = all_reduce_sum(counts.clone())
         self.steps += 1
         t = int(self.steps)
         self.ema_counts.copy_(ema_step(self.ema_counts, counts, self.decay))
