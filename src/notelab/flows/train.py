@@ -49,6 +49,7 @@ class FlowSpec:
     model: str = "nice"  # one of MODELS
     n_bins: int | None = None  # levels of discrete data (17 digits, 256 8-bit images); None: continuous points
     hidden: int = 128  # width of the coupling conditioners / the vector field MLP
+    depth: int = 3  # hidden layers of each coupling conditioner / residual layers of the field MLP
     solver: str = "rk4"  # ODE solver of the CNF's training (fixed steps keep the cost known)
     solver_steps: int = 8  # its steps
     divergence: str = "exact"  # "exact" or "hutchinson" in CNF training
@@ -68,10 +69,14 @@ class FlowSpec:
 def build_model(spec: FlowSpec, sample_shape: tuple[int, ...]) -> nn.Module:
     """A fresh model of ``spec.model`` for samples of ``sample_shape``."""
     if spec.model in ("nice", "realnvp"):
-        return CouplingFlow(CouplingFlowConfig.from_name(spec.model, sample_shape=sample_shape, hidden=spec.hidden))
+        config = CouplingFlowConfig.from_name(
+            spec.model, sample_shape=sample_shape, hidden=spec.hidden, depth=spec.depth
+        )
+        return CouplingFlow(config)
     config = ContinuousFlowConfig(sample_shape=sample_shape)
     if config.net == "mlp":
-        config = ContinuousFlowConfig(sample_shape=sample_shape, net_config={"hidden": spec.hidden})
+        mlp = {"hidden": spec.hidden, "n_layers": spec.depth}
+        config = ContinuousFlowConfig(sample_shape=sample_shape, net_config=mlp)
     return ContinuousFlow(config)
 
 
