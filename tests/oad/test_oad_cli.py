@@ -101,7 +101,7 @@ def test_bad_input_exits_2(trained, tmp_path, capsys, monkeypatch):
 
 
 def test_official_pickles_train_and_eval(tmp_path, capsys):
-    from test_streams import write_official
+    from test_oad_streams import write_official
 
     write_official(tmp_path)
     data = [
