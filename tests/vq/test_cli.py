@@ -100,3 +100,56 @@ def test_colour_images_from_a_npy_array(tmp_path, capsys):
     assert config["in_channels"] == 3 and config["image_size"] == 16
     assert run_cli(["vq", "eval", "--vqvae", str(run), "--device", "cpu"]) == 0
     assert "reconstruction MSE" in capsys.readouterr().out
+
+
+def _weights(run: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "model.safetensors"))
+
+
+def _same(a: dict, b: dict) -> bool:
+    import torch
+
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_one_seed_gives_bit_identical_weights(tmp_path):
+    # dead-code restart draws from the global RNG, EMA buffers live in the checkpoint: both must be reproduced
+    base = ["vq", "train", "--data", "digits", *NET, "--batch-size", "16", "--no-progress", "--device", "cpu"]
+    runs = {}
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        assert run_cli([*base, "--steps", "6", "--seed", str(seed), "--out", str(tmp_path / name)]) == 0
+        runs[name] = _weights(tmp_path / name)
+    assert _same(runs["a"], runs["b"]) and not _same(runs["a"], runs["c"])
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_resume_after_an_interruption_equals_one_run(tmp_path):
+    import torch
+
+    from notelab.data import load_dataset
+    from notelab.train import TrainConfig
+    from notelab.vq import VQVAEConfig, fit_vqvae
+
+    x = load_dataset("digits", split="train").x
+    config = VQVAEConfig(hidden=8, res_blocks=1, code_dim=4, codebook_size=8, dead_code_threshold=2.0)
+
+    def tc(out: Path, resume: bool = False) -> TrainConfig:
+        return TrainConfig(
+            steps=6, batch_size=16, ckpt_every=3, device="cpu", progress=False, out_dir=str(out), resume=resume
+        )
+
+    whole = fit_vqvae(x, config, tc(tmp_path / "whole")).model.state_dict()
+
+    def stop(step: int, logs: dict) -> None:
+        if step == 4:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        fit_vqvae(x, config, tc(tmp_path / "cut"), (stop,))
+    resumed = fit_vqvae(x, config, tc(tmp_path / "cut", resume=True)).model.state_dict()
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
