@@ -161,3 +161,14 @@ def test_linear_path_marginal_moments_between_gaussians(t):
     mean, var = gaussian_path_moments(t, m, s)
     assert abs(float(xt.mean()) - mean) < 0.01
     assert abs(float(xt.var()) - var) < 0.01
+
+
+def test_adjoint_gradient_equals_backprop_through_the_solver():
+    x = torch.randn(6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    grads = []
+    for adjoint in (False, True):
+        model = LinearField(A.clone()).double()
+        solver = Solver("dopri5", rtol=1e-5, atol=1e-5, adjoint=adjoint)
+        (-model.log_prob(x, solver).sum()).backward()
+        grads.append(model.a.grad.clone())
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-3, rtol=1e-3)
