@@ -9,6 +9,7 @@ import torch
 from notelab.core.errors import CheckpointError, ConfigError
 from notelab.lm import Llama, LlamaConfig
 from notelab.peft import (
+    BitFitConfig,
     IA3Config,
     LoraConfig,
     PeftModel,
@@ -46,9 +47,10 @@ METHODS = {
     "pfeiffer": lambda: pfeiffer(8),
     "prompt": lambda: PromptTuningConfig(num_virtual_tokens=3),
     "prefix": lambda: PrefixTuningConfig(num_virtual_tokens=3, encoder_hidden_size=16),
+    "bitfit": lambda: BitFitConfig(target_modules=["o_proj", "down_proj"]),
 }
-AT_INIT_EQUALS_BASE = ("lora", "lora-embed-rs", "ia3", "houlsby", "pfeiffer")
-MERGEABLE = ("lora", "lora-embed-rs", "ia3")
+AT_INIT_EQUALS_BASE = ("lora", "lora-embed-rs", "ia3", "houlsby", "pfeiffer", "bitfit")
+MERGEABLE = ("lora", "lora-embed-rs", "ia3", "bitfit")
 
 
 def perturb(model: PeftModel, seed: int = 1) -> None:
@@ -79,7 +81,8 @@ def test_invariants(method, tmp_path):
     peft.train()
     peft(X).square().mean().backward()
     for name, p in peft.named_parameters():
-        adapter = any(k in name for k in ("lora_", "ia3_l", "adapter_", "prompt_embeddings", "prefix_encoders"))
+        keys = ("lora_", "ia3_l", "adapter_", "prompt_embeddings", "prefix_encoders", "bitfit_bias")
+        adapter = any(k in name for k in keys)
         assert p.requires_grad == adapter, name
         assert (p.grad is not None and p.grad.abs().sum() > 0) == adapter, name
     frozen = [p for p in ref.parameters()]
@@ -131,6 +134,14 @@ def test_named_adapters_and_set_adapter():
     ref.set_adapter("default")
     with torch.no_grad():
         torch.testing.assert_close(ref(X), y_default, atol=0, rtol=0)
+    # a second LoRA on the same layers: each alone equals the model with only that one injected
+    peft.add_adapter("second", LoraConfig(r=3, target_modules=["q_proj"]))
+    perturb(peft, seed=5)
+    alone = get_peft_model(base(), LoraConfig(r=3, target_modules=["q_proj"]), "second")
+    alone.load_state_dict({k: v for k, v in peft.state_dict().items() if ".second" in k}, strict=False)
+    peft.set_adapter("second")
+    with torch.no_grad():
+        torch.testing.assert_close(peft(X), alone(X), atol=1e-6, rtol=0)
     with pytest.raises(ConfigError, match="unknown adapter 'nope'"):
         peft.set_adapter("nope")
     with pytest.raises(ConfigError, match="exists already"):
@@ -155,7 +166,9 @@ def test_bad_input_errors(tmp_path):
         get_peft_model(base(), LoraConfig(target_modules=["qkv"]))
     with pytest.raises(ConfigError, match="LoraConfig.r: expected an integer >= 1, got 0"):
         LoraConfig(r=0)
-    with pytest.raises(ConfigError, match="unknown PEFT method 'dora'; known: adapter, ia3, lora, prefix, prompt"):
+    with pytest.raises(
+        ConfigError, match="unknown PEFT method 'dora'; known: adapter, bitfit, ia3, lora, prefix, prompt"
+    ):
         config_for("dora")
     with pytest.raises(ConfigError, match="expected Linear modules, layers.0.mlp is SwiGLU"):
         get_peft_model(base(), IA3Config(target_modules=["mlp"], feedforward_modules=None))

@@ -1,4 +1,5 @@
-"""Parameter-efficient fine-tuning on any ``nn.Module``: LoRA, IA3, bottleneck adapters, prompt and prefix tuning.
+"""Parameter-efficient fine-tuning on any ``nn.Module``: LoRA, IA3, BitFit, bottleneck adapters, prompt and prefix
+tuning.
 
 Adapters are injected by module name (``target_modules``), wrap the frozen ``base_layer``, can be
 switched, disabled, merged and unloaded (:class:`PeftModel`), and are saved in Hugging Face PEFT's
@@ -8,6 +9,7 @@ This package never imports another family: prefix tuning reaches an attention mo
 """
 
 from notelab.peft.config import (
+    BitFitConfig,
     BottleneckConfig,
     IA3Config,
     LoraConfig,
@@ -22,6 +24,7 @@ from notelab.peft.model import PeftModel, get_peft_model, inject
 from notelab.peft.tuners import count_parameters, find_targets, mark_only_adapters_trainable
 
 __all__ = [
+    "BitFitConfig",
     "BottleneckConfig",
     "IA3Config",
     "LoraConfig",

@@ -166,16 +166,33 @@ class PrefixTuningConfig:
         self.exclude_modules = _check_targets("PrefixTuningConfig.exclude_modules", self.exclude_modules, True)
 
 
-AdapterConfig = LoraConfig | IA3Config | BottleneckConfig | PromptTuningConfig | PrefixTuningConfig
+@dataclass
+class BitFitConfig:
+    """BitFit (Ben Zaken et al. 2022): train only bias terms, ``h = W x + b + delta_b``, ``delta_b = 0`` at init.
+
+    A bias-free Linear (LLaMA's) gets a trained bias of its own; merging adds ``delta_b`` to the layer's bias.
+    """
+
+    peft_type: ClassVar[str] = "BITFIT"
+    target_modules: Targets = "all-linear"
+    exclude_modules: Targets = None
+
+    def __post_init__(self) -> None:
+        self.target_modules = _check_targets("BitFitConfig.target_modules", self.target_modules, False)
+        self.exclude_modules = _check_targets("BitFitConfig.exclude_modules", self.exclude_modules, True)
+
+
+AdapterConfig = LoraConfig | IA3Config | BottleneckConfig | PromptTuningConfig | PrefixTuningConfig | BitFitConfig
 CONFIGS: dict[str, type] = {
-    c.peft_type: c for c in (LoraConfig, IA3Config, BottleneckConfig, PromptTuningConfig, PrefixTuningConfig)
+    c.peft_type: c
+    for c in (LoraConfig, IA3Config, BottleneckConfig, PromptTuningConfig, PrefixTuningConfig, BitFitConfig)
 }
 METHODS = {"lora": LoraConfig, "ia3": IA3Config, "adapter": BottleneckConfig, "prompt": PromptTuningConfig,
-           "prefix": PrefixTuningConfig}  # fmt: skip
+           "prefix": PrefixTuningConfig, "bitfit": BitFitConfig}  # fmt: skip
 
 
 def config_for(method: str, **fields: Any) -> AdapterConfig:
-    """The config of ``method`` (``lora`` / ``ia3`` / ``adapter`` / ``prompt`` / ``prefix``) from its fields."""
+    """The config of ``method`` (a key of ``METHODS``) from its fields."""
     if method not in METHODS:
         raise unknown_name("PEFT method", method, METHODS)
     return METHODS[method](**fields)

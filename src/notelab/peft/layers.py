@@ -1,4 +1,4 @@
-"""The adapter layers: LoRA (Linear, Embedding), IA3, bottleneck adapters, soft prompts, KV prefixes.
+"""The adapter layers: LoRA (Linear, Embedding), IA3, BitFit, bottleneck adapters, soft prompts, KV prefixes.
 
 LoRA (Hu et al. 2021, eq. 3), for a frozen ``W`` (out, in)::
 
@@ -30,7 +30,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from notelab.core.errors import ConfigError
-from notelab.peft.config import BottleneckConfig, IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig
+from notelab.peft.config import (
+    BitFitConfig,
+    BottleneckConfig,
+    IA3Config,
+    LoraConfig,
+    PrefixTuningConfig,
+    PromptTuningConfig,
+)
 from notelab.peft.tuners import AdapterModule, TunerLayer, base_of
 
 
@@ -159,6 +166,35 @@ class IA3Linear(TunerLayer):
             return self.base_layer(x * scale.to(x.dtype))
         y = self.base_layer(x)
         return y * scale.to(y.dtype)
+
+
+class BiasTune(TunerLayer):
+    """BitFit: ``W x + b + delta_b`` per running adapter, ``delta_b`` (out,) zero at init."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.bitfit_bias = nn.ParameterDict()
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.bitfit_bias)
+
+    def add(self, name: str, config: BitFitConfig) -> None:
+        w = base_of(self).weight
+        self.bitfit_bias[name] = nn.Parameter(torch.zeros(w.shape[0], device=w.device, dtype=w.dtype))
+
+    def merge_one(self, name: str, sign: int) -> None:
+        base = base_of(self)
+        if base.bias is None:  # a bias-free layer gets a (zero) bias to merge into
+            base.bias = nn.Parameter(torch.zeros_like(self.bitfit_bias[name]), requires_grad=False)
+        with torch.no_grad():
+            base.bias.add_(sign * self.bitfit_bias[name].to(base.bias.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        for a in self.running():
+            y = y + self.bitfit_bias[a].to(y.dtype)
+        return y
 
 
 class Bottleneck(TunerLayer):

@@ -23,6 +23,7 @@ from torch import nn
 from notelab.core.errors import ConfigError
 from notelab.peft.config import (
     AdapterConfig,
+    BitFitConfig,
     BottleneckConfig,
     IA3Config,
     LoraConfig,
@@ -30,6 +31,7 @@ from notelab.peft.config import (
     PromptTuningConfig,
 )
 from notelab.peft.layers import (
+    BiasTune,
     Bottleneck,
     IA3Linear,
     KVPrefix,
@@ -85,6 +87,11 @@ def inject(model: nn.Module, config: AdapterConfig, name: str, prefix_owner: nn.
         for n in names:
             is_ff = ff is not None and (ff == "all-linear" or _matches(n, ff))
             _wrap(model, n, IA3Linear, lambda m, f=is_ff: IA3Linear(m, f)).add(name, config)
+    elif isinstance(config, BitFitConfig):
+        names = find_targets(model, config.target_modules, config.exclude_modules,
+                             lambda m: isinstance(base_of(m), nn.Linear), "Linear")  # fmt: skip
+        for n in names:
+            _wrap(model, n, BiasTune, BiasTune).add(name, config)
     elif isinstance(config, BottleneckConfig):
         names = find_targets(model, config.target_modules, config.exclude_modules,
                              lambda m: any(True for _ in m.parameters()), "parametrised")  # fmt: skip
@@ -197,7 +204,7 @@ class PeftModel(nn.Module):
                 m.disabled = False
 
     def merge_adapter(self) -> None:
-        """Fold the active adapter into the base weights (LoRA, IA3); other methods refuse with a reason."""
+        """Fold the active adapter into the base weights (LoRA, IA3, BitFit); other methods refuse with a reason."""
         for m in self.adapter_layers():
             if self.active_adapter in m.adapter_names:
                 m.merge()
@@ -208,9 +215,9 @@ class PeftModel(nn.Module):
 
     def merge_and_unload(self) -> nn.Module:
         """The base model with the active adapter merged and every adapter layer replaced by its base layer."""
-        kinds = {type(c).__name__ for c in self.peft_config.values()} - {"LoraConfig", "IA3Config"}
+        kinds = {type(c).__name__ for c in self.peft_config.values()} - {"LoraConfig", "IA3Config", "BitFitConfig"}
         if kinds:
-            raise ConfigError(f"merge_and_unload: only LoRA / IA3 adapters merge into weights; this model has {kinds}")
+            raise ConfigError(f"merge_and_unload: only LoRA / IA3 / BitFit merge into weights; this model has {kinds}")
         self.merge_adapter()
         for name, m in list(self.base_model.named_modules()):
             if isinstance(m, TunerLayer) and name:

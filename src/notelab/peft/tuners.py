@@ -27,7 +27,7 @@ from notelab.core.errors import ConfigError
 # A name component marking an adapter's own tensors (PEFT's names); everything else is the frozen base.
 ADAPTER_KEYS = (
     "lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "ia3_l", "adapter_down", "adapter_up",
-    "prompt_embeddings", "prefix_encoders",
+    "prompt_embeddings", "prefix_encoders", "bitfit_bias",
 )  # fmt: skip
 
 
