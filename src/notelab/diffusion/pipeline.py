@@ -258,11 +258,18 @@ class DiffusionModel(PretrainedMixin, nn.Module):
             self.train(was_training)
 
     def log_likelihood(self, x: torch.Tensor, **kwargs: Any) -> LikelihoodResult:
-        """log p_0(x) in nats per sample by the probability-flow ODE, in x's dtype (no autocast)."""
+        """log p_0(x) in nats per sample by the probability-flow ODE, its state in x's dtype (no
+        autocast): float64 ``x`` keeps the solver's error far below the network's, which runs in
+        its own dtype."""
         was_training = self.training
         self.eval()
+        dtype = next(self.parameters()).dtype
+
+        def net(y: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+            return self.net(y.to(dtype), label.to(dtype)).to(y.dtype)
+
         try:
-            return log_likelihood(self.score_fn(), self.sde, x.to(self.device), **kwargs)
+            return log_likelihood(self.score_fn(net), self.sde, x.to(self.device), **kwargs)
         finally:
             self.train(was_training)
 

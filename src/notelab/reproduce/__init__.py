@@ -30,6 +30,7 @@ CLAIMS: dict[str, str] = {
     "vqvae": "notelab.reproduce.vqvae",
     "peft": "notelab.reproduce.peft",
     "oadtr": "notelab.reproduce.oadtr",
+    "sde": "notelab.reproduce.score_sde",
 }
 
 
