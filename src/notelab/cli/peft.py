@@ -35,7 +35,7 @@ from notelab.cli.common import (
 from notelab.core.errors import CheckpointError, ConfigError, DataError, unknown_name
 
 BUILT_IN = "built-in"
-METHODS = ("lora", "ia3", "houlsby", "pfeiffer", "prompt", "prefix")
+METHODS = ("lora", "ia3", "houlsby", "pfeiffer", "prompt", "prefix", "bitfit")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -78,7 +78,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def adapter_config(args: argparse.Namespace):  # noqa: ANN201 - a notelab.peft config
     """The ``notelab.peft`` config of ``--method`` and its options."""
-    from notelab.peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, houlsby, pfeiffer
+    from notelab.peft import (
+        BitFitConfig,
+        IA3Config,
+        LoraConfig,
+        PrefixTuningConfig,
+        PromptTuningConfig,
+        houlsby,
+        pfeiffer,
+    )
 
     if args.method not in METHODS:
         raise unknown_name("--method", args.method, METHODS)
@@ -94,6 +102,7 @@ def adapter_config(args: argparse.Namespace):  # noqa: ANN201 - a notelab.peft c
         "pfeiffer": lambda: pfeiffer(args.bottleneck),
         "prompt": lambda: PromptTuningConfig(num_virtual_tokens=args.num_virtual_tokens),
         "prefix": lambda: PrefixTuningConfig(num_virtual_tokens=args.num_virtual_tokens),
+        "bitfit": BitFitConfig,
     }
     return make[args.method]()
 
