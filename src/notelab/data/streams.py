@@ -171,7 +171,10 @@ class _NdarrayMarker:
 
 
 def _allowed_globals() -> dict[tuple[str, str], Any]:
-    from numpy._core import multiarray
+    try:  # numpy >= 2 moved numpy.core to numpy._core (pickles name either)
+        from numpy._core import multiarray
+    except ImportError:
+        from numpy.core import multiarray
 
     out: dict[tuple[str, str], Any] = {}
     for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
