@@ -77,6 +77,16 @@ def test_cli_train_merge_estimate(base_dir, tmp_path, capsys, monkeypatch):
     identity = json.loads((out / "base.json").read_text())
     assert len(identity["sha256"]) == 64 and not (out / "checkpoint" / "model.safetensors").stat().st_size > 200_000
     assert cli.main([*args, "--resume"]) == 0 and "already" in capsys.readouterr().out
+    # --resume against another base: the run names its base by SHA-256
+    other = tmp_path / "other"
+    torch.manual_seed(1)
+    Llama(LlamaConfig(**{**CFG, "vocab_size": 300, "max_seq_len": 128})).save_pretrained(other)
+    Tokenizer.from_file(base_dir).save(other)
+    assert cli.main([*args[:3], str(other), *args[4:-2], "--ckpt-every", "1", "--steps", "5", "--resume"]) == 2
+    assert "SHA-256" in capsys.readouterr().err
+    prefix = ["--method", "prefix", "--num-virtual-tokens", "2", "--steps", "1"]
+    assert cli.main([*args[:7], str(tmp_path / "prefix"), *args[8:], *prefix]) == 0
+    assert "prefix:" in capsys.readouterr().out
     merged = tmp_path / "merged"
     assert (
         cli.main(["peft", "merge", "--base", str(base_dir), "--adapter", str(out / "adapter"), "--out", str(merged)])
