@@ -66,6 +66,10 @@ def test_adapted_tokens_equal_on_every_path(method):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             assert engine_tokens(merged, stacked=True) == ref
+            with peft.merged() as plain:  # merged in place for decoding, then unmerged
+                assert plain is base and base.unplain_reason() == ""
+                assert engine_tokens(base, stacked=True) == ref
+        assert base.unplain_reason() != "" and generate(base, PROMPTS, 8, path="reference") == ref
 
 
 def test_prompt_tuning_refuses_decode_paths_that_call_the_base():

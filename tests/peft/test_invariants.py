@@ -107,6 +107,18 @@ def test_invariants(method, tmp_path):
             peft.merge_and_unload()
 
 
+def test_nested_adapters_merge_and_unload():
+    peft = get_peft_model(base(), LoraConfig(r=2, target_modules=["k_proj"]))
+    peft.add_adapter("scale", IA3Config(target_modules=["k_proj"], feedforward_modules=None))
+    peft.set_adapter("scale")
+    perturb(peft)
+    with torch.no_grad():
+        y = peft(X)
+        merged = copy.deepcopy(peft).merge_and_unload()
+        assert type(merged.layers[0].self_attn.k_proj) is torch.nn.Linear
+        torch.testing.assert_close(merged(X), y, atol=1e-5, rtol=0)
+
+
 def test_lora_scaling_and_delta():
     peft = get_peft_model(base(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
     rs = get_peft_model(base(), LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj"]))

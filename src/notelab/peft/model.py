@@ -213,18 +213,44 @@ class PeftModel(nn.Module):
         for m in self.adapter_layers():
             m.unmerge()
 
-    def merge_and_unload(self) -> nn.Module:
-        """The base model with the active adapter merged and every adapter layer replaced by its base layer."""
+    def _check_mergeable(self, what: str) -> None:
         kinds = {type(c).__name__ for c in self.peft_config.values()} - {"LoraConfig", "IA3Config", "BitFitConfig"}
         if kinds:
-            raise ConfigError(f"merge_and_unload: only LoRA / IA3 / BitFit merge into weights; this model has {kinds}")
+            raise ConfigError(f"{what}: only LoRA / IA3 / BitFit merge into weights; this model has {sorted(kinds)}")
+
+    def _unwrap(self) -> list[tuple[str, TunerLayer]]:
+        """Replace every outermost adapter layer by the module it wraps; the (name, layer) pairs replaced."""
+        outer = [
+            (n, m)
+            for n, m in self.base_model.named_modules()
+            if isinstance(m, TunerLayer) and "base_layer" not in n.split(".")
+        ]
+        for name, m in outer:
+            replace_module(self.base_model, name, base_of(m))
+        return outer
+
+    def merge_and_unload(self) -> nn.Module:
+        """The base model with the active adapter merged and every adapter layer replaced by its base layer."""
+        self._check_mergeable("merge_and_unload")
         self.merge_adapter()
-        for name, m in list(self.base_model.named_modules()):
-            if isinstance(m, TunerLayer) and name:
-                replace_module(self.base_model, name, m.base_layer)
+        self._unwrap()
         for p in self.base_model.parameters():
             p.requires_grad_(True)
         return self.base_model
+
+    @contextlib.contextmanager
+    def merged(self) -> Iterator[nn.Module]:
+        """The base model with the active adapter merged in and no adapter layers, until the block ends (then
+        the layers come back and the merge is undone): decode paths that read weights directly run it exactly."""
+        self._check_mergeable("merged")
+        self.merge_adapter()
+        swapped = self._unwrap()
+        try:
+            yield self.base_model
+        finally:
+            for name, m in swapped:
+                replace_module(self.base_model, name, m)
+            self.unmerge_adapter()
 
     def drop_prefix_projection(self) -> None:
         """Prefix tuning after training: keep ``P = MLP(P')``, drop the MLP (Li & Liang 2021, sec. 4.3)."""
