@@ -142,7 +142,8 @@ def _bad_score(kind):
     "call, err, match",
     [
         (lambda: sample_sde(_bad_score("shape"), VPSDE(), (4, 2), "em", 5), ShapeError, r"\(4, 2\).*\(4, 1\)"),
-        (lambda: sample_sde(_bad_score("nan"), VPSDE(), (4, 2), "pc", 5), ShapeError, "NaN"),
+        (lambda: sample_sde(_bad_score("nan"), VPSDE(), (4, 2), "pc", 50), ShapeError, "NaN"),
+        (lambda: sample_sde(_bad_score("nan"), VPSDE(), (4, 2), "rd", 5), ConfigError, "beta_max / steps"),
         (lambda: sample_sde(gaussian_score(VPSDE()), VPSDE(), (4, 2), "em", 5, eps=1.5), ConfigError, "1.5"),
         (lambda: sample_sde(gaussian_score(VPSDE()), VPSDE(), (4, 2), "heun", 5), ConfigError, "heun"),
         (lambda: sample_ode(gaussian_score(VPSDE()), VPSDE(), torch.zeros(4, 2), rtol=0.0), ConfigError, "rtol.*0.0"),

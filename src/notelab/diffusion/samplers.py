@@ -155,6 +155,8 @@ def sample_sde(
     times = torch.linspace(sde.T, eps, steps + 1, dtype=torch.float64).tolist()
     last = times[-1]
     disc = sde.with_steps(steps)  # the reverse-diffusion predictor's chain is the sampling grid
+    if sampler != "em":
+        disc.check_discretization()
 
     def step(x: torch.Tensor, t: float, t_next: float) -> torch.Tensor:
         if sampler == "pc":

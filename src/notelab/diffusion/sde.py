@@ -135,6 +135,9 @@ class SDE:
         a, b = ab
         return (append_dims(a, x.ndim) - 1) * x, b
 
+    def check_discretization(self) -> None:
+        """Raise :class:`ConfigError` when the N-step discretisation is not a valid chain."""
+
     def discrete_index(self, t: torch.Tensor) -> torch.Tensor:
         return (t * (self.N - 1) / self.T).long().clamp(0, self.N - 1)
 
@@ -254,6 +257,14 @@ class VPSDE(SDE):
     def langevin_alpha(self, t: torch.Tensor) -> torch.Tensor:
         return 1 - self.discrete_betas(t)[self.discrete_index(t)]
 
+    def check_discretization(self) -> None:
+        # beta_i = beta_max / N must stay below 1 for sqrt(1 - beta_i)
+        if self.beta_max / self.N >= 1:
+            raise ConfigError(
+                f"steps: the VP chain's betas reach beta_max / steps = {self.beta_max / self.N:.3g} >= 1; "
+                f"use more than {self.beta_max:g} steps (or the em / ode sampler), got {self.N}"
+            )
+
     @classmethod
     def from_ddpm(cls, beta_start: float, beta_end: float, num_train_timesteps: int) -> VPSDE:
         """The VP SDE whose N-step discretisation is DDPM's linear schedule beta_start..beta_end over T steps."""
@@ -275,6 +286,9 @@ class SubVPSDE(VPSDE):
 
     def discrete_transition(self, t: torch.Tensor) -> None:
         return None  # as the reference: sub-VP has no ancestral chain; Euler-Maruyama instead
+
+    def check_discretization(self) -> None:
+        return None
 
 
 SDES: dict[str, type[SDE]] = {"ve": VESDE, "vp": VPSDE, "subvp": SubVPSDE}
