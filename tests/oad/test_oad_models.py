@@ -117,3 +117,19 @@ def test_save_and_load(tmp_path, index):
     assert type(again) is type(model) and again.config == model.config
     x = torch.randn(2, model.config.window, D)
     assert torch.equal(model(x).logits, again.eval()(x).logits)
+
+
+def test_training_through_fit_learns_the_digit_streams():
+    from notelab.data.streams import digits_streams
+    from notelab.oad import build_model, evaluate_detector, train_detector
+    from notelab.train import TrainConfig
+
+    train, test = digits_streams("train"), digits_streams("test")
+    model = build_model("oadtr", train, "tiny", seed=0)
+    before = evaluate_detector(model, test)["mAP"]
+    config = TrainConfig(steps=60, batch_size=32, lr=3e-3, progress=False, device="cpu", log_every=10, compile=False)
+    run = train_detector(model, train, config)
+    losses = [r["loss"] for r in run.history if "loss" in r]
+    assert losses[-1] < losses[0]
+    after = evaluate_detector(run.model, test)
+    assert after["mAP"] > before + 0.04 and len(after["future_mAP"]) == 2
