@@ -36,6 +36,11 @@ def test_model_states_and_lora_count():
     assert lora.total < full.total / 4 and lora.trainable_params < 0.01 * n
     peft = get_peft_model(Llama(CFG), LoraConfig(r=8, target_modules="all-linear"))
     assert count_parameters(peft)[0] == estimate(SHAPE, MethodSpec("lora", r=8)).trainable_params
+    qv = get_peft_model(Llama(CFG), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    spec = MethodSpec("lora", r=4, lora_targets=("q_proj", "v_proj"))
+    assert count_parameters(qv)[0] == estimate(SHAPE, spec).trainable_params
+    with pytest.raises(ConfigError, match="unknown LoRA target 'qkv'"):
+        MethodSpec("lora", lora_targets=("qkv",))
     with pytest.raises(ConfigError, match="unknown PEFT method 'dora'"):
         MethodSpec("dora")
 

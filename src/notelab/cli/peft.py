@@ -66,6 +66,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--seq", type=int, default=2048)
     e.add_argument("--r", type=int, default=8)
     e.add_argument("--num-virtual-tokens", type=int, default=20)
+    e.add_argument("--target-modules", default="all-linear", help="LoRA: comma-separated linears, or all-linear")
     e.set_defaults(func=estimate)
 
     m = verbs.add_parser("merge", help="merge a LoRA / IA3 adapter into its base; writes a plain Llama")
@@ -178,7 +179,8 @@ def estimate(args: argparse.Namespace) -> int:
         raise ConfigError(f"--model: expected a preset ({', '.join(PRESETS)}) or a config.json, got {args.model!r}")
     rows = {}
     for method in dict.fromkeys(["full", args.method]):
-        spec = MethodSpec(method, r=args.r, num_virtual_tokens=args.num_virtual_tokens)
+        targets = () if args.target_modules == "all-linear" else tuple(t for t in args.target_modules.split(",") if t)
+        spec = MethodSpec(method, r=args.r, num_virtual_tokens=args.num_virtual_tokens, lora_targets=targets)
         rows[f"{args.model} {method}"] = estimate(
             shape, spec, dtype=args.dtype, optimizer=args.optimizer, batch=args.batch, seq=args.seq
         )

@@ -102,14 +102,23 @@ class MethodSpec:
     num_virtual_tokens: int = 20
     encoder_hidden_size: int = 512
     bottleneck: int = 64
+    lora_targets: tuple[str, ...] = ()  # LoRA on these per-layer linears (q_proj, ..., down_proj); () = all
 
     def __post_init__(self) -> None:
         if self.method not in ESTIMATE_METHODS:
             raise unknown_name("PEFT method", self.method, ESTIMATE_METHODS)
+        known = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+        for t in self.lora_targets:
+            if t not in known:
+                raise unknown_name("LoRA target", t, known)
         for f in ("r", "num_virtual_tokens", "encoder_hidden_size", "bottleneck"):
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"MethodSpec.{f}: expected an integer >= 1, got {v!r}")
+
+
+def lora_linears(shape: ModelShape, spec: MethodSpec) -> dict[str, tuple[int, int]]:
+    return {n: io for n, io in shape.linears().items() if not spec.lora_targets or n in spec.lora_targets}
 
 
 def trainable_params(shape: ModelShape, spec: MethodSpec) -> int:
@@ -119,7 +128,7 @@ def trainable_params(shape: ModelShape, spec: MethodSpec) -> int:
     if spec.method == "full":
         return shape.n_params()
     if spec.method == "lora":
-        return L * sum(spec.r * (i + o) for i, o in shape.linears().values())
+        return L * sum(spec.r * (i + o) for i, o in lora_linears(shape, spec).values())
     if spec.method == "prefix":  # P' and the reparameterising MLP, trained together
         out, hid = L * 2 * kv, spec.encoder_hidden_size
         return n * d + d * hid + hid + hid * out + out
@@ -136,7 +145,7 @@ def activation_bytes(shape: ModelShape, spec: MethodSpec, batch: int, seq: int, 
     d, q, kv, h = shape.dim, shape.n_heads * shape.head_dim, shape.n_kv_heads * shape.head_dim, shape.hidden_dim
     per_layer = 2 * d + 2 * q + 2 * kv + 2 * d + 4 * h
     if spec.method == "lora":
-        per_layer += spec.r * len(shape.linears())
+        per_layer += spec.r * len(lora_linears(shape, spec))
     layer = tokens * per_layer * act_bytes
     logits = tokens * shape.vocab_size * (act_bytes + (4 if act_bytes < 4 else 0))  # + the fp32 copy
     if recompute:
