@@ -243,15 +243,17 @@ class VectorQuantizer(nn.Module):
         if not torch.compiler.is_compiling() and not bool(torch.isfinite(z).all()):
             raise DataError("VectorQuantizer: expected finite inputs, got NaN or Inf")
         update = self.training and torch.is_grad_enabled()
+        # The eager statistics get copies, not views: a view leaving a compiled region as an alias of one of
+        # its intermediates was rebuilt from freed memory in testing (torch.compile on the CPU, torch 2.13).
         if update:
-            self._kmeans_init(z.detach())
+            self._kmeans_init(z.detach().clone())
         idx = nearest_codes(z.detach(), self.codebook.detach())
         # The codes searched are the codes returned: looked up before this step's update (as Sonnet does).
         e = F.embedding(idx, self.codebook).to(z.dtype)
         counts = code_counts(idx, self.codebook_size)
         restarted = torch.zeros((), device=z.device)
         if update:
-            restarted = self._update(z.detach(), idx, counts)
+            restarted = self._update(z.detach().clone(), idx, counts)
         codebook_loss, commitment_loss = vq_losses(z, e)
         loss = self.beta * commitment_loss if self.ema else codebook_loss + self.beta * commitment_loss
         quantized = unflatten(straight_through(z, e), how)
