@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from notelab.core.errors import ConfigError
+from notelab.core.errors import CheckpointError, ConfigError
 from notelab.peft.config import (
     AdapterConfig,
     BitFitConfig,
@@ -302,6 +302,18 @@ class PeftModel(nn.Module):
         if destination is not None or args:
             return full
         return OrderedDict((k, v) for k, v in full.items() if is_adapter_name(k))
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """Load adapter tensors (what :meth:`state_dict` gives); ``strict`` checks the adapter keys only, the
+        frozen base's tensors may be absent (or present, from :meth:`full_state_dict`)."""
+        everything = set(super().state_dict())
+        missing = sorted(set(self.state_dict()) - set(state_dict))
+        unexpected = sorted(set(state_dict) - everything)
+        if strict and (missing or unexpected):
+            raise CheckpointError(f"PeftModel.load_state_dict: missing adapter tensors {missing[:3]}, "
+                                  f"unexpected {unexpected[:3]}")  # fmt: skip
+        super().load_state_dict(state_dict, strict=False, assign=assign)
+        return nn.modules.module._IncompatibleKeys(missing, unexpected)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         return super().state_dict()
