@@ -121,3 +121,13 @@ def ddpm_nll_bound(
 def _neg_log_normal(x: torch.Tensor, mean: torch.Tensor, var: float) -> torch.Tensor:
     per = 0.5 * (math.log(2 * math.pi * var) + (x - mean) ** 2 / var)
     return per.flatten(1).sum(1)
+
+
+def dequantize(x: torch.Tensor, bin_width: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """x + w (u - 1/2), u ~ U[0, 1)^D: uniform dequantisation of data on a grid of spacing w (Theis et
+    al. 2016), so that a density's log p of the result, plus D log w, lower-bounds the discrete data's
+    log-probability in expectation (``notelab.eval.bits_per_dim`` applies that term)."""
+    if not bin_width > 0:
+        raise ConfigError(f"dequantize: expected bin_width > 0, got {bin_width!r}")
+    u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return x + bin_width * (u - 0.5)
