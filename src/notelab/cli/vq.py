@@ -2,7 +2,8 @@
 
     notelab vq train --data digits --out runs/vq [--codebook ema|loss --codebook-size K --code-dim D
         --downsample F --hidden H --res-blocks R --beta B --decay G --dead-code-threshold T --kmeans-init
-        --image-size S --channels C] [--steps N --batch-size B --lr LR --seed S --device DEV --resume ...]
+        --image-size S --channels C --max-images N]
+        [--steps N --batch-size B --lr LR --seed S --device DEV --resume ...]
     notelab vq prior --vqvae runs/vq --out runs/vq-prior [--dim 64 --n-layers 2 --n-heads 4] [training options]
     notelab vq sample --vqvae runs/vq --prior runs/vq-prior --n 64 --out samples.png
         [--temperature 1 --top-k K --top-p P --seed 0 --device DEV]
@@ -36,7 +37,7 @@ from notelab.cli.common import (
 )
 from notelab.core.errors import ConfigError
 
-DATA_INFO = "data.json"  # {"data": ..., "image_size": ..., "channels": ...}: what the VQ-VAE was trained on
+DATA_INFO = "data.json"  # {"data", "image_size", "channels", "max_images"}: what the VQ-VAE was trained on
 CODEBOOKS = ("ema", "loss")
 VQ_DEFAULTS = {"steps": 2000, "batch_size": 64, "lr": 2e-3}
 PRIOR_DEFAULTS = {"steps": 2000, "batch_size": 64, "lr": 3e-3}
@@ -50,6 +51,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--data", required=True, help="digits, an image folder, or a .npy/.npz image array")
     t.add_argument("--image-size", type=int, help="resize images to this size")
     t.add_argument("--channels", type=int, help="1 or 3 channels for an image folder")
+    t.add_argument("--max-images", type=int, help="read at most this many images of a folder (a seeded subset)")
     t.add_argument("--codebook", default="ema", help="ema (VQ-VAE-2 moving averages) or loss (codebook loss)")
     t.add_argument("--codebook-size", type=int, default=64, help="K codes")
     t.add_argument("--code-dim", type=int, default=16, help="D of a code vector")
@@ -114,7 +116,7 @@ def _data_info(vqvae_dir: str | Path) -> dict[str, Any]:
 def _load_split(info: dict[str, Any], split: str) -> Any:
     from notelab.data import load_dataset
 
-    given = {k: info[k] for k in ("image_size", "channels") if info.get(k) is not None}
+    given = {k: info[k] for k in ("image_size", "channels", "max_images") if info.get(k) is not None}
     ds = load_dataset(info["data"], split=split, **given)
     if ds.kind != "images":
         raise ConfigError(f"--data: expected images (N, C, H, W), got {ds.kind} of shape {tuple(ds.x.shape)}")
@@ -156,7 +158,9 @@ def train(args: argparse.Namespace) -> int:
         if done is not None:
             print(complete_message("vq train", done, train_config.steps))
             return 0
+    check_positive(max_images=args.max_images)
     info = {"data": str(args.data), "image_size": args.image_size, "channels": args.channels}
+    info["max_images"] = args.max_images
     dataset = _load_split(info, "train")
     config = config_for(
         dataset.sample_shape,
@@ -283,7 +287,7 @@ def evaluate(args: argparse.Namespace) -> int:
             f"({args.n_bins} levels)"
         )
     if out is not None:
-        x = test_x[:16]
+        x = test_x[torch.linspace(0, len(test_x) - 1, min(16, len(test_x))).long()]  # spread: folders come sorted
         with torch.no_grad():
             recon = vqvae.decode(vqvae.encode(x.to(device))).clamp(-1, 1).cpu()
         out.parent.mkdir(parents=True, exist_ok=True)
