@@ -6,7 +6,7 @@ import dataclasses
 
 from notelab.reproduce import CLAIMS, rules
 from notelab.reproduce import score_sde as claim
-from notelab.reproduce.base import VERDICTS, ClaimResult
+from notelab.reproduce.base import VERDICTS, ClaimResult, quiet
 
 
 def test_registered():
@@ -32,3 +32,16 @@ def test_miniature_run(tmp_path, monkeypatch):
     assert [len(t.rows) for t in result.tables] == [4, 4]  # 4 NLL rows; 2 models x 2 samplers
     assert (tmp_path / "trajectories.png").is_file()
     assert result.settings["bound"] > 0 and set(result.settings["ode_nll"]) == {"ddpm", "subvp"}
+
+
+def test_miniature_digits_section(tmp_path):
+    tiny = dataclasses.replace(
+        claim.QUICK, samplers=(("em", 3),), digits_steps=2, digits_test=3, digits_samples=8, rtol=1e-2,
+        digits_channels=8, digits_timesteps=100,
+    )  # fmt: skip
+    section = claim.digits_section(tiny, 0, tmp_path, quiet())
+    assert len(section.checks) == 1 and len(section.checks[0].values) == 3
+    assert section.checks[0].name.startswith("digits")
+    assert [len(t.rows) for t in section.tables] == [2, 1]
+    bpd = section.values["digits_bpd"]
+    assert bpd["bound"] > 0 and bpd["ode"] > 0
