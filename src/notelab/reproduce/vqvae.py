@@ -5,7 +5,7 @@ van den Oord, Vinyals & Kavukcuoglu 2017, "Neural Discrete Representation Learni
 encoder's outputs are replaced by their nearest codebook vectors (eq. 1), gradients pass
 straight through (sec. 3.2), the codebook follows a codebook loss or moving averages (eq. 3,
 appendix A.1), and a PixelCNN prior over the code grid generates images; CIFAR-10 reaches 4.67
-bits/dim (sec. 4.1). Dead-code restart (Dhariwal et al. 2020, Jukebox sec. 3.3) is the usual
+bits/dim (sec. 4.1). Dead-code restart (Dhariwal et al. 2020, Jukebox: "random restarts") is the usual
 cure for codes that stop being chosen.
 
 Here, on scikit-learn's 8x8 digits (train / test: the fixed 80/20 split), for each of several

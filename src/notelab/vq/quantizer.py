@@ -20,7 +20,7 @@ moving averages of the assignments (VQ-VAE appendix A.1, eqs. 6-8; the VQ-VAE-2 
     e_i  = m_i / N'_i
 
 Dead codes (debiased usage EMA ``N_i`` below ``dead_code_threshold`` vectors per batch) are
-restarted at encoder outputs of the current batch (Dhariwal et al. 2020, Jukebox sec. 3.3).
+restarted at encoder outputs of the current batch (Dhariwal et al. 2020, Jukebox: "random restarts").
 Under ``torch.distributed`` the counts and sums are all-reduced before any update, and the
 random choices (k-means initialisation, restart) are made on rank 0 and broadcast, so every
 rank holds the same codebook.
@@ -206,7 +206,7 @@ class VectorQuantizer(nn.Module):
             kmeans_init,
             kmeans_iters,
         )
-        # Sonnet's uniform(-sqrt(3), sqrt(3)) scaled to the dim: unit-variance entries.
+        # uniform(-sqrt(3), sqrt(3)): entries of unit variance, the scale of a freshly initialised encoder's output.
         init = (torch.rand(codebook_size, dim) * 2 - 1) * math.sqrt(3.0)
         if self.ema:
             self.register_buffer("codebook", init)
