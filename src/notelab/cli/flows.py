@@ -166,13 +166,8 @@ def sample(args: argparse.Namespace) -> int:
 
 
 def likelihood(args: argparse.Namespace) -> int:
-    import torch
-
     from notelab.core.runtime import get_device
-    from notelab.eval.likelihood import bits_per_dim
-    from notelab.flows.continuous import ContinuousFlow
-    from notelab.flows.dequantize import dequantize
-    from notelab.flows.train import load_flow
+    from notelab.flows.train import evaluate, load_flow
 
     solver = _solver(args)
     check_positive(n=args.n, max_examples=args.max_examples)
@@ -180,20 +175,12 @@ def likelihood(args: argparse.Namespace) -> int:
     model, spec = load_flow(args.checkpoint, device=device, allow_large=args.allow_large)
     dataset = _load(args, args.split, args.n, 1)
     x = dataset.x[: args.max_examples].to(device)
-    if spec.n_bins is not None:
-        x = dequantize(x, spec.n_bins, torch.Generator(device=device).manual_seed(0))
     t0 = time.perf_counter()
-    scores = []
-    with torch.no_grad():
-        for chunk in x.split(512):
-            if isinstance(model, ContinuousFlow):
-                scores.append(model.log_prob(chunk, solver, method=args.divergence))
-            else:
-                scores.append(model.log_prob(chunk))
-    log_p = float(torch.cat(scores).mean())
+    result = evaluate(model, x, spec.n_bins, solver, args.divergence)
+    log_p = result["log_likelihood"]
     line = f"{spec.model} on {args.data} ({len(x)} examples): log-likelihood {log_p:.4f} nats"
     if spec.n_bins is not None:
-        line += f", {float(bits_per_dim(log_p, x[0].numel(), spec.n_bins)):.4f} bits/dim"
+        line += f", {result['bits_per_dim']:.4f} bits/dim"
     if dataset.density is not None and dataset.density.has_log_prob:
         line += f" (true density: {float(dataset.density.log_prob(x.cpu()).mean()):.4f})"
     print(f"{line}; {time.perf_counter() - t0:.1f} s")

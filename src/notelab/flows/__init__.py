@@ -17,7 +17,7 @@ from notelab.flows.bijections import (
     reverse,
 )
 from notelab.flows.coupling import CouplingFlow, CouplingFlowConfig, Flow
-from notelab.flows.dequantize import dequantize, nll_loss, test_log_likelihood
+from notelab.flows.dequantize import dequantize, nll_loss
 from notelab.flows.priors import StandardLogistic, StandardNormal
 
 __all__ = [
@@ -41,5 +41,4 @@ __all__ = [
     "nll_loss",
     "random_permutation",
     "reverse",
-    "test_log_likelihood",
 ]

@@ -53,23 +53,3 @@ def nll_loss(
     loss = -log_p.mean() / dims
     metrics = {"bits_per_dim": float(bits_per_dim(log_p.detach().mean(), dims, n_bins))} if n_bins else {}
     return loss, metrics
-
-
-@torch.no_grad()
-def test_log_likelihood(
-    model: nn.Module, x: torch.Tensor, n_bins: int | None = None, batch: int = 1024, seed: int = 0
-) -> dict[str, float]:
-    """Mean test log-likelihood (nats per example) and, with ``n_bins``, bits/dim of dequantised data."""
-    generator = torch.Generator(device=x.device).manual_seed(seed)
-    total = 0.0
-    for chunk in x.split(batch):
-        y = dequantize(chunk, n_bins, generator) if n_bins is not None else chunk
-        total += float(model.log_prob(y).sum())
-    mean = total / len(x)
-    out = {"log_likelihood": mean}
-    if n_bins is not None:
-        out["bits_per_dim"] = float(bits_per_dim(mean, x[0].numel(), n_bins))
-    return out
-
-
-test_log_likelihood.__test__ = False  # a library function, not a pytest test

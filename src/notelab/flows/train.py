@@ -34,6 +34,7 @@ from notelab.core.config import load_json
 from notelab.core.errors import CheckpointError, ConfigError, unknown_name
 from notelab.core.io import atomic_write_text
 from notelab.core.runtime import seed_everything
+from notelab.eval.likelihood import bits_per_dim
 from notelab.flows.continuous import ContinuousFlow, ContinuousFlowConfig, Solver, cnf_nll_loss
 from notelab.flows.coupling import CouplingFlow, CouplingFlowConfig
 from notelab.flows.dequantize import dequantize, nll_loss
@@ -167,16 +168,45 @@ def load_flow(
     return cls.from_pretrained(path, device=device, allow_large=allow_large).eval(), spec
 
 
-def log_likelihood(model: nn.Module, x: torch.Tensor, solver: Solver | None = None, batch: int = 512) -> torch.Tensor:
-    """``log p(x)`` per row (nats) of any flow here; a continuous flow solves its ODE with ``solver``."""
+def log_likelihood(
+    model: nn.Module,
+    x: torch.Tensor,
+    solver: Solver | None = None,
+    method: str = "exact",
+    generator: torch.Generator | None = None,
+    batch: int = 512,
+) -> torch.Tensor:
+    """``log p(x)`` per row (nats) of any flow here; a continuous flow solves its ODE with ``solver``
+    (default dopri5, rtol = atol = 1e-5) and ``method`` ("exact" or "hutchinson") divergence."""
     out = []
     with torch.no_grad():
         for chunk in x.split(batch):
             if isinstance(model, ContinuousFlow):
-                out.append(model.log_prob(chunk, solver or Solver("dopri5", rtol=1e-5, atol=1e-5)))
+                solver = solver or Solver("dopri5", rtol=1e-5, atol=1e-5)
+                out.append(model.log_prob(chunk, solver, method=method, generator=generator))
             else:
                 out.append(model.log_prob(chunk))
     return torch.cat(out)
+
+
+def evaluate(
+    model: nn.Module,
+    x: torch.Tensor,
+    n_bins: int | None = None,
+    solver: Solver | None = None,
+    method: str = "exact",
+    seed: int = 0,
+) -> dict[str, float]:
+    """Mean test log-likelihood (nats per example) and, for discrete data (``n_bins``), bits/dim of the
+    data dequantised with noise seeded by ``seed``."""
+    generator = torch.Generator(device=x.device).manual_seed(seed)
+    if n_bins is not None:
+        x = dequantize(x, n_bins, generator)
+    mean = float(log_likelihood(model, x, solver, method, generator).mean())
+    out = {"log_likelihood": mean}
+    if n_bins is not None:
+        out["bits_per_dim"] = float(bits_per_dim(mean, x[0].numel(), n_bins))
+    return out
 
 
 def draw(

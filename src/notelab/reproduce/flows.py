@@ -44,12 +44,11 @@ import torch
 
 from notelab.core.runtime import seed_everything
 from notelab.data import load_dataset
-from notelab.eval import bits_per_dim, line_png, mmd, save_image_grid
+from notelab.eval import line_png, mmd, save_image_grid
 from notelab.flows.continuous import ContinuousFlow, Solver
-from notelab.flows.dequantize import dequantize
 from notelab.flows.inpaint import inpaint
 from notelab.flows.matching import straightness
-from notelab.flows.train import FlowSpec, draw, log_likelihood, train_flow
+from notelab.flows.train import FlowSpec, draw, evaluate, log_likelihood, train_flow
 from notelab.reproduce import rules
 from notelab.reproduce.base import (
     ClaimResult,
@@ -298,11 +297,9 @@ def digits_section(s: Settings, seed: int, out_dir: Path, progress: Progress) ->
     spec = FlowSpec(model="nice", n_bins=17, hidden=max(64, 4 * s.hidden))
     progress.step(1, 2, f"NICE on digits, {s.digits_steps} steps")
     model, _ = train_flow(spec, train, dataclasses.replace(_train_config(s, s.digits_steps, seed), lr=1e-3))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        ll = float(model.log_prob(dequantize(test, 17, g)).mean())
-    bpd = float(bits_per_dim(ll, 64, 17))
-    samples, _ = draw(model, 64, generator=g)
+    score = evaluate(model, test, n_bins=17, seed=seed)
+    ll, bpd = score["log_likelihood"], score["bits_per_dim"]
+    samples, _ = draw(model, 64, generator=torch.Generator().manual_seed(seed))
     save_image_grid(samples.clamp(-1, 1), out_dir / "nice_digits_samples.png")
     progress.step(2, 2, "inpainting the lower half")
     known = torch.ones(1, 1, 8, 8)
