@@ -65,10 +65,10 @@ def test_likelihood_prints_nats(runs, capsys):
 def test_model_log_likelihood_float32_and_float64_states_agree(runs):
     model = DiffusionModel.from_pretrained(runs["subvp"])
     x = torch.randn(4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    a = model.log_likelihood(x, rtol=1e-6, atol=1e-6)
-    b = model.log_likelihood(x.float(), rtol=1e-5, atol=1e-5)
+    a = model.log_likelihood(x, rtol=1e-5, atol=1e-5)
+    b = model.log_likelihood(x.float(), rtol=1e-4, atol=1e-4)
     assert a.log_p.dtype == torch.float64 and b.log_p.dtype == torch.float32
-    torch.testing.assert_close(a.log_p.float(), b.log_p, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(a.log_p.float(), b.log_p, rtol=2e-3, atol=2e-3)
 
 
 def test_vp_chain_with_too_few_steps_is_refused(runs, tmp_path, capsys):
