@@ -46,7 +46,7 @@ def test_sample_and_eval(runs, tmp_path, capsys):
     with Image.open(out) as im:
         assert im.format == "PNG"
     recon = tmp_path / "r.png"
-    argv = ["vq", "eval", "--vqvae", str(vq), "--prior", str(prior), "--n-bins", "16", "--out", str(recon)]
+    argv = ["vq", "reconstruct", "--vqvae", str(vq), "--prior", str(prior), "--n-bins", "16", "--out", str(recon)]
     assert run_cli([*argv, "--device", "cpu"]) == 0
     text = capsys.readouterr().out
     assert "reconstruction MSE" in text and "bits/dim" in text and recon.is_file()

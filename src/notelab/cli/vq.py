@@ -9,6 +9,7 @@
         [--temperature 1 --top-k K --top-p P --seed 0 --device DEV]
     notelab vq eval --vqvae runs/vq [--prior runs/vq-prior --n-bins 256 --out reconstructions.png]
 
+``prior`` is also ``train-prior`` and ``eval`` also ``reconstruct`` (the issue's names).
 ``train`` and ``prior`` use the ``train`` split of the data (``notelab.data``, a fixed 80/20 split),
 ``eval`` the ``test`` split; the data a VQ-VAE was trained on is recorded in its run's
 ``data.json`` and found there by the other verbs. Every check runs before anything is written.
@@ -65,7 +66,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_training_options(t, **VQ_DEFAULTS)
     t.set_defaults(func=train)
 
-    pr = verbs.add_parser("prior", help="train a Llama prior over a VQ-VAE's codes (train split)")
+    pr = verbs.add_parser(
+        "prior", aliases=["train-prior"], help="train a Llama prior over a VQ-VAE's codes (train split)"
+    )
     pr.add_argument("--vqvae", required=True, help="run folder of `notelab vq train`")
     pr.add_argument("--dim", type=int, default=64, help="prior width")
     pr.add_argument("--n-layers", type=int, default=2)
@@ -86,7 +89,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_model_options(s)
     s.set_defaults(func=sample)
 
-    e = verbs.add_parser("eval", help="reconstruction MSE, codebook use and (with --prior) bits/dim on the test split")
+    e = verbs.add_parser(
+        "eval",
+        aliases=["reconstruct"],
+        help="reconstruction MSE, codebook use and (with --prior) bits/dim on the test split",
+    )
     e.add_argument("--vqvae", required=True, help="run folder of `notelab vq train`")
     e.add_argument("--prior", help="run folder of `notelab vq prior`: adds the prior's bits/dim")
     e.add_argument(
