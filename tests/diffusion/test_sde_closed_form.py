@@ -80,6 +80,8 @@ def _check_moments(x, tol_mean=4.0, tol_var=4.0):
     se_mean, se_var = (V0 / n).sqrt(), V0 * (2 / n) ** 0.5
     assert ((mean - MU).abs() < tol_mean * se_mean).all(), (mean, MU)
     assert ((var - V0).abs() < tol_var * se_var).all(), (var, V0)
+    cov = torch.cov(x.T)[0, 1]  # the data's dimensions are independent; se of a covariance ~ sqrt(v1 v2 / n)
+    assert abs(cov) < tol_mean * (V0[0] * V0[1] / n).sqrt(), cov
 
 
 @pytest.mark.parametrize("name", list(SDES))
