@@ -166,7 +166,7 @@ class ContinuousFlow(PretrainedMixin, nn.Module):
         x0: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, int]:
         """Samples ``x(1)`` from ``x(0) = x0`` (default: ``n`` base draws), and the NFE it took."""
-        x0 = self.noise(n, generator) if x0 is None else x0
+        x0 = self.noise(n, generator) if x0 is None else x0.to(self.device)
         return solve(self, x0, 0.0, 1.0, solver or Solver())
 
     def encode(self, x: torch.Tensor, solver: Solver | None = None) -> torch.Tensor:

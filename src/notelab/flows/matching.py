@@ -169,6 +169,7 @@ def straightness(model: ContinuousFlow, x0: torch.Tensor, steps: int = 20) -> fl
     if x0.ndim < 2:
         raise ShapeError(f"straightness: expected x0 of shape (B, ...), got {tuple(x0.shape)}")
     with torch.no_grad():
+        x0 = x0.to(next(iter(model.parameters())).device)
         xs, vs, x = [x0], [], x0
         for k in range(steps):
             v = model(x, k / steps)

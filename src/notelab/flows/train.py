@@ -178,14 +178,16 @@ def log_likelihood(
 ) -> torch.Tensor:
     """``log p(x)`` per row (nats) of any flow here; a continuous flow solves its ODE with ``solver``
     (default dopri5, rtol = atol = 1e-5) and ``method`` ("exact" or "hutchinson") divergence."""
+    device = next(iter(model.parameters())).device
     out = []
     with torch.no_grad():
         for chunk in x.split(batch):
+            chunk = chunk.to(device)  # the model's device; the result comes back on x's
             if isinstance(model, ContinuousFlow):
                 solver = solver or Solver("dopri5", rtol=1e-5, atol=1e-5)
-                out.append(model.log_prob(chunk, solver, method=method, generator=generator))
+                out.append(model.log_prob(chunk, solver, method=method, generator=generator).to(x.device))
             else:
-                out.append(model.log_prob(chunk))
+                out.append(model.log_prob(chunk).to(x.device))
     return torch.cat(out)
 
 
@@ -199,6 +201,7 @@ def evaluate(
 ) -> dict[str, float]:
     """Mean test log-likelihood (nats per example) and, for discrete data (``n_bins``), bits/dim of the
     data dequantised with noise seeded by ``seed``."""
+    x = x.to(next(iter(model.parameters())).device)
     generator = torch.Generator(device=x.device).manual_seed(seed)
     if n_bins is not None:
         x = dequantize(x, n_bins, generator)
