@@ -91,7 +91,7 @@ class Settings:
 
 
 FULL = Settings("small", 16, 4, 1000, 64, 1e-3, 2, 200, "auto")
-QUICK = Settings("tiny", 8, 2, 120, 32, 3e-3, 1, 40)
+QUICK = Settings("tiny", 8, 2, 80, 32, 3e-3, 1, 30)
 TINY = Settings("tiny", 8, 2, 3, 8, 3e-3, 1, 5)
 
 
