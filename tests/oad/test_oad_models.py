@@ -7,8 +7,10 @@ from oad_helpers import AMB, C, D, tiny_models
 
 from notelab.core.errors import ConfigError, ShapeError
 from notelab.oad import (
+    TRN,
     OadTR,
     OadTRConfig,
+    TRNConfig,
     load_detector,
     oad_loss,
     window_outputs,
@@ -38,6 +40,25 @@ def test_official_preset_parameter_count():
     assert n == OFFICIAL_PARAMS - UNUSED_QUERY_POSITIONS, (
         f"{n:,} parameters; official {OFFICIAL_PARAMS:,} includes an unused 8x1024 query position table"
     )
+
+
+def test_trn_official_preset_has_the_official_layers():
+    """TRN.pytorch's THUMOS model: fusion Linear(3072, 3072), LSTMCell(3072 + 3072, 4096), LSTMCell(4096, 4096),
+    hx / cx transforms Linear(4096, 4096), scores -> input Linear(22, 4096), future Linear(4096, 3072), classifier."""
+    lin = lambda i, o: i * o + o  # noqa: E731
+    cell = lambda i, h: 4 * h * (i + h) + 8 * h  # noqa: E731
+    expected = (
+        lin(3072, 3072)
+        + cell(6144, 4096)
+        + cell(4096, 4096)
+        + 2 * lin(4096, 4096)
+        + lin(22, 4096)
+        + lin(4096, 3072)
+        + lin(4096, 22)
+    )
+    with torch.device("meta"):
+        n = sum(p.numel() for p in TRN(TRNConfig.from_name("official")).parameters())
+    assert n == expected == 357_828_630
 
 
 @pytest.mark.parametrize("model", tiny_models(), ids=lambda m: m.model_type + getattr(m.config, "cell", ""))

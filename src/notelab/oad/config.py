@@ -125,7 +125,7 @@ class TRNConfig:
     window: int = 64  # encoder steps
     n_future: int = 8  # decoder steps anticipated at every encoder step (>= 1)
     d_hidden: int = 4096  # LSTM cells of encoder and decoder
-    d_fusion: int = 4096  # the fused input (features + anticipated future) the encoder reads
+    d_fusion: int = 3072  # the frame feature after the fusion layer, also the size of the anticipated future
     dropout: float = 0.1
 
     @classmethod

@@ -3,18 +3,21 @@ Detection", ICCV, sec. 3) and the plain LSTM / GRU baselines.
 
 At every step ``t`` of the window the encoder reads the frame together with the anticipated future
 of the previous step; a temporal decoder, started from the encoder's state, rolls ``Q`` steps
-ahead, each step's action scores fed to the next, and the average of its hidden states is that
-anticipated future (the "future gate" / spatiotemporal accumulator input)::
+ahead, each step's action scores fed to the next, and the average of its (projected) hidden states
+is that anticipated future, fed back at the next step::
 
-    x_t  = ReLU(W_f [f_t ; u_{t-1}])                         u_0 = 0
-    (h_t, c_t) = LSTMCell_enc(x_t, (h_{t-1}, c_{t-1}))
+    x_t  = ReLU(W_x f_t)                                      the fusion layer, d_in -> d_fusion
+    (h_t, c_t) = LSTMCell_enc([x_t ; u_{t-1}], (h_{t-1}, c_{t-1}))          u_0 = 0 (d_fusion)
     s_t  = W_c h_t                                            current-frame scores
-    (g_0, k_0) = (W_h h_t, W_k c_t),  a_0 = 0
+    g_0 = ReLU(W_h h_t),  k_0 = ReLU(W_k c_t),  a_0 = 0
     (g_i, k_i) = LSTMCell_dec(a_{i-1}, (g_{i-1}, k_{i-1})),  p_i = W_c g_i,  a_i = ReLU(W_a p_i)   i = 1..Q
-    u_t  = (1/Q) sum_i g_i                                    fed back at t+1
+    u_t  = (1/Q) sum_i ReLU(W_u g_i)                          d_hidden -> d_fusion
 
-The classifier ``W_c`` is shared by the encoder and the decoder, as in the paper. The detector's
-output is the last step's ``s_T`` and its anticipated ``p_1..p_Q``.
+The classifier ``W_c`` is shared by the encoder and the decoder, and the layer sizes follow the
+official THUMOS'14 model (4096 LSTM units, the fusion layer as wide as the 3072-d two-stream input).
+The detector's output is the last step's ``s_T`` and its anticipated ``p_1..p_Q``; unlike the
+official training, which also supervises every earlier step of the window, every detector here is
+trained on the current frame and its anticipation only (:mod:`notelab.oad.loss`).
 """
 
 from __future__ import annotations
@@ -34,37 +37,39 @@ class TRN(PretrainedMixin, nn.Module):
     def __init__(self, config: TRNConfig) -> None:
         super().__init__()
         self.config = c = config
-        self.fusion = nn.Linear(c.d_in + c.d_hidden, c.d_fusion)
-        self.enc = nn.LSTMCell(c.d_fusion, c.d_hidden)
+        self.fusion = nn.Linear(c.d_in, c.d_fusion)
+        self.enc = nn.LSTMCell(2 * c.d_fusion, c.d_hidden)
         self.h_to_dec = nn.Linear(c.d_hidden, c.d_hidden)
         self.c_to_dec = nn.Linear(c.d_hidden, c.d_hidden)
         self.dec = nn.LSTMCell(c.d_hidden, c.d_hidden)
         self.scores_to_input = nn.Linear(c.n_classes, c.d_hidden)
+        self.to_future = nn.Linear(c.d_hidden, c.d_fusion)
         self.classifier = nn.Linear(c.d_hidden, c.n_classes)
         self.drop = nn.Dropout(c.dropout)
 
     def anticipate(self, h: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Roll the decoder ``Q`` steps from the encoder state: ``(future scores (B, Q, C), u (B, d_hidden))``."""
-        g, k = self.h_to_dec(h), self.c_to_dec(c)
+        """Roll the decoder ``Q`` steps from the encoder state: ``(future scores (B, Q, C), u (B, d_fusion))``."""
+        g, k = torch.relu(self.h_to_dec(h)), torch.relu(self.c_to_dec(c))
         a = h.new_zeros(h.shape)
-        scores, total = [], h.new_zeros(h.shape)
+        scores, total = [], 0.0
         for _ in range(self.config.n_future):
             g, k = self.dec(self.drop(a), (g, k))
             p = self.classifier(self.drop(g))
             a = torch.relu(self.scores_to_input(p))
             scores.append(p)
-            total = total + g
+            total = total + torch.relu(self.to_future(g))
         return torch.stack(scores, dim=1), total / self.config.n_future
 
     def forward(self, features: torch.Tensor) -> OADOutput:
         check_window("TRN", features, self.config.window, self.config.d_in)
         b = features.shape[0]
         h = features.new_zeros(b, self.config.d_hidden)
-        c, u = h, h
+        c = h
+        u = features.new_zeros(b, self.config.d_fusion)
         future = None
         for t in range(features.shape[1]):
-            x = torch.relu(self.fusion(torch.cat([features[:, t], u], dim=-1)))
-            h, c = self.enc(self.drop(x), (h, c))
+            x = torch.relu(self.fusion(features[:, t]))
+            h, c = self.enc(self.drop(torch.cat([x, u], dim=-1)), (h, c))
             future, u = self.anticipate(h, c)
         return OADOutput(self.classifier(self.drop(h)), future)
 
