@@ -93,7 +93,7 @@ def main() -> None:
             frames = min(args.frames, 5 if name == "trn" else 20) if heavy else args.frames
             st = stream_times(model, frames, 1 if heavy else args.warmup, args.device)
             fps = batched_fps(model, frames if heavy else args.video, args.batch, args.device)
-            print(f"{name}\t{preset}\t{n:,}\t{st['stream_fps']:.1f}\t{st['p50_ms']:.2f}\t{st['p99_ms']:.2f}\t{fps:.1f}")
+            print(f"{name}\t{preset}\t{n:,}\t{st['stream_fps']:.3g}\t{st['p50_ms']:.3g}\t{st['p99_ms']:.3g}\t{fps:.3g}")
             print(
                 json.dumps(
                     {
