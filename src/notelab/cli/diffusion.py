@@ -20,7 +20,9 @@ Every check runs before anything is written, so bad input leaves no file behind.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
+from dataclasses import MISSING
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -155,7 +157,10 @@ def train(args: argparse.Namespace) -> int:
     )
     config_path = folder.path / CONFIG_NAME
     if folder.resume and config_path.is_file():  # the same weights under another schedule would resume silently
-        check_same_settings(config_path, load_json(config_path), config_to_dict(diffusion_config))
+        # a run saved before a field existed had that field's default
+        defaults = {f.name: f.default for f in dataclasses.fields(DiffusionConfig) if f.default is not MISSING}
+        saved = {**defaults, **load_json(config_path)}
+        check_same_settings(config_path, saved, config_to_dict(diffusion_config))
     seed_all(train_config.seed)
     t0 = time.perf_counter()
     with folder:
