@@ -119,3 +119,9 @@ def test_likelihood_bad_input_exits_2(runs, capsys):
         run_cli(["diffusion", "likelihood", "--checkpoint", str(runs["none"]), "--data", "moons", "--divergence", "x"])
         == 2
     )
+
+
+def test_resume_with_another_sde_is_refused(runs, capsys):
+    argv = ["diffusion", "train", "--data", "moons", "--out", str(runs["none"]), "--resume", "--sde", "ve"]
+    assert run_cli([*argv, "--steps", "6", "--batch-size", "16", "--no-progress"]) == 2
+    assert "sde 'none', given 've'" in capsys.readouterr().err
