@@ -174,3 +174,12 @@ def test_save_and_load(tmp_path):
 def test_num_parameters_formula(name):
     config = CouplingFlowConfig.from_name(name, sample_shape=(1, 4, 4), hidden=12, depth=2)
     assert CouplingFlow.num_parameters(config) == sum(p.numel() for p in CouplingFlow(config).parameters())
+
+
+def test_actnorm_does_not_blow_up_a_coordinate_constant_in_its_first_batch():
+    f = ActNorm(3).train()
+    x = torch.randn(64, 3, generator=torch.Generator().manual_seed(0))
+    x[:, 2] = -1.0  # a blank pixel in every image of the batch
+    f(x)
+    assert float(f.log_scale[2].detach()) <= float(-torch.log(0.1 * x.std(0).mean())) + 1e-5
+    assert float(f.log_scale[2].detach()) < 3

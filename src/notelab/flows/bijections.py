@@ -241,19 +241,25 @@ class ActNorm(Bijection):
 
     ``b`` and ``s`` are set from the first batch seen in training so that ``y`` has zero mean and
     unit variance per coordinate, then trained as ordinary parameters. ``log|det| = sum_i s_i``.
+
+    A coordinate that barely varies in that batch (a pixel blank in every image of it) would get
+    a scale of thousands, and a test image with ink there a log-density of minus millions; so the
+    spread used is floored at ``min_spread`` times the coordinates' mean spread.
     """
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, min_spread: float = 0.1) -> None:
         super().__init__()
         self.bias = nn.Parameter(torch.zeros(dim))
         self.log_scale = nn.Parameter(torch.zeros(dim))
         self.register_buffer("initialized", torch.tensor(False))
+        self.min_spread = min_spread
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.training and not bool(self.initialized) and x.shape[0] > 1:
             with torch.no_grad():
                 self.bias.copy_(x.mean(0))
-                self.log_scale.copy_(-x.std(0).clamp_min(1e-6).log())
+                std = x.std(0)
+                self.log_scale.copy_(-std.clamp_min(self.min_spread * float(std.mean()) + 1e-12).log())
                 self.initialized.fill_(True)
         return (x - self.bias) * self.log_scale.exp(), self.log_scale.sum().expand(x.shape[0])
 
