@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     pr.add_argument("--dim", type=int, default=64, help="prior width")
     pr.add_argument("--n-layers", type=int, default=2)
     pr.add_argument("--n-heads", type=int, default=4)
+    pr.add_argument(
+        "--eval-every", type=int, default=100, help="NLL on a held-out tenth of the codes every N steps; best kept"
+    )
     add_training_options(pr, **PRIOR_DEFAULTS)
     pr.set_defaults(func=prior)
 
@@ -201,12 +205,14 @@ def train(args: argparse.Namespace) -> int:
 
 
 def prior(args: argparse.Namespace) -> int:
+    import torch
+
     from notelab.core.runtime import get_device
     from notelab.train import TrainConfig
     from notelab.vq.prior import encode_dataset, prior_config, save_prior, train_prior
 
     check_training_options(args)
-    check_positive(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads)
+    check_positive(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, eval_every=args.eval_every)
     folder = prepare_out(args.out, "vq prior", resume=args.resume, overwrite=args.overwrite)
     train_config = TrainConfig(**train_config_kwargs(args))
     if folder.resume:
@@ -214,20 +220,28 @@ def prior(args: argparse.Namespace) -> int:
         if done is not None:
             print(complete_message("vq prior", done, train_config.steps))
             return 0
-    vqvae = _load_vqvae(args.vqvae, get_device(args.device), args.allow_large)
+    device = get_device(args.device)
+    vqvae = _load_vqvae(args.vqvae, device, args.allow_large)
     c = vqvae.config
     config = prior_config(c.codebook_size, c.grid, dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads)
     config.check_size(args.allow_large)
     dataset = _load_split(_data_info(args.vqvae), "train")
-    codes = encode_dataset(vqvae, dataset.x)
+    codes = encode_dataset(vqvae, dataset.x).cpu()
+    # a fixed tenth held out: the weights kept are those of the best held-out NLL (early stopping)
+    perm = torch.randperm(len(codes), generator=torch.Generator().manual_seed(0))
+    val, codes = codes[perm[: max(1, len(codes) // 10)]], codes[perm[max(1, len(codes) // 10) :]]
     seed_all(train_config.seed)
     t0 = time.perf_counter()
     with folder:
-        result = train_prior(codes, c.codebook_size, train_config, config)
+        result = train_prior(
+            codes, c.codebook_size, train_config, config, val_codes=val.to(device), eval_every=args.eval_every
+        )
         save_prior(result, folder.path)
+    best = min(r["val_nll"] for r in result.history if "val_nll" in r) / (c.grid[0] * c.grid[1] * math.log(2))
     print(
         f"trained a prior over {len(codes)} code grids ({c.grid[0]}x{c.grid[1]}, K={c.codebook_size}) "
-        f"in {time.perf_counter() - t0:.1f} s; wrote {args.out}"
+        f"in {time.perf_counter() - t0:.1f} s; held-out {best:.3f} bits per code (uniform "
+        f"{math.log2(c.codebook_size):.3f}); wrote {args.out}"
     )
     return 0
 
