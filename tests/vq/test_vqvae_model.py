@@ -76,7 +76,13 @@ def test_fit_trains_on_digits_and_the_prior_learns_the_codes():
     scores = evaluate(m, test.x)
     assert scores["mse"] < 0.5 * float(test.x.var())  # far better than the mean image
     codes, test_codes = encode_dataset(m, train.x), encode_dataset(m, test.x)
-    prior = train_prior(codes, 8, TrainConfig(steps=40, batch_size=64, lr=3e-3, progress=False, device="cpu")).model
+    val = codes[:100]
+    tc = TrainConfig(steps=40, batch_size=64, lr=3e-3, progress=False, device="cpu")
+    result = train_prior(codes[100:], 8, tc, val_codes=val, eval_every=10)
+    prior = result.model
+    curve = [r["val_nll"] for r in result.history if "val_nll" in r]
+    assert len(curve) == 4  # steps 10, 20, 30, 40; the weights returned are those of the best
+    assert float(code_nll(prior, val, 8).mean()) == pytest.approx(min(curve), rel=1e-5)
     nll = code_nll(prior, test_codes, 8)
     # per code, against the uniform prior's log K nats; and against a direct evaluation of the logits
     assert float(nll.mean()) / 16 < math.log(8)
