@@ -28,10 +28,13 @@ def _grid_mass(model, lim=7.0, n=121):
     return float(log_likelihood(model, xx, RK4, batch=8192).exp().sum() * (2 * lim / (n - 1)) ** 2)
 
 
-@pytest.mark.parametrize("name", ["nice", "realnvp", "fm", "rf", "cnf"])
-def test_training_raises_test_likelihood_and_the_density_integrates_to_one(name, moons):
+@pytest.mark.parametrize(
+    "name, extra",
+    [("nice", {}), ("realnvp", {}), ("fm", {}), ("fm", {"path": "vp", "pairing": "ot"}), ("rf", {}), ("cnf", {})],
+)
+def test_training_raises_test_likelihood_and_the_density_integrates_to_one(name, extra, moons):
     train, test = moons
-    spec = FlowSpec(model=name, hidden=24, solver_steps=2, reflow_pairs=256)
+    spec = FlowSpec(model=name, hidden=24, solver_steps=2, reflow_pairs=256, **extra)
     torch.manual_seed(0)
     untrained = build_model(spec, (2,)).eval()
     model, results = train_flow(spec, train, _config(40 if name == "cnf" else 150))
@@ -58,6 +61,8 @@ def test_run_folder_round_trip_and_digits_bits_per_dim(tmp_path):
 def test_bad_specs_and_folders(tmp_path):
     with pytest.raises(ConfigError, match="unknown flow model"):
         FlowSpec(model="glow")
+    with pytest.raises(ConfigError, match="unknown probability path"):
+        FlowSpec(model="fm", path="ve")
     with pytest.raises(CheckpointError, match="flow.json"):
         load_flow(tmp_path)
 

@@ -53,6 +53,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="cnf training (default: exact for points, hutchinson for images, where exact costs one pass per pixel)",
     )
     t.add_argument("--solver-steps", type=int, default=8, help="cnf training: RK4 steps through the ODE")
+    t.add_argument("--path", default="ot", choices=("ot", "linear", "vp"), help="fm: the probability path")
+    t.add_argument("--pairing", default="independent", choices=("independent", "ot"), help="fm / rf: OT-CFM pairing")
     t.set_defaults(func=train)
 
     s = verbs.add_parser("sample", help="sample a trained flow; writes an image grid or a scatter PNG")
@@ -121,6 +123,8 @@ def train(args: argparse.Namespace) -> int:
         hidden=args.hidden,
         solver_steps=args.solver_steps,
         divergence=args.divergence or ("exact" if dataset.kind == "points" else "hutchinson"),
+        path=args.path,
+        pairing=args.pairing,
     )
     seed_all(train_config.seed)
     t0 = time.perf_counter()

@@ -38,10 +38,11 @@ from notelab.eval.likelihood import bits_per_dim
 from notelab.flows.continuous import ContinuousFlow, ContinuousFlowConfig, Solver, cnf_nll_loss
 from notelab.flows.coupling import CouplingFlow, CouplingFlowConfig
 from notelab.flows.dequantize import dequantize, nll_loss
-from notelab.flows.matching import FlowMatchingLoss, LinearPath, OTPath, reflow_pairs
+from notelab.flows.matching import PATHS, FlowMatchingLoss, LinearPath, independent, ot_pairs, reflow_pairs
 from notelab.train import FitResult, TrainConfig, fit, unwrap_model
 
 MODELS = ("nice", "realnvp", "cnf", "fm", "rf")
+PAIRINGS = {"independent": independent, "ot": ot_pairs}
 FLOW_FILE = "flow.json"  # {"model": "nice", "n_bins": 17 | null}: what a run folder holds
 
 
@@ -54,6 +55,8 @@ class FlowSpec:
     solver: str = "rk4"  # ODE solver of the CNF's training (fixed steps keep the cost known)
     solver_steps: int = 8  # its steps
     divergence: str = "exact"  # "exact" or "hutchinson" in CNF training
+    path: str = "ot"  # fm: probability path, "ot" (Lipman, sigma_min 1e-4), "linear" (I-CFM) or "vp"
+    pairing: str = "independent"  # fm / rf: coupling of noise and data, "independent" or "ot" (minibatch OT-CFM)
     reflow_fraction: float = 0.5  # rf: share of the steps spent on reflow (the rest on 1-RF)
     reflow_pairs: int = 4096  # rf: pairs (x_0, ODE(x_0)) generated for reflow
 
@@ -62,6 +65,10 @@ class FlowSpec:
             raise unknown_name("flow model", self.model, MODELS)
         if self.n_bins is not None and (isinstance(self.n_bins, bool) or self.n_bins < 2):
             raise ConfigError(f"FlowSpec.n_bins: expected None or an integer >= 2, got {self.n_bins!r}")
+        if self.path not in PATHS:
+            raise unknown_name("probability path", self.path, PATHS)
+        if self.pairing not in PAIRINGS:
+            raise unknown_name("pairing", self.pairing, PAIRINGS)
         if not 0 < self.reflow_fraction < 1:
             raise ConfigError(f"FlowSpec.reflow_fraction: expected a number in (0, 1), got {self.reflow_fraction}")
         Solver(self.solver, self.solver_steps)
@@ -110,8 +117,9 @@ def loss_for(spec: FlowSpec) -> Any:
         return partial(nll_loss, n_bins=spec.n_bins)
     if spec.model == "cnf":
         return Dequantized(_cnf_loss(spec), spec.n_bins)
-    path = OTPath() if spec.model == "fm" else LinearPath()
-    return Dequantized(FlowMatchingLoss(path), spec.n_bins)
+    # rectified flow is the linear path by definition; flow matching takes the spec's
+    path = PATHS[spec.path]() if spec.model == "fm" else LinearPath()
+    return Dequantized(FlowMatchingLoss(path, PAIRINGS[spec.pairing]), spec.n_bins)
 
 
 def train_flow(
