@@ -6,7 +6,8 @@ couplings of five 1,000-unit layers; this script trains the same family through 
 (``train/<digit>/*.png``, ``test/<digit>/*.png``, e.g. ``../shared/data/mnist_png`` unpacked),
 dequantised with 256 levels, and prints the test bits/dim of each model.
 
-    python benchmarks/flows_mnist.py --data /tmp/mnist --max-images 20000 --steps 2000
+    python benchmarks/flows_mnist.py --data /tmp/mnist --models realnvp --steps 1000 --lr 3e-3
+    python benchmarks/flows_mnist.py --data /tmp/mnist --models nice --steps 4000 --lr 5e-3
     python benchmarks/flows_mnist.py --data /tmp/mnist --hidden 1000 --depth 5 --steps 30000 --device cuda
 """
 
