@@ -315,3 +315,32 @@ def test_convert_overwriting_its_own_source_keeps_the_tokenizer(main, run_dir, t
     assert (src / "tokenizer.json").read_bytes() == (run_dir / "tokenizer.json").read_bytes()
     assert json.loads((src / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     assert not (src / "data.json").exists()  # replaced whole
+
+
+def test_generate_dtype_and_rate_line(main, run_dir, monkeypatch, capsys):
+    import importlib
+
+    import torch
+
+    from notelab.cli.lm import _rate_line
+
+    generation = importlib.import_module("notelab.lm.generate")
+    dtypes = []
+
+    def fake_generate(model, prompts, max_new_tokens, callback=None, **kw):
+        dtypes.append(model.embed_tokens.weight.dtype)
+        for _ in range(max_new_tokens):
+            for row in range(len(prompts)):
+                callback(row, 5)
+        return [[5] * max_new_tokens for _ in prompts]
+
+    monkeypatch.setattr(generation, "generate", fake_generate)
+    args = ["lm", "generate", "--checkpoint", str(run_dir), "--prompt", "a", "--max-new-tokens", "4"]
+    assert main([*args, "--dtype", "bfloat16"]) == 0
+    assert main(args) == 0  # auto: as saved on the CPU
+    assert dtypes == [torch.bfloat16, torch.float32]
+    assert "after the first two steps" in capsys.readouterr().err
+    # The warm-up (prefill, compile, capture) is left out of the second rate: 2 rows x 10 steps, 2 s warm-up.
+    line = _rate_line(20, 2, 3.0, 2.0)
+    assert "20 tokens in 3.00 s, 6.7 tok/s" in line and "16.0 tok/s" in line
+    assert _rate_line(2, 2, 1.0, None) == "[2 tokens in 1.00 s, 2.0 tok/s]"

@@ -82,6 +82,27 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def add_dtype_option(parser: argparse.ArgumentParser) -> None:
+    """``--dtype``: the weights (and KV cache) a model runs in; auto is bf16 on CUDA, as saved elsewhere."""
+    parser.add_argument(
+        "--dtype", choices=DTYPES, default="auto", help="weights and KV cache (auto: bfloat16 on CUDA, else as saved)"
+    )
+
+
+def apply_dtype(model: Any, name: str) -> Any:
+    """Cast ``model`` for ``--dtype name`` (see :func:`add_dtype_option`); returns it."""
+    import torch
+
+    if name != "auto":
+        return model.to(getattr(torch, name))
+    if next(model.parameters()).is_cuda:  # the fast decode paths are measured in bf16 on GPU
+        return model.to(torch.bfloat16)
+    return model
+
+
 def add_out_option(parser: argparse.ArgumentParser, help: str = "run folder") -> None:
     """``--out DIR`` and ``--overwrite``."""
     parser.add_argument("--out", required=True, help=help)

@@ -25,10 +25,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from notelab.cli.common import (
+    add_dtype_option,
     add_model_options,
     add_out_option,
     add_training_options,
     already_complete,
+    apply_dtype,
     check_positive,
     check_text,
     check_training_options,
@@ -77,6 +79,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto")
+    add_dtype_option(g)
     add_model_options(g)
     g.set_defaults(func=generate)
 
@@ -202,11 +205,15 @@ def generate(args: argparse.Namespace) -> int:
         else:
             prompts = [tokenizer.encode(p, add_bos=tokenizer.bos_id is not None) for p in args.prompt]
     stops = chat_stop_tokens(tokenizer) if args.chat else [i for i in (tokenizer.eos_id,) if i is not None]
-    callback = None
-    if args.stream and len(prompts) == 1:
-        shown: list[int] = []
+    apply_dtype(model, args.dtype)
+    shown: list[int] = []
+    arrived = [0, 0.0]  # tokens so far, and when the second step's tokens were all in (then: steady decoding)
 
-        def callback(row: int, token: int) -> None:
+    def callback(row: int, token: int) -> None:
+        arrived[0] += 1
+        if arrived[0] == 2 * len(prompts):
+            arrived[1] = time.perf_counter()
+        if args.stream and len(prompts) == 1:
             # Decode the whole suffix so multi-token characters print whole.
             before = tokenizer.decode(shown)
             shown.append(token)
@@ -230,7 +237,7 @@ def generate(args: argparse.Namespace) -> int:
             callback=callback,
         )
     seconds = time.perf_counter() - t0
-    if callback is not None:
+    if args.stream and len(prompts) == 1:
         print()
     else:
         for prompt, new in zip(prompts, outs):
@@ -238,13 +245,23 @@ def generate(args: argparse.Namespace) -> int:
             if len(prompts) > 1:
                 print("-" * 40)
     n = sum(len(o) for o in outs)
-    print(f"[{n} tokens in {seconds:.2f} s, {n / max(seconds, 1e-9):.1f} tok/s]", file=sys.stderr)
+    print(_rate_line(n, len(outs), seconds, arrived[1] - t0 if arrived[1] else None), file=sys.stderr)
     for w in caught:  # one line each (a warning's default print is two, with our source line)
         if issubclass(w.category, ContextLimitWarning):
             print(f"note: {w.message}", file=sys.stderr)
         else:
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     return 0
+
+
+def _rate_line(tokens: int, rows: int, seconds: float, warm: float | None) -> str:
+    """``[N tokens in S s, R tok/s]``, and the rate after the first two steps (``warm`` seconds in), which
+    hold the prefill and, on a GPU, the one-time compilation and CUDA-graph capture of the decode step."""
+    line = f"[{tokens} tokens in {seconds:.2f} s, {tokens / max(seconds, 1e-9):.1f} tok/s"
+    later = tokens - 2 * rows
+    if warm is not None and later > 0 and seconds > warm:
+        line += f"; after the first two steps ({warm:.2f} s): {later / (seconds - warm):.1f} tok/s"
+    return line + "]"
 
 
 def evaluate(args: argparse.Namespace) -> int:

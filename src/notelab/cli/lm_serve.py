@@ -16,10 +16,9 @@ import argparse
 import socket
 from pathlib import Path
 
-from notelab.cli.common import add_model_options
+from notelab.cli.common import add_dtype_option, add_model_options, apply_dtype
 from notelab.core.errors import ConfigError, DataError
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 # Llama 3's 128k-token context in every one of 64 rows would be a KV cache of ~0.5 TB for the 1B model.
 DEFAULT_MAX_LEN = 4096
 
@@ -46,9 +45,7 @@ def add_serve_parser(verbs: argparse._SubParsersAction) -> None:
         f"(default: the model's max_seq_len, at most {DEFAULT_MAX_LEN})",
     )
     s.add_argument("--max-n", type=int, default=16, help="most sequences one request may ask for (n x prompts)")
-    s.add_argument(
-        "--dtype", choices=DTYPES, default="auto", help="weights and KV cache (auto: bfloat16 on CUDA, else as saved)"
-    )
+    add_dtype_option(s)
     s.add_argument("--device", default="auto")
     s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     add_model_options(s)
@@ -75,8 +72,6 @@ def serve(args: argparse.Namespace) -> int:
 
 def _app(args: argparse.Namespace) -> tuple[object, str]:
     """The server's ASGI app over the checkpoint, and a line saying what it serves."""
-    import torch
-
     from notelab.core.runtime import get_device
     from notelab.lm.engine import Engine
     from notelab.lm.flops import kv_cache_bytes
@@ -89,11 +84,7 @@ def _app(args: argparse.Namespace) -> tuple[object, str]:
     if args.max_len is not None and not 2 <= args.max_len <= context:
         raise ConfigError(f"--max-len: expected 2 to the model's max_seq_len {context}, got {args.max_len}")
     max_len = args.max_len or min(context, DEFAULT_MAX_LEN)
-    if args.dtype != "auto":
-        model.to(getattr(torch, args.dtype))
-    elif model.embed_tokens.weight.is_cuda:
-        model.to(torch.bfloat16)
-    model.eval()
+    apply_dtype(model, args.dtype).eval()
     engine = Engine(model, max_batch=args.max_batch, max_len=max_len)
     cache = kv_cache_bytes(model.config, args.max_batch, max_len, engine.dtype)
     name = args.model_name or Path(args.checkpoint).resolve().name
