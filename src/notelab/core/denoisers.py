@@ -77,6 +77,18 @@ class UNetConfig:
             raise ValueError(f"UNetConfig: image_size {self.image_size} must be divisible by {down}")
 
 
+class ResidualBlock(nn.Module):
+    """``x + conv1x1(relu(conv3x3(relu(x))))`` (VQ-VAE sec. 4.1): no time input, unlike the UNet's."""
+
+    def __init__(self, channels: int, hidden: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, hidden, 3, padding=1)
+        self.conv2 = nn.Conv2d(hidden, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv2(F.relu(self.conv1(F.relu(x))))
+
+
 class ResBlock(nn.Module):
     def __init__(self, cin: int, cout: int, tdim: int, groups: int, dropout: float) -> None:
         super().__init__()

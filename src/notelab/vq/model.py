@@ -18,20 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from notelab.core.checkpoint import PretrainedMixin
+from notelab.core.denoisers import ResidualBlock
 from notelab.core.errors import ConfigError, DataError, ShapeError
 from notelab.vq.quantizer import VectorQuantizer, check_indices, check_quantizer_args
-
-
-class ResidualBlock(nn.Module):
-    """``x + conv1x1(relu(conv3x3(relu(x))))`` (VQ-VAE sec. 4.1): no time input, unlike the UNet's."""
-
-    def __init__(self, channels: int, hidden: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(channels, hidden, 3, padding=1)
-        self.conv2 = nn.Conv2d(hidden, channels, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.conv2(F.relu(self.conv1(F.relu(x))))
 
 
 @dataclass
