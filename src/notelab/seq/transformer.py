@@ -159,12 +159,15 @@ class MultiHeadAttention(nn.Module):
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, bias: bool = True) -> None:
         super().__init__()
         self.n_heads = n_heads
+        self.n_kv_heads = n_heads  # every head has its own keys and values (no grouping)
         self.head_dim = d_model // n_heads
         self.dropout = dropout
         self.q_proj = nn.Linear(d_model, d_model, bias=bias)
         self.k_proj = nn.Linear(d_model, d_model, bias=bias)
         self.v_proj = nn.Linear(d_model, d_model, bias=bias)
         self.out_proj = nn.Linear(d_model, d_model, bias=bias)
+        # Prefix tuning's hook (notelab.peft.KVPrefix): (k, v, mask) -> the same with learned keys/values first.
+        self.kv_prefix: nn.Module | None = None
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
@@ -192,6 +195,8 @@ class MultiHeadAttention(nn.Module):
             k, v = self.project_kv(x if kv is None else kv)
             if cache is not None:
                 k, v = cache.update(start, k, v)
+        if self.kv_prefix is not None:
+            k, v, mask = self.kv_prefix(k, v, mask)
         out = attention(q, k, v, mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0)
         b, _, t, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, t, -1))
