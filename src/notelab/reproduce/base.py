@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TextIO
 
 from notelab.reproduce.rules import Check
@@ -114,6 +115,17 @@ class Progress:
 def quiet() -> Progress:
     """A :class:`Progress` that prints nothing (the default of a claim's ``run``)."""
     return Progress("", stream=None)
+
+
+def begin(out_dir: str | Path, seed: int, progress: Progress | None) -> tuple[Path, Progress, float]:
+    """What every claim's ``run`` does first: its folder (created), a progress sink (``quiet`` by
+    default), the global seed, and the start time."""
+    from notelab.core.runtime import seed_everything
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seed_everything(seed)
+    return out, progress or quiet(), time.perf_counter()
 
 
 @contextlib.contextmanager

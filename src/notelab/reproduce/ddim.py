@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from notelab.core.runtime import get_device, seed_everything
+from notelab.core.runtime import get_device
 from notelab.data import load_dataset
 from notelab.diffusion.pipeline import DiffusionConfig, DiffusionModel, train_diffusion
 from notelab.eval import fd_digits, save_image_grid
@@ -47,9 +47,9 @@ from notelab.reproduce.base import (
     Progress,
     Section,
     Table,
+    begin,
     mean_std,
     one_thread,
-    quiet,
 )
 from notelab.train import TrainConfig
 
@@ -358,12 +358,8 @@ def reference_section(dataset: object, s: Settings, seed: int) -> Section:
 
 
 def run(out_dir: Path, quick: bool = False, seed: int = 0, progress: Progress | None = None) -> ClaimResult:
-    t_start = time.perf_counter()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    progress = progress or quiet()
+    out_dir, progress, t_start = begin(out_dir, seed, progress)
     s = QUICK if quick else FULL
-    seed_everything(seed)
     with one_thread(quick):
         with progress.part(f"train the DDPM ({s.train_steps} steps)"):
             model, trained = train_section(s, seed, out_dir, progress)

@@ -42,7 +42,6 @@ from pathlib import Path
 
 import torch
 
-from notelab.core.runtime import seed_everything
 from notelab.data import load_dataset
 from notelab.eval import line_png, mmd, save_image_grid
 from notelab.flows.continuous import ContinuousFlow, Solver
@@ -57,10 +56,10 @@ from notelab.reproduce.base import (
     Progress,
     Section,
     Table,
+    begin,
     derived_seeds,
     mean_std,
     one_thread,
-    quiet,
 )
 from notelab.train import TrainConfig
 
@@ -431,12 +430,8 @@ def side_by_side_section(s: Settings, seed: int, out_dir: Path, progress: Progre
 
 
 def run(out_dir: Path, quick: bool = False, seed: int = 0, progress: Progress | None = None) -> ClaimResult:
-    t_start = time.perf_counter()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    progress = progress or quiet()
+    out_dir, progress, t_start = begin(out_dir, seed, progress)
     s = QUICK if quick else FULL
-    seed_everything(seed)
     sections: list[Section] = []
     with one_thread(quick):
         with progress.part(f"2-D densities: {', '.join(s.models)} x {s.seeds} seeds"):

@@ -68,10 +68,10 @@ from notelab.reproduce.base import (
     Progress,
     Section,
     Table,
+    begin,
     derived_seeds,
     mean_std,
     one_thread,
-    quiet,
 )
 from notelab.train import TrainConfig
 
@@ -697,13 +697,9 @@ def run(
     settings: Settings | None = None,
 ) -> ClaimResult:
     """The four parts for ``settings`` (default: ``QUICK`` / ``FULL_GPU`` / ``FULL``)."""
-    t_start = time.perf_counter()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    progress = progress or quiet()
+    out_dir, progress, t_start = begin(out_dir, seed, progress)
     s = settings or (QUICK if quick else FULL_GPU if torch.cuda.is_available() else FULL)
     seeds = derived_seeds(seed, s.seeds)
-    seed_everything(seed)
     device = get_device("auto")
     with one_thread(quick):
         with progress.part("tokenize the standard library"):

@@ -35,7 +35,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from notelab.core.runtime import seed_everything
 from notelab.data.streams import StreamSet, digits_streams
 from notelab.eval.detection import drop_ambiguous_softmax, frame_map
 from notelab.eval.plots import line_png
@@ -49,9 +48,9 @@ from notelab.reproduce.base import (
     Progress,
     Section,
     Table,
+    begin,
     derived_seeds,
     one_thread,
-    quiet,
 )
 from notelab.train import TrainConfig
 
@@ -315,12 +314,8 @@ def run(
     out_dir: Path, quick: bool = False, seed: int = 0, tiny: bool = False, progress: Progress | None = None
 ) -> ClaimResult:
     """Train and compare the detectors; ``quick`` for ``make demo``, ``tiny`` for tests (numbers meaningless)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    progress = progress or quiet()
+    out_dir, progress, t_start = begin(out_dir, seed, progress)
     s = TINY if tiny else QUICK if quick else FULL
-    t_start = time.perf_counter()
-    seed_everything(seed)
     train, test = digits_streams("train"), digits_streams("test")
     with one_thread():
         with progress.part(f"train {len(MAIN) + len(ABLATIONS)} models x {s.seeds} seed(s)"):

@@ -34,7 +34,7 @@ import torch
 
 from notelab.core.runtime import seed_everything
 from notelab.reproduce import rules
-from notelab.reproduce.base import ClaimResult, Figure, PaperNumber, Progress, Section, Table, one_thread, quiet
+from notelab.reproduce.base import ClaimResult, Figure, PaperNumber, Progress, Section, Table, begin, one_thread
 
 NAME = "peft"
 TITLE = "Parameter-efficient fine-tuning: memory and quality against full fine-tuning"
@@ -288,12 +288,8 @@ def run(
     out_dir: Path, quick: bool = False, seed: int = 0, tiny: bool = False, progress: Progress | None = None
 ) -> ClaimResult:
     """Run the three measurements; ``quick`` for ``make demo``, ``tiny`` for tests (numbers meaningless)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    progress = progress or quiet()
+    out_dir, progress, t0 = begin(out_dir, seed, progress)
     s = TINY if tiny else QUICK if quick else FULL
-    t0 = time.perf_counter()
-    seed_everything(seed)
     with progress.part("(1) memory estimates"):
         est = estimator_section()
     with one_thread():

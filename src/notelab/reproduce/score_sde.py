@@ -33,14 +33,14 @@ from pathlib import Path
 import torch
 
 from notelab.core.integrate import euler, integrate
-from notelab.core.runtime import get_device, seed_everything
+from notelab.core.runtime import get_device
 from notelab.data import load_dataset, toy_density
 from notelab.diffusion.likelihood import ddpm_nll_bound, dequantize
 from notelab.diffusion.pipeline import DiffusionConfig, DiffusionModel, train_diffusion
 from notelab.diffusion.samplers import em_step, pf_field
 from notelab.eval import bits_per_dim, fd_digits, mean_log_likelihood
 from notelab.reproduce import rules
-from notelab.reproduce.base import ClaimResult, Figure, PaperNumber, Progress, Section, Table, one_thread, quiet
+from notelab.reproduce.base import ClaimResult, Figure, PaperNumber, Progress, Section, Table, begin, one_thread
 from notelab.train import TrainConfig
 
 NAME = "sde"
@@ -312,12 +312,8 @@ def _trajectories(model: DiffusionModel, path: Path, seed: int) -> None:
 
 
 def run(out_dir: Path, quick: bool = False, seed: int = 0, progress: Progress | None = None) -> ClaimResult:
-    t_start = time.perf_counter()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    progress = progress or quiet()
+    out_dir, progress, t_start = begin(out_dir, seed, progress)
     s = QUICK if quick else FULL
-    seed_everything(seed)
     with one_thread(quick):
         with progress.part(f"train a DDPM and a sub-VP model ({s.train_steps} steps each)"):
             models, trained = train_models(s, seed, out_dir, progress)

@@ -65,10 +65,10 @@ from notelab.reproduce.base import (
     Progress,
     Section,
     Table,
+    begin,
     derived_seeds,
     mean_std,
     one_thread,
-    quiet,
 )
 from notelab.seq.experiments import (
     MODELS,
@@ -540,12 +540,8 @@ def run(
     out_dir: Path, quick: bool = False, seed: int = 0, tiny: bool = False, progress: Progress | None = None
 ) -> ClaimResult:
     """Run the four measurements; ``quick`` for ``make demo``, ``tiny`` for tests (numbers meaningless)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    progress = progress or quiet()
+    out_dir, progress, t_start = begin(out_dir, seed, progress)
     s = TINY if tiny else QUICK if quick else FULL_GPU if torch.cuda.is_available() else FULL
-    t_start = time.perf_counter()
-    seed_everything(seed)
     # Quick (and tiny) runs measure everything on one CPU thread: their numbers then do not depend on
     # how busy the machine is. A full run gives the throughput measurement every thread it has.
     with one_thread(quick or tiny):

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from notelab.core.runtime import get_device, seed_everything
+from notelab.core.runtime import get_device
 from notelab.data import load_dataset
 from notelab.eval import line_png, save_image_grid
 from notelab.reproduce import rules
@@ -50,10 +50,10 @@ from notelab.reproduce.base import (
     Progress,
     Section,
     Table,
+    begin,
     derived_seeds,
     mean_std,
     one_thread,
-    quiet,
 )
 from notelab.train import TrainConfig
 from notelab.vq import (
@@ -333,13 +333,9 @@ def figures_section(vq: Section, data: dict[str, torch.Tensor], out_dir: Path) -
 
 
 def run(out_dir: Path, quick: bool = False, seed: int = 0, progress: Progress | None = None) -> ClaimResult:
-    t_start = time.perf_counter()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    progress = progress or quiet()
+    out_dir, progress, t_start = begin(out_dir, seed, progress)
     s = QUICK if quick else FULL
     seeds = derived_seeds(seed, s.seeds)
-    seed_everything(seed)
     data = {split: load_dataset("digits", split=split).x for split in ("train", "test")}
     with one_thread(quick):
         with progress.part(f"train 4 VQ-VAEs x {len(seeds)} seeds ({s.steps} steps)"):
