@@ -217,58 +217,19 @@ def results_section(s: Settings, runs: dict[str, list[dict[str, Any]]], out_dir:
         )
     )
     rule = "per-test-video difference of per-frame mAP (pooled over seeds), 95% interval above 0"
+
+    def beats(group: str, other: str | tuple[str, ...], name: str, role: str = "decides") -> rules.Check:
+        diffs = _diffs(runs, "OadTR", other)
+        return rules.check(
+            group, f"OadTR - {name}, per video", rule, diffs, 0.0, below=False, scale=100, unit=" pt", role=role
+        )
+
     sec.checks += [
-        rules.check(
-            "OadTR beats TRN and RNNs",
-            "OadTR - TRN, per video",
-            rule,
-            _diffs(runs, "OadTR", "TRN"),
-            0.0,
-            below=False,
-            scale=100,
-            unit=" pt",
-        ),
-        rules.check(
-            "OadTR beats TRN and RNNs",
-            "OadTR - best of LSTM / GRU, per video",
-            rule,
-            _diffs(runs, "OadTR", ("LSTM", "GRU")),
-            0.0,
-            below=False,
-            scale=100,
-            unit=" pt",
-        ),
-        rules.check(
-            "task token and decoder help",
-            "OadTR - w/o task token, per video",
-            rule,
-            _diffs(runs, "OadTR", "OadTR w/o task token"),
-            0.0,
-            below=False,
-            scale=100,
-            unit=" pt",
-        ),
-        rules.check(
-            "task token and decoder help",
-            "OadTR - w/o decoder, per video",
-            rule,
-            _diffs(runs, "OadTR", "OadTR w/o decoder"),
-            0.0,
-            below=False,
-            scale=100,
-            unit=" pt",
-        ),
-        rules.check(
-            "causal Transformer vs OadTR (reported)",
-            "OadTR - causal Transformer, per video",
-            rule,
-            _diffs(runs, "OadTR", "causal Transformer"),
-            0.0,
-            below=False,
-            scale=100,
-            unit=" pt",
-            role="reported",
-        ),
+        beats("OadTR beats TRN and RNNs", "TRN", "TRN"),
+        beats("OadTR beats TRN and RNNs", ("LSTM", "GRU"), "best of LSTM / GRU"),
+        beats("task token and decoder help", "OadTR w/o task token", "w/o task token"),
+        beats("task token and decoder help", "OadTR w/o decoder", "w/o decoder"),
+        beats("causal Transformer vs OadTR (reported)", "causal Transformer", "causal Transformer", role="reported"),
     ]
     sec.values["map"] = {label: _mean([r["scores"]["mAP"] for r in rs]) for label, rs in runs.items()}
     return sec
