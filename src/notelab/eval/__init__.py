@@ -1,4 +1,5 @@
-"""Metrics shared by the families: Frechet distance (FD-digits), MMD, log-likelihood under known densities, plots."""
+"""Metrics shared by the families: Frechet distance (FD-digits), MMD, log-likelihood under known densities,
+token log-probabilities / entropy / perplexity, ranking (AUC-PR, AUC-ROC), plots."""
 
 from notelab.eval.digits import (
     DigitsClassifier,
@@ -11,10 +12,14 @@ from notelab.eval.digits import (
 )
 from notelab.eval.frechet import fd_from_features, feature_statistics, frechet_distance
 from notelab.eval.likelihood import bits_per_dim
+from notelab.eval.logprobs import perplexity, token_entropy, token_logprobs
 from notelab.eval.plots import image_grid, line_png, save_image_grid, scatter_png
 from notelab.eval.points import mean_log_likelihood, median_bandwidth, mmd, rbf_kernel
+from notelab.eval.ranking import auc_pr, auc_roc
 
 __all__ = [
+    "auc_pr",
+    "auc_roc",
     "bits_per_dim",
     "DigitsClassifier",
     "DigitsClassifierConfig",
@@ -30,8 +35,11 @@ __all__ = [
     "mean_log_likelihood",
     "median_bandwidth",
     "mmd",
+    "perplexity",
     "rbf_kernel",
     "save_image_grid",
     "scatter_png",
+    "token_entropy",
+    "token_logprobs",
     "train_digits_classifier",
 ]
