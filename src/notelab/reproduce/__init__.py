@@ -3,7 +3,10 @@
 A claim is a module with ``run(out_dir, quick=False, seed=0, progress=None) -> ClaimResult``. The
 registry below is a plain mapping from name to module path, imported only when the claim runs.
 :func:`run_seeds` runs a claim once per seed and pools the checks of all runs into one verdict
-(:func:`notelab.reproduce.rules.pool`).
+(:func:`notelab.reproduce.rules.pool`). A seed whose folder already holds a complete
+``result.json`` of the same claim, mode and seed is read back instead of run again, so a killed
+pooled run resumes at the seed it was on, and seeds run on several machines pool once their
+``seed-K`` folders sit side by side.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TextIO
 
-from notelab.core.errors import ConfigError, unknown_name
+from notelab.core.config import MAX_JSON_BYTES
+from notelab.core.errors import ConfigError, DataError, unknown_name
 from notelab.core.io import atomic_write_text
 from notelab.reproduce import rules
 from notelab.reproduce.base import ClaimResult, Figure, Progress, Table, quiet
@@ -44,12 +48,58 @@ def run_claim(
 def _run_into(name: str, out: Path, quick: bool, seed: int, progress: Progress | None) -> ClaimResult:
     if name not in CLAIMS:
         raise unknown_name("claim", name, CLAIMS)
+    from notelab.reproduce.report import device_name  # imports torch, as the claim does
+
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     result = importlib.import_module(CLAIMS[name]).run(out, quick=quick, seed=seed, progress=progress or quiet())
     result.seconds = result.seconds or time.perf_counter() - start
+    result = dataclasses.replace(result, seed=seed, quick=quick, device=device_name())
     atomic_write_text(out / "result.json", json.dumps(asdict(result), indent=2, default=str) + "\n")
     return result
+
+
+def read_result(path: str | Path) -> ClaimResult:
+    """The :class:`ClaimResult` in the JSON file ``path``, validated (never unpickled); a missing,
+    oversized, non-UTF-8, truncated or foreign file is one :class:`DataError` line."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise DataError(f"{path}: expected a result of at most {MAX_JSON_BYTES} bytes, got {size}")
+        # json's NaN / Infinity are accepted: a check's interval is infinite with one value
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise DataError(f"{path}: cannot read it ({e.strerror or e})") from None
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise DataError(
+            f"{path}: not a JSON result ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        ) from None
+    return ClaimResult.from_dict(data, str(path))
+
+
+def reusable(folder: Path, name: str, quick: bool, seed: int) -> tuple[ClaimResult | None, str]:
+    """``(result, "")`` when ``folder/result.json`` is a complete run of claim ``name`` with this
+    mode and seed whose figures are all in ``folder``; else ``(None, why)`` (``why`` empty when
+    there is no result.json at all: nothing to say)."""
+    path = folder / "result.json"
+    if not path.exists():
+        return None, ""
+    try:
+        r = read_result(path)
+    except DataError as e:
+        return None, str(e)
+    mode = {True: "quick", False: "full", None: "unrecorded"}
+    if r.name != name:
+        return None, f"it is claim {r.name!r}'s, not {name!r}'s"
+    if r.seed != seed or r.quick is not quick:
+        return None, f"it is a {mode[r.quick]} run of seed {r.seed}, not a {mode[quick]} run of seed {seed}"
+    top = folder.resolve()
+    for f in r.figures:
+        where = (folder / f.path).resolve()
+        if not where.is_relative_to(top) or not where.is_file():
+            return None, f"its figure {f.path!r} is not in {folder}"
+    return r, ""
 
 
 def run_seeds(
@@ -57,8 +107,10 @@ def run_seeds(
 ) -> ClaimResult:
     """Run ``name`` once per seed (into ``out_dir/name/seed-K`` when more than one) and pool them.
 
-    One seed gives that run's result (in ``out_dir/name``); several give :func:`combine`'s, also
-    written to ``out_dir/name/result.json``.
+    One seed gives that run's result (in ``out_dir/name``, always run). Several give
+    :func:`combine`'s, also written to ``out_dir/name/result.json``; a seed whose folder holds a
+    :func:`reusable` result is read instead of run, and one whose result.json is corrupt, foreign or
+    of another mode or seed is run again (a one-line notice on ``progress_stream`` either way).
     """
     seeds = list(seeds)
     if not seeds or len(set(seeds)) != len(seeds) or any(k < 0 for k in seeds):
@@ -69,16 +121,34 @@ def run_seeds(
 
     if len(seeds) == 1:
         return run_claim(name, out_dir, quick, seeds[0], progress(name))
+    if name not in CLAIMS:
+        raise unknown_name("claim", name, CLAIMS)
+
+    def notice(k: int, text: str) -> None:
+        if progress_stream is not None:
+            print(f"[{name} seed {k}] {text}", file=progress_stream, flush=True)
+
     out = Path(out_dir) / name
-    results = [_run_into(name, out / f"seed-{k}", quick, k, progress(f"{name} seed {k}")) for k in seeds]
-    combined = combine(results, seeds)
+    results, reused = [], []
+    for k in seeds:
+        result, why = reusable(out / f"seed-{k}", name, quick, k)
+        if result is not None:
+            notice(k, f"reusing the complete run in {out / f'seed-{k}'} ({result.verdict}, {result.seconds:.0f} s)")
+            reused.append(k)
+        else:
+            if why:
+                notice(k, f"not reusing {out / f'seed-{k}' / 'result.json'}: {why}; running it again")
+            result = _run_into(name, out / f"seed-{k}", quick, k, progress(f"{name} seed {k}"))
+        results.append(result)
+    combined = combine(results, seeds, reused)
     atomic_write_text(out / "result.json", json.dumps(asdict(combined), indent=2, default=str) + "\n")
     return combined
 
 
-def combine(results: Sequence[ClaimResult], seeds: Sequence[int]) -> ClaimResult:
+def combine(results: Sequence[ClaimResult], seeds: Sequence[int], reused: Sequence[int] = ()) -> ClaimResult:
     """One result for runs of one claim with different seeds: the checks pooled over all runs, the
-    verdict from them, each run's own verdict, and the first run's tables and figures."""
+    verdict from them, each run's own verdict, the first run's tables and figures, the machines the
+    runs used, and which seeds (``reused``) were read from an earlier run rather than run now."""
     first, k0 = results[0], seeds[0]
     checks = rules.pool([r.checks for r in results])
     verdict = rules.claim_verdict(checks)
@@ -90,20 +160,39 @@ def combine(results: Sequence[ClaimResult], seeds: Sequence[int]) -> ClaimResult
     summary = (
         f"Pooled over the runs of seeds {', '.join(map(str, seeds))}: {verdict}; each run alone: "
         + ", ".join(f"seed {k} {v}" for k, v in per_seed.items())
+        + (f" (seed{'s' if len(reused) > 1 else ''} {', '.join(map(str, reused))} read from earlier complete runs)"
+           if reused else "")
         + f". Tables and figures below are seed {k0}'s: {first.summary}"
-    )
+    )  # fmt: skip
     return dataclasses.replace(
         first,
         verdict=verdict,
         summary=summary,
         tables=[dataclasses.replace(t, title=f"{t.title} [seed {k0}]") for t in first.tables],
         figures=[dataclasses.replace(f, path=f"seed-{k0}/{f.path}") for f in first.figures],
-        settings={"seeds": list(seeds), "results": [f"seed-{k}/result.json" for k in seeds]},
+        settings={
+            "seeds": list(seeds),
+            "results": [f"seed-{k}/result.json" for k in seeds],
+            "reused_seeds": list(reused),
+        },
         seconds=sum(r.seconds for r in results),
         checks=checks,
         part_seconds=parts,
         seed_verdicts=per_seed,
+        seed=None,
+        device=_devices(results, seeds),
+        reused_seeds=list(reused),
     )
+
+
+def _devices(results: Sequence[ClaimResult], seeds: Sequence[int]) -> str:
+    """The machines pooled runs used: one name, or each with its seeds ("A (seeds 0, 1); B (seed 2)")."""
+    by_device: dict[str, list[int]] = {}
+    for r, k in zip(results, seeds):
+        by_device.setdefault(r.device or "unrecorded", []).append(k)
+    if len(by_device) == 1:
+        return next(iter(by_device))
+    return "; ".join(f"{d} (seed{'s' if len(ks) > 1 else ''} {', '.join(map(str, ks))})" for d, ks in by_device.items())
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -119,4 +208,15 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-__all__ = ["CLAIMS", "ClaimResult", "Figure", "Table", "combine", "parse_seeds", "run_claim", "run_seeds"]
+__all__ = [
+    "CLAIMS",
+    "ClaimResult",
+    "Figure",
+    "Table",
+    "combine",
+    "parse_seeds",
+    "read_result",
+    "reusable",
+    "run_claim",
+    "run_seeds",
+]

@@ -1,5 +1,10 @@
 """What a reproduced claim returns (tables, figures, checks and a verdict) and what every claim
-shares while it runs: progress lines, one-thread execution of small models, derived seeds."""
+shares while it runs: progress lines, one-thread execution of small models, derived seeds.
+
+A result is written as ``result.json`` (``dataclasses.asdict``) and read back by
+:meth:`ClaimResult.from_dict`, which validates every field (never unpickles), so that a pooled
+``--seed 0,1,2`` run can reuse the complete runs of a crashed or split attempt.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +17,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from notelab.core.config import config_from_dict
+from notelab.core.errors import DataError
 from notelab.reproduce.rules import Check
 
 VERDICTS = ("holds", "does not hold", "inconclusive")
+
+
+def parsed(cls: type, data: Any, where: str) -> Any:
+    """``cls`` built from parsed JSON, every field checked against its type hint; a bad field (or a
+    value its ``__post_init__`` refuses) is one :class:`DataError` line naming it."""
+    try:
+        return config_from_dict(cls, data, where)
+    except ValueError as e:  # ConfigError names the field; __post_init__ raises ValueError
+        raise DataError(str(e)) from None
 
 
 @dataclass
@@ -24,12 +40,20 @@ class Table:
     rows: list[list[Any]]
     note: str = ""
 
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "table") -> Table:
+        return parsed(cls, data, where)
+
 
 @dataclass
 class Figure:
     title: str
     path: str  # PNG file name, relative to the claim's output directory
     caption: str = ""
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "figure") -> Figure:
+        return parsed(cls, data, where)
 
 
 @dataclass
@@ -40,6 +64,10 @@ class PaperNumber:
     paper: str  # the paper's value, as printed there
     source: str  # paper and table / section
     ours: str  # our counterpart, with its setting (different data and scale: say so in `quantity`)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "paper") -> PaperNumber:
+        return parsed(cls, data, where)
 
 
 @dataclass
@@ -57,10 +85,47 @@ class ClaimResult:
     paper: list[PaperNumber] = field(default_factory=list)
     part_seconds: dict[str, float] = field(default_factory=dict)
     seed_verdicts: dict[int, str] = field(default_factory=dict)  # per run seed, when several were pooled
+    # what the run was: a complete result.json is reused only for the same claim, mode and seed
+    seed: int | None = None  # None: several seeds pooled (or a result written before seeds were recorded)
+    quick: bool | None = None
+    device: str = ""  # where the run ran (pooled: each machine with its seeds), e.g. "NVIDIA H200"
+    reused_seeds: list[int] = field(default_factory=list)  # pooled: seeds read from an earlier run's result.json
 
     def __post_init__(self) -> None:
         if self.verdict not in VERDICTS:
             raise ValueError(f"verdict must be one of {VERDICTS}, got {self.verdict!r}")
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "result") -> ClaimResult:
+        """A result from its JSON form (``dataclasses.asdict`` of one), every field validated (the
+        checks' verdicts recomputed from their values); a corrupt or foreign one is one
+        :class:`DataError` line."""
+        if not isinstance(data, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(data).__name__}")
+        data = dict(data)
+        checks, verdicts = data.pop("checks", []), data.pop("seed_verdicts", {})
+        if not isinstance(checks, list):
+            raise DataError(f"{where}.checks: expected a list, got {type(checks).__name__}")
+        if not isinstance(verdicts, dict) or not all(_seed_key(k) is not None for k in verdicts):
+            raise DataError(f"{where}.seed_verdicts: expected an object from seeds (integers >= 0) to verdicts")
+        bad = [v for v in verdicts.values() if v not in VERDICTS]
+        if bad:
+            raise DataError(f"{where}.seed_verdicts: expected verdicts among {VERDICTS}, got {bad[0]!r}")
+        result = parsed(cls, data, where)
+        if result.seed is not None and result.seed < 0 or any(k < 0 for k in result.reused_seeds):
+            raise DataError(f"{where}: expected seeds >= 0, got {result.seed} / {result.reused_seeds}")
+        result.checks = [Check.from_dict(c, f"{where}.checks[{i}]") for i, c in enumerate(checks)]
+        result.seed_verdicts = {_seed_key(k): v for k, v in verdicts.items()}
+        return result
+
+
+def _seed_key(key: object) -> int | None:
+    """A seed_verdicts key: an int in memory, its decimal string once through JSON; None if neither."""
+    if isinstance(key, int) and not isinstance(key, bool):
+        return key if key >= 0 else None
+    if isinstance(key, str) and key.isascii() and key.isdigit() and len(key) < 19:
+        return int(key)
+    return None
 
 
 @dataclass

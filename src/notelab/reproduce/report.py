@@ -38,6 +38,18 @@ td.text, th.text { text-align: left; }
 """
 
 
+def device_name() -> str:
+    """The machine a run uses: the CUDA device's name when there is one (the claims run there), else the CPU."""
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or 'cpu'})"
+
+
+def _devices(results: Sequence[ClaimResult]) -> str:
+    """Where the reported runs ran, from their own results (pooled runs may come from other machines);
+    the machine writing the report only for results that did not record theirs."""
+    names = list(dict.fromkeys(r.device or f"{device_name()} (this machine)" for r in results))
+    return "; ".join(names) if names else device_name()
+
+
 def _badge(verdict: str) -> str:
     return f'<span class="verdict {verdict.replace(" ", "-")}">{html.escape(verdict)}</span>'
 
@@ -91,7 +103,13 @@ def _seeds(r: ClaimResult) -> str:
     if not r.seed_verdicts:
         return ""
     cells = ", ".join(f"seed {k}: {_badge(v)}" for k, v in r.seed_verdicts.items())
-    return f"<p>Each run alone: {cells}; pooled (the verdict above): {_badge(r.verdict)}.</p>"
+    reused = (
+        f" Seed{'s' if len(r.reused_seeds) > 1 else ''} {', '.join(map(str, r.reused_seeds))} read from "
+        "complete earlier runs (their seed-K/result.json), not run again."
+        if r.reused_seeds
+        else ""
+    )
+    return f"<p>Each run alone: {cells}; pooled (the verdict above): {_badge(r.verdict)}.{reused}</p>"
 
 
 def _details(r: ClaimResult) -> str:
@@ -125,7 +143,8 @@ def _section(r: ClaimResult) -> str:
     return (
         f'<section id="{html.escape(r.name)}"><h2>{html.escape(r.title)}</h2>'
         f"<blockquote>{html.escape(r.claim)}</blockquote>"
-        f'<p>Verdict: {_badge(r.verdict)} <span class="note">({r.seconds:.0f} s)</span></p>{_seeds(r)}'
+        f'<p>Verdict: {_badge(r.verdict)} <span class="note">({r.seconds:.0f} s'
+        f"{' on ' + html.escape(r.device) if r.device else ''})</span></p>{_seeds(r)}"
         f"<p>{html.escape(r.summary)}</p>{_checks(r)}{_paper(r)}{''.join(_table(t) for t in r.tables)}{figs}"
         f"{_details(r)}</section>"
     )
@@ -135,7 +154,7 @@ def write_report(results: Sequence[ClaimResult], out_dir: str | Path, quick: boo
     """Write ``out_dir/index.html`` summarising ``results`` (figures are already in ``out_dir/<claim>/``)."""
     out_dir = Path(out_dir)
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or 'cpu'})"
+    device = _devices(results)
     rows = "".join(
         f'<tr><td><a href="#{r.name}">{html.escape(r.title)}</a></td>'
         f"<td>{_badge(r.verdict)}</td><td>{r.seconds:.0f}</td>"

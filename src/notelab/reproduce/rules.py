@@ -28,6 +28,10 @@ import math
 import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
+
+from notelab.core.config import config_from_dict
+from notelab.core.errors import DataError
 
 CONFIDENCE = 0.95
 ROLES = ("decides", "cannot refute", "reported")
@@ -126,6 +130,23 @@ class Check:
         if self.role not in ROLES:
             raise ValueError(f"Check.role: expected one of {ROLES}, got {self.role!r}")
 
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "check") -> Check:
+        """A check from its JSON form (``dataclasses.asdict``), every field validated; one-line
+        :class:`DataError` otherwise. The verdict and interval are recomputed from the values (a
+        stored verdict is never trusted), so the values may be non-finite (a diverged run's NaN)."""
+        if not isinstance(data, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(data).__name__}")
+        fields = {k: v for k, v in data.items() if k not in _DERIVED}
+        values = fields.pop("values", None)
+        if not isinstance(values, list) or not all(_is_number(v) for v in values):
+            raise DataError(f"{where}.values: expected a list of numbers, got {_short(values)}")
+        try:
+            c = config_from_dict(cls, {**fields, "values": []}, where)
+        except ValueError as e:  # ConfigError (a field) or __post_init__ (the role)
+            raise DataError(str(e)) from None
+        return judged(replace(c, values=[float(v) for v in values]))
+
     @property
     def effective(self) -> str:
         """The verdict as the claim counts it ("cannot refute": "does not hold" -> "inconclusive")."""
@@ -148,6 +169,18 @@ class Check:
             f"mean {f(self.mean)}, {round(100 * CONFIDENCE)}% CI [{f(self.low)}, {f(self.high)}] over n={n}; "
             f"claim: {side} {f(self.limit)}"
         )
+
+
+_DERIVED = ("verdict", "mean", "low", "high")  # recomputed from the values by judged()
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _short(v: object) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def check(
