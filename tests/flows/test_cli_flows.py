@@ -51,6 +51,20 @@ def test_nice_on_digits_reports_bits_per_dim(tmp_path, capsys):
     assert run_cli(["flows", "sample", "--checkpoint", str(run), "--n", "16", "--out", str(png)]) == 0
 
 
+def test_realnvp_on_digits_is_the_multiscale_flow_and_reports_bits_per_dim(tmp_path, capsys):
+    run = tmp_path / "realnvp"
+    tiny = ["--steps", "3", "--batch-size", "32", "--hidden", "4", "--depth", "1", "--no-progress", "--no-compile"]
+    assert run_cli(["flows", "train", "--model", "realnvp", "--data", "digits", "--out", str(run), *tiny]) == 0
+    assert json.loads((run / "config.json").read_text())["arch"] == "multiscale"
+    argv = ["flows", "likelihood", "--checkpoint", str(run), "--data", "digits", "--max-examples", "32"]
+    assert run_cli([*argv, "--device", "cpu"]) == 0
+    assert "bits/dim" in capsys.readouterr().out
+    bad = ["flows", "train", "--model", "fm", "--arch", "multiscale", "--data", "digits", "--out", str(tmp_path / "x")]
+    assert run_cli([*bad, *tiny]) == 2
+    assert "applies to nice and realnvp" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
 def test_bad_input_is_one_line_and_exit_2(fm_run, tmp_path, capsys):
     cases = [
         ["flows", "sample", "--checkpoint", str(fm_run), "--n", "0", "--out", str(tmp_path / "a.png")],

@@ -1,13 +1,14 @@
 """``notelab flows train | sample | likelihood``: parse, call notelab.flows, print.
 
     notelab flows train --model nice|realnvp|cnf|fm|rf --data moons|digits|PATH --out runs/nice-moons
-        [--steps N --batch-size B --lr LR --hidden H --n-bins K --seed S --resume ...]
+        [--steps N --batch-size B --lr LR --hidden H --depth L --arch auto|mlp|multiscale --n-bins K ...]
     notelab flows sample --checkpoint runs/fm-moons --solver euler --steps 10 --n 512 --out samples.png
     notelab flows likelihood --checkpoint runs/nice-digits --data digits --split test   (alias: eval)
 
 Images are dequantised with ``--n-bins`` levels (default 17 for the embedded digits, 256 for
 image folders and arrays) and their log-likelihood is reported in bits/dim; for a toy density the
-exact test log-likelihood of the true density is printed beside the model's. Every check runs
+exact test log-likelihood of the true density is printed beside the model's. RealNVP on images
+is the multi-scale conv flow (``--arch auto``); ``--arch mlp`` couples the flattened image. Every check runs
 before anything is written.
 """
 
@@ -43,6 +44,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--data", required=True, help="moons, 8gaussians, ..., digits, an image folder or a .npy/.npz")
     add_training_options(t, steps=2000, batch_size=256, lr=1e-3)
     t.add_argument("--hidden", type=int, default=128, help="width of the conditioners / the vector field MLP")
+    t.add_argument("--depth", type=int, default=3, help="hidden layers / residual blocks of each conditioner")
+    t.add_argument(
+        "--arch",
+        default="auto",
+        choices=("auto", "mlp", "multiscale"),
+        help="nice / realnvp: couplings of the flattened image (mlp) or RealNVP's multi-scale conv couplings "
+        "(auto: multiscale for realnvp on images)",
+    )
     t.add_argument("--n-bins", type=int, help="levels of image data (default: 17 digits, 256 other images)")
     t.add_argument("--n", type=int, default=8192, help="points drawn from a toy density")
     t.add_argument("--image-size", type=int, help="resize images to this size")
@@ -108,7 +117,7 @@ def train(args: argparse.Namespace) -> int:
     from notelab.train import TrainConfig
 
     check_training_options(args)
-    check_positive(hidden=args.hidden, n=args.n, solver_steps=args.solver_steps)
+    check_positive(hidden=args.hidden, depth=args.depth, n=args.n, solver_steps=args.solver_steps)
     folder = prepare_out(args.out, "flows train", resume=args.resume, overwrite=args.overwrite)
     train_config = TrainConfig(**train_config_kwargs(args))
     if folder.resume:
@@ -121,6 +130,8 @@ def train(args: argparse.Namespace) -> int:
         model=args.model,
         n_bins=_n_bins(args.n_bins, args.data, dataset.kind),
         hidden=args.hidden,
+        depth=args.depth,
+        arch=args.arch,
         solver_steps=args.solver_steps,
         divergence=args.divergence or ("exact" if dataset.kind == "points" else "hutchinson"),
         path=args.path,

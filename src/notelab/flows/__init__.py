@@ -3,7 +3,8 @@ flow matching and rectified flow.
 
 - :mod:`~notelab.flows.bijections`: the bijection interface (``forward -> (y, ladj)``, ``inverse``),
   couplings with an injected elementwise law (:class:`Additive` NICE, :class:`Affine` RealNVP),
-  NICE's diagonal scaling, ActNorm, permutations and masks.
+  NICE's diagonal scaling, ActNorm, permutations and masks; for images RealNVP's checkerboard /
+  channel masks, conv conditioner, squeeze and multi-scale factor-out.
 - :mod:`~notelab.flows.coupling`: :class:`Flow` (base density + bijection) and :class:`CouplingFlow`.
 - :mod:`~notelab.flows.continuous`: :class:`ContinuousFlow`, a vector field with exact or Hutchinson
   log-likelihood through ``notelab.core.integrate``.
@@ -19,13 +20,19 @@ from notelab.flows.bijections import (
     Affine,
     Bijection,
     Compose,
+    ConvNet,
     Coupling,
     DiagonalScaling,
+    MultiScale,
     Permutation,
+    Squeeze,
     Transform,
     alternating_mask,
+    channel_mask,
+    checkerboard_mask,
     half_mask,
     random_permutation,
+    resnet,
     reverse,
 )
 from notelab.flows.continuous import ContinuousFlow, ContinuousFlowConfig, Solver
@@ -51,6 +58,7 @@ __all__ = [
     "Affine",
     "Bijection",
     "Compose",
+    "ConvNet",
     "ContinuousFlow",
     "ContinuousFlowConfig",
     "Coupling",
@@ -61,14 +69,18 @@ __all__ = [
     "FlowMatchingLoss",
     "FlowSpec",
     "LinearPath",
+    "MultiScale",
     "OTPath",
     "Permutation",
     "Solver",
+    "Squeeze",
     "StandardLogistic",
     "StandardNormal",
     "Transform",
     "VPPath",
     "alternating_mask",
+    "channel_mask",
+    "checkerboard_mask",
     "dequantize",
     "draw",
     "evaluate",
@@ -81,6 +93,7 @@ __all__ = [
     "ot_pairs",
     "random_permutation",
     "reflow_pairs",
+    "resnet",
     "reverse",
     "straightness",
     "train_flow",

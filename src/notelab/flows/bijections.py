@@ -19,15 +19,23 @@ The Jacobian is triangular, so its determinant is the product of the diagonal. T
 map ``g`` is injected (:class:`Additive`: ``g = x + t``, log-det 0, NICE; :class:`Affine`:
 ``g = x exp(s) + t``, log-det ``sum s``, RealNVP): NICE and RealNVP are the same coupling flow
 with a different transform.
+
+Images (RealNVP, Dinh et al. 2017, sec. 3.4-3.6): the same coupling takes a mask of the image's
+shape (C, H, W), :func:`checkerboard_mask` or :func:`channel_mask`, and a convolutional
+conditioner (:func:`resnet`); :class:`Squeeze` trades each 2x2 block of pixels for 4 channels, and
+:class:`MultiScale` factors out half of the channels after each scale.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from notelab.core.denoisers import ResidualBlock
 from notelab.core.errors import ConfigError, ShapeError
 
 
@@ -183,11 +191,59 @@ def mlp(d_in: int, d_out: int, hidden: int = 128, depth: int = 3) -> nn.Sequenti
     return nn.Sequential(*layers, last)
 
 
+class ConvNet(nn.Module):
+    """RealNVP's convolutional s-t network (Dinh et al. 2017, sec. 4.1, with ReLU residual blocks).
+
+    ``conv3x3(d_in -> hidden)``, ``depth`` time-free residual blocks (``notelab.core``'s, as
+    VQ-VAE's), ReLU, ``conv3x3(hidden -> d_out)``; the last convolution starts at zero so the coupling
+    starts as the identity. ``d_out = n_params * d_in`` output channels are returned as
+    (B, d_in, H, W, n_params), the layout :class:`Coupling` reads its parameters in.
+    """
+
+    def __init__(self, d_in: int, d_out: int, hidden: int = 64, depth: int = 2) -> None:
+        super().__init__()
+        if d_out % d_in:
+            raise ConfigError(f"ConvNet: expected d_out a multiple of d_in, got {d_out} and {d_in}")
+        self.d_in = d_in
+        self.inp = nn.Conv2d(d_in, hidden, 3, padding=1)
+        self.blocks = nn.Sequential(*(ResidualBlock(hidden, hidden) for _ in range(depth)))
+        self.out = nn.Conv2d(hidden, d_out, 3, padding=1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.out(F.relu(self.blocks(self.inp(x))))  # (B, n_params * C, H, W)
+        return h.unflatten(1, (-1, self.d_in)).movedim(1, -1)
+
+
+def resnet(d_in: int, d_out: int, hidden: int = 64, depth: int = 2) -> ConvNet:
+    """The image coupling conditioner: a :class:`ConvNet` (``hidden`` channels, ``depth`` residual blocks)."""
+    return ConvNet(d_in, d_out, hidden, depth)
+
+
+def checkerboard_mask(shape: Sequence[int], parity: int) -> torch.Tensor:
+    """RealNVP's spatial checkerboard (Dinh et al. 2017, fig. 3 left): ``mask[c, i, j] = 1`` where
+    ``(i + j) % 2 == parity``, for every channel of ``shape`` = (C, H, W)."""
+    c, h, w = shape
+    i, j = torch.arange(h)[:, None], torch.arange(w)[None, :]
+    return ((i + j) % 2 == parity % 2).float().expand(c, h, w).contiguous()
+
+
+def channel_mask(shape: Sequence[int], parity: int) -> torch.Tensor:
+    """RealNVP's channel-wise mask (fig. 3 right): 1 on the first half of the channels (``parity`` 0)
+    or on the second (1), over every pixel of ``shape`` = (C, H, W)."""
+    c, h, w = shape
+    return half_mask(c, parity)[:, None, None].expand(c, h, w).contiguous()
+
+
 class Coupling(Bijection):
     """A coupling layer: ``y = mask * x + (1 - mask) * g(x; m(mask * x))`` (module docstring).
 
     ``transform`` builds the elementwise law (:class:`Additive` for NICE, :class:`Affine` for
-    RealNVP); ``net(d_in, d_out)`` builds the conditioner ``m`` (default :func:`mlp`).
+    RealNVP); ``net(d_in, d_out)`` builds the conditioner ``m`` (default :func:`mlp`), with
+    ``d_in = mask.shape[0]`` and ``d_out = n_params * d_in``. ``mask`` has the shape of one sample:
+    (D,) for rows, with an MLP; (C, H, W) for images, with a conv net (:func:`resnet`) whose output
+    is laid out as (B, C, H, W, n_params).
     """
 
     def __init__(
@@ -198,24 +254,86 @@ class Coupling(Bijection):
     ) -> None:
         super().__init__()
         mask = torch.as_tensor(mask, dtype=torch.float32)
-        if mask.ndim != 1 or not ((mask == 0) | (mask == 1)).all() or mask.sum() in (0, len(mask)):
-            raise ConfigError(f"Coupling: expected a 1-D 0/1 mask with both values, got {mask.tolist()}")
+        if mask.ndim not in (1, 3) or not ((mask == 0) | (mask == 1)).all() or mask.sum() in (0, mask.numel()):
+            got = mask.tolist() if mask.numel() <= 16 else f"shape {tuple(mask.shape)}, values {mask.unique().tolist()}"
+            raise ConfigError(f"Coupling: expected a 0/1 mask of shape (D,) or (C, H, W) with both values, got {got}")
         self.register_buffer("mask", mask)
         self.transform = transform()
-        self.net = net(len(mask), len(mask) * self.transform.n_params)
+        self.net = net(mask.shape[0], mask.shape[0] * self.transform.n_params)
 
     def _params(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x * self.mask).view(x.shape[0], x.shape[1], self.transform.n_params)
+        return self.net(x * self.mask).reshape(*x.shape, self.transform.n_params)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         y, ladj = self.transform.forward(x, self._params(x))
         keep = self.mask
-        return keep * x + (1 - keep) * y, ((1 - keep) * ladj).sum(dim=1)
+        return keep * x + (1 - keep) * y, ((1 - keep) * ladj).flatten(1).sum(dim=1)
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
         # y_a = x_a, so the conditioner sees the same input as in forward.
         x = self.transform.inverse(y, self._params(y))
         return self.mask * y + (1 - self.mask) * x
+
+
+class Squeeze(Bijection):
+    """(B, C, H, W) -> (B, 4C, H/2, W/2): each 2x2 block of pixels becomes 4 channels (RealNVP sec. 3.6).
+
+    A permutation of the coordinates, so ``log|det| = 0``; it lets the channel-wise couplings that
+    follow mix neighbouring pixels.
+    """
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return F.pixel_unshuffle(x, 2), x.new_zeros(x.shape[0])
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        return F.pixel_shuffle(y, 2)
+
+
+class MultiScale(Bijection):
+    """RealNVP's multi-scale architecture (Dinh et al. 2017, sec. 3.6, eq. 15-16) on flat rows (B, D).
+
+    The rows are images of ``shape`` = (C, H, W). Each of ``scales`` (a bijection that ends with a
+    :class:`Squeeze`, e.g. 3 checkerboard couplings, squeeze, 3 channel-wise couplings) is applied,
+    then the first half of the channels is factored out as part of ``z`` and only the rest goes on
+    to the next scale; ``final`` transforms what is left::
+
+        h^(0) = x,   (z^(i), h^(i)) = split(scale_i(h^(i-1))),   z^(L) = final(h^(L-1)),
+        y = concat(z^(1), ..., z^(L)) flattened,   log|det| = sum of the parts' log|det|.
+
+    Factoring out halves the cost of each deeper scale and gives latents at several resolutions.
+    """
+
+    def __init__(self, shape: Sequence[int], scales: Sequence[Bijection], final: Bijection) -> None:
+        super().__init__()
+        self.shape = tuple(int(s) for s in shape)
+        self.scales = nn.ModuleList(scales)
+        self.final = final
+        c, h, w = self.shape
+        self.kept: list[tuple[int, int, int]] = []  # the shape each scale passes on (= the shape it factors out)
+        for _ in scales:
+            c, h, w = 2 * c, h // 2, w // 2  # squeezed to 4C channels, half of them factored out
+            self.kept.append((c, h, w))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = x.reshape(x.shape[0], *self.shape)
+        zs, ladj = [], x.new_zeros(x.shape[0])
+        for scale in self.scales:
+            h, step = scale(h)
+            ladj = ladj + step
+            z, h = h.chunk(2, dim=1)
+            zs.append(z.flatten(1))
+        h, step = self.final(h)
+        zs.append(h.flatten(1))
+        return torch.cat(zs, dim=1), ladj + step
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        sizes = [math.prod(s) for s in self.kept] + [math.prod(self.kept[-1]) if self.kept else y.shape[1]]
+        parts = y.split(sizes, dim=1)
+        last = self.kept[-1] if self.kept else self.shape
+        h = self.final.inverse(parts[-1].reshape(y.shape[0], *last))
+        for scale, z, shape in zip(reversed(self.scales), reversed(parts[:-1]), reversed(self.kept)):
+            h = scale.inverse(torch.cat([z.reshape(y.shape[0], *shape), h], dim=1))
+        return h.flatten(1)
 
 
 class DiagonalScaling(Bijection):

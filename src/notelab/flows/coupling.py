@@ -9,6 +9,12 @@ The flow's bijection ``f`` maps data to latents (NICE's encoder direction), so::
 optionally preceded by ActNorm, and ends with NICE's diagonal scaling layer. NICE (Dinh et al.
 2015): additive couplings, logistic prior, scaling layer. RealNVP (Dinh et al. 2017): affine
 couplings, Gaussian prior. The two presets differ only in the names of injected pieces.
+
+With ``arch="multiscale"`` on images (C, H, W) the couplings are RealNVP's convolutional ones
+(Dinh et al. 2017, sec. 3.6): per scale, 3 checkerboard couplings, a squeeze, 3 channel-wise
+couplings, then half of the channels factored out; 4 checkerboard couplings on what is left after
+``n_scales`` scales. The same :class:`~notelab.flows.bijections.Coupling`, with an image mask and a
+conv conditioner injected.
 """
 
 from __future__ import annotations
@@ -32,16 +38,24 @@ from notelab.flows.bijections import (
     Compose,
     Coupling,
     DiagonalScaling,
+    MultiScale,
+    Squeeze,
     alternating_mask,
+    channel_mask,
     check_rows,
+    checkerboard_mask,
     half_mask,
     mlp,
+    resnet,
 )
 from notelab.flows.priors import PRIORS
 
 TRANSFORMS = {"additive": Additive, "affine": Affine}
 MASKS = {"alternate": alternating_mask, "half": half_mask}
 NORMS = ("none", "actnorm")
+ARCHS = ("mlp", "multiscale")
+# RealNVP's layout (Dinh et al. 2017, sec. 4.1): couplings per group of a scale, and at the last scale.
+SCALE_COUPLINGS, FINAL_COUPLINGS = 3, 4
 
 
 def check_n(n: int) -> None:
@@ -119,6 +133,8 @@ class CouplingFlowConfig:
     norm: str = "none"  # "none" or "actnorm" before each coupling
     scaling: bool = True  # NICE's diagonal scaling layer at the end
     clamp: float = 3.0  # soft bound on the affine log-scale
+    arch: str = "mlp"  # "mlp" (couplings of the flattened vector) or "multiscale" (RealNVP's conv couplings)
+    n_scales: int = 2  # multiscale: scales (squeeze + factor-out) before the last couplings
 
     def __post_init__(self) -> None:
         self.sample_shape = tuple(int(s) for s in self.sample_shape)
@@ -137,6 +153,12 @@ class CouplingFlowConfig:
                 raise ConfigError(f"CouplingFlowConfig.{name}: expected an integer >= 1, got {value!r}")
         if not self.clamp > 0:
             raise ConfigError(f"CouplingFlowConfig.clamp: expected > 0, got {self.clamp}")
+        if self.arch not in ARCHS:
+            raise unknown_name("arch", self.arch, ARCHS)
+        if isinstance(self.n_scales, bool) or not isinstance(self.n_scales, int) or self.n_scales < 0:
+            raise ConfigError(f"CouplingFlowConfig.n_scales: expected an integer >= 0, got {self.n_scales!r}")
+        if self.arch == "multiscale":
+            check_multiscale_shape(self.sample_shape, self.n_scales)
 
     @property
     def dim(self) -> int:
@@ -160,16 +182,64 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def check_multiscale_shape(shape: tuple[int, ...], n_scales: int) -> None:
+    """Images (C, H, W) whose H and W halve ``n_scales`` times (each scale squeezes 2x2 pixels)."""
+    div = 2**n_scales
+    if len(shape) != 3 or shape[1] % div or shape[2] % div:
+        raise ConfigError(
+            f"CouplingFlowConfig: arch 'multiscale' expects images (C, H, W) with H and W divisible by "
+            f"2**n_scales = {div}, got sample_shape {shape}"
+        )
+
+
+def multiscale_layout(shape: tuple[int, ...], n_scales: int) -> list[tuple[str, int, tuple[int, int, int]]]:
+    """The layers of RealNVP's multi-scale flow in order: ("checkerboard" | "channel", parity, image shape),
+    ("squeeze", 0, shape) and ("split", 0, shape before the split) (module docstring)."""
+    c, h, w = shape
+    layers: list[tuple[str, int, tuple[int, int, int]]] = []
+    for _ in range(n_scales):
+        layers += [("checkerboard", k, (c, h, w)) for k in range(SCALE_COUPLINGS)]
+        layers.append(("squeeze", 0, (c, h, w)))
+        c, h, w = 4 * c, h // 2, w // 2
+        layers += [("channel", k, (c, h, w)) for k in range(SCALE_COUPLINGS)]
+        layers.append(("split", 0, (c, h, w)))
+        c //= 2
+    layers += [("checkerboard", k, (c, h, w)) for k in range(FINAL_COUPLINGS)]
+    return layers
+
+
+def build_multiscale(config: CouplingFlowConfig, transform: Any) -> MultiScale:
+    """:class:`MultiScale` from :func:`multiscale_layout`: each scale a ``Compose`` up to its split."""
+    net = partial(resnet, hidden=config.hidden, depth=config.depth)
+    masks = {"checkerboard": checkerboard_mask, "channel": channel_mask}
+    scales, layers = [], []
+    for kind, parity, shape in multiscale_layout(config.sample_shape, config.n_scales):
+        if kind == "split":
+            scales.append(Compose(layers))
+            layers = []
+        elif kind == "squeeze":
+            layers.append(Squeeze())
+        else:
+            if config.norm == "actnorm":
+                layers.append(ActNorm(shape))
+            layers.append(Coupling(masks[kind](shape, parity), transform=transform, net=net))
+    return MultiScale(config.sample_shape, scales, Compose(layers))
+
+
 def build_bijection(config: CouplingFlowConfig) -> Compose:
-    """The layers of a :class:`CouplingFlow`: [ActNorm], Coupling with mask parity k % 2, ..., [scaling]."""
+    """The layers of a :class:`CouplingFlow`: [ActNorm], Coupling with mask parity k % 2, ..., [scaling]
+    (or the multi-scale flow, then [scaling])."""
     d = config.dim
     transform = partial(Affine, clamp=config.clamp) if config.transform == "affine" else TRANSFORMS[config.transform]
-    net = partial(mlp, hidden=config.hidden, depth=config.depth)
     layers: list[Bijection] = []
-    for k in range(config.n_couplings):
-        if config.norm == "actnorm":
-            layers.append(ActNorm(d))
-        layers.append(Coupling(MASKS[config.mask](d, k), transform=transform, net=net))
+    if config.arch == "multiscale":
+        layers.append(build_multiscale(config, transform))
+    else:
+        net = partial(mlp, hidden=config.hidden, depth=config.depth)
+        for k in range(config.n_couplings):
+            if config.norm == "actnorm":
+                layers.append(ActNorm(d))
+            layers.append(Coupling(MASKS[config.mask](d, k), transform=transform, net=net))
     if config.scaling:
         layers.append(DiagonalScaling(d))
     return Compose(layers)
@@ -189,7 +259,17 @@ class CouplingFlow(PretrainedMixin, Flow):
     def num_parameters(cls, config: CouplingFlowConfig) -> int:
         """The exact parameter count (what ``from_pretrained`` bounds before building anything)."""
         d, h = config.dim, config.hidden
-        out = d * TRANSFORMS[config.transform].n_params
+        n_params = TRANSFORMS[config.transform].n_params
+        scaling = d if config.scaling else 0
+        if config.arch == "multiscale":
+            total = 0
+            for kind, _, (c, height, width) in multiscale_layout(config.sample_shape, config.n_scales):
+                if kind in ("checkerboard", "channel"):
+                    # conv3x3 in, depth x (conv3x3 + conv1x1), conv3x3 out; [ActNorm of the image]
+                    total += (9 * c + 1) * h + config.depth * ((9 * h + 1) * h + (h + 1) * h)
+                    total += (9 * h + 1) * c * n_params + (2 * c * height * width if config.norm == "actnorm" else 0)
+            return total + scaling
+        out = d * n_params
         conditioner = (d + 1) * h + (config.depth - 1) * (h + 1) * h + (h + 1) * out
         per_layer = conditioner + (2 * d if config.norm == "actnorm" else 0)
-        return config.n_couplings * per_layer + (d if config.scaling else 0)
+        return config.n_couplings * per_layer + scaling

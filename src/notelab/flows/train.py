@@ -6,7 +6,8 @@
 name       model                                       training loss (through ``notelab.train.fit``)
 =========  ==========================================  ==============================================
 nice       :class:`CouplingFlow`, additive, logistic   maximum likelihood (:func:`nll_loss`)
-realnvp    :class:`CouplingFlow`, affine, Gaussian     maximum likelihood
+realnvp    :class:`CouplingFlow`, affine, Gaussian     maximum likelihood; on images RealNVP's multi-scale
+                                                       conv couplings (``arch`` "auto")
 cnf        :class:`ContinuousFlow`                     maximum likelihood through the ODE (FFJORD)
 fm         :class:`ContinuousFlow`                     conditional flow matching, Lipman's OT path
 rf         :class:`ContinuousFlow`                     rectified flow: linear path, then one reflow
@@ -36,7 +37,7 @@ from notelab.core.io import atomic_write_text
 from notelab.core.runtime import seed_everything
 from notelab.eval.likelihood import bits_per_dim
 from notelab.flows.continuous import ContinuousFlow, ContinuousFlowConfig, Solver, cnf_nll_loss
-from notelab.flows.coupling import CouplingFlow, CouplingFlowConfig
+from notelab.flows.coupling import ARCHS, CouplingFlow, CouplingFlowConfig
 from notelab.flows.dequantize import dequantize, nll_loss
 from notelab.flows.matching import PATHS, FlowMatchingLoss, LinearPath, independent, ot_pairs, reflow_pairs
 from notelab.train import FitResult, TrainConfig, fit, unwrap_model
@@ -59,6 +60,7 @@ class FlowSpec:
     pairing: str = "independent"  # fm / rf: coupling of noise and data, "independent" or "ot" (minibatch OT-CFM)
     reflow_fraction: float = 0.5  # rf: share of the steps spent on reflow (the rest on 1-RF)
     reflow_pairs: int = 4096  # rf: pairs (x_0, ODE(x_0)) generated for reflow
+    arch: str = "auto"  # nice / realnvp: "mlp", "multiscale" or "auto" (multiscale for realnvp on images)
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
@@ -71,6 +73,10 @@ class FlowSpec:
             raise unknown_name("pairing", self.pairing, PAIRINGS)
         if not 0 < self.reflow_fraction < 1:
             raise ConfigError(f"FlowSpec.reflow_fraction: expected a number in (0, 1), got {self.reflow_fraction}")
+        if self.arch not in ("auto", *ARCHS):
+            raise unknown_name("arch", self.arch, ("auto", *ARCHS))
+        if self.arch == "multiscale" and self.model not in ("nice", "realnvp"):
+            raise ConfigError(f"FlowSpec.arch: 'multiscale' applies to nice and realnvp, got model {self.model!r}")
         Solver(self.solver, self.solver_steps)
 
 
@@ -78,7 +84,11 @@ def build_model(spec: FlowSpec, sample_shape: tuple[int, ...]) -> nn.Module:
     """A fresh model of ``spec.model`` for samples of ``sample_shape``."""
     if spec.model in ("nice", "realnvp"):
         config = CouplingFlowConfig.from_name(
-            spec.model, sample_shape=sample_shape, hidden=spec.hidden, depth=spec.depth
+            spec.model,
+            sample_shape=sample_shape,
+            hidden=spec.hidden,
+            depth=spec.depth,
+            **coupling_arch(spec, sample_shape),
         )
         return CouplingFlow(config)
     config = ContinuousFlowConfig(sample_shape=sample_shape)
@@ -86,6 +96,17 @@ def build_model(spec: FlowSpec, sample_shape: tuple[int, ...]) -> nn.Module:
         mlp = {"hidden": spec.hidden, "n_layers": spec.depth}
         config = ContinuousFlowConfig(sample_shape=sample_shape, net_config=mlp)
     return ContinuousFlow(config)
+
+
+def coupling_arch(spec: FlowSpec, sample_shape: tuple[int, ...]) -> dict[str, Any]:
+    """``arch`` and ``n_scales`` of a coupling flow: ``spec.arch``, or for "auto" RealNVP's multi-scale
+    flow on images whose sides halve (twice if they can, else once), MLP couplings otherwise."""
+    sides = sample_shape[1:] if len(sample_shape) == 3 else ()
+    n_scales = 2 if sides and all(s % 4 == 0 for s in sides) else 1
+    arch = spec.arch
+    if arch == "auto":
+        arch = "multiscale" if spec.model == "realnvp" and sides and all(s % 2 == 0 for s in sides) else "mlp"
+    return {"arch": arch, "n_scales": n_scales} if arch == "multiscale" else {"arch": arch}
 
 
 class Dequantized:
