@@ -212,3 +212,22 @@ def test_from_dict_rejects_bad_fields_in_one_line(edit, where):
 
 def test_reusable_says_nothing_when_there_is_no_result(tmp_path):
     assert reusable(tmp_path, "fake", False, 0) == (None, "")
+
+
+def test_cli_runs_seeds_apart_then_pools_them_without_running(fake, tmp_path, capsys):
+    from notelab.cli import main
+
+    for k in (0, 1):
+        assert main(["reproduce", "fake", "--seed", str(k), "--out", str(tmp_path / f"R_{k}")]) == 0
+        (tmp_path / "R" / "fake").mkdir(parents=True, exist_ok=True)
+        (tmp_path / f"R_{k}" / "fake").rename(tmp_path / "R" / "fake" / f"seed-{k}")
+    fake.clear()
+    capsys.readouterr()
+    assert main(["reproduce", "fake", "--seed", "0,1,2", "--out", str(tmp_path / "R"), "--pool"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "seed-2 (no result.json)" in err[0] and fake == []  # nothing ran
+    assert not (tmp_path / "R" / "fake" / "result.json").exists()
+    assert main(["reproduce", "fake", "--seed", "0,1", "--out", str(tmp_path / "R"), "--pool"]) == 0
+    assert fake == [] and "Seeds 0, 1 read from complete earlier runs" in (tmp_path / "R" / "index.html").read_text()
+    assert main(["reproduce", "fake", "--seed", "3", "--pool", "--out", str(tmp_path / "R")]) == 2
+    assert "--pool: expected at least two seeds" in capsys.readouterr().err

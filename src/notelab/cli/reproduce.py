@@ -1,8 +1,12 @@
-"""``notelab reproduce [NAME ...] [--quick] [--seed 0,1,2 | --seeds N]``: run claims and write the HTML report.
+"""``notelab reproduce [NAME ...] [--quick] [--seed 0,1,2 | --seeds N] [--pool]``: run claims, write the HTML report.
 
 While a claim runs, its parts and progress go to stderr; at the end, each claim's verdict and the
-time of each part. With several seeds each claim runs once per seed and the report gives the
-verdict of each run and the verdict of all runs' measurements pooled.
+time of each part. With several seeds each claim runs once per seed (into ``OUT/NAME/seed-K``) and
+the report gives the verdict of each run and the verdict of all runs' measurements pooled. A seed
+whose folder already holds a complete result of the same claim, mode and seed is not run again: a
+killed run picks up at the seed it was on, and seeds run apart (``--seed K --out R_K``, whose
+``R_K/NAME`` is moved to ``R/NAME/seed-K``) are pooled by ``--seed 0,1,2 --out R``; ``--pool``
+makes that run nothing (a missing or incomplete seed is an error instead of a run).
 """
 
 from __future__ import annotations
@@ -27,6 +31,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     seeds.add_argument(
         "--seeds", type=int, default=None, metavar="N", help="the seeds 0..N-1 (same as --seed 0,..,N-1)"
     )
+    p.add_argument(
+        "--pool",
+        action="store_true",
+        help="run nothing: pool the complete OUT/NAME/seed-K results of the --seed list (made elsewhere)",
+    )
     p.add_argument("--list", action="store_true", help="list the claims and exit")
     p.set_defaults(func=run)
 
@@ -43,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
     if args.seeds is not None and args.seeds < 1:
         raise ConfigError(f"--seeds: expected an integer >= 1, got {args.seeds}")
     seeds = list(range(args.seeds)) if args.seeds is not None else parse_seeds(args.seed)
+    if args.pool and len(seeds) < 2:
+        raise ConfigError(f"--pool: expected at least two seeds (--seed 0,1,2), got {', '.join(map(str, seeds))}")
     names = args.names or list(CLAIMS)
     out = Path(args.out or Path("reports") / datetime.date.today().isoformat())
     results, failures = [], {}
@@ -50,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"== {name}{' (quick)' if args.quick else ''}, seed{'s' if len(seeds) > 1 else ''} "
               f"{', '.join(map(str, seeds))}", flush=True)  # fmt: skip
         try:
-            result = run_seeds(name, out, seeds, quick=args.quick, progress_stream=sys.stderr)
+            result = run_seeds(name, out, seeds, quick=args.quick, progress_stream=sys.stderr, pool_only=args.pool)
         except NotelabError:
             raise
         except Exception as e:  # one broken claim must not hide the others' results

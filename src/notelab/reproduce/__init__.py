@@ -103,7 +103,12 @@ def reusable(folder: Path, name: str, quick: bool, seed: int) -> tuple[ClaimResu
 
 
 def run_seeds(
-    name: str, out_dir: str | Path, seeds: Sequence[int], quick: bool = False, progress_stream: TextIO | None = None
+    name: str,
+    out_dir: str | Path,
+    seeds: Sequence[int],
+    quick: bool = False,
+    progress_stream: TextIO | None = None,
+    pool_only: bool = False,
 ) -> ClaimResult:
     """Run ``name`` once per seed (into ``out_dir/name/seed-K`` when more than one) and pool them.
 
@@ -111,36 +116,45 @@ def run_seeds(
     :func:`combine`'s, also written to ``out_dir/name/result.json``; a seed whose folder holds a
     :func:`reusable` result is read instead of run, and one whose result.json is corrupt, foreign or
     of another mode or seed is run again (a one-line notice on ``progress_stream`` either way).
+    ``pool_only``: run nothing; every seed must be reusable (e.g. runs made on a GPU machine, pooled
+    on a laptop), else one :class:`DataError` line naming each one that is not, before any writing.
     """
     seeds = list(seeds)
     if not seeds or len(set(seeds)) != len(seeds) or any(k < 0 for k in seeds):
         raise ConfigError(f"seeds: expected distinct integers >= 0, got {seeds}")
+    if name not in CLAIMS:
+        raise unknown_name("claim", name, CLAIMS)
+    if pool_only and len(seeds) < 2:
+        raise ConfigError(f"pooling: expected at least two seeds, got {seeds}")
 
     def progress(label: str) -> Progress:
         return Progress(label, stream=progress_stream) if progress_stream is not None else quiet()
-
-    if len(seeds) == 1:
-        return run_claim(name, out_dir, quick, seeds[0], progress(name))
-    if name not in CLAIMS:
-        raise unknown_name("claim", name, CLAIMS)
 
     def notice(k: int, text: str) -> None:
         if progress_stream is not None:
             print(f"[{name} seed {k}] {text}", file=progress_stream, flush=True)
 
+    if len(seeds) == 1:
+        return run_claim(name, out_dir, quick, seeds[0], progress(name))
     out = Path(out_dir) / name
-    results, reused = [], []
+    found = {k: reusable(out / f"seed-{k}", name, quick, k) for k in seeds}
+    missing = {k: why or "no result.json" for k, (r, why) in found.items() if r is None}
+    if pool_only and missing:
+        raise DataError(
+            f"pooling {name} ({'quick' if quick else 'full'}): expected a complete result in "
+            + "; ".join(f"{out / f'seed-{k}'} ({why})" for k, why in missing.items())
+        )
+    results = []
     for k in seeds:
-        result, why = reusable(out / f"seed-{k}", name, quick, k)
+        result, why = found[k]
         if result is not None:
             notice(k, f"reusing the complete run in {out / f'seed-{k}'} ({result.verdict}, {result.seconds:.0f} s)")
-            reused.append(k)
         else:
             if why:
                 notice(k, f"not reusing {out / f'seed-{k}' / 'result.json'}: {why}; running it again")
             result = _run_into(name, out / f"seed-{k}", quick, k, progress(f"{name} seed {k}"))
         results.append(result)
-    combined = combine(results, seeds, reused)
+    combined = combine(results, seeds, [k for k in seeds if k not in missing])
     atomic_write_text(out / "result.json", json.dumps(asdict(combined), indent=2, default=str) + "\n")
     return combined
 
