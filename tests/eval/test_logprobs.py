@@ -47,3 +47,28 @@ def test_bad_input():
         perplexity(torch.zeros(2), torch.tensor([False, False]))
     with pytest.raises(ShapeError, match="boolean mask"):
         perplexity(torch.zeros(2), torch.tensor([1, 0]))
+
+
+@pytest.mark.parametrize("budget", [2**28, 40])  # one forward for all rows; or one per row (40 < 2 x 7 x 13)
+def test_score_sequences_equals_one_row_at_a_time_and_keeps_order(budget, monkeypatch):
+    import notelab.eval.logprobs as module
+    from notelab.eval.logprobs import score_sequences
+
+    monkeypatch.setattr(module, "MAX_LOGIT_ELEMENTS", budget)
+
+    torch.manual_seed(0)
+    V = 13
+    emb, mix = torch.randn(V, 8), torch.randn(8, V)
+
+    def causal(tokens):  # a causal toy LM: position t's logits depend on tokens <= t (running mean)
+        h = emb[tokens].cumsum(1) / torch.arange(1, tokens.shape[1] + 1)[:, None]
+        return h @ mix
+
+    rows = [[1, 2, 3, 4, 5], [7], [3, 3], [0, 12, 5, 6, 1, 2, 9]]
+    got = score_sequences(causal, rows, V)
+    for r, (lp, ent) in zip(rows, got):
+        assert lp.shape == ent.shape == (len(r) - 1,)
+        if len(r) > 1:
+            logits = causal(torch.tensor([r]))[0, :-1]
+            torch.testing.assert_close(lp, token_logprobs(logits, torch.tensor(r[1:])), atol=1e-6, rtol=0)
+            torch.testing.assert_close(ent, token_entropy(logits), atol=1e-6, rtol=0)

@@ -12,7 +12,7 @@ from notelab.eval.digits import (
 )
 from notelab.eval.frechet import fd_from_features, feature_statistics, frechet_distance
 from notelab.eval.likelihood import bits_per_dim
-from notelab.eval.logprobs import perplexity, token_entropy, token_logprobs
+from notelab.eval.logprobs import perplexity, score_sequences, token_entropy, token_logprobs
 from notelab.eval.plots import image_grid, line_png, save_image_grid, scatter_png
 from notelab.eval.points import mean_log_likelihood, median_bandwidth, mmd, rbf_kernel
 from notelab.eval.ranking import auc_pr, auc_roc
@@ -39,6 +39,7 @@ __all__ = [
     "rbf_kernel",
     "save_image_grid",
     "scatter_png",
+    "score_sequences",
     "token_entropy",
     "token_logprobs",
     "train_digits_classifier",

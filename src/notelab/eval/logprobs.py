@@ -15,6 +15,7 @@ the log-normaliser, so no ``(..., V)`` log-softmax tensor is materialised beside
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -65,4 +66,52 @@ def perplexity(logprobs: torch.Tensor, mask: torch.Tensor | None = None) -> floa
     return math.exp(-float(lp.mean()))
 
 
-__all__ = ["perplexity", "token_entropy", "token_logprobs"]
+# Rows are scored in groups whose float32 logits stay under this many elements (1 GiB): a 128k vocabulary
+# times a few thousand tokens would otherwise hold tens of GiB at once.
+MAX_LOGIT_ELEMENTS = 2**28
+
+
+@torch.no_grad()
+def score_sequences(
+    logits_fn: Callable[[torch.Tensor], torch.Tensor],
+    rows: Sequence[Sequence[int]],
+    vocab_size: int,
+    device: torch.device | str = "cpu",
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Teacher forcing: per row of token ids ``x``, ``(log p(x_t | x_<t), H_t)`` for ``t = 1 .. len - 1`` (float32,
+    on the CPU), from one forward per group of rows.
+
+    ``logits_fn``: a causal language model, ``(B, T)`` ids on ``device`` -> ``(B, T, V)`` logits. Rows are right-padded
+    (with token 0) into one batch: position ``t`` of a causal model sees tokens ``<= t`` only, so the padding
+    after a row's end changes none of its logits and needs no attention mask.
+    """
+    rows = [[int(t) for t in r] for r in rows]
+    out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(rows)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # similar lengths together: little padding
+    start = 0
+    while start < len(order):
+        end = start + 1
+        while end < len(order) and (end - start + 1) * len(rows[order[end]]) * vocab_size <= MAX_LOGIT_ELEMENTS:
+            end += 1
+        group = order[start:end]
+        width = max(len(rows[i]) for i in group)
+        if width < 2:  # nothing to score: one token has no predecessor
+            for i in group:
+                out[i] = (torch.zeros(0), torch.zeros(0))
+            start = end
+            continue
+        tokens = torch.zeros(len(group), width, dtype=torch.long)
+        for b, i in enumerate(group):
+            tokens[b, : len(rows[i])] = torch.tensor(rows[i], dtype=torch.long)
+        tokens = tokens.to(device)
+        logits = logits_fn(tokens)[:, :-1]
+        lp = token_logprobs(logits, tokens[:, 1:]).cpu()
+        ent = token_entropy(logits).cpu()
+        for b, i in enumerate(group):
+            n = len(rows[i]) - 1
+            out[i] = (lp[b, :n], ent[b, :n]) if n > 0 else (torch.zeros(0), torch.zeros(0))
+        start = end
+    return out  # type: ignore[return-value]
+
+
+__all__ = ["perplexity", "score_sequences", "token_entropy", "token_logprobs"]
