@@ -33,7 +33,7 @@ from notelab.core.attention import KVCache, attention
 from notelab.core.errors import ConfigError, ShapeError
 from notelab.core.rope import apply_rope, rope_cos_sin
 from notelab.lm.model import FusedWeights, Llama
-from notelab.lm.sampling import Sampler, choose_tokens
+from notelab.lm.sampling import FactualNucleus, Sampler, advance_sentence, choose_tokens, top_p_value
 
 RECOMPILE_LIMIT = 64  # compiled versions kept per decode function (kinds of processing x shapes)
 
@@ -45,7 +45,7 @@ class SamplingParams:
     max_new_tokens: int = 64
     temperature: float = 0.0
     top_k: int | None = None
-    top_p: float | None = None
+    top_p: float | FactualNucleus | None = None  # a FactualNucleus decays it within sentences
     repetition_penalty: float = 1.0
     stop_tokens: tuple[int, ...] = ()
     seed: int | None = None  # per-request seed (reproducible sampling); None draws one from torch's generator
@@ -71,8 +71,12 @@ def check_params(params: SamplingParams, vocab: int) -> None:
             f"generate: expected temperature >= 0, repetition_penalty > 0 and top_k >= 1, got "
             f"{p.temperature}, {p.repetition_penalty}, {p.top_k}"
         )
-    if p.top_p is not None and not 0.0 < p.top_p <= 1.0:
-        raise ConfigError(f"generate: expected top_p in (0, 1], got {p.top_p}")
+    if isinstance(p.top_p, FactualNucleus):
+        bad = [t for t in p.top_p.sentence_end_ids if not 0 <= t < vocab]
+        if bad:
+            raise ConfigError(f"generate: expected FactualNucleus sentence_end_ids in [0, {vocab}), got {bad[:3]}")
+    elif p.top_p is not None and not 0.0 < p.top_p <= 1.0:
+        raise ConfigError(f"generate: expected top_p in (0, 1] or a FactualNucleus, got {p.top_p}")
     bad = [t for t in p.stop_tokens if not 0 <= int(t) < vocab]
     if bad:
         raise ConfigError(f"generate: expected stop tokens in [0, {vocab}), got {bad[:3]}")
@@ -89,6 +93,32 @@ def check_prompt(prompt: Sequence[int], vocab: int, max_len: int) -> list[int]:
     if lo < 0 or hi >= vocab:
         raise ShapeError(f"Llama: token ids must lie in [0, {vocab}), got ids in [{lo}, {hi}]")
     return ids
+
+
+def sampler_for(params: Sequence[SamplingParams]) -> Sampler:
+    """The processing a batch of requests needs (``Sampler``), from their settings."""
+    ps = [p for p in params if p.temperature > 0]
+    return Sampler(
+        sample=bool(ps),
+        filter=any(p.top_k or p.top_p for p in ps),
+        penalty=any(p.repetition_penalty != 1.0 for p in params),
+        logprobs=any(p.logprobs for p in params),
+        factual=any(isinstance(p.top_p, FactualNucleus) for p in ps),
+    )
+
+
+def nucleus_rows(params: Sequence[SamplingParams], vocab: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Per row, the factual-nucleus decay ``(B, 1)``, floor ``(B, 1)``, sentence length 0 ``(B,)`` and the
+    sentence-ending ids ``(B, V)`` bool; rows with a plain top-p get decay 1 and floor 0 (no change)."""
+    fn = [p.top_p if isinstance(p.top_p, FactualNucleus) else None for p in params]
+    f32 = dict(dtype=torch.float32, device=device)
+    decay = torch.tensor([[1.0 if f is None else f.decay] for f in fn], **f32)
+    floor = torch.tensor([[0.0 if f is None else f.floor] for f in fn], **f32)
+    ends = torch.zeros(len(params), vocab, dtype=torch.bool, device=device)
+    for b, f in enumerate(fn):
+        if f is not None and f.sentence_end_ids:
+            ends[b, sorted(f.sentence_end_ids)] = True
+    return decay, floor, torch.zeros(len(params), dtype=torch.long, device=device), ends
 
 
 def random_seed() -> int:
@@ -158,6 +188,7 @@ def _decode_step(
     count: torch.Tensor,
     seen: torch.Tensor,
     settings: tuple[torch.Tensor, ...],
+    nucleus: tuple[torch.Tensor, ...],
     out: torch.Tensor,
     out_logprob: torch.Tensor,
     how: Sampler,
@@ -169,10 +200,13 @@ def _decode_step(
         logits = model._forward(tok, pos, None, None, cache, 1)[:, -1].float()
     else:
         logits = stacked_forward(model, fused, tok, pos, cache)[:, -1].float()
+    decay, floor, since, ends = nucleus
     nxt, logprob = choose_tokens(
         logits, how, temperature=temperature, top_k=top_k, top_p=top_p, penalty=penalty,
-        seen=seen, seed=seed, counter=count,
+        seen=seen, seed=seed, counter=count, nucleus=(decay, floor, since),
     )  # fmt: skip
+    if how.factual:
+        since.copy_(advance_sentence(since, nxt, ends))
     tok.copy_(nxt[:, None])
     out.copy_(nxt)
     if logprob is not None:
@@ -241,6 +275,8 @@ class Engine:
             torch.ones(B, 1, **f32),
             torch.zeros(B, **long),
         )
+        # per row, factual-nucleus sampling: decay (B, 1), floor (B, 1), sentence length (B,), sentence ends (B, V)
+        self.nucleus = nucleus_rows([SamplingParams()] * B, self.vocab, dev)
         self.out = torch.zeros(B, **long)
         self.out_logprob = torch.zeros(B, **f32)
         self.rows: list[_Request | None] = [None] * B
@@ -301,12 +337,7 @@ class Engine:
         running = [r for r in self.rows if r is not None]
         if not running:
             return events + self._drain()
-        how = Sampler(
-            sample=any(r.params.temperature > 0 for r in running),
-            filter=any(r.params.temperature > 0 and (r.params.top_k or r.params.top_p) for r in running),
-            penalty=any(r.params.repetition_penalty != 1.0 for r in running),
-            logprobs=any(r.params.logprobs for r in running),
-        )
+        how = sampler_for([r.params for r in running])
         self._run(how)
         # Read this step's tokens only at the next call: the device computes step t while the host turns step
         # t - 1 into events (a request that ended at t - 1 wastes its row's share of step t, nothing else).
@@ -394,23 +425,22 @@ class Engine:
         settings = (
             col([p.temperature for p in ps]),
             col([min(p.top_k or self.vocab, self.vocab) for p in ps], torch.long),
-            col([1.0 if p.top_p is None else p.top_p for p in ps]),
+            col([top_p_value(p.top_p) for p in ps]),
             col([p.repetition_penalty for p in ps]),
             col([r.seed for r in group], torch.long)[:, 0],
         )
         for buf, val in zip(self.settings, settings):
             buf.index_copy_(0, rows, val)
         seen = torch.zeros(n, self.vocab, dtype=torch.bool, device=dev).scatter_(1, tokens, True)
-        how = Sampler(
-            sample=any(p.temperature > 0 for p in ps),
-            filter=any(p.temperature > 0 and (p.top_k or p.top_p) for p in ps),
-            penalty=any(p.repetition_penalty != 1.0 for p in ps),
-            logprobs=any(p.logprobs for p in ps),
-        )
+        how = sampler_for(ps)
+        decay, floor, since, ends = nucleus_rows(ps, self.vocab, dev)
         first, logprob = choose_tokens(
             logits, how, temperature=settings[0], top_k=settings[1], top_p=settings[2], penalty=settings[3],
             seen=seen, seed=settings[4], counter=torch.zeros(n, dtype=torch.long, device=dev),
+            nucleus=(decay, floor, since),
         )  # fmt: skip
+        for buf, val in zip(self.nucleus, (decay, floor, advance_sentence(since, first, ends), ends)):
+            buf.index_copy_(0, rows, val)
         self.seen.index_copy_(0, rows, seen.scatter_(1, first[:, None], True))
         self.tok.index_copy_(0, rows, first[:, None])
         self.pos.index_fill_(0, rows, P)
@@ -428,8 +458,8 @@ class Engine:
             self.model.fused_decode_weights(out=self.fused)
 
     def _buffers(self) -> tuple:
-        return (self.fused, self.cache, self.tok, self.pos, self.active, self.count, self.seen, self.settings, self.out,
-                self.out_logprob)  # fmt: skip
+        return (self.fused, self.cache, self.tok, self.pos, self.active, self.count, self.seen, self.settings,
+                self.nucleus, self.out, self.out_logprob)  # fmt: skip
 
     def _run(self, how: Sampler) -> None:
         if self.device.type != "cuda":
@@ -457,7 +487,7 @@ class Engine:
         return self._record(fn, how)
 
     def _record(self, fn, how: Sampler) -> torch.cuda.CUDAGraph:  # noqa: ANN001
-        state = [self.tok, self.pos, self.count, self.seen, self.out, self.out_logprob]
+        state = [self.tok, self.pos, self.count, self.seen, self.nucleus[2], self.out, self.out_logprob]
         saved = [t.clone() for t in state]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

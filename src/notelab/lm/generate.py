@@ -34,9 +34,17 @@ from torch import nn
 from notelab.core.attention import KVCache
 from notelab.core.errors import ConfigError, ShapeError, unknown_name
 from notelab.lm.chain import ChainDecoder, chain_unsupported
-from notelab.lm.engine import Engine, SamplingParams, check_params, check_prompt, random_seed
+from notelab.lm.engine import (
+    Engine,
+    SamplingParams,
+    check_params,
+    check_prompt,
+    nucleus_rows,
+    random_seed,
+    sampler_for,
+)
 from notelab.lm.model import Llama
-from notelab.lm.sampling import Sampler, choose_tokens, next_token
+from notelab.lm.sampling import FactualNucleus, Sampler, advance_sentence, choose_tokens, next_token, top_p_value
 
 __all__ = ["PATHS", "ContextLimitWarning", "generate", "left_pad", "next_token", "stream"]
 
@@ -89,17 +97,24 @@ def _held(model: Llama, kind: str, key: tuple, build: Callable[[], object]) -> o
     return held[1]
 
 
-def _choose_path(model: Llama, path: str, rows: list[list[int]]) -> str:
+def _chain_unsupported(model: Llama, rows: list[list[int]], params: SamplingParams) -> str:
+    """Why the chain cannot decode these prompts with these settings ("" when it can)."""
+    if isinstance(params.top_p, FactualNucleus) and params.temperature > 0:
+        return "factual-nucleus sampling keeps a per-sentence state the chain's sampler does not carry"
+    return chain_unsupported(model, len(rows), False, model.embed_tokens.weight.dtype)
+
+
+def _choose_path(model: Llama, path: str, rows: list[list[int]], params: SamplingParams) -> str:
     """The path to run (see the module docstring), saying once why a requested one cannot."""
     cuda = model.embed_tokens.weight.is_cuda
     if path == "auto":
         if not cuda:
             return "reference"
-        if len(rows) == 1 and not chain_unsupported(model, 1, False, model.embed_tokens.weight.dtype):
+        if len(rows) == 1 and not _chain_unsupported(model, rows, params):
             return "chain"
         return "engine"
     if path == "chain":
-        why = chain_unsupported(model, len(rows), False, model.embed_tokens.weight.dtype)
+        why = _chain_unsupported(model, rows, params)
         if why:
             warnings.warn(f"generate: the chain path cannot run ({why}); the engine runs", RuntimeWarning, 3)
             return "engine"
@@ -114,7 +129,7 @@ def stream(
     *,
     temperature: float = 0.0,
     top_k: int | None = None,
-    top_p: float | None = None,
+    top_p: float | FactualNucleus | None = None,
     repetition_penalty: float = 1.0,
     stop_tokens: Sequence[int] = (),
     seed: int | torch.Generator | None = None,
@@ -128,6 +143,8 @@ def stream(
     ``seed``: an int, or a generator to draw one from (default: torch's); row ``b`` samples with seed
     ``seed + b``. ``pad_id`` fills the left padding of the reference path (it never changes the tokens).
     ``path``: one of ``PATHS`` (``"auto"``: the fastest that runs; see the module docstring).
+    ``top_p``: a mass in (0, 1], or a :class:`notelab.lm.sampling.FactualNucleus` (top-p decayed within each
+    sentence; the reference and engine paths apply it, so ``"auto"`` does not pick the chain for it).
     """
     if path not in PATHS:
         raise unknown_name("path", path, PATHS)
@@ -149,7 +166,7 @@ def stream(
     if isinstance(seed, torch.Generator):
         seed = int(torch.randint(0, 2**31 - 1, (), generator=seed, device=seed.device))
     base = random_seed() if seed is None else int(seed)
-    how = _choose_path(model, path, rows)
+    how = _choose_path(model, path, rows, params)
     log.debug("generate: %s path for %d prompt(s)", how, len(rows))
     if how == "chain":
         yield from _stream_chain(model, rows[0], budgets[0], params, base)
@@ -195,21 +212,19 @@ def _stream_reference(
     settings = dict(
         temperature=col(p.temperature),
         top_k=col(min(p.top_k or c.vocab_size, c.vocab_size), torch.long),
-        top_p=col(1.0 if p.top_p is None else p.top_p),
+        top_p=col(top_p_value(p.top_p)),
         penalty=col(p.repetition_penalty),
         seed=base + torch.arange(B, device=dev),
     )
-    how = Sampler(
-        sample=p.temperature > 0,
-        filter=p.temperature > 0 and bool(p.top_k or p.top_p),
-        penalty=p.repetition_penalty != 1.0,
-    )
+    how = sampler_for([p])
+    decay, floor, since, ends = nucleus_rows([p] * B, c.vocab_size, dev)
     seen = torch.zeros(B, c.vocab_size, dtype=torch.bool, device=dev).scatter_(1, tokens, prompt_mask)
     stops = {int(t) for t in p.stop_tokens}
     done = [False] * B
     for i in range(steps):
         counter = torch.full((B,), i, dtype=torch.long, device=dev)
-        tok, _ = choose_tokens(logits, how, seen=seen, counter=counter, **settings)
+        tok, _ = choose_tokens(logits, how, seen=seen, counter=counter, nucleus=(decay, floor, since), **settings)
+        since = advance_sentence(since, tok, ends)
         seen.scatter_(1, tok[:, None], True)
         host = tok.tolist()
         yield _ended([t if i < budgets[b] else None for b, t in enumerate(host)], done, stops)
@@ -267,7 +282,7 @@ def _stream_chain(
         penalty=p.repetition_penalty != 1.0,
     )
     top_k = min(p.top_k or model.config.vocab_size, model.config.vocab_size)
-    settings = (p.temperature, top_k, 1.0 if p.top_p is None else p.top_p, p.repetition_penalty, seed)
+    settings = (p.temperature, top_k, top_p_value(p.top_p), p.repetition_penalty, seed)
     done = [False]
     stops = {int(t) for t in p.stop_tokens}
     for chunk in dec.run(tokens, steps, how, settings):

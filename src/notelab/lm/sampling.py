@@ -8,6 +8,10 @@ Each row ``b`` has its own settings, applied in the order Hugging Face uses:
     top-k               keep the k largest logits (Fan et al. 2018)
     top-p (nucleus)     keep the smallest set of most likely tokens whose probability reaches p
                         (Holtzman et al. 2020); top-k and top-p together keep the logits >= one threshold
+    factual nucleus     top-p with p decayed within a sentence (Lee et al. 2022, "Factuality Enhanced
+                        Language Models for Open-Ended Text Generation", sec. 5.1): for the t-th token
+                        of a sentence p_t = max(omega, p * lambda^(t-1)), t back to 1 after a token that
+                        ends a sentence (:class:`FactualNucleus`)
 
 A sampled token is drawn with the Gumbel-max trick (Gumbel 1954; Maddison et al. 2014):
 
@@ -23,9 +27,12 @@ partial products so no step overflows.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import torch
+
+from notelab.core.errors import ConfigError
 
 _M32 = 0xFFFFFFFF
 
@@ -78,6 +85,75 @@ class Sampler:
     filter: bool = False  # some row has top-k or top-p
     penalty: bool = False  # some row has a repetition penalty
     logprobs: bool = False  # some row wants log p(token)
+    factual: bool = False  # some row decays its top-p within sentences (FactualNucleus)
+
+
+SENTENCE_ENDS = (".", "!", "?", "\n")
+
+
+@dataclass(frozen=True)
+class FactualNucleus:
+    """Factual-nucleus sampling (Lee et al. 2022, sec. 5.1), given as ``top_p=`` to ``notelab.lm.generate``.
+
+    The ``t``-th token of a sentence is drawn from the nucleus of mass ``p_t = max(floor, p * decay^(t-1))``
+    (the paper's ``omega`` and ``lambda``); ``t`` restarts at 1 after a token in ``sentence_end_ids``. The
+    first generated token counts as the first of a sentence. ``floor = decay = p = 1`` is plain sampling.
+    """
+
+    p: float = 0.9
+    decay: float = 0.9  # lambda
+    floor: float = 0.3  # omega
+    sentence_end_ids: frozenset[int] = field(default_factory=frozenset)
+
+    def __post_init__(self) -> None:
+        if not (0.0 < self.p <= 1.0 and 0.0 < self.decay <= 1.0 and 0.0 < self.floor <= self.p):
+            raise ConfigError(
+                f"FactualNucleus: expected 0 < p <= 1, 0 < decay <= 1 and 0 < floor <= p, got p={self.p}, "
+                f"decay={self.decay}, floor={self.floor}"
+            )
+        object.__setattr__(self, "sentence_end_ids", frozenset(int(i) for i in self.sentence_end_ids))
+
+    @classmethod
+    def for_tokenizer(
+        cls,
+        tokenizer,  # noqa: ANN001 - anything with vocab_size and decode([id]) (notelab.data.Tokenizer)
+        p: float = 0.9,
+        decay: float = 0.9,
+        floor: float = 0.3,
+    ) -> FactualNucleus:
+        """The schedule with ``sentence_end_ids``: the ids whose text, trailing spaces removed, ends in one of
+        ``SENTENCE_ENDS`` ('.', '!', '?', newline)."""
+        return cls(
+            p, decay, floor, frozenset(sentence_end_ids(tokenizer.decode([i]) for i in range(tokenizer.vocab_size)))
+        )
+
+    def schedule(self, t: int) -> float:
+        """``p_t`` for the ``t``-th token of a sentence (``t >= 1``)."""
+        return max(self.floor, self.p * self.decay ** (t - 1))
+
+
+def sentence_end_ids(texts: Iterable[str]) -> list[int]:
+    """Indices of the token texts that end a sentence (see :meth:`FactualNucleus.for_tokenizer`)."""
+    return [i for i, text in enumerate(texts) if text.rstrip(" ").endswith(SENTENCE_ENDS)]
+
+
+def top_p_value(top_p: float | FactualNucleus | None) -> float:
+    """The (initial) nucleus mass of a ``top_p`` setting; 1 (no filter) for None."""
+    if top_p is None:
+        return 1.0
+    return top_p.p if isinstance(top_p, FactualNucleus) else float(top_p)
+
+
+def factual_top_p(p: torch.Tensor, decay: torch.Tensor, floor: torch.Tensor, since: torch.Tensor) -> torch.Tensor:
+    """``p_t = max(floor, p * decay^(t-1))`` per row ``(B, 1)``, with ``since`` ``(B,)`` = ``t - 1``, the tokens of
+    the current sentence already generated (Lee et al. 2022, sec. 5.1)."""
+    return torch.maximum(p * decay ** since[:, None].float(), floor)
+
+
+def advance_sentence(since: torch.Tensor, token: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """``since`` ``(B,)`` after ``token`` ``(B,)``: 0 where the token ends a sentence (``ends`` ``(B, V)`` bool),
+    else one more."""
+    return torch.where(ends.gather(1, token[:, None])[:, 0], torch.zeros_like(since), since + 1)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor | float) -> torch.Tensor:
@@ -115,15 +191,20 @@ def choose_tokens(
     seen: torch.Tensor | None,
     seed: torch.Tensor,
     counter: torch.Tensor,
+    nucleus: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The next token of each row ``(B,)`` and (``how.logprobs``) its log-probability under the unprocessed
     model distribution ``log_softmax(logits)``, from float32 ``logits`` ``(B, V)``.
 
     Per-row settings ``(B, 1)``: ``temperature`` (0: greedy), ``top_k`` (int64, V for none), ``top_p`` (1 for
     none), ``penalty`` (1 for none) with ``seen`` ``(B, V)`` bool; noise from ``seed`` and ``counter`` ``(B,)``
-    (the row's token index). Fixed shapes and no host reads: capturable in a CUDA graph.
+    (the row's token index). ``how.factual``: ``nucleus`` = (decay ``(B, 1)``, floor ``(B, 1)``, tokens of the
+    sentence so far ``(B,)``) turns ``top_p`` into :func:`factual_top_p` (decay 1, floor 0 leave a row's
+    ``top_p`` as it is). Fixed shapes and no host reads: capturable in a CUDA graph.
     """
     raw = logits
+    if how.factual and nucleus is not None:
+        top_p = factual_top_p(top_p, *nucleus)
     if how.penalty and seen is not None:
         logits = apply_repetition_penalty(logits, seen, penalty)
     if how.sample:
