@@ -3,6 +3,7 @@ and seed is read back instead of run again; a corrupt or foreign one is run agai
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -231,3 +232,32 @@ def test_cli_runs_seeds_apart_then_pools_them_without_running(fake, tmp_path, ca
     assert fake == [] and "Seeds 0, 1 read from complete earlier runs" in (tmp_path / "R" / "index.html").read_text()
     assert main(["reproduce", "fake", "--seed", "3", "--pool", "--out", str(tmp_path / "R")]) == 2
     assert "--pool: expected at least two seeds" in capsys.readouterr().err
+
+
+def test_the_claims_own_checks_read_back_as_judged(tmp_path):
+    """The checks the full claims decide by (built by their own rule functions, every role, exact and
+    interval, non-finite intervals) survive result.json as written by a run, verdicts included."""
+    from notelab.reproduce import ddim, llama, transformer_vs_rnn
+
+    fds = {"ddpm": [10.0, 11.0, 9.5], **{f"ddim eta=0 S={S}": [9.0 + S / 100, 10.0, 9.0] for S in (20, 50, 100)}}
+    secs = {"ddpm": [2.0, 2.1, 2.0], **{f"ddim eta=0 S={S}": [S / 1000, S / 990, S / 1010] for S in (20, 50, 100)}}
+    rates = {"transformer": [[1.0, 4.0], [1.1, 4.2]], "lstm": [[1.0, 1.5], [1.0, 1.4]], "gru": [[1.0, 1.2], [1.0, 1.3]]}
+    checks = [
+        *ddim.decide(fds, secs, ddim.FULL),
+        *transformer_vs_rnn.throughput_checks(rates, [32, 1024], 6, decides=False),
+        transformer_vs_rnn.gradient_check({"rnn": [-0.5, -0.6], "lstm": [-0.1, -0.2], "gru": [-0.1, -0.1]}),
+        *llama.block_checks([3.5], [3.8]),  # one seed: interval -inf..+inf
+        *llama.gqa_checks([3.5, 3.6], {2: [3.52, 3.61]}, {2: 4.0}, 8, 0.02),
+        *llama.long_checks({1: [30.0, 31.0], 2: [40.0, 42.0]}, {1: [30.0, 31.0], 2: [33.0, 35.0]}, 0.01),
+        *llama.dpo_checks([0.1, 0.2, -0.1], [0.5, 0.1, 0.3]),
+    ]
+    r = dataclasses.replace(_full_result(), checks=checks, verdict=rules.claim_verdict(checks))
+    path = tmp_path / "result.json"
+    path.write_text(json.dumps(asdict(r), indent=2, default=str) + "\n")  # as _run_into writes it
+    back = read_result(path)
+    assert len(back.checks) == len(checks) >= 12
+    for a, b in zip(back.checks, checks):
+        assert (a.name, a.role, a.exact, a.option, a.values, a.verdict) == (b.name, b.role, b.exact, b.option,
+                                                                            b.values, b.verdict)  # fmt: skip
+        assert a.interval_text() == b.interval_text()
+    assert back.verdict == r.verdict and rules.claim_verdict(back.checks) == r.verdict
