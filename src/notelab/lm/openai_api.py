@@ -15,7 +15,9 @@ token ids (taken as they are), or a list of either (one block of ``n`` choices p
 (strings, matched on the decoded text), ``seed`` (choice i of a request draws from seed + i),
 ``stream`` with ``stream_options.include_usage``, ``echo``, and ``logprobs`` of the chosen tokens
 (completions: ``logprobs=0``; chat: ``logprobs=true, top_logprobs=0``: the engine scores the token
-it picks, not alternatives).
+it picks, not alternatives). Completions with ``echo`` and ``logprobs=0`` also score the prompt's
+tokens (the first one null, as it has no context), and ``max_tokens=0`` with ``echo`` scores without
+generating: the legacy API's way to get ``log p(continuation | prompt)`` for a given text.
 Extensions, as vLLM spells them: ``top_k``, ``repetition_penalty``, ``stop_token_ids``.
 Fields the server cannot honour (penalties, ``logit_bias``, ``suffix``, tools, top alternatives)
 are refused with a 400 rather than ignored; unknown fields are ignored, as OpenAI does.
@@ -76,6 +78,8 @@ class GenerationRequest:
     include_usage: bool
     logprobs: bool
     echo: bool
+    prompt_logprobs: bool = False  # echo with logprobs: the prompt's tokens are scored too
+    generate: bool = True  # False for max_tokens=0 with echo: the prompt is only echoed (and scored)
 
 
 # --- field readers: each names the field and says what was expected and what was given -------------
@@ -185,12 +189,23 @@ class OpenAIAPI:
             )
         _absent_or(body, "suffix", lambda v: v == "", "expected no suffix (insertion is not supported)")
         echo = _bool(body, "echo")
-        if echo and lp is not None:
-            raise APIError("echo with logprobs: expected one or the other (prompt log-probabilities are not computed)")
         default_stops = [self.tokenizer.eos_id] if self.tokenizer.eos_id is not None else []
-        return self._common(
-            body, prompts, default_stops, "max_tokens", self.config.default_max_tokens, lp is not None, echo
+        score_only = echo and body.get("max_tokens") == 0
+        if score_only and _bool(body, "stream"):
+            raise APIError("stream: expected false with max_tokens=0 (nothing is generated to stream)", "stream")
+        req = self._common(
+            body,
+            prompts,
+            default_stops,
+            "max_tokens",
+            self.config.default_max_tokens,
+            lp is not None,
+            echo,
+            max_tokens=1 if score_only else None,
         )
+        req.prompt_logprobs = echo and lp is not None
+        req.generate = not score_only
+        return req
 
     def chat_request(self, body: object) -> GenerationRequest:
         body = self._object(body)
@@ -272,7 +287,10 @@ class OpenAIAPI:
         logprobs: bool,
         echo: bool,
         chat: bool = False,
+        max_tokens: int | None = None,
     ) -> GenerationRequest:
+        """The fields every request shares; ``max_tokens`` given replaces the body's (max_tokens=0 with echo,
+        checked by the caller, builds choices that are never run)."""
         cfg = self.config
         n = _int(body, "n", 1, lo=1)
         if n * len(prompts) > cfg.max_n:
@@ -312,7 +330,8 @@ class OpenAIAPI:
                 f"stream_options: expected an object, and only with stream=true, got {options!r}", "stream_options"
             )
         include_usage = _bool(options or {}, "include_usage")
-        max_tokens = _int(body, max_name, None, lo=1)
+        if max_tokens is None:
+            max_tokens = _int(body, max_name, None, lo=1)
         longest = max(len(p) for p in prompts)
         room = cfg.context_len - longest
         where = "messages" if chat else "prompt"
@@ -394,6 +413,19 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
     }
+
+
+def token_offsets(decode: Callable[[Sequence[int]], str], ids: Sequence[int]) -> tuple[list[int], str]:
+    """Where each token's text starts in ``decode(ids)``, and that text, as a :class:`TextStream` sees them: the
+    offsets the server reports for generated tokens, so a client splits echoed text the same way (the tokens
+    of one character all start where it starts)."""
+    stream = TextStream(decode)
+    offsets = []
+    for t in ids:
+        offsets.append(len(stream.text))
+        stream.push(t)
+    stream.flush()
+    return offsets, stream.text
 
 
 class TextStream:

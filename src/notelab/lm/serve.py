@@ -5,7 +5,8 @@
 
     GET  /v1/models              the checkpoint, as one model id (the folder name unless --model-name)
     GET  /v1/models/{id}         that model, or 404
-    POST /v1/completions         prompt (text or token ids) -> text; stream, logprobs, echo, n, stop, seed
+    POST /v1/completions         prompt (text or token ids) -> text; stream, logprobs, echo, n, stop, seed;
+                                 echo + logprobs=0 scores the prompt too (max_tokens=0: scoring only)
     POST /v1/chat/completions    messages, rendered with the Llama 3 chat template -> the assistant turn
     GET  /health                 200 while the scheduler runs
 
@@ -23,6 +24,8 @@ leaves the running batch between two steps. The thread never waits for a client:
 request owns an unbounded asyncio queue, filled by one ``call_soon_threadsafe`` per step, and a
 slow reader only slows its own response. A client that disconnects is noticed by a watcher on
 its ASGI ``receive`` channel, which cancels its sequences in the engine and frees their slots.
+Scoring a prompt (echo with logprobs) is one teacher-forced forward run by the same thread between
+two steps (:func:`notelab.eval.logprobs.score_sequences`), so it never races the engine for the model.
 
 Built on Starlette (routing, streaming responses) and uvicorn (the HTTP server).
 """
@@ -52,8 +55,19 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from notelab.core.errors import NotelabError
 from notelab.data.tokenizer import Tokenizer
+from notelab.eval.logprobs import score_sequences
 from notelab.lm.engine import Engine, SamplingParams, TokenEvent
-from notelab.lm.openai_api import APIError, GenerationRequest, OpenAIAPI, ServeConfig, TextStream, new_id, now, usage
+from notelab.lm.openai_api import (
+    APIError,
+    GenerationRequest,
+    OpenAIAPI,
+    ServeConfig,
+    TextStream,
+    new_id,
+    now,
+    token_offsets,
+    usage,
+)
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +87,12 @@ _STOP = object()
 @dataclass
 class _Add:
     items: Sequence[tuple[Sequence[int], SamplingParams]]
+    out: asyncio.Queue
+
+
+@dataclass
+class _Score:
+    rows: Sequence[Sequence[int]]
     out: asyncio.Queue
 
 
@@ -123,6 +143,10 @@ class Scheduler:
     def cancel(self, out: asyncio.Queue, index: int | None = None) -> None:
         self._inbox.put(_Cancel(out, index))
 
+    def score(self, rows: Sequence[Sequence[int]], out: asyncio.Queue) -> None:
+        """Put on ``out`` the ``(log-probs, entropies)`` of each row's tokens after its first (or a Failure)."""
+        self._inbox.put(_Score(rows, out))
+
     def _run(self) -> None:
         # Decoding needs no autograd; no_grad is thread-local, so it is set on this thread.
         with torch.no_grad():
@@ -149,7 +173,14 @@ class Scheduler:
         except queue.Empty:
             return None
 
-    def _apply(self, cmd: _Add | _Cancel, outbox: list) -> None:
+    def _apply(self, cmd: _Add | _Cancel | _Score, outbox: list) -> None:
+        if isinstance(cmd, _Score):
+            model = self.engine.model
+            try:
+                outbox.append((cmd.out, score_sequences(model, cmd.rows, self.engine.vocab, self.engine.device)))
+            except Exception as e:  # this request fails; the thread and the others go on
+                outbox.append((cmd.out, Failure(e)))
+            return
         if isinstance(cmd, _Cancel):
             for rid, (out, index) in list(self._owner.items()):
                 if out is cmd.out and cmd.index in (None, index):
@@ -343,7 +374,37 @@ class Server:
     async def chat(self, request: Request) -> Response:
         return await self._generate(request, self.api.chat_request(await _json(request)))
 
+    async def _prompt_logprobs(self, req: GenerationRequest) -> list[list[tuple[int, float | None, int]]]:
+        """Per prompt, its tokens' (id, log-probability, text offset); the first has no context, so None."""
+        out: asyncio.Queue = asyncio.Queue()
+        self.scheduler.score(req.prompts, out)
+        scored = await out.get()
+        if isinstance(scored, Failure):
+            if isinstance(scored.error, NotelabError):
+                raise APIError(str(scored.error)) from scored.error
+            raise scored.error
+        entries = []
+        for ids, (lp, _) in zip(req.prompts, scored):
+            offsets, _ = token_offsets(self.api.decode, ids)
+            lps = [None, *lp.tolist()]
+            entries.append([(t, lps[i], offsets[i]) for i, t in enumerate(ids)])
+        return entries
+
+    def _echo_only(self, req: GenerationRequest, prompt_lp: list | None) -> dict[str, Any]:
+        """max_tokens=0 with echo: each prompt's text (and its tokens' log-probabilities), nothing generated."""
+        choices = []
+        for i in range(len(req.choices)):
+            lp = self._logprobs(prompt_lp[i // req.n]) if prompt_lp is not None else None
+            text = self.api.decode(req.prompts[i // req.n])
+            choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": "length"})
+        meta = {"id": new_id("cmpl"), "created": now(), "model": self.api.config.model_name}
+        used = usage(sum(map(len, req.prompts)), 0)
+        return {**meta, "object": "text_completion", "choices": choices, "usage": used}
+
     async def _generate(self, request: Request, req: GenerationRequest) -> Response:
+        prompt_lp = await self._prompt_logprobs(req) if req.prompt_logprobs else None
+        if not req.generate:
+            return JSONResponse(self._echo_only(req, prompt_lp))
         session = _Session(self.scheduler, self.api, req, request)
         if not await session.start():
             return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
@@ -357,22 +418,25 @@ class Server:
             # The background close also covers a stream cancelled before its generator began (whose
             # finally never runs); closing twice is harmless.
             return StreamingResponse(
-                self._stream(session, meta),
+                self._stream(session, meta, prompt_lp),
                 media_type="text/event-stream",
                 headers=headers,
                 background=BackgroundTask(session.close),
             )
         try:
-            body = await self._collect(session, meta)
+            body = await self._collect(session, meta, prompt_lp)
         finally:
             session.close()
         return JSONResponse(body) if body is not None else Response(status_code=499)  # nobody reads it
 
-    async def _collect(self, session: _Session, meta: dict[str, Any]) -> dict[str, Any] | None:
+    async def _collect(
+        self, session: _Session, meta: dict[str, Any], prompt_lp: list | None = None
+    ) -> dict[str, Any] | None:
         req = session.req
         texts = ["" for _ in session.choices]
         if req.echo:
             texts = [self.api.decode(req.prompts[i // req.n]) for i in range(len(texts))]
+        echoed = [len(t) for t in texts]  # the generated tokens' offsets count from the echoed prompt's end
         async for batch in session.batches():
             for d in batch:
                 texts[d.index] += d.text
@@ -384,14 +448,21 @@ class Server:
                 choice = {"index": i, "message": {"role": "assistant", "content": text}}
                 choice["logprobs"] = {"content": self._chat_logprobs(c.logprobs)} if req.logprobs else None
             else:
-                choice = {"index": i, "text": text, "logprobs": self._logprobs(c.logprobs) if req.logprobs else None}
+                entries = [(t, lp, o + echoed[i]) for t, lp, o in c.logprobs]
+                if prompt_lp is not None:
+                    entries = prompt_lp[i // req.n] + entries
+                choice = {"index": i, "text": text, "logprobs": self._logprobs(entries) if req.logprobs else None}
             choices.append({**choice, "finish_reason": c.finish_reason})
         obj = "chat.completion" if req.chat else "text_completion"
         return {**meta, "object": obj, "choices": choices, "usage": session.usage()}
 
-    async def _stream(self, session: _Session, meta: dict[str, Any]) -> AsyncIterator[str]:
+    async def _stream(
+        self, session: _Session, meta: dict[str, Any], prompt_lp: list | None = None
+    ) -> AsyncIterator[str]:
         req = session.req
         obj = "chat.completion.chunk" if req.chat else "text_completion"
+        texts = [self.api.decode(req.prompts[i // req.n]) if req.echo else "" for i in range(len(session.choices))]
+        echoed = [len(t) for t in texts]  # the generated tokens' offsets count from the echoed prompt's end
 
         def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
             return _sse({**meta, "object": obj, "choices": choices, **extra})
@@ -404,19 +475,19 @@ class Server:
                 ]
                 yield chunk(first)
             elif req.echo:
-                echoed = [
+                first = [
                     {
                         "index": i,
-                        "text": self.api.decode(req.prompts[i // req.n]),
-                        "logprobs": None,
+                        "text": text,
+                        "logprobs": self._logprobs(prompt_lp[i // req.n]) if prompt_lp is not None else None,
                         "finish_reason": None,
                     }
-                    for i in range(len(session.choices))
+                    for i, text in enumerate(texts)
                 ]
-                yield chunk(echoed)
+                yield chunk(first)
             try:
                 async for batch in session.batches():
-                    yield "".join(self._chunk(req, d, chunk) for d in batch)
+                    yield "".join(self._chunk(req, d, chunk, echoed[d.index]) for d in batch)
             except Exception as e:  # the status line is sent; the error goes in the stream, as OpenAI does
                 log.exception("generation failed mid-stream")
                 yield _sse(APIError(f"generation failed: {e}", status=500, kind="server_error").body())
@@ -428,16 +499,18 @@ class Server:
         finally:
             session.close()
 
-    def _chunk(self, req: GenerationRequest, d: _Delta, chunk: Callable[[list[dict[str, Any]]], str]) -> str:
+    def _chunk(
+        self, req: GenerationRequest, d: _Delta, chunk: Callable[[list[dict[str, Any]]], str], echoed: int = 0
+    ) -> str:
         if req.chat:
             lp = {"content": self._chat_logprobs(d.logprobs)} if req.logprobs else None
             body = {"index": d.index, "delta": {"content": d.text} if d.text else {}, "logprobs": lp}
         else:
-            lp = self._logprobs(d.logprobs) if req.logprobs else None
+            lp = self._logprobs([(t, p, o + echoed) for t, p, o in d.logprobs]) if req.logprobs else None
             body = {"index": d.index, "text": d.text, "logprobs": lp}
         return chunk([{**body, "finish_reason": d.finish_reason}])
 
-    def _logprobs(self, entries: list[tuple[int, float, int]]) -> dict[str, Any]:
+    def _logprobs(self, entries: list[tuple[int, float | None, int]]) -> dict[str, Any]:
         """Completions' logprobs object: the chosen tokens only (``top_logprobs`` is null)."""
         return {
             "tokens": [self.api.token_text(t) for t, _, _ in entries],
