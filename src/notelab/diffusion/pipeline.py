@@ -42,7 +42,7 @@ from notelab.diffusion.ddpm import VARIANCE_TYPES, ddpm_loss, sample_ddpm
 from notelab.diffusion.likelihood import LikelihoodResult, log_likelihood
 from notelab.diffusion.parametrization import PREDICTION_TYPES
 from notelab.diffusion.samplers import SDE_SAMPLERS, SampleResult, sample_sde
-from notelab.diffusion.schedules import BETA_SCHEDULES, NoiseSchedule
+from notelab.diffusion.schedules import BETA_SCHEDULES, NoiseSchedule, check_timesteps
 from notelab.diffusion.score import WEIGHTINGS, dsm_loss, eps_to_score
 from notelab.diffusion.sde import SDE, SDE_NAMES, VESDE, VPSDE, Score, SubVPSDE
 from notelab.train import fit, plot_history
@@ -203,6 +203,9 @@ class DiffusionModel(PretrainedMixin, nn.Module):
         return next(self.parameters()).device
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The network at ``(x, t)``; ``t`` on DDPM's timestep scale: integer timesteps in [0, T), or
+        an SDE model's time labels t (N - 1) / T (floats in [0, T), ``score.time_label``)."""
+        check_time_input(t, self.config.num_train_timesteps)
         return self.net(x, t)
 
     def loss(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -378,6 +381,40 @@ def sampling_setup(
     if not (isinstance(compile, bool) or compile == "auto"):
         raise ConfigError(f"compile: expected 'auto', True or False, got {compile!r}")
     return autocast_dtype(device, precision), device.type == "cuda" if compile == "auto" else compile
+
+
+def check_time_input(t: torch.Tensor | int | float, num_train_timesteps: int) -> None:
+    """Raise unless ``t`` is on the network's time scale, [0, T), where checking it is free.
+
+    Checked: Python numbers and CPU tensors (a min / max over B values). Not checked: a CUDA tensor,
+    whose min / max would be a host sync on every network call, stalling the queue of kernels that
+    training and sampling keep ahead of the host (their own t is in range by construction:
+    ``torch.randint(0, T)``, ``time_label`` of t in [eps, T], timestep lists checked once at the
+    sampler's entry by ``check_timesteps``); and a tensor being traced by ``torch.compile``, where a
+    value-dependent branch would break the graph. The dtype is metadata, checked everywhere.
+    """
+    T = num_train_timesteps
+    if isinstance(t, torch.Tensor):
+        if t.dtype == torch.bool or t.dtype.is_complex:
+            raise ShapeError(
+                f"DiffusionModel: expected integer or float time inputs t in [0, {T}), got dtype {t.dtype}"
+            )
+        if not t.dtype.is_floating_point:  # integer timesteps: the schedules' own check (one line, names T)
+            if t.device.type == "cpu" and not torch.compiler.is_compiling():
+                check_timesteps(t, T, name="DiffusionModel: t")
+            return
+        if t.device.type != "cpu" or t.numel() == 0 or torch.compiler.is_compiling():
+            return
+        lo, hi = float(t.min()), float(t.max())
+    elif isinstance(t, float):
+        lo = hi = t
+    else:
+        check_timesteps(t, T, name="DiffusionModel: t")
+        return
+    if not (lo >= 0 and hi < T):  # NaN fails too
+        raise ShapeError(
+            f"DiffusionModel: expected time inputs t in [0, {T}) (DDPM's timestep scale), got {lo:g}..{hi:g}"
+        )
 
 
 def model_loss(config: DiffusionConfig, schedule: NoiseSchedule) -> LossFn:
