@@ -17,9 +17,9 @@ from notelab.hallucination.factscore import (
     factscore,
     length_penalty,
     mean_factscore,
-    parse_facts,
 )
 from notelab.hallucination.selfcheck import TextVerdict
+from notelab.hallucination.text import parse_list
 
 KB = [
     "Guido van Rossum created the Python programming language, first released in 1991.",
@@ -96,7 +96,7 @@ def test_lm_decomposer_and_garbage_judges(index):
         "Rome is in Italy.": "",  # nothing: the sentence is kept whole as its one fact
     }
     lm = FakeLM(reply=lambda p, i: next(v for k, v in answers.items() if k in p))
-    assert parse_facts("Facts:\n- a b\n* c\n\n3. d") == ["Facts:", "a b", "c", "d"]
+    assert parse_list("Facts:\n- a b\n* c\n\n3. d\nQ4: e?") == ["Facts:", "a b", "c", "d", "e?"]
     passage = "Guido van Rossum created Python in 1991. Rome is in Italy."
     (check,) = check_facts([passage], LexicalSupport(), index.search, decompose=LMDecomposer(lm), k=1)
     assert [f.fact for f in check.facts] == [

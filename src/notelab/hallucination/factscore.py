@@ -20,7 +20,6 @@ The pieces are injected: a decomposer (one fact per sentence, or a :class:`LMDec
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -32,7 +31,7 @@ from notelab.core.errors import ConfigError, DataError, NotelabError, ShapeError
 from notelab.hallucination.detectors import DetectorScores, check_passage
 from notelab.hallucination.protocol import LanguageModel
 from notelab.hallucination.selfcheck import LogprobVerdict, NLIModel, Verdict
-from notelab.hallucination.text import split_sentences, words
+from notelab.hallucination.text import parse_list, split_sentences, words
 
 GAMMA = 10
 
@@ -66,12 +65,6 @@ FACT_PROMPT = (
     "Please break down the following sentence into independent facts, one per line, each starting with '- '."
     "\n\nSentence: {sentence}\nFacts:\n"
 )
-_BULLET = re.compile(r"^\s*(?:[-*\u2022]|\d+[.)])\s*")
-
-
-def parse_facts(text: str) -> list[str]:
-    """The facts of a decomposer's answer: one per non-empty line, list markers removed."""
-    return [f for f in (_BULLET.sub("", line).strip() for line in text.splitlines()) if f]
 
 
 @dataclass(frozen=True)
@@ -91,7 +84,7 @@ class LMDecomposer:
         gens = self.lm.generate(prompts, n=1, temperature=0.0, max_new_tokens=self.max_new_tokens)
         if len(gens) != len(prompts):
             raise ShapeError(f"{self.lm.name}.generate: expected {len(prompts)} results, got {len(gens)}")
-        return [parse_facts(g[0].text if g else "") or [s] for g, s in zip(gens, sentences)]
+        return [parse_list(g[0].text if g else "") or [s] for g, s in zip(gens, sentences)]
 
 
 # --- support judges ----------------------------------------------------------------------------------------
@@ -307,6 +300,5 @@ __all__ = [
     "factscore",
     "length_penalty",
     "mean_factscore",
-    "parse_facts",
     "sentence_facts",
 ]

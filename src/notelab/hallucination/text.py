@@ -76,4 +76,13 @@ def ngrams(tokens: Sequence[str], n: int, pad: str = "<s>") -> list[tuple[str, .
     return [tuple(padded[i : i + n]) for i in range(len(tokens))]
 
 
-__all__ = ["ngrams", "sentence_spans", "split_sentences", "words"]
+_BULLET = re.compile(r"^\s*(?:[-*\u2022]|\d+[.)]|Q\d+[.:)])\s+")
+
+
+def parse_list(text: str) -> list[str]:
+    """The items of a model's list answer: one per non-empty line, list markers (``-``, ``*``, ``1.``,
+    ``2)``, ``Q3:``) removed."""
+    return [item for item in (_BULLET.sub("", line).strip() for line in text.splitlines()) if item]
+
+
+__all__ = ["ngrams", "parse_list", "sentence_spans", "split_sentences", "words"]
