@@ -1,30 +1,65 @@
-"""Memory of a fine-tuning run of a Llama-shaped decoder: weights, gradients, optimizer states, activations.
+"""Peak memory of a fine-tuning run of a Llama-shaped decoder through ``notelab.train.fit``, per GPU.
 
-Model states (Rajbhandari et al. 2020, "ZeRO", sec. 3.1): mixed-precision Adam keeps, per trained
-parameter, its 16-bit weight and gradient (2 + 2 bytes) and fp32 master weight, momentum and variance
-(4 + 4 + 4): 16 bytes. A frozen parameter keeps its weight only. Here, with ``w`` the bytes of ``dtype``::
+What is held, with ``w`` the bytes of the compute ``dtype`` (2 for bf16 autocast, 4 for fp32) and
+``s`` the optimizer's bytes per trained parameter (8 for AdamW's two fp32 moments)::
 
-    weights    = N_total * w
-    master     = N_train * 4            (only when w < 4: the fp32 copy the optimizer updates)
-    gradients  = N_train * w
-    optimizer  = N_train * s            s = 8 (AdamW: two fp32 moments), 4 (SGD with momentum), 0 (SGD)
+    weights    = N_frozen * w + N_train * 4     trained parameters stay float32 (fit's mixed precision:
+                                                autocast computes in w, AdamW updates the fp32 values;
+                                                4 + 4 + 8 = 16 bytes per trained parameter, as ZeRO's
+                                                mixed-precision Adam: Rajbhandari et al. 2020, sec. 3.1)
+    gradients  = N_train * 4
+    optimizer  = N_train * s
 
-Activations kept for backward, per token and layer, in elements (flash attention: no T x T scores)::
+Activations are those the DEFAULT path keeps on CUDA: the model compiled (``torch.compile``: AOTAutograd's
+min-cut partitioner recomputes element-wise ops in backward and keeps matmul and attention results),
+flash attention (no T x T scores), and the loss ``notelab.lm.train.next_token_loss`` (cross-entropy fused
+with the output layer, ``loss_chunk`` tokens at a time: ``notelab.lm.loss``). Per token and layer, bytes::
 
-    attention  2 d (block input, its norm) + 2 q_dim (queries, attention output) + 2 kv_dim (keys, values)
-    mlp        2 d (residual, its norm) + 4 h (gate, up, SiLU(gate), product)
-    logits     V (w bytes) + V (fp32 for the softmax, when w < 4), per token, once
+    2 d * a_res                        the residual stream entering the block and after attention
+    w (2 d + 2 q + 2 kv + 3 h)         both norms' outputs; q, k, v after RoPE and the attention output;
+                                       SwiGLU's gate, up and their product
+    4 (2 + H)                          two RMSNorm statistics, attention's log-sum-exp per head
+    w r (per LoRA linear)              LoRA's A x
 
-With activation checkpointing only each block's input (d per token and layer) is kept, plus one block's
-activations while it is recomputed. LoRA adds ``r`` per token and adapted Linear (``A x``); prompt tuning
-makes every sequence ``n`` tokens longer. An estimate of the dominant terms: framework overhead, CUDA
-context and fragmentation are not counted. Checked against the bytes autograd saves for a small notelab
-Llama on the CPU (``tests/peft/test_estimate.py``).
+``a_res`` is the residual stream's bytes: 4 when the embedding is float32 (full fine-tuning), else ``w``.
+Under autocast the compiled graph also keeps the ``w``-byte copy of every trained block matrix for the
+backward (``w * N_train_matrix``). Once per step: the final norm's input and output (``2 N d a_res``).
+With activation checkpointing (``fit``'s ``activation_checkpointing=True``) a block keeps only its input
+(``d a_res``) and one block is recomputed at a time in backward.
+
+The peak is the largest of three moments (``fit`` frees the gradients after each step:
+``zero_grad(set_to_none=True)``, so they do not exist during the forward)::
+
+    loss       weights + optimizer + activations + the loss's working set
+    backward   weights + optimizer + activations + the last block's backward (3 N h w: SwiGLU's three
+               gradients, and the gradient reaching it, N d a_res) + the head's gradient (4 V d, trained)
+    end        weights + optimizer + gradients (+ a second V x d float32 gradient when a tied embedding
+               is trained: its two gradients are added)
+
+With checkpointing, the late moment is the first block's recompute and backward: weights + optimizer +
+gradients + one block's activations and weight copies + its backward.
+
+The chunked loss's working set (``notelab.lm.loss``, c = ``loss_chunk`` tokens of the N = B T): the chunk's
+logits and its dL/dz, with the previous chunk's dL/dz still referenced while the next is made (3 c V w
+when there are several chunks, 2 c V w for one), dL/dh (N d a_res), and when the head is trained its
+float32 gradient (4 V d) and its ``w``-byte copy (V d w, when stored in float32). ``loss_chunk=None``
+models a plain cross-entropy over the (N, V) logits: the logits (w), their float32 copy and its gradient.
+
+Sharded (FSDP, ``world_size`` = G GPUs): weights, gradients and optimizer states are divided by G, the
+activations are not (each GPU runs its own micro-batch of ``batch`` sequences), and two blocks' weights
+are gathered whole at a time (the one running and the next, prefetched).
+
+What is not counted: the CUDA context, the allocator's fragmentation (``max_memory_allocated`` is what is
+predicted, not ``nvidia-smi``), the compile's own work buffers. Checked on the CPU against the tensors
+the compiled graph saves (``tests/peft/test_estimate.py``) and on an H200 against
+``torch.cuda.max_memory_allocated`` (``benchmarks/peft_memory.py``). The eager path (``compile=False``)
+keeps more (element-wise intermediates and autocast's casts): it is not what this models.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +68,7 @@ from notelab.core.errors import ConfigError, unknown_name
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 OPTIMIZER_BYTES = {"adamw": 8, "sgd-momentum": 4, "sgd": 0}
 ESTIMATE_METHODS = ("full", "lora", "prefix", "adapter", "prompt", "ia3")
+FP32 = 4
 
 
 @dataclass(frozen=True)
@@ -58,10 +94,13 @@ class ModelShape:
         return {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
                 "gate_proj": (d, h), "up_proj": (d, h), "down_proj": (h, d)}  # fmt: skip
 
+    def block_matrix_params(self) -> int:
+        """Parameters of one block's linears (weights and biases): what autocast casts to the compute dtype."""
+        n = sum(i * o for i, o in self.linears().values())
+        return n + ((self.n_heads + 2 * self.n_kv_heads) * self.head_dim if self.qkv_bias else 0)
+
     def n_params(self) -> int:
-        per_layer = sum(i * o for i, o in self.linears().values()) + 2 * self.dim
-        if self.qkv_bias:
-            per_layer += (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
+        per_layer = self.block_matrix_params() + 2 * self.dim
         embeddings = self.vocab_size * self.dim * (1 if self.tie_embeddings else 2)
         return embeddings + self.n_layers * per_layer + self.dim
 
@@ -139,42 +178,119 @@ def trainable_params(shape: ModelShape, spec: MethodSpec) -> int:
     return L * (2 * kv + shape.hidden_dim)  # ia3: keys, values, the feed-forward's input
 
 
-def activation_bytes(shape: ModelShape, spec: MethodSpec, batch: int, seq: int, act_bytes: int, recompute: bool) -> int:
-    """Activations kept for backward (module docstring)."""
-    tokens = batch * (seq + (spec.num_virtual_tokens if spec.method == "prompt" else 0))
+def _positive(name: str, v: Any) -> None:
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise ConfigError(f"estimate: {name}: expected an integer >= 1, got {v!r}")
+
+
+def residual_bytes(spec: MethodSpec, w: int) -> int:
+    """The residual stream's bytes: float32 when the embedding is trained (full fine-tuning), else the compute dtype."""
+    return FP32 if spec.method == "full" else w
+
+
+def layer_bytes_per_token(shape: ModelShape, spec: MethodSpec, w: int) -> int:
+    """What one block keeps for backward per token on the compiled path (module docstring)."""
     d, q, kv, h = shape.dim, shape.n_heads * shape.head_dim, shape.n_kv_heads * shape.head_dim, shape.hidden_dim
-    per_layer = 2 * d + 2 * q + 2 * kv + 2 * d + 4 * h
+    elements = 2 * d + 2 * q + 2 * kv + 3 * h
     if spec.method == "lora":
-        per_layer += spec.r * len(lora_linears(shape, spec))
-    layer = tokens * per_layer * act_bytes
-    logits = tokens * shape.vocab_size * (act_bytes + (4 if act_bytes < 4 else 0))  # + the fp32 copy
-    if recompute:
-        return shape.n_layers * tokens * d * act_bytes + layer + logits
-    return shape.n_layers * layer + logits
+        elements += spec.r * len(lora_linears(shape, spec))
+    elif spec.method == "adapter":  # Houlsby: two per block, each keeps its bottleneck and its activation
+        elements += 2 * 2 * spec.bottleneck
+    elif spec.method == "ia3":  # the unscaled keys, values and feed-forward input
+        elements += 2 * kv + h
+    return 2 * d * residual_bytes(spec, w) + w * elements + FP32 * (2 + shape.n_heads)
+
+
+def tokens_per_sequence(spec: MethodSpec, seq: int) -> int:
+    return seq + (spec.num_virtual_tokens if spec.method == "prompt" else 0)
+
+
+def activation_bytes(
+    shape: ModelShape, spec: MethodSpec, batch: int, seq: int, w: int, *, checkpointing: bool = False
+) -> int:
+    """Bytes kept for backward after the forward (module docstring), the autocast weight copies included."""
+    n = batch * tokens_per_sequence(spec, seq)
+    res = residual_bytes(spec, w)
+    once = 2 * n * shape.dim * res + FP32 * n  # the final norm's input, its output (the loss's input), its statistic
+    if checkpointing:
+        return shape.n_layers * n * shape.dim * res + once
+    per_layer = n * layer_bytes_per_token(shape, spec, w)
+    if spec.method == "prefix":  # the prefix's keys and values join every layer's attention inputs
+        per_layer += batch * spec.num_virtual_tokens * 2 * shape.n_kv_heads * shape.head_dim * w
+    return shape.n_layers * per_layer + once + weight_copy_bytes(shape, spec, w)
+
+
+def weight_copy_bytes(shape: ModelShape, spec: MethodSpec, w: int) -> int:
+    """The compute-dtype copies of trained float32 block matrices the compiled graph keeps (0 without autocast)."""
+    if w >= FP32:
+        return 0
+    if spec.method == "full":
+        return w * shape.n_layers * shape.block_matrix_params()
+    return w * trainable_params(shape, spec)
+
+
+def loss_working_bytes(
+    shape: ModelShape, spec: MethodSpec, batch: int, seq: int, w: int, loss_chunk: int | None
+) -> int:
+    """The loss's transient bytes beyond the activations (module docstring)."""
+    n, V, d = batch * tokens_per_sequence(spec, seq), shape.vocab_size, shape.dim
+    res = residual_bytes(spec, w)
+    if loss_chunk is None:  # logits (w), their float32 copy (log-softmax) and its gradient
+        return n * V * (w + (FP32 if w < FP32 else 0) + FP32)
+    c = min(loss_chunk, n)
+    chunks = 3 if n > c else 2
+    total = chunks * c * V * w + n * d * res  # logits / dL/dz of a chunk or two; dL/dh
+    if res != w:
+        total += n * d * w  # the hidden states cast to the matmul dtype
+    if spec.method == "full":
+        total += FP32 * V * d + (V * d * w if w < FP32 else 0)  # the head's float32 gradient, its w copy
+    return total
+
+
+def backward_working_bytes(shape: ModelShape, spec: MethodSpec, batch: int, seq: int, w: int) -> int:
+    """A block's backward: the gradient reaching it (N d a_res) and SwiGLU's three (N, h) gradients."""
+    n = batch * tokens_per_sequence(spec, seq)
+    return n * shape.dim * residual_bytes(spec, w) + 3 * n * shape.hidden_dim * w
 
 
 @dataclass(frozen=True)
 class Estimate:
+    """Bytes per GPU of one configuration; ``total`` is the predicted peak (``torch.cuda.max_memory_allocated``)."""
+
     total_params: int
     trainable_params: int
-    weights: int  # bytes
-    master: int
+    weights: int  # bytes per GPU (divided by world_size)
     gradients: int
     optimizer: int
-    activations: int
-    activations_checkpointed: int
+    activations: int  # kept for backward after the forward, default path (weight copies included)
+    activations_checkpointed: int  # the same with activation checkpointing
+    loss_working: int  # the loss's transient bytes
+    backward_working: int  # a block's backward
+    head_gradient: int  # the trained head's float32 gradient, made by the loss before backward starts
+    recompute: int  # checkpointing: one block's activations and weight copies while recomputed
+    end_working: int  # end of backward: a tied trained embedding's second gradient
+    gathered: int  # FSDP: two blocks' weights gathered whole (0 on one GPU)
+    world_size: int = 1
 
     @property
     def states(self) -> int:
-        return self.weights + self.master + self.gradients + self.optimizer
+        return self.weights + self.gradients + self.optimizer
+
+    def _peak(self, activations: int, working: int) -> int:
+        held = self.weights + self.optimizer + self.gathered
+        return max(held + activations + working, held + self.gradients + self.end_working)
 
     @property
     def total(self) -> int:
-        return self.states + self.activations
+        """Peak bytes of the default path (no activation checkpointing)."""
+        return self._peak(self.activations, max(self.loss_working, self.head_gradient + self.backward_working))
 
     @property
     def total_checkpointed(self) -> int:
-        return self.states + self.activations_checkpointed
+        """Peak bytes with activation checkpointing: the loss, or the last block's recompute and backward."""
+        loss = self._peak(self.activations_checkpointed, self.loss_working)
+        late = self.weights + self.optimizer + self.gathered + self.gradients + self.recompute + self.backward_working
+        return max(loss, late)
 
 
 def estimate(
@@ -185,37 +301,61 @@ def estimate(
     optimizer: str = "adamw",
     batch: int = 1,
     seq: int = 2048,
+    loss_chunk: int | None = None,
+    world_size: int = 1,
 ) -> Estimate:
-    """Bytes of a fine-tuning run (module docstring)."""
+    """Peak bytes per GPU of a fine-tuning run (module docstring).
+
+    ``dtype``: the compute dtype (``"bf16"``: fit's bf16 autocast over float32 trained weights, frozen
+    weights stored in bf16; ``"fp32"``: no autocast). ``batch``: sequences per GPU per micro-batch.
+    ``loss_chunk``: tokens per chunk of the fused loss (``notelab.lm.loss.default_chunk(vocab_size)``
+    is what ``fit`` with ``next_token_loss`` uses); ``None``: a cross-entropy over the full logits.
+    ``world_size``: GPUs sharing the model states (FSDP).
+    """
     if dtype not in DTYPE_BYTES:
         raise unknown_name("dtype", dtype, DTYPE_BYTES)
     if optimizer not in OPTIMIZER_BYTES:
         raise unknown_name("optimizer", optimizer, OPTIMIZER_BYTES)
-    for name, v in (("batch", batch), ("seq", seq)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ConfigError(f"estimate: {name}: expected an integer >= 1, got {v!r}")
+    _positive("batch", batch)
+    _positive("seq", seq)
+    _positive("world_size", world_size)
+    if loss_chunk is not None:
+        _positive("loss_chunk", loss_chunk)
     w = DTYPE_BYTES[dtype]
-    n_total = shape.n_params() + (0 if spec.method == "full" else trainable_params(shape, spec))
     n_train = trainable_params(shape, spec)
+    n_total = shape.n_params() + (0 if spec.method == "full" else n_train)
+    n_frozen = n_total - n_train
+    shard = lambda b: math.ceil(b / world_size)  # noqa: E731
+    block = shape.block_matrix_params() * (FP32 if spec.method == "full" else w)
+    tied_trained = spec.method == "full" and shape.tie_embeddings
+    # the recomputed block's activations and its copies of its trained matrices
+    recompute = batch * tokens_per_sequence(spec, seq) * layer_bytes_per_token(shape, spec, w)
+    recompute += weight_copy_bytes(shape, spec, w) // shape.n_layers
     return Estimate(
         total_params=n_total,
         trainable_params=n_train,
-        weights=n_total * w,
-        master=n_train * 4 if w < 4 else 0,
-        gradients=n_train * w,
-        optimizer=n_train * OPTIMIZER_BYTES[optimizer],
-        activations=activation_bytes(shape, spec, batch, seq, w, recompute=False),
-        activations_checkpointed=activation_bytes(shape, spec, batch, seq, w, recompute=True),
+        weights=shard(n_frozen * w + n_train * FP32),
+        gradients=shard(n_train * FP32),
+        optimizer=shard(n_train * OPTIMIZER_BYTES[optimizer]),
+        activations=activation_bytes(shape, spec, batch, seq, w),
+        activations_checkpointed=activation_bytes(shape, spec, batch, seq, w, checkpointing=True),
+        loss_working=loss_working_bytes(shape, spec, batch, seq, w, loss_chunk),
+        backward_working=backward_working_bytes(shape, spec, batch, seq, w),
+        head_gradient=FP32 * shape.vocab_size * shape.dim if spec.method == "full" else 0,
+        recompute=recompute,
+        end_working=FP32 * shape.vocab_size * shape.dim if tied_trained else 0,
+        gathered=2 * block if world_size > 1 else 0,
+        world_size=world_size,
     )
 
 
 def format_table(rows: dict[str, Estimate]) -> str:
-    """A plain-text table, one row per labelled estimate, sizes in GB (1e9 bytes)."""
-    cols = ["trainable", "weights", "master", "grads", "optim", "activ", "activ(ckpt)", "total", "total(ckpt)"]
+    """A plain-text table, one row per labelled estimate, sizes in GB (1e9 bytes) per GPU."""
+    cols = ["trainable", "weights", "grads", "optim", "activ", "activ(ckpt)", "peak", "peak(ckpt)"]
     lines = [f"{'run':<28}" + "".join(f"{c:>13}" for c in cols)]
     for label, e in rows.items():
         frac = f"{100 * e.trainable_params / e.total_params:.3g}%"
-        vals = [e.weights, e.master, e.gradients, e.optimizer, e.activations, e.activations_checkpointed, e.total,
+        vals = [e.weights, e.gradients, e.optimizer, e.activations, e.activations_checkpointed, e.total,
                 e.total_checkpointed]  # fmt: skip
         lines.append(f"{label:<28}{frac:>13}" + "".join(f"{v / 1e9:>12.1f}G" for v in vals))
     return "\n".join(lines)
