@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import warnings
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -33,7 +33,14 @@ from notelab.core.attention import KVCache, attention
 from notelab.core.errors import ConfigError, ShapeError
 from notelab.core.rope import apply_rope, rope_cos_sin
 from notelab.lm.model import FusedWeights, Llama
-from notelab.lm.sampling import FactualNucleus, Sampler, advance_sentence, choose_tokens, top_p_value
+from notelab.lm.sampling import (
+    FactualNucleus,
+    Sampler,
+    advance_sentence,
+    choose_tokens,
+    filter_threshold,
+    top_p_value,
+)
 
 RECOMPILE_LIMIT = 64  # compiled versions kept per decode function (kinds of processing x shapes)
 
@@ -101,6 +108,7 @@ def sampler_for(params: Sequence[SamplingParams]) -> Sampler:
     return Sampler(
         sample=bool(ps),
         filter=any(p.top_k or p.top_p for p in ps),
+        top_k=any(p.top_k for p in ps),
         penalty=any(p.repetition_penalty != 1.0 for p in params),
         logprobs=any(p.logprobs for p in params),
         factual=any(isinstance(p.top_p, FactualNucleus) for p in ps),
@@ -139,13 +147,54 @@ class _Request:
     stops: frozenset[int] = field(default_factory=frozenset)
 
 
+Attend = Callable[..., torch.Tensor]  # (q, k, v, *, mask) -> y, as notelab.core.attention.attention
+
+
+def decode_attention_sums(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor) -> torch.Tensor:
+    """Attention of one query a row over a whole static cache, as sums of products accumulated in float32:
+
+        s_hj = q_h . k_gj / sqrt(D)  (query head h reads kv head g = h // (Hq / Hkv)),
+        w_h = softmax_j(s_hj masked to -inf where mask_j is False),   y_h = sum_j w_hj v_gj
+
+    ``q`` ``(B, Hq, 1, D)``, ``k``, ``v`` ``(B, Hkv, L, D)``, ``mask`` bool broadcastable to ``(B, 1, 1, L)``.
+    Written as broadcast products and reductions, inductor fuses each into one kernel that reads the cache
+    once, where a library attention kernel (SDPA / cuDNN) is tuned for many queries (Vaswani et al. 2017,
+    eq. 1).
+    """
+    B, Hq, _, D = q.shape
+    Hkv, L = k.shape[1], k.shape[2]
+    qg = q.reshape(B, Hkv, Hq // Hkv, 1, D).float()
+    scores = (qg * k[:, :, None].float()).sum(dim=-1) * D**-0.5  # (B, Hkv, G, L)
+    scores = scores.masked_fill(~mask.reshape(B, 1, 1, L), float("-inf"))
+    w = scores.softmax(dim=-1)
+    y = (w[..., None] * v[:, :, None].float()).sum(dim=-2)  # (B, Hkv, G, D)
+    return y.reshape(B, Hq, 1, D).to(q.dtype)
+
+
+def decode_attention_bmm(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor) -> torch.Tensor:
+    """:func:`decode_attention_sums` as two batched matrix products in the cache's dtype (the query heads of a
+    group as the rows of one product), the softmax in float32."""
+    B, Hq, _, D = q.shape
+    Hkv, L = k.shape[1], k.shape[2]
+    qg = q.reshape(B, Hkv, Hq // Hkv, D)
+    scores = (qg @ k.transpose(-1, -2)).float() * D**-0.5  # (B, Hkv, G, L)
+    scores = scores.masked_fill(~mask.reshape(B, 1, 1, L), float("-inf"))
+    y = scores.softmax(dim=-1).to(v.dtype) @ v  # (B, Hkv, G, D)
+    return y.reshape(B, Hq, 1, D)
+
+
 def stacked_forward(
-    model: Llama, fused: FusedWeights, tok: torch.Tensor, pos: torch.Tensor, cache: nn.ModuleList
+    model: Llama,
+    fused: FusedWeights,
+    tok: torch.Tensor,
+    pos: torch.Tensor,
+    cache: nn.ModuleList,
+    attend: Attend = attention,
 ) -> torch.Tensor:
     """``Llama._forward`` for one token a row, ``tok`` ``(B, 1)`` at cache slots ``pos`` ``(B,)``, multiplying by
     the stacked ``[W_q; W_k; W_v]`` and ``[W_gate; W_up]`` of ``Llama.fused_decode_weights``: the same
     arithmetic as the layers' own projections, in two kernels instead of five (a decode step is bound by
-    its kernels' count and their weight reads, not by arithmetic)."""
+    its kernels' count and their weight reads, not by arithmetic). ``attend``: the attention over the cache."""
     B = tok.shape[0]
     slots = pos[:, None]
     x = model.embed_tokens(tok)
@@ -167,7 +216,7 @@ def stacked_forward(
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         k, v = cache[i].write(slots, k, v)
-        y = attention(q, k.to(q.dtype), v.to(q.dtype), mask=mask)
+        y = attend(q, k.to(q.dtype), v.to(q.dtype), mask=mask)
         x = x + a.o_proj(y.transpose(1, 2).reshape(B, 1, hq))
         h = layer.post_attention_layernorm(x)
         if w_gate_up is None:
@@ -192,6 +241,8 @@ def _decode_step(
     out: torch.Tensor,
     out_logprob: torch.Tensor,
     how: Sampler,
+    attend: Attend,
+    threshold: Callable[..., torch.Tensor],
 ) -> None:
     """One token for every row, in place: ``tok`` ``(B, 1)`` at cache slots ``pos`` ``(B,)`` -> next tokens in
     ``tok`` and ``out``; active rows advance ``pos`` and ``count``. Fixed buffers only (capturable)."""
@@ -199,11 +250,11 @@ def _decode_step(
     if fused is None:
         logits = model._forward(tok, pos, None, None, cache, 1)[:, -1].float()
     else:
-        logits = stacked_forward(model, fused, tok, pos, cache)[:, -1].float()
+        logits = stacked_forward(model, fused, tok, pos, cache, attend)[:, -1].float()
     decay, floor, since, ends = nucleus
     nxt, logprob = choose_tokens(
         logits, how, temperature=temperature, top_k=top_k, top_p=top_p, penalty=penalty,
-        seen=seen, seed=seed, counter=count, nucleus=(decay, floor, since),
+        seen=seen, seed=seed, counter=count, nucleus=(decay, floor, since), threshold=threshold,
     )  # fmt: skip
     if how.factual:
         since.copy_(advance_sentence(since, nxt, ends))
@@ -228,7 +279,8 @@ class Engine:
     next step). ``dtype``: of the cache (default: the
     autocast dtype, else the weights'). ``max_len`` defaults to the model's context. ``stacked`` (default: on
     CUDA) multiplies by stacked projection copies (``stacked_forward``); call ``refresh_weights`` after changing
-    the model's weights in place.
+    the model's weights in place. ``attend`` (the attention of the stacked step over the cache) and
+    ``threshold`` (how top-k / top-p find their threshold, ``notelab.lm.sampling``) choose the step's parts.
     """
 
     def __init__(
@@ -239,6 +291,8 @@ class Engine:
         dtype=None,  # noqa: ANN001
         *,
         stacked: bool | None = None,
+        attend: Attend = attention,
+        threshold: Callable[..., torch.Tensor] = filter_threshold,
     ) -> None:
         c = model.config
         max_len = max_len or c.max_seq_len
@@ -251,6 +305,7 @@ class Engine:
         if dtype is None:
             dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else w.dtype
         self.model, self.max_batch, self.max_len, self.dtype, self.device = model, max_batch, max_len, dtype, dev
+        self.parts = (attend, threshold)
         self.vocab = c.vocab_size
         B = max_batch
         self.cache = model.make_cache(B, max_len, dtype=dtype)
@@ -437,7 +492,7 @@ class Engine:
         first, logprob = choose_tokens(
             logits, how, temperature=settings[0], top_k=settings[1], top_p=settings[2], penalty=settings[3],
             seen=seen, seed=settings[4], counter=torch.zeros(n, dtype=torch.long, device=dev),
-            nucleus=(decay, floor, since),
+            nucleus=(decay, floor, since), threshold=self.parts[1],
         )  # fmt: skip
         for buf, val in zip(self.nucleus, (decay, floor, advance_sentence(since, first, ends), ends)):
             buf.index_copy_(0, rows, val)
@@ -463,7 +518,7 @@ class Engine:
 
     def _run(self, how: Sampler) -> None:
         if self.device.type != "cuda":
-            _decode_step(self.model, *self._buffers(), how)
+            _decode_step(self.model, *self._buffers(), how, *self.parts)
             return
         graph = self.steps.get(how)
         if graph is None:
@@ -495,11 +550,11 @@ class Engine:
         # than dynamo's default of 8 would silently fall back to the eager step.
         with torch.cuda.stream(side), torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
             for _ in range(3):
-                fn(self.model, *self._buffers(), how)
+                fn(self.model, *self._buffers(), how, *self.parts)
                 for t, s in zip(state, saved):
                     t.copy_(s)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            fn(self.model, *self._buffers(), how)
+            fn(self.model, *self._buffers(), how, *self.parts)
         return graph

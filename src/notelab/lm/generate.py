@@ -44,7 +44,7 @@ from notelab.lm.engine import (
     sampler_for,
 )
 from notelab.lm.model import Llama
-from notelab.lm.sampling import FactualNucleus, Sampler, advance_sentence, choose_tokens, next_token, top_p_value
+from notelab.lm.sampling import FactualNucleus, advance_sentence, choose_tokens, next_token, top_p_value
 
 __all__ = ["PATHS", "ContextLimitWarning", "generate", "left_pad", "next_token", "stream"]
 
@@ -276,11 +276,7 @@ def _stream_chain(
     total = len(prompt) + steps
     dec: ChainDecoder = _held(model, "chain", (total,), lambda: ChainDecoder(model, total))
     tokens = torch.tensor([prompt], dtype=torch.long, device=model.embed_tokens.weight.device)
-    how = Sampler(
-        sample=p.temperature > 0,
-        filter=p.temperature > 0 and bool(p.top_k or p.top_p),
-        penalty=p.repetition_penalty != 1.0,
-    )
+    how = sampler_for([p])
     top_k = min(p.top_k or model.config.vocab_size, model.config.vocab_size)
     settings = (p.temperature, top_k, top_p_value(p.top_p), p.repetition_penalty, seed)
     done = [False]

@@ -27,7 +27,7 @@ partial products so no step overflows.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -83,6 +83,7 @@ class Sampler:
 
     sample: bool = False  # some row has temperature > 0
     filter: bool = False  # some row has top-k or top-p
+    top_k: bool = False  # some row has top-k
     penalty: bool = False  # some row has a repetition penalty
     logprobs: bool = False  # some row wants log p(token)
     factual: bool = False  # some row decays its top-p within sentences (FactualNucleus)
@@ -163,13 +164,15 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return torch.where(seen, penalised, logits)
 
 
-def filter_threshold(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+def filter_threshold(
+    scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, with_top_k: bool = True
+) -> torch.Tensor:
     """Per row ``(B, 1)``, the smallest logit kept by top-k then top-p on temperature-scaled ``scaled`` ``(B, V)``.
 
     ``top_k`` ``(B, 1)`` int64 in ``[1, V]`` (``V``: no top-k), ``top_p`` ``(B, 1)`` float (``>= 1``: no top-p).
     Sorted descending, position ``j`` is dropped by top-p when the mass ranked above it already reaches
     ``p``; that is monotone in ``j``, so the kept set is a prefix and one threshold describes it (ties with
-    the threshold are kept).
+    the threshold are kept). ``with_top_k`` (False: no row has top-k) is for :func:`bisect_threshold`.
     """
     ordered = torch.sort(scaled, dim=-1, descending=True).values
     rank = torch.arange(scaled.shape[-1], device=scaled.device)
@@ -178,6 +181,43 @@ def filter_threshold(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Ten
     drop = ((cumsum_last(probs) - probs) >= top_p) & (top_p < 1.0)
     keep = (~drop).sum(dim=-1, keepdim=True).clamp(min=1).minimum(top_k)
     return ordered.gather(-1, keep - 1)
+
+
+_INF_BITS = 0x7F800000  # the int32 bits of float32 +inf: above every probability's bits
+_BISECTIONS = 31  # ceil(log2(_INF_BITS)): the bracket [0, +inf bits) shrinks to adjacent integers
+
+
+def bisect_threshold(
+    scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, with_top_k: bool = True
+) -> torch.Tensor:
+    """:func:`filter_threshold` without a sort: the same kept set found by bisection.
+
+    With ``pi = softmax(scaled)``, top-k keeps ``pi_i >= t_k``, the largest ``t_k`` with ``#{pi >= t_k} >= k``;
+    top-p then keeps ``pi_i >= t_p``, the largest ``t_p >= t_k`` whose kept mass ``sum_{pi >= t_p} pi`` reaches
+    ``p * Z`` (``Z``: the mass top-k kept; the sorted rule renormalises by it). Non-negative float32 values
+    order as their int32 bit patterns, so 31 halvings of ``[0, bits(+inf))`` find each threshold exactly; each
+    halving is one pass over ``(B, V)`` (held in L2), against a sort of every row. Sums in another order
+    than a cumulative sum can move a token sitting exactly at the edge of the nucleus, nothing else.
+    """
+    probs = scaled.softmax(dim=-1)
+    bits = probs.view(torch.int32)
+    B = scaled.shape[0]
+    lo = torch.zeros(B, 1, dtype=torch.int32, device=scaled.device)
+    if with_top_k:
+        hi = torch.full_like(lo, _INF_BITS)
+        for _ in range(_BISECTIONS):
+            mid = lo + (hi - lo) // 2
+            ok = (bits >= mid).sum(dim=-1, keepdim=True) >= top_k
+            lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid)
+    t_k = lo
+    target = top_p * torch.where(bits >= t_k, probs, 0.0).sum(dim=-1, keepdim=True)
+    hi = torch.full_like(lo, _INF_BITS)
+    for _ in range(_BISECTIONS):
+        mid = lo + (hi - lo) // 2
+        ok = torch.where(bits >= mid, probs, 0.0).sum(dim=-1, keepdim=True) >= target
+        lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid)
+    t = torch.where(top_p < 1.0, lo, t_k)
+    return scaled.masked_fill(bits < t, float("inf")).amin(dim=-1, keepdim=True)
 
 
 def choose_tokens(
@@ -192,6 +232,7 @@ def choose_tokens(
     seed: torch.Tensor,
     counter: torch.Tensor,
     nucleus: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    threshold: Callable[..., torch.Tensor] = filter_threshold,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The next token of each row ``(B,)`` and (``how.logprobs``) its log-probability under the unprocessed
     model distribution ``log_softmax(logits)``, from float32 ``logits`` ``(B, V)``.
@@ -200,7 +241,8 @@ def choose_tokens(
     none), ``penalty`` (1 for none) with ``seen`` ``(B, V)`` bool; noise from ``seed`` and ``counter`` ``(B,)``
     (the row's token index). ``how.factual``: ``nucleus`` = (decay ``(B, 1)``, floor ``(B, 1)``, tokens of the
     sentence so far ``(B,)``) turns ``top_p`` into :func:`factual_top_p` (decay 1, floor 0 leave a row's
-    ``top_p`` as it is). Fixed shapes and no host reads: capturable in a CUDA graph.
+    ``top_p`` as it is). ``threshold``: how the top-k / top-p threshold is found (:func:`filter_threshold`,
+    :func:`bisect_threshold`). Fixed shapes and no host reads: capturable in a CUDA graph.
     """
     raw = logits
     if how.factual and nucleus is not None:
@@ -211,7 +253,7 @@ def choose_tokens(
         greedy = temperature <= 0
         scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature)
         if how.filter:
-            scaled = scaled.masked_fill(scaled < filter_threshold(scaled, top_k, top_p), float("-inf"))
+            scaled = scaled.masked_fill(scaled < threshold(scaled, top_k, top_p, how.top_k), float("-inf"))
         gumbel = -torch.log(-torch.log(uniform_noise(seed, counter, logits.shape[-1])))
         logits = torch.where(greedy, logits, scaled + gumbel)
     token = logits.argmax(dim=-1)
@@ -238,7 +280,7 @@ def next_token(
     def col(v: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return torch.full((B, 1), v, dtype=dtype, device=dev)
 
-    how = Sampler(sample=temperature > 0, filter=top_k is not None or top_p is not None)
+    how = Sampler(sample=temperature > 0, filter=top_k is not None or top_p is not None, top_k=top_k is not None)
     token, _ = choose_tokens(
         logits.float(),
         how,
