@@ -131,3 +131,31 @@ def test_detector_scores_check_their_lengths():
         DetectorScores(["a", "b"], [1.0], 1.0)
     f = DetectorScores.failure("why")
     assert f.failed == "why" and np.isnan(f.passage_score)
+
+
+def test_token_uncertainty_on_a_real_tokenizer():
+    """A tiny notelab Llama through its backend: byte-level BPE pieces (split words, a multi-byte
+    character) land in the right sentence, and the scores are the per-sentence means of its log-probs."""
+    backends = pytest.importorskip("notelab.hallucination.backends")
+    import torch
+
+    from notelab.data.tokenizer import Tokenizer
+    from notelab.lm.config import LlamaConfig
+    from notelab.lm.model import Llama
+
+    tok = Tokenizer.train(["Rome is the capital of Italy. Paris is the capital of France."] * 20, vocab_size=300)
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig(vocab_size=tok.vocab_size, dim=32, n_layers=1, n_heads=2, max_seq_len=128))
+    lm = backends.NotelabLM(model, tok)
+    passage = " Rome is the capital of Italy. Paris is in \u2603 Spain."
+    (scored,) = lm.logprobs(["Q:"], [passage])
+    assert "".join(scored.tokens) == passage
+    starts = np.cumsum([0] + [len(t) for t in scored.tokens[:-1]])
+    first = starts < passage.index("Paris") - 1  # tokens of the first sentence (and the leading space)
+    (u,) = token_uncertainty(lm, ["Q:"], [passage])
+    nll = -np.array(scored.logprobs)
+    assert u.mean_nll.sentence_scores == pytest.approx([nll[first].mean(), nll[~first].mean()])
+    assert u.max_nll.sentence_scores == pytest.approx([nll[first].max(), nll[~first].max()])
+    assert u.entropy.sentence_scores == pytest.approx(
+        [np.mean(np.array(scored.entropies)[first]), np.mean(np.array(scored.entropies)[~first])]
+    )

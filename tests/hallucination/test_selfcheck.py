@@ -194,3 +194,14 @@ def test_nli_label_mapping_errors(tmp_path):
         NLIModel.from_folder(tmp_path / "missing")
     p = contradiction_prob(torch.tensor([[0.0, 5.0, 0.0]]), entail=0, contradict=2)
     assert p.item() == pytest.approx(0.5)
+
+
+def test_sample_responses_greedy_passage_and_n_samples():
+    from notelab.hallucination.selfcheck import sample_responses
+
+    lm = FakeLM(reply=lambda p, i: f" {p} answer {i} ")
+    (r,) = sample_responses(lm, ["Q"], n=3, top_p=0.9)
+    assert r.passage == "Q answer 0" and r.samples == ("Q answer 0", "Q answer 1", "Q answer 2")
+    assert lm.top_p_seen == 0.9
+    with pytest.raises(ConfigError, match="temperature > 0"):
+        sample_responses(lm, ["Q"], temperature=0.0)

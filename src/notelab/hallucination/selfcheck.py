@@ -25,6 +25,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -34,11 +35,51 @@ from notelab.hallucination.detectors import DetectorScores, check_passage
 from notelab.hallucination.protocol import LanguageModel
 from notelab.hallucination.text import ngrams, split_sentences, words
 
+if TYPE_CHECKING:
+    from notelab.lm.sampling import FactualNucleus
+
 UNK = "<unk>"
 
 
 def _tokens(text: str) -> list[str]:
     return words(text, lowercase=False)
+
+
+# --- the responses SelfCheck compares ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Responses:
+    """What SelfCheckGPT checks (Sec. 6): the response ``passage`` (greedy) and ``samples`` drawn for the
+    same prompt."""
+
+    prompt: str
+    passage: str
+    samples: tuple[str, ...]
+
+
+def sample_responses(
+    lm: LanguageModel,
+    prompts: Sequence[str],
+    n: int = 20,
+    temperature: float = 1.0,
+    top_p: float | FactualNucleus = 1.0,
+    max_new_tokens: int = 64,
+) -> list[Responses]:
+    """For each prompt, the greedy response and ``n`` samples at ``temperature`` (the paper: N = 20,
+    temperature 1.0); two batched ``generate`` calls."""
+    if n < 1 or temperature <= 0:
+        raise ConfigError(
+            f"sample_responses: expected n >= 1 and temperature > 0, got n={n}, temperature={temperature}"
+        )
+    greedy = lm.generate(list(prompts), n=1, temperature=0.0, top_p=top_p, max_new_tokens=max_new_tokens)
+    drawn = lm.generate(list(prompts), n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
+    if len(greedy) != len(prompts) or len(drawn) != len(prompts):
+        raise ShapeError(f"{lm.name}.generate: expected {len(prompts)} results, got {len(greedy)} and {len(drawn)}")
+    return [
+        Responses(p, g[0].text.strip() if g else "", tuple(x.text.strip() for x in d))
+        for p, g, d in zip(prompts, greedy, drawn)
+    ]
 
 
 # --- n-gram -------------------------------------------------------------------------------------------
@@ -244,7 +285,10 @@ class NLIModel:
         path = Path(path)
         if not (path / "config.json").is_file():
             raise ConfigError(f"NLI model: expected a folder with config.json, got {str(path)!r}")
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        try:
+            from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        except ImportError as e:
+            raise ConfigError("NLI model: expected the transformers package installed, got none") from e
 
         model = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True).to(device)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -292,12 +336,14 @@ __all__ = [
     "LogprobVerdict",
     "NLIModel",
     "NgramScores",
+    "Responses",
     "TextVerdict",
     "contradiction_prob",
     "label_index",
     "ngram_counts",
     "ngram_logprobs",
     "parse_answer",
+    "sample_responses",
     "selfcheck_ngram",
     "selfcheck_nli",
     "selfcheck_prompt",
