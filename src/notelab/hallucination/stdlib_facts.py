@@ -132,27 +132,43 @@ def read_functions(path: Path, module: str, context_lines: int = 3) -> list[Func
     return out
 
 
-def stdlib_modules(split: str = "train", max_chars: int | None = None) -> list[tuple[Path, str]]:
-    """(file, module) of the stdlib files of ``split``, in the order the corpus reads them, up to the
-    files a model trained on ``max_chars`` characters of that split has seen whole (file sizes in
-    bytes; the stdlib is nearly all ASCII)."""
+def stdlib_modules(
+    split: str = "train", max_chars: int | None = None, seed: int | None = None
+) -> list[tuple[Path, str]]:
+    """(file, module) of the stdlib files of ``split`` up to ``max_chars`` characters of whole files
+    (file sizes in bytes; the stdlib is nearly all ASCII): in the order the corpus reads them, so the
+    files a model trained on ``max_chars`` characters of that split has seen; or, with ``seed``, in a
+    seeded random order (a small corpus of varied modules, :func:`module_texts`)."""
     root = stdlib_root()
+    files = stdlib_files(split)
+    if seed is not None:
+        random.Random(seed).shuffle(files)
     out, total = [], 0
-    for path in stdlib_files(split):
+    for path in files:
         size = path.stat().st_size
         if max_chars is not None and total + size > max_chars:
-            break
+            if seed is None:
+                break
+            continue  # a random order: a smaller file further on may still fit
         total += size
         out.append((path, _module_name(path, root)))
     return out
 
 
-def stdlib_function_facts(split: str = "train", max_chars: int | None = None) -> list[FunctionFacts]:
-    """Every function :func:`read_functions` finds in :func:`stdlib_modules`; a name defined in two
-    modules is kept once (first module), so a ``module`` answer is unique."""
+def module_texts(modules: Sequence[tuple[Path, str]]) -> list[str]:
+    """The source text of each module (a pre-training corpus that holds exactly those facts)."""
+    return [path.read_text(encoding="utf-8") for path, _ in modules]
+
+
+def stdlib_function_facts(
+    split: str = "train", max_chars: int | None = None, modules: Sequence[tuple[Path, str]] | None = None
+) -> list[FunctionFacts]:
+    """Every function :func:`read_functions` finds in ``modules`` (default :func:`stdlib_modules` of
+    ``split`` / ``max_chars``); a name defined in two modules is kept once (first module), so a
+    ``module`` answer is unique."""
     seen: set[str] = set()
     out = []
-    for path, module in stdlib_modules(split, max_chars):
+    for path, module in stdlib_modules(split, max_chars) if modules is None else modules:
         for f in read_functions(path, module):
             if f.name not in seen:
                 seen.add(f.name)
@@ -222,15 +238,17 @@ def stdlib_facts(
     split: str = "train",
     max_chars: int | None = None,
     kinds: Sequence[str] = KINDS,
+    modules: Sequence[tuple[Path, str]] | None = None,
 ) -> list[Fact]:
     """``n`` facts (all when None) drawn without replacement, deterministic for ``seed``, from the
-    functions of the stdlib files a model trained on ``split`` / ``max_chars`` has read."""
+    functions of ``modules`` (default: the stdlib files a model trained on ``split`` / ``max_chars``
+    has read)."""
     bad = [k for k in kinds if k not in KINDS]
     if bad or not kinds:
         raise ConfigError(f"kinds: expected a non-empty subset of {', '.join(KINDS)}, got {list(kinds)}")
     if n is not None and n < 1:
         raise ConfigError(f"n: expected a positive number of facts, got {n}")
-    facts = [fact for f in stdlib_function_facts(split, max_chars) for fact in facts_of(f, kinds)]
+    facts = [fact for f in stdlib_function_facts(split, max_chars, modules) for fact in facts_of(f, kinds)]
     if not facts:
         raise DataError(f"stdlib {split} split (max_chars {max_chars}): expected functions to ask about, found none")
     random.Random(seed).shuffle(facts)
@@ -354,10 +372,16 @@ def knowledge_rows(functions: Sequence[FunctionFacts]) -> list[dict[str, str]]:
     return rows
 
 
-def write_knowledge(folder: str | os.PathLike, split: str = "all", max_chars: int | None = None) -> Path:
-    """Write the stdlib knowledge source as ``folder/stdlib_knowledge.jsonl`` (the JSONL layout
-    :meth:`notelab.data.retrieval.BM25Index.from_folder` reads); returns the file."""
-    rows = knowledge_rows(stdlib_function_facts(split, max_chars))
+def write_knowledge(
+    folder: str | os.PathLike,
+    split: str = "all",
+    max_chars: int | None = None,
+    modules: Sequence[tuple[Path, str]] | None = None,
+) -> Path:
+    """Write the stdlib knowledge source (of ``modules``, default the ``split`` / ``max_chars`` ones) as
+    ``folder/stdlib_knowledge.jsonl`` (the JSONL layout :meth:`notelab.data.retrieval.BM25Index.from_folder`
+    reads); returns the file."""
+    rows = knowledge_rows(stdlib_function_facts(split, max_chars, modules))
     if not rows:
         raise DataError(f"stdlib {split} split: expected functions for the knowledge source, found none")
     folder = Path(folder)
@@ -383,6 +407,7 @@ __all__ = [
     "hallucinated",
     "is_correct",
     "knowledge_rows",
+    "module_texts",
     "parse_default",
     "parse_params",
     "read_functions",
