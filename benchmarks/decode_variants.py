@@ -20,6 +20,7 @@ each skipped once ``--budget-s`` has passed:
   (4) ``generate(model, [prompt], N)`` with its defaults at batch 1 (the chain), greedy and sampled
   (5) ``notelab lm generate`` (the CLI, default options but ``--max-new-tokens N``) on a run folder of the same
       model saved in bf16 with a 128,256-token tokenizer, and the tokens/s it prints
+  (6) greedy with the fastest attention compiled by inductor's max-autotune (``compiler``), at each batch
 
 ``--tiny``: a small model and sizes, a smoke test of the script on CPU.
 """
@@ -42,12 +43,17 @@ import torch
 from llama_gpu import copy_bandwidth, kv_bytes_per_step, sync
 from notelab.core.attention import attention
 from notelab.lm import Llama, LlamaConfig, generate
-from notelab.lm.engine import Engine, SamplingParams, decode_attention_bmm, decode_attention_sums
+from notelab.lm.engine import Engine, SamplingParams, compile_step, decode_attention_bmm, decode_attention_sums
 from notelab.lm.flops import weight_bytes
 from notelab.lm.sampling import bisect_threshold, filter_threshold
 
 ATTENTION = {"sdpa": attention, "sums": decode_attention_sums, "bmm": decode_attention_bmm}
 THRESHOLD = {"sort": filter_threshold, "bisect": bisect_threshold}
+COMPILER = {
+    "default": compile_step,
+    # inductor's Triton matmul templates benchmarked against cuBLAS per shape, pointwise epilogues fused into them
+    "max-autotune": lambda fn: torch.compile(fn, fullgraph=True, dynamic=False, mode="max-autotune-no-cudagraphs"),
+}
 SAMPLED = {"temperature": 0.8, "top_p": 0.95, "seed": 0}
 
 
@@ -98,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--attention", nargs="+", choices=list(ATTENTION), default=list(ATTENTION))
     p.add_argument("--budget-s", type=float, default=230.0, help="skip the phases that start after this long")
     p.add_argument("--no-cli", action="store_true")
+    p.add_argument("--no-autotune", action="store_true", help="skip the max-autotune compiler variant")
     p.add_argument("--tiny", action="store_true", help="small model and sizes: a CPU smoke test")
     p.add_argument("--out", help="write every figure as JSON here")
     args = p.parse_args(argv)
@@ -183,10 +190,13 @@ def main(argv: list[str] | None = None) -> int:
         shared[("ref", batch)] = out
         return {}
 
-    def variant(batch: int, attend: str, threshold: str, sampled: bool) -> Callable[[], dict]:
+    def variant(
+        batch: int, attend: str, threshold: str, sampled: bool, compiler: str = "default"
+    ) -> Callable[[], dict]:
         def run() -> dict:
             model, n, prompts = shared["model"], args.new_tokens, shared["prompts"][:batch]
-            eng = Engine(model, batch, args.prompt + n, attend=ATTENTION[attend], threshold=THRESHOLD[threshold])
+            parts = dict(attend=ATTENTION[attend], threshold=THRESHOLD[threshold], compiler=COMPILER[compiler])
+            eng = Engine(model, batch, args.prompt + n, **parts)
             warm_s, _ = timed(lambda: run_engine(eng, prompts, n, sampled))
             dt, out = timed(lambda: run_engine(eng, prompts, n, sampled))
             res = {**figures(batch, dt, out), "warmup_s": warm_s}
@@ -197,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
                 res["rows_equal_default"], res["prefix_agree_default"] = agreement(out, shared[key])
             else:
                 shared[key] = out
-            shared.setdefault("speed", {})[(attend, threshold, sampled, batch)] = res["tokens_per_s"]
+            if compiler == "default":
+                shared.setdefault("speed", {})[(attend, threshold, sampled, batch)] = res["tokens_per_s"]
             return res
 
         return run
@@ -261,6 +272,14 @@ def main(argv: list[str] | None = None) -> int:
     phase("generate() defaults x1 sampled", public(1, True))
     if not args.no_cli:
         phase("notelab lm generate (CLI) x1 greedy", cli)
+        if "model" not in shared:
+            phase("rebuild bf16 model", build)
+    if not args.no_autotune:  # last: its compile (autotuning every product shape) is the longest
+        for b in args.batches:
+            phase(
+                f"greedy x{b} attend={best[b]} compiler=max-autotune",
+                variant(b, best[b], "sort", False, "max-autotune"),
+            )
     print(f"# total {time.perf_counter() - start:.0f} s", flush=True)
     return 0
 

@@ -183,6 +183,11 @@ def decode_attention_bmm(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, m
     return y.reshape(B, Hq, 1, D)
 
 
+def compile_step(fn: Callable) -> Callable:
+    """The decode step compiled by inductor as one graph of fixed shapes (``torch.compile``'s default mode)."""
+    return torch.compile(fn, fullgraph=True, dynamic=False)
+
+
 def stacked_forward(
     model: Llama,
     fused: FusedWeights,
@@ -280,7 +285,8 @@ class Engine:
     autocast dtype, else the weights'). ``max_len`` defaults to the model's context. ``stacked`` (default: on
     CUDA) multiplies by stacked projection copies (``stacked_forward``); call ``refresh_weights`` after changing
     the model's weights in place. ``attend`` (the attention of the stacked step over the cache) and
-    ``threshold`` (how top-k / top-p find their threshold, ``notelab.lm.sampling``) choose the step's parts.
+    ``threshold`` (how top-k / top-p find their threshold, ``notelab.lm.sampling``) choose the step's parts,
+    ``compiler`` how it is compiled on CUDA.
     """
 
     def __init__(
@@ -293,6 +299,7 @@ class Engine:
         stacked: bool | None = None,
         attend: Attend = attention,
         threshold: Callable[..., torch.Tensor] = filter_threshold,
+        compiler: Callable[[Callable], Callable] = compile_step,
     ) -> None:
         c = model.config
         max_len = max_len or c.max_seq_len
@@ -305,7 +312,7 @@ class Engine:
         if dtype is None:
             dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else w.dtype
         self.model, self.max_batch, self.max_len, self.dtype, self.device = model, max_batch, max_len, dtype, dev
-        self.parts = (attend, threshold)
+        self.parts, self.compiler = (attend, threshold), compiler
         self.vocab = c.vocab_size
         B = max_batch
         self.cache = model.make_cache(B, max_len, dtype=dtype)
@@ -535,7 +542,7 @@ class Engine:
         record it. The warm-up runs real steps, so the state it changes is put back first."""
         fn = _decode_step
         try:
-            compiled = torch.compile(_decode_step, fullgraph=True, dynamic=False)
+            compiled = self.compiler(_decode_step)
             return self._record(compiled, how)
         except Exception as e:  # noqa: BLE001 - any compiler failure: the eager step still runs
             self._say_once(f"Engine: torch.compile of the decode step failed ({type(e).__name__}: {e}); eager step")
