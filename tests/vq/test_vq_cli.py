@@ -1,4 +1,4 @@
-"""`notelab vq train | prior | sample | eval` end to end on digits, and bad input as exit 2 with one line."""
+"""`notelab vq train | reconstruct | train-prior | sample` end to end on digits; bad input: exit 2, one line."""
 
 from __future__ import annotations
 
@@ -26,7 +26,10 @@ def runs(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("vqcli")
     vq, prior = root / "vq", root / "prior"
     assert run_cli(["vq", "train", "--data", "digits", "--out", str(vq), *TINY, *NET]) == 0
-    assert run_cli(["vq", "prior", "--vqvae", str(vq), "--out", str(prior), *TINY, "--dim", "16", "--steps", "30"]) == 0
+    assert (
+        run_cli(["vq", "train-prior", "--vqvae", str(vq), "--out", str(prior), *TINY, "--dim", "16", "--steps", "30"])
+        == 0
+    )
     return vq, prior
 
 
@@ -39,7 +42,7 @@ def test_train_and_prior_write_run_folders(runs):
     assert json.loads((prior / "config.json").read_text())["vocab_size"] == 9  # K + the start token
 
 
-def test_sample_and_eval(runs, tmp_path, capsys):
+def test_sample_and_reconstruct(runs, tmp_path, capsys):
     vq, prior = runs
     out = tmp_path / "s.png"
     assert run_cli(["vq", "sample", "--vqvae", str(vq), "--prior", str(prior), "--n", "4", "--out", str(out)]) == 0
@@ -50,6 +53,14 @@ def test_sample_and_eval(runs, tmp_path, capsys):
     assert run_cli([*argv, "--device", "cpu"]) == 0
     text = capsys.readouterr().out
     assert "reconstruction MSE" in text and "bits/dim" in text and recon.is_file()
+
+
+def test_the_issues_verb_names_and_no_others(capsys):
+    for verb in ("train", "reconstruct", "train-prior", "sample"):
+        assert run_cli(["vq", verb, "--help"]) == 0
+    for old in ("prior", "eval"):
+        assert run_cli(["vq", old, "--vqvae", "x"]) == 2  # argparse: invalid choice
+        assert "invalid choice" in capsys.readouterr().err
 
 
 def test_resume_of_a_finished_run_says_so(runs, capsys):
@@ -98,7 +109,7 @@ def test_colour_images_from_a_npy_array(tmp_path, capsys):
     assert run_cli(argv) == 0
     config = json.loads((run / "config.json").read_text())
     assert config["in_channels"] == 3 and config["image_size"] == 16
-    assert run_cli(["vq", "eval", "--vqvae", str(run), "--device", "cpu"]) == 0
+    assert run_cli(["vq", "reconstruct", "--vqvae", str(run), "--device", "cpu"]) == 0
     assert "reconstruction MSE" in capsys.readouterr().out
 
 

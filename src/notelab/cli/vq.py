@@ -1,17 +1,16 @@
-"""``notelab vq train | prior | sample | eval``: a VQ-VAE, its Llama prior over codes, samples, scores.
+"""``notelab vq train | reconstruct | train-prior | sample``: a VQ-VAE, its scores, its Llama prior over codes, samples.
 
     notelab vq train --data digits --out runs/vq [--codebook ema|loss --codebook-size K --code-dim D
         --downsample F --hidden H --res-blocks R --beta B --decay G --dead-code-threshold T --kmeans-init
         --image-size S --channels C --max-images N]
         [--steps N --batch-size B --lr LR --seed S --device DEV --resume ...]
-    notelab vq prior --vqvae runs/vq --out runs/vq-prior [--dim 64 --n-layers 2 --n-heads 4] [training options]
+    notelab vq reconstruct --vqvae runs/vq [--prior runs/vq-prior --n-bins 256 --out reconstructions.png]
+    notelab vq train-prior --vqvae runs/vq --out runs/vq-prior [--dim 64 --n-layers 2 --n-heads 4] [training options]
     notelab vq sample --vqvae runs/vq --prior runs/vq-prior --n 64 --out samples.png
         [--temperature 1 --top-k K --top-p P --seed 0 --device DEV]
-    notelab vq eval --vqvae runs/vq [--prior runs/vq-prior --n-bins 256 --out reconstructions.png]
 
-``prior`` is also ``train-prior`` and ``eval`` also ``reconstruct`` (the issue's names).
-``train`` and ``prior`` use the ``train`` split of the data (``notelab.data``, a fixed 80/20 split),
-``eval`` the ``test`` split; the data a VQ-VAE was trained on is recorded in its run's
+``train`` and ``train-prior`` use the ``train`` split of the data (``notelab.data``, a fixed 80/20
+split), ``reconstruct`` the ``test`` split; the data a VQ-VAE was trained on is recorded in its run's
 ``data.json`` and found there by the other verbs. Every check runs before anything is written.
 """
 
@@ -67,39 +66,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_training_options(t, **VQ_DEFAULTS)
     t.set_defaults(func=train)
 
-    pr = verbs.add_parser(
-        "prior", aliases=["train-prior"], help="train a Llama prior over a VQ-VAE's codes (train split)"
-    )
-    pr.add_argument("--vqvae", required=True, help="run folder of `notelab vq train`")
-    pr.add_argument("--dim", type=int, default=64, help="prior width")
-    pr.add_argument("--n-layers", type=int, default=2)
-    pr.add_argument("--n-heads", type=int, default=4)
-    pr.add_argument(
-        "--eval-every", type=int, default=100, help="NLL on a held-out tenth of the codes every N steps; best kept"
-    )
-    add_training_options(pr, **PRIOR_DEFAULTS)
-    pr.set_defaults(func=prior)
-
-    s = verbs.add_parser("sample", help="draw codes from the prior and decode them; writes a PNG grid")
-    s.add_argument("--vqvae", required=True, help="run folder of `notelab vq train`")
-    s.add_argument("--prior", required=True, help="run folder of `notelab vq prior`")
-    s.add_argument("--n", type=int, default=64, help="number of samples")
-    s.add_argument("--temperature", type=float, default=1.0)
-    s.add_argument("--top-k", type=int)
-    s.add_argument("--top-p", type=float)
-    s.add_argument("--out", required=True, help="output PNG")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--device", default="auto")
-    add_model_options(s)
-    s.set_defaults(func=sample)
-
     e = verbs.add_parser(
-        "eval",
-        aliases=["reconstruct"],
-        help="reconstruction MSE, codebook use and (with --prior) bits/dim on the test split",
+        "reconstruct", help="reconstruction MSE, codebook use and (with --prior) bits/dim on the test split"
     )
     e.add_argument("--vqvae", required=True, help="run folder of `notelab vq train`")
-    e.add_argument("--prior", help="run folder of `notelab vq prior`: adds the prior's bits/dim")
+    e.add_argument("--prior", help="run folder of `notelab vq train-prior`: adds the prior's bits/dim")
     e.add_argument(
         "--n-bins",
         type=int,
@@ -109,7 +80,31 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--out", help="PNG of test images above their reconstructions")
     e.add_argument("--device", default="auto")
     add_model_options(e)
-    e.set_defaults(func=evaluate)
+    e.set_defaults(func=reconstruct)
+
+    pr = verbs.add_parser("train-prior", help="train a Llama prior over a VQ-VAE's codes (train split)")
+    pr.add_argument("--vqvae", required=True, help="run folder of `notelab vq train`")
+    pr.add_argument("--dim", type=int, default=64, help="prior width")
+    pr.add_argument("--n-layers", type=int, default=2)
+    pr.add_argument("--n-heads", type=int, default=4)
+    pr.add_argument(
+        "--eval-every", type=int, default=100, help="NLL on a held-out tenth of the codes every N steps; best kept"
+    )
+    add_training_options(pr, **PRIOR_DEFAULTS)
+    pr.set_defaults(func=train_prior)
+
+    s = verbs.add_parser("sample", help="draw codes from the prior and decode them; writes a PNG grid")
+    s.add_argument("--vqvae", required=True, help="run folder of `notelab vq train`")
+    s.add_argument("--prior", required=True, help="run folder of `notelab vq train-prior`")
+    s.add_argument("--n", type=int, default=64, help="number of samples")
+    s.add_argument("--temperature", type=float, default=1.0)
+    s.add_argument("--top-k", type=int)
+    s.add_argument("--top-p", type=float)
+    s.add_argument("--out", required=True, help="output PNG")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default="auto")
+    add_model_options(s)
+    s.set_defaults(func=sample)
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -204,39 +199,39 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
-def prior(args: argparse.Namespace) -> int:
+def train_prior(args: argparse.Namespace) -> int:
     import torch
 
     from notelab.core.runtime import get_device
     from notelab.train import TrainConfig
-    from notelab.vq.prior import encode_dataset, prior_config, save_prior, train_prior
+    from notelab.vq import prior as vq_prior
 
     check_training_options(args)
     check_positive(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, eval_every=args.eval_every)
-    folder = prepare_out(args.out, "vq prior", resume=args.resume, overwrite=args.overwrite)
+    folder = prepare_out(args.out, "vq train-prior", resume=args.resume, overwrite=args.overwrite)
     train_config = TrainConfig(**train_config_kwargs(args))
     if folder.resume:
         done = already_complete(folder.path, train_config.steps)
         if done is not None:
-            print(complete_message("vq prior", done, train_config.steps))
+            print(complete_message("vq train-prior", done, train_config.steps))
             return 0
     device = get_device(args.device)
     vqvae = _load_vqvae(args.vqvae, device, args.allow_large)
     c = vqvae.config
-    config = prior_config(c.codebook_size, c.grid, dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads)
+    config = vq_prior.prior_config(c.codebook_size, c.grid, dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads)
     config.check_size(args.allow_large)
     dataset = _load_split(_data_info(args.vqvae), "train")
-    codes = encode_dataset(vqvae, dataset.x).cpu()
+    codes = vq_prior.encode_dataset(vqvae, dataset.x).cpu()
     # a fixed tenth held out: the weights kept are those of the best held-out NLL (early stopping)
     perm = torch.randperm(len(codes), generator=torch.Generator().manual_seed(0))
     val, codes = codes[perm[: max(1, len(codes) // 10)]], codes[perm[max(1, len(codes) // 10) :]]
     seed_all(train_config.seed)
     t0 = time.perf_counter()
     with folder:
-        result = train_prior(
+        result = vq_prior.train_prior(
             codes, c.codebook_size, train_config, config, val_codes=val.to(device), eval_every=args.eval_every
         )
-        save_prior(result, folder.path)
+        vq_prior.save_prior(result, folder.path)
     best = min(r["val_nll"] for r in result.history if "val_nll" in r) / (c.grid[0] * c.grid[1] * math.log(2))
     print(
         f"trained a prior over {len(codes)} code grids ({c.grid[0]}x{c.grid[1]}, K={c.codebook_size}) "
@@ -270,7 +265,7 @@ def sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def evaluate(args: argparse.Namespace) -> int:
+def reconstruct(args: argparse.Namespace) -> int:
     import torch
 
     from notelab.core.runtime import get_device
