@@ -96,6 +96,9 @@ def test_cli_train_merge_estimate(base_dir, tmp_path, capsys, monkeypatch):
     assert cli.main(["peft", "estimate", "--model", "qwen1.5-7b", "--method", "lora"]) == 0
     table = capsys.readouterr().out
     assert "qwen1.5-7b full" in table and "qwen1.5-7b lora" in table
+    assert cli.main(["peft", "estimate", "--model", "qwen1.5-7b", "--method", "full", "--world-size", "8"]) == 0
+    sharded = capsys.readouterr().out
+    assert "per GPU of 8 (FSDP)" in sharded and "qwen1.5-7b full" in sharded
     # bad input: one line, exit 2, nothing written
     assert cli.main(["peft", "estimate", "--model", "gpt5"]) == 2
     assert "expected a preset" in capsys.readouterr().err

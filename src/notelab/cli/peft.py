@@ -2,7 +2,7 @@
 
     notelab peft train --base DIR --method lora --r 8 [--data built-in|FILE.jsonl] --out DIR
     notelab peft estimate --model qwen1.5-7b|config.json --method lora --dtype bf16 --optimizer adamw
-                          --batch 1 --seq 2048
+                          --batch 1 --seq 2048 [--world-size 8]
     notelab peft merge --base DIR --adapter DIR --out DIR
 
 ``train`` fine-tunes on (prompt, response) JSONL (built in: stdlib function signature -> docstring)
@@ -67,6 +67,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--r", type=int, default=8)
     e.add_argument("--num-virtual-tokens", type=int, default=20)
     e.add_argument("--target-modules", default="all-linear", help="LoRA: comma-separated linears, or all-linear")
+    e.add_argument("--world-size", type=int, default=1, help="GPUs sharding the model states (FSDP); bytes per GPU")
     e.set_defaults(func=estimate)
 
     m = verbs.add_parser("merge", help="merge a LoRA / IA3 adapter into its base; writes a plain Llama")
@@ -168,9 +169,11 @@ def train(args: argparse.Namespace) -> int:
 
 def estimate(args: argparse.Namespace) -> int:
     from notelab.core.config import load_json
+    from notelab.lm.loss import default_chunk
     from notelab.peft.estimate import PRESETS, MethodSpec, estimate, format_table, shape_from_hf
 
-    check_positive(batch=args.batch, seq=args.seq, r=args.r, num_virtual_tokens=args.num_virtual_tokens)
+    check_positive(batch=args.batch, seq=args.seq, r=args.r, num_virtual_tokens=args.num_virtual_tokens,
+                   world_size=args.world_size)  # fmt: skip
     if args.model in PRESETS:
         shape = PRESETS[args.model]
     elif args.model.endswith(".json") and Path(args.model).is_file():
@@ -182,9 +185,12 @@ def estimate(args: argparse.Namespace) -> int:
         targets = () if args.target_modules == "all-linear" else tuple(t for t in args.target_modules.split(",") if t)
         spec = MethodSpec(method, r=args.r, num_virtual_tokens=args.num_virtual_tokens, lora_targets=targets)
         rows[f"{args.model} {method}"] = estimate(
-            shape, spec, dtype=args.dtype, optimizer=args.optimizer, batch=args.batch, seq=args.seq
-        )
-    print(f"{args.dtype}, {args.optimizer}, batch {args.batch}, seq {args.seq} (GB = 1e9 bytes)")
+            shape, spec, dtype=args.dtype, optimizer=args.optimizer, batch=args.batch, seq=args.seq,
+            loss_chunk=default_chunk(shape.vocab_size), world_size=args.world_size,
+        )  # fmt: skip
+    where = f", per GPU of {args.world_size} (FSDP)" if args.world_size > 1 else ""
+    print(f"{args.dtype}, {args.optimizer}, batch {args.batch}, seq {args.seq}{where}; fit's default path "
+          "(compiled, chunked loss); GB = 1e9 bytes")  # fmt: skip
     print(format_table(rows))
     return 0
 

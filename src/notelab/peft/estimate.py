@@ -45,9 +45,12 @@ when there are several chunks, 2 c V w for one), dL/dh (N d a_res), and when the
 float32 gradient (4 V d) and its ``w``-byte copy (V d w, when stored in float32). ``loss_chunk=None``
 models a plain cross-entropy over the (N, V) logits: the logits (w), their float32 copy and its gradient.
 
-Sharded (FSDP, ``world_size`` = G GPUs): weights, gradients and optimizer states are divided by G, the
-activations are not (each GPU runs its own micro-batch of ``batch`` sequences), and two blocks' weights
-are gathered whole at a time (the one running and the next, prefetched).
+Sharded (FSDP, ``world_size`` = G GPUs, as ``notelab.train.parallel`` runs it: FSDP2 with the compute
+dtype as its ``param_dtype``): weights, gradients and optimizer states are divided by G; the activations
+are not (each GPU runs its own micro-batch of ``batch`` sequences); autocast keeps no weight copies (the
+gathered weights are already in the compute dtype and are freed after each unit); what is gathered whole
+at a time is the root unit (embeddings, head, final norm) and two blocks (the one running and the next,
+prefetched), ``w`` bytes per parameter.
 
 What is not counted: the CUDA context, the allocator's fragmentation (``max_memory_allocated`` is what is
 predicted, not ``nvidia-smi``), the compile's own work buffers. Checked on the CPU against the tensors
@@ -206,9 +209,17 @@ def tokens_per_sequence(spec: MethodSpec, seq: int) -> int:
 
 
 def activation_bytes(
-    shape: ModelShape, spec: MethodSpec, batch: int, seq: int, w: int, *, checkpointing: bool = False
+    shape: ModelShape,
+    spec: MethodSpec,
+    batch: int,
+    seq: int,
+    w: int,
+    *,
+    checkpointing: bool = False,
+    weight_copies: bool = True,
 ) -> int:
-    """Bytes kept for backward after the forward (module docstring), the autocast weight copies included."""
+    """Bytes kept for backward after the forward (module docstring); ``weight_copies``: with autocast's copies of
+    the trained block matrices (on one GPU; FSDP gathers its units in the compute dtype and frees them)."""
     n = batch * tokens_per_sequence(spec, seq)
     res = residual_bytes(spec, w)
     once = 2 * n * shape.dim * res + FP32 * n  # the final norm's input, its output (the loss's input), its statistic
@@ -217,7 +228,7 @@ def activation_bytes(
     per_layer = n * layer_bytes_per_token(shape, spec, w)
     if spec.method == "prefix":  # the prefix's keys and values join every layer's attention inputs
         per_layer += batch * spec.num_virtual_tokens * 2 * shape.n_kv_heads * shape.head_dim * w
-    return shape.n_layers * per_layer + once + weight_copy_bytes(shape, spec, w)
+    return shape.n_layers * per_layer + once + (weight_copy_bytes(shape, spec, w) if weight_copies else 0)
 
 
 def weight_copy_bytes(shape: ModelShape, spec: MethodSpec, w: int) -> int:
@@ -269,7 +280,7 @@ class Estimate:
     head_gradient: int  # the trained head's float32 gradient, made by the loss before backward starts
     recompute: int  # checkpointing: one block's activations and weight copies while recomputed
     end_working: int  # end of backward: a tied trained embedding's second gradient
-    gathered: int  # FSDP: two blocks' weights gathered whole (0 on one GPU)
+    gathered: int  # FSDP: the root unit's and two blocks' weights gathered whole (0 on one GPU)
     world_size: int = 1
 
     @property
@@ -326,25 +337,26 @@ def estimate(
     n_total = shape.n_params() + (0 if spec.method == "full" else n_train)
     n_frozen = n_total - n_train
     shard = lambda b: math.ceil(b / world_size)  # noqa: E731
-    block = shape.block_matrix_params() * (FP32 if spec.method == "full" else w)
+    sharded = world_size > 1
+    outside_blocks = shape.n_params() - shape.n_layers * (shape.block_matrix_params() + 2 * shape.dim)
     tied_trained = spec.method == "full" and shape.tie_embeddings
     # the recomputed block's activations and its copies of its trained matrices
     recompute = batch * tokens_per_sequence(spec, seq) * layer_bytes_per_token(shape, spec, w)
-    recompute += weight_copy_bytes(shape, spec, w) // shape.n_layers
+    recompute += 0 if sharded else weight_copy_bytes(shape, spec, w) // shape.n_layers
     return Estimate(
         total_params=n_total,
         trainable_params=n_train,
         weights=shard(n_frozen * w + n_train * FP32),
         gradients=shard(n_train * FP32),
         optimizer=shard(n_train * OPTIMIZER_BYTES[optimizer]),
-        activations=activation_bytes(shape, spec, batch, seq, w),
+        activations=activation_bytes(shape, spec, batch, seq, w, weight_copies=not sharded),
         activations_checkpointed=activation_bytes(shape, spec, batch, seq, w, checkpointing=True),
         loss_working=loss_working_bytes(shape, spec, batch, seq, w, loss_chunk),
         backward_working=backward_working_bytes(shape, spec, batch, seq, w),
         head_gradient=FP32 * shape.vocab_size * shape.dim if spec.method == "full" else 0,
         recompute=recompute,
         end_working=FP32 * shape.vocab_size * shape.dim if tied_trained else 0,
-        gathered=2 * block if world_size > 1 else 0,
+        gathered=w * (2 * shape.block_matrix_params() + outside_blocks) if sharded else 0,
         world_size=world_size,
     )
 
