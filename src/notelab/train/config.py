@@ -8,6 +8,7 @@ import torch
 
 from notelab.core.errors import ConfigError, unknown_name
 from notelab.core.runtime import PRECISIONS
+from notelab.train.parallel import PARALLEL
 
 SCHEDULES = ("cosine", "constant")
 
@@ -49,6 +50,8 @@ class TrainConfig:
     compile: bool | str = "auto"  # torch.compile the model: "auto" on CUDA only (compile_enabled); False opts out
     activation_checkpointing: bool = False  # recompute each block's activations in backward (model must support it)
     num_workers: int = 0  # DataLoader workers for a map-style Dataset
+    parallel: str = "auto"  # under torchrun: "ddp" replicas, "fsdp" shards (FSDP2), "auto" by size (train.parallel)
+    cpu_offload: bool = False  # fsdp only: sharded weights, grads and AdamW states live in CPU memory
 
     def __post_init__(self) -> None:
         positive = {"steps": self.steps, "batch_size": self.batch_size, "grad_accum": self.grad_accum}
@@ -84,6 +87,14 @@ class TrainConfig:
         if not isinstance(self.activation_checkpointing, bool):
             raise ConfigError(
                 f"TrainConfig.activation_checkpointing: expected True or False, got {self.activation_checkpointing!r}"
+            )
+        if self.parallel not in PARALLEL:
+            raise unknown_name("parallel", self.parallel, PARALLEL)
+        if not isinstance(self.cpu_offload, bool):
+            raise ConfigError(f"TrainConfig.cpu_offload: expected True or False, got {self.cpu_offload!r}")
+        if self.cpu_offload and self.parallel != "fsdp":
+            raise ConfigError(
+                f"TrainConfig.cpu_offload: expected parallel 'fsdp' (it offloads shards), got {self.parallel!r}"
             )
         if self.resume and self.out_dir is None:
             raise ConfigError("TrainConfig.resume: expected out_dir to be set (where the checkpoint is), got None")

@@ -34,10 +34,14 @@ class DistInfo:
         return self.rank == 0
 
 
-def setup(device_name: str) -> tuple[DistInfo, torch.device]:
-    """Join the process group if launched by ``torchrun`` with several processes; pick the device."""
+def setup(device_name: str, group_of_one: bool = False) -> tuple[DistInfo, torch.device]:
+    """Join the process group if launched by ``torchrun`` with several processes; pick the device.
+
+    ``group_of_one``: join it with a single process too (``torchrun --nproc-per-node 1``), which
+    FSDP needs for its DTensors.
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
+    if world_size <= 1 and not (group_of_one and "RANK" in os.environ):
         return DistInfo(), get_device(device_name)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     device = get_device(device_name)
@@ -77,12 +81,12 @@ def barrier(info: DistInfo) -> None:
 
 
 def teardown(info: DistInfo) -> None:
-    if info.enabled and info.owns_group and dist.is_initialized():
+    if info.owns_group and dist.is_initialized():
         dist.destroy_process_group()
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The user's module inside ``torch.compile`` and ``DistributedDataParallel`` wrappers."""
+    """The user's module inside ``torch.compile`` and ``DistributedDataParallel`` wrappers (FSDP2 wraps none)."""
     from torch.nn.parallel import DistributedDataParallel
 
     while True:

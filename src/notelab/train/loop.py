@@ -33,9 +33,9 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from notelab.core.ema import EMA
-from notelab.core.errors import ConfigError, ShapeError, TrainingDivergedError
+from notelab.core.errors import CheckpointError, ConfigError, ShapeError, TrainingDivergedError
 from notelab.core.runtime import autocast, autocast_dtype
-from notelab.train import distributed
+from notelab.train import dcp, distributed, parallel
 from notelab.train.batches import (
     STREAM_GLOBAL,
     STREAM_LOSS,
@@ -49,7 +49,7 @@ from notelab.train.batches import (
 from notelab.train.config import TrainConfig, compile_enabled
 from notelab.train.logs import RunLogger, logger
 from notelab.train.schedule import lr_multiplier
-from notelab.train.state import checkpoint_dir, find_checkpoint, load_checkpoint, save_checkpoint
+from notelab.train.state import LoadedCheckpoint, checkpoint_dir, find_checkpoint, load_checkpoint, save_checkpoint
 
 LossOutput = torch.Tensor | tuple[torch.Tensor, dict[str, float]]
 LossFn = Callable[[nn.Module, Any, torch.Generator], LossOutput]
@@ -77,9 +77,11 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over ``param_groups``; the fused CUDA kernel when on GPU."""
-    fused = device.type == "cuda" and all(p.is_floating_point() for p in model.parameters())
+def build_optimizer(
+    model: nn.Module, config: TrainConfig, device: torch.device, fused_ok: bool = True
+) -> torch.optim.AdamW:
+    """AdamW over ``param_groups``; the fused CUDA kernel when on GPU (unless ``fused_ok`` is False)."""
+    fused = fused_ok and device.type == "cuda" and all(p.is_floating_point() for p in model.parameters())
     return torch.optim.AdamW(
         param_groups(model, config.weight_decay), lr=config.lr, betas=config.betas, eps=config.eps, fused=fused or None
     )
@@ -164,8 +166,9 @@ def fit(
     config = config if config is not None else TrainConfig()
     if not isinstance(config, TrainConfig):
         raise ConfigError(f"config: expected a TrainConfig, got {type(config).__name__}")
+    parallel.check_launch(config.parallel)
     checkpointing_was = set_activation_checkpointing(model, True) if config.activation_checkpointing else None
-    info, device = distributed.setup(config.device)
+    info, device = distributed.setup(config.device, group_of_one=config.parallel == "fsdp")
     try:
         return _fit(model, loss_fn, data, config, info, device, lr_fn, _callbacks(callbacks), optimizer)
     finally:
@@ -187,9 +190,19 @@ def _fit(
 ) -> FitResult:
     t_start = time.perf_counter()
     amp_dtype = autocast_dtype(device, config.precision)
-    raw = model.to(device)
+    state_bytes = parallel.training_state_bytes(parallel.trainable_parameters(model))
+    strategy = parallel.choose_strategy(config.parallel, info.world_size, state_bytes, parallel.device_memory(device))
+    fsdp = strategy == "fsdp"
+    skeleton = None
+    if fsdp:
+        _check_fsdp_options(config, optimizer)
+        skeleton = parallel.meta_skeleton(model)
+        raw = parallel.shard(model, device, amp_dtype, config.cpu_offload)
+    else:
+        raw = model.to(device)
     own_optimizer = optimizer is None
-    opt = build_optimizer(raw, config, device) if optimizer is None else optimizer
+    # fused AdamW is not used on FSDP's DTensor shards; foreach is (what torch's FSDP examples step with)
+    opt = build_optimizer(raw, config, device, fused_ok=not fsdp) if optimizer is None else optimizer
     for group in opt.param_groups:
         group.setdefault("initial_lr", group["lr"])
     ema = EMA(raw, config.ema_decay) if config.ema_decay is not None else None
@@ -204,15 +217,15 @@ def _fit(
             if info.is_main:
                 logger.warning("resume: no checkpoint in %s yet; training from step 0", out_dir)
         else:
-            loaded = load_checkpoint(found, model=raw, optimizer=opt, ema_model=ema.model if ema else None)
+            loaded = _load(found, raw, opt, ema, fsdp)
             start_step, prior_seconds = loaded.step, float(loaded.state.get("seconds", 0.0))
             last_good = (found, loaded.step)
     if own_optimizer:
         _apply_config_hparams(opt, config)
 
     run_log = RunLogger(out_dir if info.is_main else None, keep_until=start_step if last_good else None)
-    wrapped = distributed.wrap(raw, info, device)
-    ddp = wrapped if info.enabled else None
+    wrapped = raw if fsdp else distributed.wrap(raw, info, device)
+    ddp = wrapped if strategy == "ddp" else None
     if compile_enabled(config.compile, device):
         wrapped = torch.compile(wrapped)
     source = BatchSource(
@@ -255,7 +268,11 @@ def _fit(
                 gen = make_generator(derive_seed(config.seed, STREAM_LOSS, step, micro, info.rank), device)
                 # Gradients are averaged over ranks once per optimizer step, on the last micro-batch.
                 last = micro == config.grad_accum - 1
-                sync = ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext()
+                sync = contextlib.nullcontext()
+                if not last and ddp is not None:
+                    sync = ddp.no_sync()
+                elif not last and fsdp:
+                    sync = parallel.no_grad_sync(raw)
                 with sync:
                     with autocast(device, amp_dtype):
                         loss, extra = split_loss(loss_fn(wrapped, batch, gen))
@@ -270,6 +287,8 @@ def _fit(
 
             loss_mean = distributed.mean_over_ranks(loss_sum / config.grad_accum, info)
             grad_norm = torch.nn.utils.clip_grad_norm_(clip_params, max_norm)
+            if fsdp:  # a DTensor (the norm over every rank's shards), possibly on the CPU (offload)
+                grad_norm = parallel.full_tensor(grad_norm, device)
             # One host sync per step, for the guard and the logs together.
             loss_value, norm_value = torch.stack([loss_mean, grad_norm.float()]).tolist()
             if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
@@ -294,11 +313,10 @@ def _fit(
 
             if out_dir is not None and ((config.ckpt_every and done % config.ckpt_every == 0) or done == config.steps):
                 path = checkpoint_dir(out_dir)
-                if info.is_main:
-                    extra_state = {
-                        "world_size": info.world_size,
-                        "seconds": prior_seconds + time.perf_counter() - t_start,
-                    }
+                extra_state = {"world_size": info.world_size, "seconds": prior_seconds + time.perf_counter() - t_start}
+                if fsdp:  # every rank writes its shards
+                    dcp.save_sharded(path, step=done, config=config, model=raw, optimizer=opt, extra=extra_state)
+                elif info.is_main:
                     save_checkpoint(
                         path,
                         step=done,
@@ -309,7 +327,8 @@ def _fit(
                         extra=extra_state,
                     )
                 last_good = (path, done)
-            if callbacks and info.is_main:
+            # Under FSDP a callback that calls the model needs every rank (the weights are sharded).
+            if callbacks and (info.is_main or fsdp):
                 for cb in callbacks:
                     cb(done, dict(step_logs))
                 wrapped.train()
@@ -319,6 +338,8 @@ def _fit(
         bar.close()
         run_log.close()
         source.close()
+    if skeleton is not None:
+        raw = parallel.gather_full(skeleton, raw, device)
     raw.eval()
     return FitResult(
         model=raw,
@@ -328,6 +349,34 @@ def _fit(
         seconds=time.perf_counter() - t_start,
         out_dir=out_dir,
     )
+
+
+def _check_fsdp_options(config: TrainConfig, optimizer: torch.optim.Optimizer | None) -> None:
+    """What FSDP cannot take from the caller: an optimizer built before sharding, an EMA copy."""
+    if optimizer is not None:
+        raise ConfigError(
+            "optimizer: parallel 'fsdp' replaces the model's parameters by shards, so fit builds AdamW itself; "
+            "got an optimizer built before (pass optimizer=None, or use parallel 'ddp')"
+        )
+    if config.ema_decay is not None:
+        raise ConfigError(
+            "TrainConfig.ema_decay: an EMA copy is not sharded; "
+            f"expected None with parallel 'fsdp', got {config.ema_decay}"
+        )
+
+
+def _load(found: Path, raw: nn.Module, opt: torch.optim.Optimizer, ema: EMA | None, fsdp: bool) -> LoadedCheckpoint:
+    """Resume from either checkpoint format: sharded (DCP) at any world size, replicated (safetensors) without FSDP."""
+    if dcp.is_sharded(found):
+        if ema is not None:
+            raise ConfigError(f"TrainConfig.ema_decay: the sharded checkpoint {found} holds no EMA; expected None")
+        return dcp.load_sharded(found, model=raw, optimizer=opt)
+    if fsdp:
+        raise CheckpointError(
+            f"{found}: a replicated (DDP / one-process) checkpoint cannot be resumed under parallel 'fsdp'; "
+            "resume it with parallel 'ddp' (at any world size)"
+        )
+    return load_checkpoint(found, model=raw, optimizer=opt, ema_model=ema.model if ema else None)
 
 
 def _accumulate(interval: dict[str, float], step_logs: dict[str, Any], samples: int, tokens: int) -> None:
