@@ -17,7 +17,9 @@ in-process and HTTP backends give the same tokens and log-probabilities.
 Sampling: ``temperature == 0`` is greedy (one sequence, repeated ``n`` times); otherwise ``n`` sequences per
 prompt, sequence ``j`` of prompt ``i`` from a seed fixed by the backend's ``seed`` (the same call gives the
 same samples). A generation's ``logprobs`` are those of its tokens under the model's unprocessed
-distribution (temperature 1, no top-p), the quantity token-uncertainty detectors read.
+distribution (temperature 1, no top-p), the quantity token-uncertainty detectors read, and its ``tokens``
+are the pieces of its text between the tokens' offsets, so they concatenate to the text (a character
+split over several byte-level tokens belongs to the last of them; the others are empty).
 """
 
 from __future__ import annotations
@@ -507,13 +509,20 @@ def _completion_logprobs(c: dict[str, Any], url: str) -> tuple[list[str], list[f
     return [str(t) for t in tokens], values, offsets
 
 
+def _text_pieces(text: str, tokens: list[str], offsets: list[int]) -> tuple[str, ...]:
+    """The tokens as the pieces of ``text`` between their offsets (which concatenate to the text even where
+    a token is part of a character), when the offsets fit the text; else the server's token strings."""
+    fits = all(0 <= a <= b <= len(text) for a, b in zip(offsets, [*offsets[1:], len(text)]))
+    return _pieces(text, offsets) if fits else tuple(tokens)
+
+
 def _completion_generation(c: dict[str, Any], url: str) -> Generation:
     text = _need(c.get("text"), str, '"text" of a choice', url)
     lp = _completion_logprobs(c, url)
     if lp is None:
         return Generation(text)
-    tokens, values, _ = lp
-    return Generation(text, tuple(tokens), tuple(float(v) for v in values if v is not None))
+    tokens, values, offsets = lp
+    return Generation(text, _text_pieces(text, tokens, offsets), tuple(float(v) for v in values if v is not None))
 
 
 def _chat_generation(c: dict[str, Any], url: str) -> Generation:
@@ -544,7 +553,7 @@ def _scored(c: dict[str, Any], prompt_len: int, index: int, url: str) -> Scored:
     picked = values[start:]
     if any(v is None for v in picked):
         raise EndpointError(f"{url}: expected a log-probability for every continuation token, got null")
-    return Scored(tuple(tokens[start:]), tuple(float(v) for v in picked), None)
+    return Scored(_text_pieces(text, tokens, offsets)[start:], tuple(float(v) for v in picked), None)
 
 
 __all__ = [
