@@ -4,7 +4,8 @@
 
 Each variant is the engine (``notelab.lm.engine.Engine``: static cache, step compiled by inductor and captured
 in a CUDA graph) built with injected parts: the attention over the cache (``attend``: SDPA, the default
-before this script; ``decode_attention_sums``; ``decode_attention_bmm``) and, for sampling, how top-p finds its
+before this script; ``decode_attention_sums``; ``decode_attention_bmm``; the Triton kernel
+``notelab.lm.chain.batched_decode_attention``) and, for sampling, how top-p finds its
 threshold (``threshold``: a sort, ``filter_threshold``; bisection, ``bisect_threshold``). Phases, in order,
 each skipped once ``--budget-s`` has passed:
 
@@ -43,11 +44,17 @@ import torch
 from llama_gpu import copy_bandwidth, kv_bytes_per_step, sync
 from notelab.core.attention import attention
 from notelab.lm import Llama, LlamaConfig, generate
+from notelab.lm.chain import batched_decode_attention
 from notelab.lm.engine import Engine, SamplingParams, compile_step, decode_attention_bmm, decode_attention_sums
 from notelab.lm.flops import weight_bytes
 from notelab.lm.sampling import bisect_threshold, filter_threshold
 
-ATTENTION = {"sdpa": attention, "sums": decode_attention_sums, "bmm": decode_attention_bmm}
+ATTENTION = {
+    "sdpa": attention,
+    "triton": batched_decode_attention,  # CUDA only: reads each row's visible keys, not the whole static cache
+    "sums": decode_attention_sums,
+    "bmm": decode_attention_bmm,
+}
 THRESHOLD = {"sort": filter_threshold, "bisect": bisect_threshold}
 COMPILER = {
     "default": compile_step,
@@ -112,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     if args.tiny:
         args.preset, args.prompt, args.new_tokens, args.batches = "llama3-tiny", 8, 12, [2, 3]
+    if device.type != "cuda":
+        args.attention = [a for a in args.attention if a != "triton"]
     results: dict[str, dict] = {}
     shared: dict = {}
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
