@@ -96,3 +96,20 @@ def test_max_tokens_zero_needs_echo_and_no_stream(served, extra, param):
     resp = conn.getresponse()
     body = json.loads(resp.read())
     assert resp.status == 400 and body["error"]["param"] == param
+
+
+def test_serve_takes_allow_large_to_the_loading(served, tmp_path, monkeypatch):
+    import notelab.core.limits
+    from notelab.cli import build_parser
+    from notelab.cli.lm_serve import _app
+    from notelab.core.errors import ConfigError
+
+    folder = tmp_path / "ckpt"
+    served["model"].save_pretrained(folder)
+    served["tok"].save(folder)
+    monkeypatch.setattr(notelab.core.limits, "size_bound", lambda nbytes: (1000, "a bound of 1000 for the test"))
+    args = ["lm", "serve", "--checkpoint", str(folder), "--device", "cpu", "--max-batch", "1", "--max-len", "8"]
+    with pytest.raises(ConfigError, match="--allow-large"):
+        _app(build_parser().parse_args(args))
+    app, what = _app(build_parser().parse_args([*args, "--allow-large"]))
+    assert "'ckpt'" in what and app.state.scheduler is not None
