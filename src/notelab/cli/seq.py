@@ -2,7 +2,7 @@
 
     notelab seq train --model transformer|lstm|gru|rnn --task copy|reverse|adding|stdlib-doc --out DIR
         [--length L --steps N --batch-size B --lr LR --d-model D --layers N --time-budget S --device DEV]
-    notelab seq translate --checkpoint DIR --input "def f(x): ..." [--beam 4]
+    notelab seq translate --checkpoint DIR --input "def f(x): ..." [--beam 4] [--allow-large]
 
 For stdlib-doc, ``translate`` maps Python source to a one-sentence summary; for the synthetic
 tasks the input and output are space-separated token ids. Every check runs before training
@@ -66,7 +66,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def train(args: argparse.Namespace) -> int:
-    from notelab.seq.experiments import evaluate, model_config, train_seq
+    from notelab.seq.experiments import check_model_size, evaluate, model_config, train_seq
     from notelab.seq.tasks import make_task
     from notelab.train import TrainConfig
 
@@ -84,8 +84,12 @@ def train(args: argparse.Namespace) -> int:
     check_positive(vocab_size=args.vocab_size, max_train=args.max_train)
     if args.warmup < 0:
         raise ConfigError(f"--warmup: expected a number of steps >= 0, got {args.warmup}")
-    # The model's config is checked on a tiny vocabulary now, before the task is built or a file written.
-    model_config(args.model, 8, 8, d_model=args.d_model, n_layers=args.layers, dropout=args.dropout)
+    # The model's config and size are checked now, before the task is built or a file written (the
+    # synthetic tasks' vocabularies are a few ids; stdlib-doc's is --vocab-size); build_model checks
+    # the exact size again once the task is known.
+    vocab = args.vocab_size if args.task == "stdlib-doc" else 8
+    config = model_config(args.model, vocab, 8, d_model=args.d_model, n_layers=args.layers, dropout=args.dropout)
+    check_model_size(config)
     folder = prepare_out(args.out, "seq train", resume=args.resume, overwrite=args.overwrite)
     config = TrainConfig(
         **{**train_config_kwargs(args), "log_every": args.log_every or max(1, min(50, args.steps))},
@@ -136,5 +140,9 @@ def translate(args: argparse.Namespace) -> int:
 
     check_text("--input", args.input)
 
-    print(run_translate(args.checkpoint, args.input, beam_size=args.beam, device=args.device))
+    print(
+        run_translate(
+            args.checkpoint, args.input, beam_size=args.beam, device=args.device, allow_large=args.allow_large
+        )
+    )
     return 0

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from notelab.core.errors import CheckpointError, ConfigError, DataError, ShapeError, unknown_name
+from notelab.core.limits import check_size
 from notelab.core.runtime import autocast, autocast_dtype, get_device, seed_everything
 from notelab.seq.decoding import generate
 from notelab.seq.losses import noam_schedule, seq2seq_loss
@@ -64,12 +65,14 @@ def _n_params(cls: type, config: Any) -> int:
     """Parameter count of ``cls(config)`` without building its vocabulary-sized tensors.
 
     The count is affine in the vocabulary size V (embeddings and output layer), so two builds at
-    small V give it exactly; building at the real V costs seconds on a loaded CPU.
+    small V give it exactly; building at the real V costs seconds on a loaded CPU. The builds are on
+    the meta device (shapes only), so a width too large to allocate is counted, not allocated.
     """
     v0 = max(config.pad_id, config.bos_id, config.eos_id) + 2
 
     def at(v: int) -> int:
-        return count_params(cls(dataclasses.replace(config, src_vocab=v, tgt_vocab=v, max_len=8)))
+        with torch.device("meta"):
+            return count_params(cls(dataclasses.replace(config, src_vocab=v, tgt_vocab=v, max_len=8)))
 
     n0, n1 = at(v0), at(v0 + 1)
     return n0 + (n1 - n0) * (config.src_vocab - v0)
@@ -139,9 +142,18 @@ def model_config(
     return rnn_cfg(best)
 
 
+def check_model_size(config: TransformerConfig | RNNSeq2SeqConfig, allow_large: bool | None = None) -> int:
+    """The parameter count of the model of ``config``, or a one-line :class:`ConfigError` when it is
+    above ``notelab.core.limits``' size bound (``allow_large`` None: the enclosing
+    ``allow_large_models``, which ``--allow-large`` sets); nothing is allocated."""
+    cls = Transformer if isinstance(config, TransformerConfig) else RNNSeq2Seq
+    return check_size(config, model_cls=cls, allow_large=allow_large)
+
+
 def build_model(model_name: str, vocab: int, max_len: int, **kw: Any) -> nn.Module:
-    """``Transformer`` or ``RNNSeq2Seq`` for ``model_name`` (see ``model_config``)."""
+    """``Transformer`` or ``RNNSeq2Seq`` for ``model_name`` (see ``model_config``), size-checked first."""
     config = model_config(model_name, vocab, max_len, **kw)
+    check_model_size(config)
     return Transformer(config) if isinstance(config, TransformerConfig) else RNNSeq2Seq(config)
 
 
@@ -149,8 +161,9 @@ def model_name_of(model: nn.Module) -> str:
     return "transformer" if isinstance(model, Transformer) else model.config.cell
 
 
-def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """The model saved in a run directory by ``train_seq`` (either kind, read from config.json)."""
+def load_model(run_dir: str | Path, device: str | torch.device = "cpu", allow_large: bool = False) -> nn.Module:
+    """The model saved in a run directory by ``train_seq`` (either kind, read from config.json);
+    ``allow_large`` lifts the size bound checked before allocation (``notelab.core.limits``)."""
     from notelab.core.config import load_json
 
     path = Path(run_dir)
@@ -162,7 +175,7 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> nn.Mo
         raise CheckpointError(
             f"{path / 'config.json'}: expected model_type 'transformer' or 'rnn_seq2seq', got {kind!r}"
         )
-    return classes[kind].from_pretrained(path, device=device)
+    return classes[kind].from_pretrained(path, device=device, allow_large=allow_large)
 
 
 # task.json, field by field: the fields each kind of task writes (``spec()``) and the types they take.
@@ -338,14 +351,17 @@ def evaluate(
     return {"exact_match": exact / done, "token_acc": tok / done, "n": float(done)}
 
 
-def translate(run_dir: str | Path, text: str, *, beam_size: int = 1, device: str = "cpu") -> str:
-    """Decode one input with a trained run: Python source -> summary, or space-separated ids -> ids."""
+def translate(
+    run_dir: str | Path, text: str, *, beam_size: int = 1, device: str = "cpu", allow_large: bool = False
+) -> str:
+    """Decode one input with a trained run: Python source -> summary, or space-separated ids -> ids
+    (``allow_large``: load a model above the size bound, as :func:`load_model`)."""
     if beam_size < 1:
         raise ConfigError(f"beam: expected a beam size >= 1, got {beam_size}")
     if not text.strip():
         raise ShapeError("input: expected a non-empty sequence, got an empty string")
     check_task_file(run_dir)
-    model = load_model(run_dir, device=get_device(device))
+    model = load_model(run_dir, device=get_device(device), allow_large=allow_large)
     task = load_task(run_dir)
     src = task.encode_input(text)
     if src.shape[1] > model.config.max_len:
