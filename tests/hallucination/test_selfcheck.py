@@ -205,3 +205,52 @@ def test_sample_responses_greedy_passage_and_n_samples():
     assert lm.top_p_seen == 0.9
     with pytest.raises(ConfigError, match="temperature > 0"):
         sample_responses(lm, ["Q"], temperature=0.0)
+
+
+def test_nli_equals_selfcheckgpt_selfchecknli(tmp_path):
+    """SelfCheckNLI loads a DeBERTa-v2 classifier (labels entailment, contradiction) by path: a tiny random
+    one with a tiny Unigram vocabulary is saved to a folder and both sides score the same pairs. The
+    package calls ``tokenizer.batch_encode_plus``, which transformers 5 removed; it is given back as the
+    plain pair call it was."""
+    pytest.importorskip("selfcheckgpt.modeling_selfcheck")
+    transformers = pytest.importorskip("transformers")
+    from selfcheckgpt.modeling_selfcheck import SelfCheckNLI
+
+    pieces = [
+        "[PAD]",
+        "[UNK]",
+        "[CLS]",
+        "[SEP]",
+        "[MASK]",
+        *sorted({"\u2581" + w for w in words(PASSAGE + " ".join(SAMPLES), lowercase=False)}),
+        *"abcdefghijklmnopqrstuvwxyz.,",
+    ]
+    tok = transformers.DebertaV2Tokenizer(vocab=[(p, -float(i)) for i, p in enumerate(pieces)])
+    cfg = transformers.DebertaV2Config(
+        vocab_size=len(pieces),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=128,
+        type_vocab_size=2,
+        id2label={0: "entailment", 1: "contradiction"},
+        label2id={"entailment": 0, "contradiction": 1},
+    )
+    torch.manual_seed(0)
+    model = transformers.DebertaV2ForSequenceClassification(cfg)
+    with torch.no_grad():
+        model.classifier.weight.mul_(300)  # spread the random logits so that scores differ by pair
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+
+    ref = SelfCheckNLI(nli_model=str(tmp_path))
+    t = ref.tokenizer
+    if not hasattr(t, "batch_encode_plus"):
+        pairs = lambda batch_text_or_text_pairs, **kw: t(*map(list, zip(*batch_text_or_text_pairs)), **kw)  # noqa: E731
+        object.__setattr__(t, "batch_encode_plus", pairs)
+    sentences = [PASSAGE.split(". ")[0] + ".", "It was first released in 1991."]
+    expected = ref.predict(sentences=sentences, sampled_passages=SAMPLES)
+    ours = selfcheck_nli(NLIModel.from_folder(tmp_path), PASSAGE, SAMPLES, sentences=sentences)
+    assert ours.sentence_scores == pytest.approx(expected.tolist(), abs=1e-6)
+    assert abs(ours.sentence_scores[0] - ours.sentence_scores[1]) > 1e-5  # the comparison can fail
