@@ -31,6 +31,7 @@ from torch import nn
 
 from notelab.core.errors import ConfigError, ShapeError
 from notelab.data.tokenizer import Tokenizer
+from notelab.eval.logprobs import token_logprobs as target_logprobs
 from notelab.lm.data import (
     IGNORE_INDEX,
     PreferencePair,
@@ -55,10 +56,9 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     """
     if logits.shape[:2] != labels.shape:
         raise ShapeError(f"labels: expected shape {tuple(logits.shape[:2])} to match logits, got {tuple(labels.shape)}")
-    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    labels = labels[:, 1:]
     mask = labels != IGNORE_INDEX
-    safe = labels.masked_fill(~mask, 0)
-    logp = torch.gather(F.log_softmax(logits, dim=-1), -1, safe[..., None]).squeeze(-1)
+    logp = target_logprobs(logits[:, :-1], labels.masked_fill(~mask, 0))
     return logp * mask, mask
 
 
