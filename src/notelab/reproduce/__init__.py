@@ -35,6 +35,7 @@ CLAIMS: dict[str, str] = {
     "peft": "notelab.reproduce.peft",
     "oadtr": "notelab.reproduce.oadtr",
     "sde": "notelab.reproduce.score_sde",
+    "hallucination": "notelab.reproduce.hallucination",
 }
 
 
@@ -89,17 +90,22 @@ def reusable(folder: Path, name: str, quick: bool, seed: int) -> tuple[ClaimResu
         r = read_result(path)
     except DataError as e:
         return None, str(e)
-    mode = {True: "quick", False: "full", None: "unrecorded"}
     if r.name != name:
         return None, f"it is claim {r.name!r}'s, not {name!r}'s"
     if r.seed != seed or r.quick is not quick:
-        return None, f"it is a {mode[r.quick]} run of seed {r.seed}, not a {mode[quick]} run of seed {seed}"
+        return None, f"it is {_run_kind(r.quick, r.seed)}, not {_run_kind(quick, seed)}"
     top = folder.resolve()
     for f in r.figures:
         where = (folder / f.path).resolve()
         if not where.is_relative_to(top) or not where.is_file():
             return None, f"its figure {f.path!r} is not in {folder}"
     return r, ""
+
+
+def _run_kind(quick: bool | None, seed: int | None) -> str:
+    if quick is None or seed is None:  # written before results recorded them, or a pooled result
+        return "a result that records no mode or seed of its own"
+    return f"a {'quick' if quick else 'full'} run of seed {seed}"
 
 
 def run_seeds(
