@@ -99,3 +99,33 @@ def test_ia3_equals_peft_both_ways(hf_dir, tmp_path):
         torch.testing.assert_close(back(X).logits, ours(X), atol=1e-5, rtol=0)
         merged = copy.deepcopy(ours).merge_and_unload()
         torch.testing.assert_close(merged(X), ours(X), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("projection", [False, True])
+def test_prefix_tuning_files_both_ways(hf_dir, tmp_path, projection):
+    """peft's PREFIX_TUNING files (its MLP's output table when trained with the projection) give peft's logits in
+    notelab, and notelab's files give notelab's logits in peft: the table's keys are re-rotated for the prompt's
+    positions (peft runs the prompt after the prefix, at n..n+T-1; notelab at 0..T-1)."""
+    from notelab.peft import PrefixTuningConfig
+
+    cfg = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, prefix_projection=projection,
+                                  encoder_hidden_size=16)  # fmt: skip
+    theirs = peft.get_peft_model(hf(hf_dir), cfg).eval()
+    randomize(theirs, keys=("prompt_encoder",))
+    theirs.save_pretrained(tmp_path / "peft")
+    with torch.no_grad():
+        want = theirs(X).logits
+        got = load_adapter(from_hf(hf_dir).eval(), tmp_path / "peft")(X)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert not torch.allclose(want, hf(hf_dir)(X).logits, atol=1e-3)  # the prefix changes the output
+
+    ours = get_peft_model(from_hf(hf_dir).eval(), PrefixTuningConfig(num_virtual_tokens=4, encoder_hidden_size=16,
+                                                                     prefix_projection=projection))  # fmt: skip
+    randomize(ours, seed=2, keys=("prefix_encoders",))
+    save_adapter(ours, tmp_path / "ours", names="hf-causal-lm")
+    back = peft.PeftModel.from_pretrained(hf(hf_dir), tmp_path / "ours").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(X).logits, ours.eval()(X), atol=1e-5, rtol=0)
+        # and notelab reads its own file back to the same outputs
+        again = load_adapter(from_hf(hf_dir).eval(), tmp_path / "ours")(X)
+        torch.testing.assert_close(again, ours(X), atol=1e-5, rtol=0)

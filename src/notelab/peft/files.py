@@ -10,6 +10,14 @@ PEFT's tensor names are the module path under ``base_model.model.`` with the ada
 A module path maps to the peer's by one of :data:`NAME_MAPS` (the only key mapping): ``identity`` for a
 model with the peer's own names (a transformers model adapted by notelab), ``hf-causal-lm`` for notelab's
 Llama, whose names are transformers' without the ``model.`` prefix of the decoder stack.
+
+Prefix tuning's table ``P`` (n, n_layers * 2 * kv_dim) has the same layout on both sides, but not the same
+positions: PEFT hands ``P`` to transformers as ``past_key_values``, so the prompt runs at positions
+``n .. n+T-1`` after the prefix (Li & Liang's layout), while notelab's ``KVPrefix`` keeps the prompt at
+``0 .. T-1``. Under RoPE (Su et al. 2021) a score depends on the angle between query and key only,
+``<R_{t+n} q, p> = <R_t q, R_{-n} p>``, so the file's prefix keys are rotated by ``-n`` positions on load and
+``+n`` on save (values unchanged): identical attention, hence identical logits. A base without RoPE
+frequencies (``inv_freq``) is left as is.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from notelab.core.checkpoint import load_weights, save_weights
 from notelab.core.config import load_json
 from notelab.core.errors import CheckpointError, ConfigError, unknown_name
 from notelab.core.io import atomic_dir
+from notelab.core.rope import apply_rope, rope_cos_sin
 from notelab.peft.config import (
     AdapterConfig,
     LoraConfig,
@@ -88,8 +97,23 @@ def adapter_tensors(model: PeftModel, name: str, names: str = "identity") -> dic
             continue
         out[ROOT + ".".join(x for x in (to_file(path), kind, tail) if x)] = t
     if name in model.prefix_encoders:
-        out["prompt_embeddings"] = model.prefix_encoders[name].table().detach()
+        out["prompt_embeddings"] = prefix_table_shift(model, name, model.prefix_encoders[name].table().detach(), +1)
     return {k: v.detach().contiguous().clone() for k, v in out.items()}
+
+
+def prefix_table_shift(model: PeftModel, name: str, table: torch.Tensor, sign: int) -> torch.Tensor:
+    """Prefix ``name``'s table with its keys rotated by ``sign * n`` RoPE positions (module docstring): ``+1`` turns
+    notelab's table into PEFT's, ``-1`` PEFT's into notelab's. Unchanged when the base has no RoPE frequencies."""
+    inv_freq = getattr(model.base_model, "inv_freq", None)
+    if not isinstance(inv_freq, torch.Tensor) or inv_freq.numel() == 0:
+        return table
+    enc = model.prefix_encoders[name]
+    n = table.shape[0]
+    t = table.reshape(n, enc.n_layers, 2, enc.n_kv_heads, enc.head_dim).clone()
+    cos, sin = rope_cos_sin(torch.full((n,), sign * n, device=table.device), inv_freq.float())
+    keys = t[:, :, 0].float().permute(1, 2, 0, 3)  # (layers, Hkv, n, D), rotated in float32
+    t[:, :, 0] = apply_rope(keys, cos, sin).permute(2, 0, 1, 3).to(t.dtype)
+    return t.reshape(table.shape)
 
 
 def _name_map(names: str) -> tuple[Callable[[str], str], Callable[[str], str]]:
@@ -205,7 +229,7 @@ def _copy_in(peft: PeftModel, name: str, state: dict[str, torch.Tensor], names: 
     for k, t in state.items():
         if k == "prompt_embeddings":
             if name in peft.prefix_encoders:
-                peft.prefix_encoders[name].embedding.copy_(t)
+                peft.prefix_encoders[name].embedding.copy_(prefix_table_shift(peft, name, t, -1))
                 continue
             target = next(p for n, p in own.items() if n.endswith(f"prompt_embeddings.{name}"))
         else:
