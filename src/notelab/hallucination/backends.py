@@ -225,13 +225,16 @@ class TransformersLM:
         cls, path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
     ) -> TransformersLM:
         """``AutoModelForCausalLM`` / ``AutoTokenizer`` from a local folder (never the network)."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         if not Path(path).is_dir():
             raise DataError(f"TransformersLM.from_dir: expected a model folder, got {str(path)!r} (no such folder)")
         try:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+        except ImportError as e:
+            raise ConfigError("TransformersLM: expected the transformers package installed, got none") from e
+        try:
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+            weights = {} if dtype is None else {"dtype": dtype}
+            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **weights)
         except (OSError, ValueError, KeyError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CheckpointError(
