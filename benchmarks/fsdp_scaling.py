@@ -2,7 +2,7 @@
 
 Run by torchrun, every part through the public ``fit`` as a user calls it::
 
-    torchrun --nproc-per-node 2 benchmarks/fsdp_scaling.py --out fsdp.json        # 2 GPUs, about 6 minutes
+    torchrun --nproc-per-node 2 benchmarks/fsdp_scaling.py --out fsdp.json        # 2 GPUs, 5-6 minutes
     torchrun --nproc-per-node 2 benchmarks/fsdp_scaling.py --tiny                 # CPU smoke test (gloo)
 
 Parts, in order (each in its own try / except, so one failure loses only its own figures):
@@ -14,8 +14,9 @@ Parts, in order (each in its own try / except, so one failure loses only its own
 3. ``8b-fsdp``: the Llama-3.1-8B shape with random weights, built on the meta device and
    materialised shard by shard, one full fine-tuning step after another (AdamW on every weight,
    activation checkpointing, ``compile=False``) under FSDP on all ranks.
-4. ``8b-1gpu``: the same model and batch on rank 0 alone (what DDP would need on every GPU):
-   weights + grads + AdamW states are 16 bytes a parameter; an out-of-memory error is reported as such.
+4. ``8b-1gpu``: the same model and batch on rank 0 alone, the replica DDP would keep on every GPU:
+   weights + grads + AdamW states are 16 bytes a parameter (DDP adds 4 for its gradient buckets,
+   printed as an estimate); an out-of-memory error is reported as such.
 5. ``ddp``: as 2 with ``parallel="ddp"``.
 
 tokens/s come from fit's own log (one record a step; the ``--warmup`` first steps, which include the
@@ -47,7 +48,7 @@ from notelab.lm.data import PackedStream
 from notelab.lm.flops import count_parameters, flops_per_token
 from notelab.lm.train import next_token_loss
 from notelab.train import TrainConfig, fit
-from notelab.train.parallel import training_state_bytes
+from notelab.train.parallel import STATE_BYTES_PER_PARAM, training_state_bytes
 
 
 def say(text: str) -> None:
@@ -105,6 +106,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--warmup", type=int, default=3, help="untimed first steps (the compile happens in the first)")
     p.add_argument("--big-steps", type=int, default=3, help="steps of parts 3 and 4 (the first is not timed)")
     p.add_argument("--parts", nargs="*", default=["1gpu", "fsdp", "8b-fsdp", "8b-1gpu", "ddp"])
+    p.add_argument("--budget", type=float, default=330.0, help="seconds: no part starts after this (rank 0's clock)")
     p.add_argument("--tiny", action="store_true", help="small models on the CPU (gloo): a smoke test of the script")
     p.add_argument("--out", default=None, help="JSON of the results (rank 0)")
     args = p.parse_args(argv)
@@ -113,6 +115,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.preset, args.big, args.batch, args.big_batch, args.seq = "llama3-tiny", "llama3-tiny", 2, 2, 32
         args.steps, args.warmup, args.big_steps = 2, 1, 2
         overrides = {"vocab_size": 512}
+    t_start = time.perf_counter()
     cuda = not args.tiny
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:
@@ -209,7 +212,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     def big_one_gpu() -> dict[str, Any]:
         total = torch.cuda.get_device_properties(device).total_memory if cuda else 0
-        out: dict[str, Any] = {"state_gb": big_state / 1e9, "device_gb": total / 1e9}
+        # DDP also keeps its gradient buckets (a second fp32 copy of the grads): 20 B/param on every GPU.
+        ddp_gb = training_state_bytes(count_parameters(big), STATE_BYTES_PER_PARAM + 4) / 1e9
+        out: dict[str, Any] = {"state_gb": big_state / 1e9, "ddp_state_gb": ddp_gb, "device_gb": total / 1e9}
         if rank == 0:
             try:
                 with alone():
@@ -232,6 +237,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "ddp": sharded("ddp"),
     }
     for name in args.parts:
+        elapsed = per_rank(time.perf_counter() - t_start, device)[0]  # rank 0's, so every rank decides alike
+        if elapsed > args.budget:
+            say(f"== {name}: skipped, {elapsed:.0f} s past the start (--budget {args.budget:.0f})")
+            results["parts"][name] = {"error": "skipped: time budget"}
+            continue
         say(f"== {name}")
         t0 = time.perf_counter()
         try:
@@ -245,7 +255,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.out and rank == 0:
             with open(args.out, "w") as f:
                 json.dump(results, f, indent=1)
-    summarize(results, world)
+    try:
+        summarize(results, world)
+    except Exception as e:  # the JSON lines above hold every figure
+        say(f"summary failed: {type(e).__name__}: {e}")
     dist.destroy_process_group()
     return results
 
@@ -280,10 +293,13 @@ def summarize(results: dict[str, Any], world: int) -> None:
             f"{big.get('tokens_per_s', 0):,.0f} tokens/s, losses {big['losses']}")  # fmt: skip
     elif big:
         say(f"\n8B-shape under FSDP: error: {big['error']}")
-    if one:
+    if one and "state_gb" not in one:
+        say(f"8B shape on one GPU: error: {one.get('error')}")
+    elif one:
         verdict = "fits" if one.get("fits") else "does not fit (out of memory)" if one.get("fits") is False else "?"
-        say(f"8B shape on one GPU (DDP's per-GPU need): weights + grads + AdamW = {one['state_gb']:.1f} GB vs "
-            f"{one['device_gb']:.1f} GB on the device: {verdict}"
+        say(f"8B shape on one GPU: weights + grads + AdamW = {one['state_gb']:.1f} GB "
+            f"(DDP per GPU, with its gradient buckets: {one['ddp_state_gb']:.1f} GB) vs {one['device_gb']:.1f} GB "
+            f"on the device; one process, no DDP buckets, measured: {verdict}"
             + (f", peak {one['peak_mem_gb']:.1f} GB" if one.get("peak_mem_gb") else "")
             + (f"; {one['error'][:200]}" if one.get("error") else ""))  # fmt: skip
 

@@ -158,6 +158,13 @@ def fit(
     kernel; on the CPU it stays eager in float32. ``config.activation_checkpointing`` asks a model
     that supports it (``notelab.lm.Llama``) to recompute its blocks' activations in backward.
 
+    Under ``torchrun`` (``notelab.train.parallel``): ``config.parallel="ddp"`` keeps a replica per
+    rank, ``"fsdp"`` shards weights, grads and AdamW states over the ranks (FSDP2, per block; a
+    model on the meta device is materialised shard by shard), ``"auto"`` shards when the training
+    state would fill half a GPU. Under FSDP checkpoints are sharded (``notelab.train.dcp``,
+    resumable at any world size, FSDP or not), callbacks run on every rank, and the returned model
+    is a plain module holding the whole weights on every rank.
+
     ``resume=True`` continues from ``out_dir/checkpoint``; when there is none yet (killed before
     the first checkpoint) training starts from step 0 with a warning on the ``notelab.train``
     logger. A non-finite loss or gradient norm raises :class:`TrainingDivergedError` before the
@@ -169,12 +176,16 @@ def fit(
     parallel.check_launch(config.parallel)
     checkpointing_was = set_activation_checkpointing(model, True) if config.activation_checkpointing else None
     info, device = distributed.setup(config.device, group_of_one=config.parallel == "fsdp")
+    result = None
     try:
-        return _fit(model, loss_fn, data, config, info, device, lr_fn, _callbacks(callbacks), optimizer)
+        result = _fit(model, loss_fn, data, config, info, device, lr_fn, _callbacks(callbacks), optimizer)
+        return result
     finally:
         distributed.teardown(info)
         if checkpointing_was is not None:
             model.activation_checkpointing = checkpointing_was
+            if result is not None:  # under FSDP the result is a new module (parallel.gather_full)
+                result.model.activation_checkpointing = checkpointing_was
 
 
 def _fit(
