@@ -14,6 +14,7 @@ import pytest
 from notelab.core.errors import ConfigError, ShapeError
 from notelab.hallucination.detectors import (
     DetectorScores,
+    batch_or_each,
     sentence_of_tokens,
     token_offsets,
     token_uncertainty,
@@ -36,15 +37,23 @@ class FakeLM:
     reply: Callable[[str, int], str] = lambda prompt, i: ""
     token_logprob: Callable[[str, str, str], float] = lambda prompt, context, token: -1.0
     entropy: Callable[[str], float] | None = None
+    refuse: Callable[[str], bool] = lambda prompt: False  # a batch holding such a prompt raises, as a backend
     name: str = "fake"
     prompts_seen: list = field(default_factory=list)
 
+    def _check(self, prompts):
+        bad = [i for i, p in enumerate(prompts) if self.refuse(p)]
+        if bad:
+            raise ShapeError(f"item {bad[0]}: expected a prompt within the context, got a longer one")
+
     def generate(self, prompts, n=1, temperature=0.0, top_p=1.0, max_new_tokens=64):
+        self._check(prompts)
         self.prompts_seen.extend(prompts)
         self.top_p_seen = top_p
         return [[Generation(self.reply(p, 0 if temperature == 0 else i)) for i in range(n)] for p in prompts]
 
     def logprobs(self, prompts, continuations):
+        self._check(prompts)
         out = []
         for p, c in zip(prompts, continuations):
             toks = pieces(c)
@@ -159,3 +168,23 @@ def test_token_uncertainty_on_a_real_tokenizer():
     assert u.entropy.sentence_scores == pytest.approx(
         [np.mean(np.array(scored.entropies)[first]), np.mean(np.array(scored.entropies)[~first])]
     )
+
+
+def test_one_refused_item_costs_only_itself():
+    calls = []
+
+    def call(batch):
+        calls.append(list(batch))
+        if "bad" in batch:
+            raise ShapeError("too long")
+        return [x.upper() for x in batch]
+
+    out = batch_or_each(call, ["a", "bad", "c"])
+    assert out[0] == "A" and out[2] == "C" and isinstance(out[1], ShapeError)
+    assert calls == [["a", "bad", "c"], ["a"], ["bad"], ["c"]]  # one batch call, then each alone
+    assert batch_or_each(call, ["a", "c"]) == ["A", "C"] and calls[-1] == ["a", "c"]
+    assert isinstance(batch_or_each(lambda b: [], ["a"])[0], ShapeError)  # wrong number of results
+    lm = FakeLM(refuse=lambda p: p == "LONG")
+    ok, refused = token_uncertainty(lm, ["Q:", "LONG"], ["A cat sat.", "A dog sat."])
+    assert ok.mean_nll.failed is None and ok.mean_nll.passage_score == pytest.approx(1.0)
+    assert refused.max_nll.failed == "fake: item 0: expected a prompt within the context, got a longer one"

@@ -100,3 +100,10 @@ def test_chain_of_verification_records_failed_stages(index):
     assert drafts[1].failed.startswith("draft") and drafts[0].failed is None and len(drafts[0].checks) == 1
     with pytest.raises(ConfigError, match="max_checks"):
         chain_of_verification(_cove_lm(), ["q"], max_checks=0)
+
+
+def test_a_refused_question_is_recorded_and_the_batch_goes_on():
+    lm = FakeLM(reply=lambda p, i: "Italy.", refuse=lambda p: "LONG" in p)
+    ok, refused = answer_questions(lm, ["Where is Rome?", "LONG question?"])
+    assert ok.text == "Italy." and ok.failed is None
+    assert refused.answers == () and refused.failed.startswith("fake: item 0: expected a prompt within the context")

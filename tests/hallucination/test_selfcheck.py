@@ -138,6 +138,9 @@ def test_prompt_judge_garbage_is_half_or_a_recorded_failure():
     assert s.sentence_scores == [0.5, 1.0] and s.failed is None
     empty = selfcheck_prompt(FakeLM(), "Rome is big.", ["x"], verdict=TextVerdict())
     assert empty.failed and "no readable Yes/No" in empty.failed and math.isnan(empty.passage_score)
+    refusing = FakeLM(reply=lambda p, i: "No", refuse=lambda p: "Context: y" in p)  # that context is "too long"
+    s = selfcheck_prompt(refusing, "Rome is big.", ["x", "y"], verdict=TextVerdict())
+    assert s.sentence_scores == [0.75]  # (1 + 0.5) / 2: the refused prompt counts as no answer
     nan_lm = FakeLM(token_logprob=lambda p, c, t: -math.inf)
     assert selfcheck_prompt(nan_lm, "Rome is big.", ["x"], verdict=LogprobVerdict()).failed
     with pytest.raises(DataError, match="at least one sample"):

@@ -15,14 +15,18 @@ Avg(H), the mean over sentences of Max(-log p).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
 from notelab.core.errors import DataError, NotelabError, ShapeError
 from notelab.hallucination.protocol import LanguageModel, Scored
 from notelab.hallucination.text import sentence_spans
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,35 @@ class DetectorScores:
     def failure(cls, reason: str, sentences: Sequence[str] = ()) -> DetectorScores:
         """A recorded failure: no scores, passage score NaN."""
         return cls(list(sentences), [], float("nan"), failed=reason)
+
+
+def batch_or_each(call: Callable[[list[T]], Sequence[R]], items: Sequence[T]) -> list[R | NotelabError]:
+    """``call`` over the whole batch (one model call); when that raises a :class:`NotelabError` (one item
+    too long for the model's context, an endpoint refusing one prompt) or answers with the wrong number
+    of results, ``call`` over each item alone, so that a bad item costs only itself: its slot then holds
+    the error."""
+
+    def checked(batch: list[T]) -> list[R]:
+        got = list(call(batch))
+        if len(got) != len(batch):
+            raise ShapeError(f"expected {len(batch)} results from the model, got {len(got)}")
+        return got
+
+    items = list(items)
+    if not items:
+        return []
+    try:
+        return list(checked(items))
+    except NotelabError as e:
+        if len(items) == 1:
+            return [e]
+    out: list[R | NotelabError] = []
+    for item in items:
+        try:
+            out.extend(checked([item]))
+        except NotelabError as e:
+            out.append(e)
+    return out
 
 
 def check_passage(passage: str, what: str = "passage") -> None:
@@ -141,8 +174,9 @@ def _failed_uncertainty(reason: str) -> TokenUncertainty:
 
 def token_uncertainty(lm: LanguageModel, prompts: Sequence[str], passages: Sequence[str]) -> list[TokenUncertainty]:
     """Score each passage as the continuation of its prompt under ``lm`` (one ``logprobs`` call for the
-    batch) and return its token-uncertainty detectors. An empty passage, or a backend answer that
-    cannot be mapped onto the passage, is recorded as that item's failure."""
+    batch) and return its token-uncertainty detectors. An empty passage, a passage the backend refuses
+    (:func:`batch_or_each`), or an answer that cannot be mapped onto the passage is that item's
+    recorded failure."""
     if len(prompts) != len(passages):
         raise ShapeError(
             f"token_uncertainty: expected one prompt per passage, got {len(prompts)} prompts "
@@ -156,20 +190,21 @@ def token_uncertainty(lm: LanguageModel, prompts: Sequence[str], passages: Seque
             live.append(i)
         except DataError as e:
             out[i] = _failed_uncertainty(str(e))
-    scored = lm.logprobs([prompts[i] for i in live], [passages[i] for i in live]) if live else []
-    if len(scored) != len(live):
-        raise ShapeError(f"{lm.name}.logprobs: expected {len(live)} results, got {len(scored)}")
+    scored = batch_or_each(lambda idx: lm.logprobs([prompts[i] for i in idx], [passages[i] for i in idx]), live)
     for i, s in zip(live, scored):
         try:
+            if isinstance(s, NotelabError):
+                raise s
             out[i] = uncertainty_from_scored(s, passages[i])
         except NotelabError as e:
-            out[i] = _failed_uncertainty(str(e))
+            out[i] = _failed_uncertainty(f"{lm.name}: {e}")
     return out  # type: ignore[return-value]
 
 
 __all__ = [
     "DetectorScores",
     "TokenUncertainty",
+    "batch_or_each",
     "check_passage",
     "sentence_of_tokens",
     "token_offsets",

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from notelab.core.errors import ConfigError, DataError, NotelabError, ShapeError
-from notelab.hallucination.detectors import DetectorScores, check_passage
+from notelab.hallucination.detectors import DetectorScores, batch_or_each, check_passage
 from notelab.hallucination.protocol import LanguageModel
 from notelab.hallucination.selfcheck import LogprobVerdict, NLIModel, Verdict
 from notelab.hallucination.text import parse_list, split_sentences, words
@@ -70,8 +70,8 @@ FACT_PROMPT = (
 @dataclass(frozen=True)
 class LMDecomposer:
     """Atomic facts written by a language model (FActScore Sec. 3.3 uses InstructGPT with a few-shot
-    prompt), one greedy call per sentence, batched. A sentence the model returns no fact for is kept
-    whole as its one fact, so that no claim goes unchecked."""
+    prompt), one greedy call per sentence, batched. A sentence the model returns no fact for (or
+    refuses) is kept whole as its one fact, so that no claim goes unchecked."""
 
     lm: LanguageModel
     template: str = FACT_PROMPT
@@ -81,10 +81,13 @@ class LMDecomposer:
         if not sentences:
             return []
         prompts = [self.template.format(sentence=s) for s in sentences]
-        gens = self.lm.generate(prompts, n=1, temperature=0.0, max_new_tokens=self.max_new_tokens)
-        if len(gens) != len(prompts):
-            raise ShapeError(f"{self.lm.name}.generate: expected {len(prompts)} results, got {len(gens)}")
-        return [parse_list(g[0].text if g else "") or [s] for g, s in zip(gens, sentences)]
+        gens = batch_or_each(
+            lambda b: self.lm.generate(b, n=1, temperature=0.0, max_new_tokens=self.max_new_tokens), prompts
+        )
+        return [
+            (parse_list(g[0].text) if g and not isinstance(g, NotelabError) else []) or [s]
+            for g, s in zip(gens, sentences)
+        ]
 
 
 # --- support judges ----------------------------------------------------------------------------------------

@@ -22,9 +22,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from notelab.core.errors import ConfigError, ShapeError
+from notelab.core.errors import ConfigError, NotelabError
+from notelab.hallucination.detectors import batch_or_each
 from notelab.hallucination.factscore import Retriever
-from notelab.hallucination.protocol import LanguageModel
+from notelab.hallucination.protocol import Generation, LanguageModel
 from notelab.hallucination.text import parse_list
 
 if TYPE_CHECKING:
@@ -44,15 +45,20 @@ class Decoding:
     max_new_tokens: int = 64
 
 
-def _generate(lm: LanguageModel, prompts: Sequence[str], decoding: Decoding) -> list[tuple[str, ...]]:
-    """Texts of ``decoding.n`` samples per prompt, stripped; one call."""
-    if not prompts:
-        return []
+def _generate(
+    lm: LanguageModel, prompts: Sequence[str], decoding: Decoding
+) -> list[tuple[tuple[str, ...], str | None]]:
+    """Per prompt: the stripped texts of ``decoding.n`` samples, and why there are none when the model
+    refused that prompt (:func:`~notelab.hallucination.detectors.batch_or_each`); one call when all go."""
     d = decoding
-    gens = lm.generate(list(prompts), n=d.n, temperature=d.temperature, top_p=d.top_p, max_new_tokens=d.max_new_tokens)
-    if len(gens) != len(prompts):
-        raise ShapeError(f"{lm.name}.generate: expected {len(prompts)} results, got {len(gens)}")
-    return [tuple(g.text.strip() for g in row) for row in gens]
+
+    def call(batch: list[str]) -> list[list[Generation]]:
+        return lm.generate(batch, n=d.n, temperature=d.temperature, top_p=d.top_p, max_new_tokens=d.max_new_tokens)
+
+    return [
+        ((), f"{lm.name}: {r}") if isinstance(r, NotelabError) else (tuple(g.text.strip() for g in r), None)
+        for r in batch_or_each(call, prompts)
+    ]
 
 
 @dataclass(frozen=True)
@@ -97,8 +103,8 @@ def answer_questions(
         live.append(i)
         prompts.append(template.format(context=context, question=q.strip()))
         found.append(passages)
-    for i, texts, passages in zip(live, _generate(lm, prompts, decoding), found):
-        failed = None if any(texts) else f"{lm.name} returned empty text for all {len(texts)} samples"
+    for i, (texts, error), passages in zip(live, _generate(lm, prompts, decoding), found):
+        failed = error or (None if any(texts) else f"{lm.name} returned empty text for all {len(texts)} samples")
         evidence = tuple(p.text for p in passages)
         sources = tuple(str(getattr(p, "source", "")) for p in passages)
         out[i] = Answer(questions[i], texts, evidence, sources, failed)
@@ -167,7 +173,7 @@ def chain_of_verification(
     plans = _generate(
         lm, [templates.plan.format(question=questions[i], draft=drafts[i].text, m=max_checks) for i in live], greedy
     )
-    asked = {i: plan_questions(p[0], max_checks) for i, p in zip(live, plans)}
+    asked = {i: plan_questions(texts[0] if texts else "", max_checks) for i, (texts, _) in zip(live, plans)}
     flat = [(i, q) for i in live for q in asked[i]]
     replies = answer_questions(lm, [q for _, q in flat], retriever, k, decoding=greedy)
     checks: dict[int, list[tuple[str, str]]] = {i: [] for i in live}
@@ -189,8 +195,10 @@ def chain_of_verification(
         ],
         greedy,
     )
-    for i, f in zip(revisable, finals):
-        final, failed = (f[0], None) if f[0] else (drafts[i].text, "revise: empty text, the draft is kept")
+    for i, (texts, error) in zip(revisable, finals):
+        ok = bool(texts and texts[0])
+        final = texts[0] if ok else drafts[i].text
+        failed = None if ok else f"revise: {error or 'empty text'}, the draft is kept"
         out[i] = Verified(questions[i], drafts[i].text, tuple(checks[i]), final, failed)
     return out  # type: ignore[return-value]
 

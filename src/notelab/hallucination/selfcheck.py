@@ -30,9 +30,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from notelab.core.errors import ConfigError, DataError, ShapeError
-from notelab.hallucination.detectors import DetectorScores, check_passage
-from notelab.hallucination.protocol import LanguageModel
+from notelab.core.errors import ConfigError, DataError, NotelabError, ShapeError
+from notelab.hallucination.detectors import DetectorScores, batch_or_each, check_passage
+from notelab.hallucination.protocol import LanguageModel, Scored
 from notelab.hallucination.text import ngrams, split_sentences, words
 
 if TYPE_CHECKING:
@@ -66,13 +66,13 @@ def sample_responses(
     top_p: float | FactualNucleus = 1.0,
     max_new_tokens: int = 64,
 ) -> list[Responses]:
-    """For each prompt, the greedy response and ``n`` samples at ``temperature`` (the paper: N = 20,
-    temperature 1.0); two batched ``generate`` calls."""
+    """For each prompt, the greedy response and ``n`` samples at ``temperature`` and ``top_p`` (the paper:
+    N = 20, temperature 1.0); two batched ``generate`` calls."""
     if n < 1 or temperature <= 0:
         raise ConfigError(
             f"sample_responses: expected n >= 1 and temperature > 0, got n={n}, temperature={temperature}"
         )
-    greedy = lm.generate(list(prompts), n=1, temperature=0.0, top_p=top_p, max_new_tokens=max_new_tokens)
+    greedy = lm.generate(list(prompts), n=1, temperature=0.0, max_new_tokens=max_new_tokens)
     drawn = lm.generate(list(prompts), n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
     if len(greedy) != len(prompts) or len(drawn) != len(prompts):
         raise ShapeError(f"{lm.name}.generate: expected {len(prompts)} results, got {len(greedy)} and {len(drawn)}")
@@ -165,7 +165,8 @@ def _sigmoid(x: float) -> float:
 @dataclass(frozen=True)
 class LogprobVerdict:
     """P(negative answer) = ``p(neg) / (p(pos) + p(neg)) = sigmoid(log p(neg) - log p(pos))``, each answer
-    scored as the continuation of the prompt (two ``logprobs`` rows per prompt, one call)."""
+    scored as the continuation of the prompt (two ``logprobs`` rows per prompt, one call); None for a
+    prompt the model refuses or scores non-finite."""
 
     positive: str = " Yes"
     negative: str = " No"
@@ -173,23 +174,22 @@ class LogprobVerdict:
     def __call__(self, lm: LanguageModel, prompts: Sequence[str]) -> list[float | None]:
         if not prompts:
             return []
-        pairs = [p for p in prompts for _ in (0, 1)]
-        conts = [self.positive, self.negative] * len(prompts)
-        scored = lm.logprobs(pairs, conts)
-        if len(scored) != len(pairs):
-            raise ShapeError(f"{lm.name}.logprobs: expected {len(pairs)} results, got {len(scored)}")
+
+        def both(batch: list[str]) -> list[tuple[Scored, Scored]]:
+            scored = lm.logprobs([p for p in batch for _ in (0, 1)], [self.positive, self.negative] * len(batch))
+            return list(zip(scored[0::2], scored[1::2])) if len(scored) == 2 * len(batch) else scored
+
         out: list[float | None] = []
-        for i in range(len(prompts)):
-            pos, neg = scored[2 * i].total, scored[2 * i + 1].total
-            ok = math.isfinite(pos) and math.isfinite(neg) and scored[2 * i].tokens and scored[2 * i + 1].tokens
-            out.append(_sigmoid(neg - pos) if ok else None)
+        for r in batch_or_each(both, prompts):
+            ok = not isinstance(r, NotelabError) and all(x.tokens and math.isfinite(x.total) for x in r)
+            out.append(_sigmoid(r[1].total - r[0].total) if ok else None)
         return out
 
 
 @dataclass(frozen=True)
 class TextVerdict:
     """The judge's greedy answer read as text: first word ``positive`` -> 0, ``negative`` -> 1, anything
-    else (empty, garbage) -> None (SelfCheckGPT-Prompt maps it to 0.5 and counts it)."""
+    else (empty, garbage, a prompt the model refuses) -> None (SelfCheckGPT-Prompt maps it to 0.5)."""
 
     positive: str = "yes"
     negative: str = "no"
@@ -198,10 +198,13 @@ class TextVerdict:
     def __call__(self, lm: LanguageModel, prompts: Sequence[str]) -> list[float | None]:
         if not prompts:
             return []
-        gens = lm.generate(list(prompts), n=1, temperature=0.0, max_new_tokens=self.max_new_tokens)
-        if len(gens) != len(prompts):
-            raise ShapeError(f"{lm.name}.generate: expected {len(prompts)} results, got {len(gens)}")
-        return [parse_answer(g[0].text if g else "", self.positive, self.negative) for g in gens]
+        gens = batch_or_each(
+            lambda batch: lm.generate(batch, n=1, temperature=0.0, max_new_tokens=self.max_new_tokens), prompts
+        )
+        return [
+            None if isinstance(g, NotelabError) or not g else parse_answer(g[0].text, self.positive, self.negative)
+            for g in gens
+        ]
 
 
 def parse_answer(text: str, positive: str, negative: str) -> float | None:
