@@ -186,6 +186,12 @@ def test_bad_input_errors(tmp_path):
         config_for("dora")
     with pytest.raises(ConfigError, match="expected Linear modules, layers.0.mlp is SwiGLU"):
         get_peft_model(base(), IA3Config(target_modules=["mlp"], feedforward_modules=None))
+    with pytest.raises(ConfigError, match=r"feedforward_modules \['down_proj'\]: expected a subset of the targets"):
+        get_peft_model(base(), IA3Config(target_modules=["k_proj"], feedforward_modules=["down_proj"]))
+    prefix = get_peft_model(base(), PrefixTuningConfig(num_virtual_tokens=3, encoder_hidden_size=16))
+    save_adapter(prefix, tmp_path / "prefix")
+    with pytest.raises(CheckpointError, match=r"expects shape \(3, 96\) \(virtual tokens, layers 3 x 2 x kv heads 2"):
+        load_adapter(base(n_layers=3), tmp_path / "prefix")
     small = get_peft_model(base(), LoraConfig(r=2, target_modules=["q_proj"]))
     save_adapter(small, tmp_path / "small")
     with pytest.raises(CheckpointError, match=r"the model expects shape \(2, 48\), the file has \(2, 32\)"):

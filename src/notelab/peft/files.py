@@ -200,13 +200,22 @@ def load_adapter(
                               f"{missing[:2]}, unexpected {unexpected[:2]}")  # fmt: skip
     for k, t in state.items():
         if t.shape != expected[k].shape:
-            raise CheckpointError(f"{path / WEIGHTS_FILE}: {k}: the model expects shape {tuple(expected[k].shape)}, "
-                                  f"the file has {tuple(t.shape)} (an adapter for another base?)")  # fmt: skip
+            raise CheckpointError(f"{path / WEIGHTS_FILE}: {k}: the model expects shape {tuple(expected[k].shape)}"
+                                  f"{_layout(peft, adapter_name, k)}, the file has {tuple(t.shape)} (an adapter for "
+                                  "another base?)")  # fmt: skip
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise CheckpointError(f"{path / WEIGHTS_FILE}: {k}: expected finite values, found NaN/inf")
     _copy_in(peft, adapter_name, state, names)
     peft.set_adapter(adapter_name)
     return peft
+
+
+def _layout(peft: PeftModel, name: str, key: str) -> str:
+    """What a prefix table's width is made of, for an error message ("" for other tensors)."""
+    if key != "prompt_embeddings" or name not in peft.prefix_encoders:
+        return ""
+    e = peft.prefix_encoders[name]
+    return f" (virtual tokens, layers {e.n_layers} x 2 x kv heads {e.n_kv_heads} x head dim {e.head_dim})"
 
 
 def _pick_names(base: torch.nn.Module, state: dict[str, torch.Tensor], names: str, path: Path) -> str:

@@ -84,6 +84,12 @@ def inject(model: nn.Module, config: AdapterConfig, name: str, prefix_owner: nn.
         names = find_targets(model, config.target_modules, config.exclude_modules,
                              lambda m: isinstance(base_of(m), nn.Linear), "Linear")  # fmt: skip
         ff = config.feedforward_modules
+        if ff is not None and ff != "all-linear":  # PEFT's rule: the feed-forward modules are among the targets
+            ff_names = find_targets(model, ff, None, lambda m: isinstance(base_of(m), nn.Linear), "Linear")
+            outside = [n for n in ff_names if n not in names]
+            if outside:
+                raise ConfigError(f"IA3Config.feedforward_modules {ff!r}: expected a subset of the targets, "
+                                  f"{outside[0]} is not one (target_modules {config.target_modules!r})")  # fmt: skip
         for n in names:
             is_ff = ff is not None and (ff == "all-linear" or _matches(n, ff))
             _wrap(model, n, IA3Linear, lambda m, f=is_ff: IA3Linear(m, f)).add(name, config)
