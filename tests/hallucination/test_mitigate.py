@@ -53,6 +53,8 @@ def test_answers_pass_decoding_through_and_record_failures():
     assert lm.top_p_seen is schedule  # factual-nucleus sampling reaches the backend unchanged
     with pytest.raises(ConfigError, match="k >= 1"):
         answer_questions(lm, ["q?"], k=0)
+    with pytest.raises(ConfigError, match="temperature >= 0"):
+        Decoding(temperature=-1.0)
 
 
 def test_plan_questions_keep_questions_only():

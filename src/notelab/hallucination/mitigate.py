@@ -44,6 +44,13 @@ class Decoding:
     top_p: float | FactualNucleus = 1.0
     max_new_tokens: int = 64
 
+    def __post_init__(self) -> None:
+        if self.n < 1 or self.temperature < 0 or self.max_new_tokens < 1:
+            raise ConfigError(
+                f"Decoding: expected n >= 1, temperature >= 0 and max_new_tokens >= 1, got n={self.n}, "
+                f"temperature={self.temperature}, max_new_tokens={self.max_new_tokens}"
+            )
+
 
 def _generate(
     lm: LanguageModel, prompts: Sequence[str], decoding: Decoding
