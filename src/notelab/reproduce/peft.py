@@ -7,9 +7,10 @@ Lester et al. 2021 (prompt tuning); Liu et al. 2022 (IA3).
 
 Three measurements:
 
-1. The memory estimator (``notelab.peft.estimate``) for Qwen1.5-7B / 72B, full fine-tuning vs LoRA
-   (r = 16 on every linear), bf16 with AdamW, batch 1 x 2048 tokens. Decided (noise-free): the full
-   totals lie within a factor 2 of the note's 160 GB / 1,600 GB, and LoRA needs < 1/3 of full.
+1. The memory estimator (``notelab.peft.estimate``: the peak of ``notelab.train.fit``'s default path) for
+   Qwen1.5-7B / 72B, full fine-tuning vs LoRA (r = 16 on every linear), bf16 autocast with AdamW, batch
+   1 x 2048 tokens, and full fine-tuning sharded over 8 GPUs (FSDP, bytes per GPU). Decided (noise-free):
+   the full totals lie within a factor 2 of the note's 160 GB / 1,600 GB, and LoRA needs < 1/3 of full.
 2. A LLaMA pre-trained briefly on the standard-library corpus, fine-tuned to write a function's
    docstring summary from its signature with each method (full, LoRA at several ranks, Houlsby and
    Pfeiffer adapters, prefix tuning, prompt tuning, IA3), the same steps each: trainable fraction,
