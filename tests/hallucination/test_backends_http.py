@@ -220,3 +220,23 @@ def test_bad_settings_are_config_errors():
         OpenAICompatLM("http://x/v1", "m", timeout=0)
     with pytest.raises(ConfigError, match="retries >= 0"):
         OpenAICompatLM("http://x/v1", "m", retries=-1)
+
+
+def test_scoring_reads_the_echo_by_offsets():
+    # the server echoed "ab c" and (despite max_tokens=0) generated " d": the continuation " c" alone is scored
+    echoed = {
+        "tokens": ["<s>", "ab", " c", " d"],
+        "token_logprobs": [None, -1.0, -2.0, -3.0],
+        "text_offset": [0, 0, 2, 4],
+    }
+    server = Scripted([(200, completion("ab c d", echoed))])
+    try:
+        lm = OpenAICompatLM(server.url, "m")
+        (s,) = lm.logprobs(["ab"], [" c"])
+        assert s.tokens == (" c",) and s.logprobs == (-2.0,) and s.entropies is None
+        # no BOS and no prompt: the first token has no context
+        server.answers = [(200, completion("ab", {"tokens": ["ab"], "token_logprobs": [None], "text_offset": [0]}))]
+        with pytest.raises(ConfigError, match="item 0: expected a prompt"):
+            lm.logprobs([""], ["ab"])
+    finally:
+        server.close()

@@ -479,7 +479,7 @@ class OpenAICompatLM:
             ]
             body = dict(model=self.name, prompt=texts, echo=True, logprobs=0, max_tokens=0, temperature=0.0)
             for j, c in enumerate(self._choices(self._post("completions", body), len(texts), url)):
-                out.append(_scored(c, len(prompts[s + j]), s + j, url))
+                out.append(_scored(c, len(prompts[s + j]), len(texts[j]), s + j, url))
         return out
 
 
@@ -544,12 +544,18 @@ def _chat_generation(c: dict[str, Any], url: str) -> Generation:
     return Generation(text, tuple(tokens), tuple(values))
 
 
-def _scored(c: dict[str, Any], prompt_len: int, index: int, url: str) -> Scored:
+def _scored(c: dict[str, Any], prompt_len: int, sent_len: int, index: int, url: str) -> Scored:
+    """The continuation's tokens in an echoed choice; a server that generated a token despite max_tokens=0
+    has it cut off (only tokens starting within the ``sent_len`` characters sent are kept)."""
     text = _need(c.get("text"), str, '"text" of a choice', url)
     lp = _completion_logprobs(c, url)
     if lp is None:
         raise EndpointError(f"{url}: expected log-probabilities with echo and logprobs=0, got none")
     tokens, values, offsets = lp
+    kept = next((i for i, o in enumerate(offsets) if o >= sent_len), len(offsets))
+    if kept < len(offsets):
+        text = text[: offsets[kept]]
+        tokens, values, offsets = tokens[:kept], values[:kept], offsets[:kept]
     start = continuation_start(offsets, len(text), prompt_len)
     if start == 0 and tokens:
         raise _no_context("OpenAICompatLM", index)
