@@ -40,7 +40,9 @@ td.text, th.text { text-align: left; }
 
 def device_name() -> str:
     """The machine a run uses: the CUDA device's name when there is one (the claims run there), else the CPU."""
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or 'cpu'})"
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU ({platform.processor() or platform.machine() or 'unknown'}, {torch.get_num_threads()} threads)"
 
 
 def _devices(results: Sequence[ClaimResult]) -> str:
