@@ -11,6 +11,9 @@ t_<j)`` and the entropy ``H_ij = -sum_w p(w | .) log p(w | .)`` of the next-toke
 
 Passage scores follow SelfCheckGPT's document level: the mean over all tokens for Avg(-log p) and
 Avg(H), the mean over sentences of Max(-log p).
+
+Every detector calls its model once per batch through :func:`batch_or_each`, which falls back to one
+call per item when the backend refuses the batch, so that one bad item is only its own failure.
 """
 
 from __future__ import annotations
