@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import html
 import json
+import os
 import platform
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,7 +43,8 @@ def device_name() -> str:
     """The machine a run uses: the CUDA device's name when there is one (the claims run there), else the CPU."""
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
-    return f"CPU ({platform.processor() or platform.machine() or 'unknown'}, {torch.get_num_threads()} threads)"
+    # the machine, not the threads: claims set their own (one_thread) inside the run
+    return f"CPU ({platform.processor() or platform.machine() or 'unknown'}, {os.cpu_count()} cores)"
 
 
 def _devices(results: Sequence[ClaimResult]) -> str:
