@@ -261,3 +261,22 @@ def test_the_claims_own_checks_read_back_as_judged(tmp_path):
                                                                             b.values, b.verdict)  # fmt: skip
         assert a.interval_text() == b.interval_text()
     assert back.verdict == r.verdict and rules.claim_verdict(back.checks) == r.verdict
+
+
+def test_a_rerun_that_dies_leaves_no_stale_result_to_reuse(fake, tmp_path, monkeypatch):
+    run_seeds("fake", tmp_path, [0, 1], quick=True)
+    module = __import__("sys").modules[CLAIMS["fake"]]
+    good = module.run
+
+    def dies(out_dir, quick=False, seed=0, progress=None):
+        (out_dir / "curve.png").write_bytes(b"half a full run's figure")
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(module, "run", dies)
+    with pytest.raises(RuntimeError):
+        run_seeds("fake", tmp_path, [0, 1], quick=False)  # the full run dies in seed 0
+    assert not (tmp_path / "fake" / "seed-0" / "result.json").exists()  # the quick one no longer matches
+    monkeypatch.setattr(module, "run", good)
+    fake.clear()
+    run_seeds("fake", tmp_path, [0, 1], quick=True)
+    assert fake == [(0, True)]  # seed 0 runs again; seed 1's untouched quick result is reused

@@ -52,6 +52,10 @@ def _run_into(name: str, out: Path, quick: bool, seed: int, progress: Progress |
     from notelab.reproduce.report import device_name  # imports torch, as the claim does
 
     out.mkdir(parents=True, exist_ok=True)
+    # The run rewrites this folder's figures: an earlier result.json (another mode or seed, or the
+    # same one being re-run) would no longer match them if this run died half-way, and a pooled run
+    # would then reuse it; without one the folder reads as incomplete until this run's is written.
+    (out / "result.json").unlink(missing_ok=True)
     start = time.perf_counter()
     result = importlib.import_module(CLAIMS[name]).run(out, quick=quick, seed=seed, progress=progress or quiet())
     result.seconds = result.seconds or time.perf_counter() - start
