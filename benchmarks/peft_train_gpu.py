@@ -13,7 +13,8 @@ tokens of random ids; AdamW.
 - peft: ``get_peft_model(LlamaForCausalLM, LoraConfig(...))``, eager, bf16 autocast, ``model(ids, labels=ids)``.
 
 Each reports tokens/s over the steps after ``--warmup`` and ``torch.cuda.max_memory_allocated`` (peak bytes);
-the estimator's figure for the same setting is printed beside notelab's.
+the estimator's figure for the same setting is printed beside notelab's (``benchmarks/peft_memory.py`` compares
+the two in detail).
 
     python benchmarks/peft_train_gpu.py                                  # H200: the setting
     python benchmarks/peft_train_gpu.py --device cpu --dim 64 --layers 2 --heads 4 --kv-heads 2 --ffn 128 \\
@@ -30,6 +31,7 @@ import torch
 
 from notelab.core.runtime import get_device
 from notelab.lm import Llama, LlamaConfig
+from notelab.lm.loss import default_chunk
 from notelab.lm.train import next_token_loss
 from notelab.peft import LoraConfig, get_peft_model
 from notelab.peft.estimate import MethodSpec, ModelShape, estimate
@@ -125,8 +127,11 @@ def main() -> None:
     if not args.skip_full:
         results["notelab full"] = notelab_run(args, device, "full")
     for name, r in results.items():
+        if not name.startswith("notelab"):  # the estimator models fit's compiled path, not peft's eager one
+            continue
         spec = MethodSpec("full" if "full" in name else "lora", r=args.r)
-        e = estimate(shape, spec, dtype="bf16", optimizer="adamw", batch=args.batch, seq=args.seq)
+        e = estimate(shape, spec, dtype="bf16", optimizer="adamw", batch=args.batch, seq=args.seq,
+                     loss_chunk=default_chunk(args.vocab))  # fmt: skip
         r["estimate_gb"] = (e.total_checkpointed if args.checkpointing else e.total) / 1e9
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(json.dumps({"device": name, "torch": torch.__version__, "args": vars(args), "results": results}, indent=2))
