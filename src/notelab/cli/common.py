@@ -12,6 +12,8 @@ behaviour without copying it:
 - ``--seed`` seeds every generator (Python, NumPy, torch) before the model is built.
 - ``--resume`` of a run that already reached ``--steps`` says so instead of training
   (``already_complete``).
+- ``--parallel fsdp`` shards the model over the processes ``torchrun --nproc-per-node N`` starts
+  (``notelab.train.parallel``); every training verb runs under torchrun unchanged.
 - ``--allow-large`` lifts the model size bound for everything the verb builds or loads.
 - torch's intra-op threads are capped at the cores the process may really use (CPU affinity and
   the cgroup CPU quota), so a container limited to 2 cores does not run 16 threads.
@@ -69,6 +71,13 @@ def add_training_options(parser: argparse.ArgumentParser, **defaults: Any) -> No
     parser.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--no-compile", action="store_true", help="never torch.compile the model (default: on CUDA)")
+    parser.add_argument(
+        "--parallel",
+        choices=("auto", "ddp", "fsdp"),
+        default="auto",
+        help="under torchrun: ddp (a replica per GPU), fsdp (weights, grads, AdamW states sharded), "
+        "auto (fsdp when the training state would fill half a GPU)",
+    )
     add_out_option(parser)
     add_model_options(parser)
 
@@ -135,6 +144,10 @@ def check_training_options(args: argparse.Namespace) -> None:
         raise ConfigError(f"--ckpt-every: expected a number of steps >= 0 (0: only at the end), got {args.ckpt_every}")
     if args.device is not None:
         get_device(args.device)
+    if getattr(args, "parallel", "auto") == "fsdp":
+        from notelab.train.parallel import check_launch
+
+        check_launch("fsdp")  # --parallel fsdp without torchrun: one line, before any data is read
 
 
 def train_config_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -151,6 +164,8 @@ def train_config_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     opts = {k: v for k, v in opts.items() if v is not None}
     if args.no_compile:
         opts["compile"] = False
+    if getattr(args, "parallel", None) is not None:
+        opts["parallel"] = args.parallel
     return {**opts, "out_dir": str(args.out), "resume": args.resume, "progress": not args.no_progress}
 
 
@@ -171,6 +186,8 @@ class RunFolder:
     resume: bool  # --resume of a folder that holds this verb's run
     replace: bool  # --overwrite of a folder that holds something
     created: bool = False  # start() made the folder
+    launch: str | None = None  # torchrun's run id when started by torchrun with several processes
+    follower: bool = False  # a rank other than 0: rank 0 checks, creates and cleans the folder
 
     @property
     def aside(self) -> Path:
@@ -178,6 +195,9 @@ class RunFolder:
         return self.path.parent / f".{self.path.name}.replaced"
 
     def start(self) -> None:
+        if self.follower:
+            self._wait_for_leader()
+            return
         if self.replace and self.path.exists():
             if self.aside.exists():  # left by a run killed while replacing: the older of two old runs
                 shutil.rmtree(self.aside)
@@ -185,10 +205,26 @@ class RunFolder:
         self.created = not self.path.exists()
         self.path.mkdir(parents=True, exist_ok=True)
         marker = self.path / MARKER
-        if not marker.exists():
+        if self.launch is not None:  # tells the other ranks that this launch's folder is ready
+            from notelab.core.io import atomic_write_text
+
+            atomic_write_text(marker, json.dumps({"command": self.command, "launch": self.launch}) + "\n")
+        elif not marker.exists():
             marker.write_text(json.dumps({"command": self.command}) + "\n")
 
+    def _wait_for_leader(self, timeout: float = 300.0) -> None:
+        """Rank > 0: wait until rank 0 has checked and started the folder for this launch."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while _read_marker(self.path).get("launch") != self.launch:
+            if time.monotonic() > deadline:
+                raise ConfigError(f"--out: rank 0 did not start {self.path} within {timeout:.0f} s")
+            time.sleep(0.05)
+
     def finish(self, ok: bool, bad_input: bool = False) -> None:
+        if self.follower:
+            return
         if not ok and self.created and self.path.is_dir():
             names = {p.name for p in self.path.iterdir()}
             # Bad input leaves nothing behind, unless training got as far as a checkpoint to resume from.
@@ -211,13 +247,25 @@ class RunFolder:
         self.finish(ok=kind is None, bad_input=kind is not None and issubclass(kind, NotelabError))
 
 
-def _run_command(path: Path) -> str | None:
-    """The verb that made ``path`` (from run.json); None when unmarked or unreadable."""
+def _read_marker(path: Path) -> dict[str, Any]:
     try:
         data = json.loads((path / MARKER).read_text())
     except (OSError, ValueError):
-        return None
-    return data.get("command") if isinstance(data, dict) and isinstance(data.get("command"), str) else None
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _run_command(path: Path) -> str | None:
+    """The verb that made ``path`` (from run.json); None when unmarked or unreadable."""
+    command = _read_marker(path).get("command")
+    return command if isinstance(command, str) else None
+
+
+def _torchrun_launch() -> tuple[int, str | None]:
+    """(rank, run id) of a process torchrun started among several; (0, None) otherwise."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, None
+    return int(os.environ["RANK"]), os.environ.get("TORCHELASTIC_RUN_ID", "torchrun")
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -249,10 +297,16 @@ def prepare_out(
     on the way, no write permission); a non-empty folder unless ``overwrite``, or ``resume`` of a
     run made by ``command`` (marked by run.json; an unmarked folder with a ``checkpoint/`` is
     taken as a run from before the marker).
+
+    Under ``torchrun`` with several processes only rank 0 checks and prepares the folder; it marks
+    run.json with the launch's id, which the other ranks wait for before they start.
     """
     path = Path(out)
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite: expected at most one of them, got both")
+    rank, launch = _torchrun_launch()
+    if rank != 0:  # under torchrun rank 0 alone checks and prepares the folder; the others wait for it
+        return RunFolder(path, command, resume, replace=False, launch=launch, follower=True)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{option}: expected a folder, got the file {path}")
     base = _nearest_existing(path)
@@ -277,7 +331,7 @@ def prepare_out(
                 f"{option}: {path} already holds {what}; pass --overwrite to replace it"
                 + (" or --resume to continue it" if made_by == command else "")
             )
-    return RunFolder(path, command, resume and holds, replace)
+    return RunFolder(path, command, resume and holds, replace, launch=launch)
 
 
 def check_same_settings(source: str | os.PathLike, saved: dict[str, Any], given: dict[str, Any]) -> None:

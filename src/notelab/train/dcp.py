@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -180,7 +181,9 @@ def load_sharded(
     if optim_sd is not None:
         tensors["optim"] = optim_sd["state"]
     try:
-        load(tensors, storage_reader=HuggingFaceStorageReader(str(path)))
+        with warnings.catch_warnings():  # one process reading shards is what it is meant for, not a mistake
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            load(tensors, storage_reader=HuggingFaceStorageReader(str(path)))
     except Exception as e:  # DCP wraps every rank's failure in its own exception types
         what = " ".join(str(e).split())[:300]
         raise CheckpointError(f"{path}: the sharded checkpoint does not match the model: {what}") from e
