@@ -1,6 +1,7 @@
 """FActScore-style checking: the length penalty by value, support fed by BM25 retrieval over a toy
 knowledge base (lexical, language-model and NLI judges), decomposition, and recorded failures."""
 
+import json
 import math
 
 import pytest
@@ -137,3 +138,15 @@ def test_nli_support_uses_the_best_entailed_passage(index, tmp_path):
     assert all(ok for _, ok in NLISupport(nli, threshold=0.0)(facts[:1], evidence[:1]))
     (check,) = check_facts([" ".join(facts)], NLISupport(nli, threshold=1.01), index.search, k=2)
     assert check.precision == 0.0 and check.detector.sentence_scores == [1.0, 1.0]
+
+
+def test_knowledge_source_from_a_folder(tmp_path):
+    retrieval = pytest.importorskip("notelab.data.retrieval")
+    (tmp_path / "cities.txt").write_text(KB[3] + "\n\nParis is the capital of France.\n")
+    (tmp_path / "stdlib.jsonl").write_text(json.dumps({"text": KB[1], "title": "os.path"}) + "\n")
+    index = retrieval.BM25Index.from_folder(tmp_path)
+    (check,) = check_facts(
+        ["Rome lies on the river Tiber. os.path.join joins path components."], LexicalSupport(), index.search, k=1
+    )
+    assert [f.supported for f in check.facts] == [True, True]
+    assert check.facts[0].sources[0].startswith("cities.txt") and "stdlib.jsonl" in check.facts[1].sources[0]
