@@ -25,6 +25,7 @@ COMMANDS = (
     "notelab.cli.vq",
     "notelab.cli.peft",
     "notelab.cli.oad",
+    "notelab.cli.hallucination",
 )
 
 
