@@ -222,7 +222,11 @@ class TransformersLM:
 
     @classmethod
     def from_dir(
-        cls, path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+        cls,
+        path: str | os.PathLike,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        seed: int = 0,
     ) -> TransformersLM:
         """``AutoModelForCausalLM`` / ``AutoTokenizer`` from a local folder (never the network)."""
         if not Path(path).is_dir():
@@ -240,7 +244,7 @@ class TransformersLM:
             raise CheckpointError(
                 f"TransformersLM.from_dir: expected a transformers causal LM in {path}: {first}"
             ) from e
-        return cls(model.to(device), tokenizer, name=Path(path).resolve().name)
+        return cls(model.to(device), tokenizer, name=Path(path).resolve().name, seed=seed)
 
     def _decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
