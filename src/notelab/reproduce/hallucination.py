@@ -37,7 +37,7 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,7 +54,7 @@ from notelab.hallucination.factscore import LexicalSupport, check_facts
 from notelab.hallucination.halueval import evaluate_detector, load_halueval
 from notelab.hallucination.selfcheck import selfcheck_ngram
 from notelab.hallucination.stdlib_facts import Fact, module_texts, stdlib_facts, stdlib_modules, write_knowledge
-from notelab.hallucination.truthfulqa import load_truthfulqa, score_truthfulqa
+from notelab.hallucination.truthfulqa import QA_PRIMER, load_truthfulqa, score_truthfulqa
 from notelab.lm.config import LlamaConfig
 from notelab.lm.data import encode_stream, train_tokenizer
 from notelab.lm.flops import count_parameters
@@ -99,6 +99,7 @@ class Settings:
     rag_k: int = 1  # passages above a retrieval-augmented prompt
     truthfulqa_n: int | None = 40  # questions (None: all)
     halueval_n: int | None = 40  # rows (None: all)
+    truthfulqa_primer: bool = False  # the paper's six-shot QA primer (needs a context of a few hundred tokens)
     halueval_chars: int = 300  # query and response cut to this many characters (the model's context)
 
 
@@ -121,7 +122,7 @@ FULL = dataclasses.replace(
 FULL_GPU = dataclasses.replace(
     FULL, corpus_chars=None, vocab_size=8192, dim=640, n_layers=12, n_heads=10, seq_len=512, batch_size=32,
     steps=2000, lr=6e-4, n_facts=800, n_samples=6, folds=10, truthfulqa_n=None, halueval_n=2000,
-    halueval_chars=600, max_new_tokens=32,
+    halueval_chars=600, max_new_tokens=32, truthfulqa_primer=True,
 )  # fmt: skip
 PAPER = [
     PaperNumber(
@@ -244,7 +245,9 @@ def train_model(s: Settings, data: LMData, seed: int, device: torch.device) -> t
 def language_model(model: torch.nn.Module, tokenizer: object) -> object:
     from notelab.hallucination.backends import NotelabLM
 
-    return NotelabLM(model, tokenizer, name="stdlib-llama")
+    # The reference decode path: the answers come in batches of many shapes (prompt lengths, n samples), and the
+    # engine builds (compiles, captures) a new static graph per shape, which costs more than these short answers.
+    return NotelabLM(model, tokenizer, name="stdlib-llama", path="reference")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -425,17 +428,21 @@ def mitigation_sections(
 
 
 def truthfulqa_section(lm: object, root: Path, s: Settings) -> Section:
-    """(5) MC1 / MC2 with no primer (the model's context is short), against chance."""
+    """(5) MC1 / MC2 (with the paper's QA primer when the budget's context has room), against chance."""
     questions = load_truthfulqa(root)[: s.truthfulqa_n]
-    result = score_truthfulqa(lm, questions, primer="")
+    result = score_truthfulqa(lm, questions, primer=QA_PRIMER if s.truthfulqa_primer else "")
     chance1 = statistics.fmean(1 / len(q.mc1) for q in questions)
     chance2 = statistics.fmean(sum(t for _, t in q.mc2) / len(q.mc2) for q in questions)
     table = Table(
         "(5) TruthfulQA multiple choice (log-likelihood)",
         ["questions", "MC1", "MC1 chance", "MC2", "MC2 uniform"],
         [[result.n, f"{result.mc1:.3f}", f"{chance1:.3f}", f"{result.mc2:.3f}", f"{chance2:.3f}"]],
-        note="Prompt 'Q: ...\\nA:' without the paper's six-shot primer (it does not fit a small model's context). "
-        "The paper's best model was truthful on 58% of questions, humans on 94% (generation, not MC).",
+        note=(
+            "The paper's six-shot QA primer, then 'Q: ...\\nA:'. "
+            if s.truthfulqa_primer
+            else "Prompt 'Q: ...\\nA:' without the paper's six-shot primer (it does not fit a small model's context). "
+        )
+        + "The paper's best model was truthful on 58% of questions, humans on 94% (generation, not MC).",
     )
     return Section([table], [], {"mc1": result.mc1, "mc2": result.mc2, "n": result.n})
 
@@ -497,6 +504,15 @@ def halueval_section(lm: object, path: Path, s: Settings) -> Section:
     return Section([table], [], {"rows": rows})
 
 
+def _reported(title: str, section: Callable[..., Section], *args: object) -> Section:
+    """A reported-only section; bad data there (a malformed file, a text longer than the context) becomes a
+    table saying so instead of ending the run."""
+    try:
+        return section(*args)
+    except NotelabError as e:
+        return Section([Table(title, ["error"], [[str(e)]])], [], {"error": str(e)})
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -535,10 +551,12 @@ def run(
         extra = []
         if (root / "truthfulqa").is_dir():
             with progress.part("(5) TruthfulQA"):
-                extra.append(truthfulqa_section(lm, root / "truthfulqa", s))
+                extra.append(_reported("(5) TruthfulQA", truthfulqa_section, lm, root / "truthfulqa", s))
         if (root / "halueval" / "general_data.json").is_file():
             with progress.part("(6) HaluEval"):
-                extra.append(halueval_section(lm, root / "halueval" / "general_data.json", s))
+                extra.append(
+                    _reported("(6) HaluEval", halueval_section, lm, root / "halueval" / "general_data.json", s)
+                )
     sections = (first, detect, nucleus, retrieval, *extra)
     checks = [c for sec in sections for c in sec.checks]
     parts = rules.group_verdicts(checks)
