@@ -101,7 +101,7 @@ class Scripted:
     """An HTTP server on loopback answering POSTs with the scripted (status, body) pairs, the last one repeated."""
 
     def __init__(self, answers):
-        self.answers, self.count = list(answers), 0
+        self.answers, self.count, self.headers = list(answers), 0, None
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -109,6 +109,7 @@ class Scripted:
                 self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 status, body = outer.answers[min(outer.count, len(outer.answers) - 1)]
                 outer.count += 1
+                outer.headers = dict(self.headers)
                 raw = body if isinstance(body, bytes) else json.dumps(body).encode()
                 self.send_response(status)
                 self.send_header("Content-Length", str(len(raw)))
@@ -201,6 +202,10 @@ def test_5xx_is_retried_4xx_is_not_and_empty_text_is_valid():
     try:
         lm = OpenAICompatLM(server.url, "m", timeout=2.0, retries=2, backoff=0.05)
         assert lm.generate(["x"]) == [[Generation(text="")]] and server.count == 2
+        assert "Authorization" not in server.headers
+        OpenAICompatLM(server.url, "m", api_key="s3cret").generate(["x"])
+        assert server.headers["Authorization"] == "Bearer s3cret"
+        server.count = 0
         server.answers, server.count = [(400, {"error": {"message": "max_tokens: too many"}})], 0
         elapsed, message = timed(lambda: lm.generate(["x"]))
         assert server.count == 1 and "HTTP 400: max_tokens: too many" in message
