@@ -222,3 +222,17 @@ def test_from_pretrained_bounds_any_model_class(tmp_path):
     with pytest.raises(ConfigError, match="Counted: the config gives 1e\\+12"):
         Counted.from_pretrained(tmp_path)
     assert Counted.calls
+
+
+def test_from_pretrained_follows_the_enclosing_allow_large(tmp_path, monkeypatch):
+    """A loader that does not pass allow_large (None) takes the CLI's --allow-large scope."""
+    import notelab.core.limits as limits
+
+    Llama(LlamaConfig(**TINY)).save_pretrained(tmp_path)
+    monkeypatch.setattr(limits, "DEFAULT_MAX_PARAMETERS", 10)  # the tiny model is now "large"
+    with pytest.raises(ConfigError, match="allow_large"):
+        Llama.from_pretrained(tmp_path)
+    with allow_large_models():
+        assert isinstance(Llama.from_pretrained(tmp_path), Llama)
+        with pytest.raises(ConfigError, match="allow_large"):
+            Llama.from_pretrained(tmp_path, allow_large=False)  # an explicit False still wins

@@ -25,7 +25,7 @@ from torch import nn
 from notelab.core.config import config_from_dict, load_json, save_config
 from notelab.core.errors import CheckpointError, ConfigError
 from notelab.core.io import atomic_path
-from notelab.core.limits import allow_large_models, check_size
+from notelab.core.limits import allow_large_models, allowed_large, check_size
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -162,19 +162,21 @@ class PretrainedMixin:
 
     @classmethod
     def from_pretrained(
-        cls: type[M], path: str | os.PathLike, device: str | torch.device = "cpu", allow_large: bool = False
+        cls: type[M], path: str | os.PathLike, device: str | torch.device = "cpu", allow_large: bool | None = None
     ) -> M:
         """Build the model from ``config.json`` and load ``model.safetensors`` into it.
 
         The config's size is checked (:func:`notelab.core.limits.check_size`) before anything is
-        allocated; ``allow_large=True`` lifts the bound. A model class may define
+        allocated; ``allow_large=True`` lifts the bound (``None``: that of the enclosing
+        :func:`notelab.core.limits.allow_large_models`, default off). A model class may define
         ``classmethod num_parameters(config) -> int`` (or its config ``num_parameters()``) for an
         exact count by formula; otherwise the model is built on the ``meta`` device to count.
         """
         path = Path(path)
         config = cls.load_config(path)
-        check_size(config, model_cls=cls, allow_large=allow_large)
-        with allow_large_models(allow_large):
+        allow = allowed_large() if allow_large is None else allow_large
+        check_size(config, model_cls=cls, allow_large=allow)
+        with allow_large_models(allow):
             model = cls(config)  # type: ignore[call-arg]
         assert isinstance(model, nn.Module)
         load_state_into(model, load_weights(path / WEIGHTS_NAME), source=str(path / WEIGHTS_NAME))

@@ -41,6 +41,11 @@ def allow_large_models(allow: bool = True) -> Iterator[None]:
         _ALLOW_LARGE.reset(token)
 
 
+def allowed_large() -> bool:
+    """Whether the enclosing :func:`allow_large_models` lifts the size bound (default ``False``)."""
+    return _ALLOW_LARGE.get()
+
+
 def available_memory() -> int | None:
     """Bytes this process may use: physical RAM, or the cgroup (v2 / v1) limit when lower; ``None`` if unknown."""
     limits = []
@@ -100,7 +105,7 @@ def check_size(
     """
     if torch.get_default_device().type == "meta":
         return 0  # nothing is allocated there (and parameter_count's own meta build comes through here)
-    allow = _ALLOW_LARGE.get() if allow_large is None else allow_large
+    allow = allowed_large() if allow_large is None else allow_large
     n = parameter_count(config, model_cls)
     if allow:
         return n
