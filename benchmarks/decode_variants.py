@@ -1,6 +1,6 @@
 """Candidate decode steps for batched generation, checked and timed in one run (one GPU, a few minutes).
 
-    python benchmarks/decode_variants.py [--batches 8 32] [--budget-s 240] [--out FILE.json]
+    python benchmarks/decode_variants.py [--batches 8 32] [--budget-s 230] [--out FILE.json]
 
 Each variant is the engine (``notelab.lm.engine.Engine``: static cache, step compiled by inductor and captured
 in a CUDA graph) built with injected parts: the attention over the cache (``attend``: SDPA, the default
@@ -29,24 +29,17 @@ each skipped once ``--budget-s`` has passed:
 from __future__ import annotations
 
 import argparse
-import json
-import re
-import subprocess
 import sys
-import tempfile
-import time
-import traceback
 from collections.abc import Callable
-from pathlib import Path
+from functools import partial
 
 import torch
 
-from llama_gpu import copy_bandwidth, kv_bytes_per_step, sync
+from decode_defaults import SAMPLED, Bench, Phases, agreement, time_cli, timed
 from notelab.core.attention import attention
 from notelab.lm import Llama, LlamaConfig, generate
 from notelab.lm.chain import batched_decode_attention
 from notelab.lm.engine import Engine, SamplingParams, compile_step, decode_attention_bmm, decode_attention_sums
-from notelab.lm.flops import weight_bytes
 from notelab.lm.sampling import bisect_threshold, filter_threshold
 
 ATTENTION = {
@@ -59,9 +52,8 @@ THRESHOLD = {"sort": filter_threshold, "bisect": bisect_threshold}
 COMPILER = {
     "default": compile_step,
     # inductor's Triton matmul templates benchmarked against cuBLAS per shape, pointwise epilogues fused into them
-    "max-autotune": lambda fn: torch.compile(fn, fullgraph=True, dynamic=False, mode="max-autotune-no-cudagraphs"),
+    "max-autotune": partial(torch.compile, fullgraph=True, dynamic=False, mode="max-autotune-no-cudagraphs"),
 }
-SAMPLED = {"temperature": 0.8, "top_p": 0.95, "seed": 0}
 
 
 def run_engine(engine: Engine, prompts: list[list[int]], n: int, sampled: bool) -> list[list[int]]:
@@ -74,32 +66,6 @@ def run_engine(engine: Engine, prompts: list[list[int]], n: int, sampled: bool) 
             if e.token is not None:
                 got[ids[e.request_id]].append(e.token)
     return got
-
-
-def agreement(a: list[list[int]], b: list[list[int]]) -> tuple[float, float]:
-    """(share of rows equal in full, mean share of each row before its first difference)."""
-    same = sum(x == y for x, y in zip(a, b)) / len(a)
-    prefix = []
-    for x, y in zip(a, b):
-        k = next((i for i, (s, t) in enumerate(zip(x, y)) if s != t), min(len(x), len(y)))
-        prefix.append(k / max(len(x), 1))
-    return same, sum(prefix) / len(prefix)
-
-
-def write_run_folder(model: Llama, folder: Path) -> None:
-    """``model`` (bf16) and a tokenizer with one entry per vocabulary id (a small BPE, padded with named ids), so
-    the CLI can decode whatever random weights generate."""
-    from tokenizers import Tokenizer as HFTokenizer
-
-    from notelab.data.tokenizer import Tokenizer
-
-    small = Tokenizer.train(["The quick brown fox. Jumps over the lazy dog!\n"] * 20, vocab_size=300)
-    spec = json.loads(small.backend.to_str())
-    vocab = spec["model"]["vocab"]
-    for i in range(small.vocab_size, model.config.vocab_size):
-        vocab[f"<{i}>"] = i
-    Tokenizer(HFTokenizer.from_str(json.dumps(spec))).save(folder)
-    model.save_pretrained(folder)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,47 +81,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tiny", action="store_true", help="small model and sizes: a CPU smoke test")
     p.add_argument("--out", help="write every figure as JSON here")
     args = p.parse_args(argv)
-    start = time.perf_counter()
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     if args.tiny:
         args.preset, args.prompt, args.new_tokens, args.batches = "llama3-tiny", 8, 12, [2, 3]
+    bench = Bench(args.preset, args.prompt, args.new_tokens, max(args.batches), args.tiny)
+    device = bench.device
     if device.type != "cuda":
         args.attention = [a for a in args.attention if a != "triton"]
-    results: dict[str, dict] = {}
     shared: dict = {}
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"# decode variants on {gpu}, torch {torch.__version__}, preset {args.preset}, P={args.prompt}, "
           f"N={args.new_tokens}, batches {args.batches}", flush=True)  # fmt: skip
-
-    def phase(name: str, fn: Callable[[], dict]) -> None:
-        elapsed = time.perf_counter() - start
-        if elapsed > args.budget_s:
-            print(f"{name}: skipped (budget: {elapsed:.0f} s > {args.budget_s:.0f} s)", flush=True)
-            return
-        t0 = time.perf_counter()
-        try:
-            res = fn()
-        except Exception as e:  # noqa: BLE001 - one failed phase must not lose the others' figures
-            traceback.print_exc()
-            res = {"error": f"{type(e).__name__}: {e}"}
-        res["phase_s"] = round(time.perf_counter() - t0, 1)
-        results[name] = res
-        shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items())
-        print(f"{name}: {shown}", flush=True)
-        if args.out:
-            Path(args.out).write_text(json.dumps(results, indent=1))
-
-    def timed(fn: Callable[[], list[list[int]]]) -> tuple[float, list[list[int]]]:
-        sync(device)
-        t0 = time.perf_counter()
-        out = fn()
-        sync(device)
-        return time.perf_counter() - t0, out
-
-    def card() -> dict:
-        nbytes, iters = (2**24, 3) if args.tiny else (2**32, 20)
-        shared["bw"] = copy_bandwidth(device, nbytes, iters)
-        return {"copy_GB_per_s": shared["bw"] / 1e9}
+    phase = Phases(args.budget_s, args.out)
 
     def correctness() -> dict:
         cfg = LlamaConfig(vocab_size=512, dim=128, n_layers=2, n_heads=8, n_kv_heads=2, multiple_of=32, max_seq_len=64)
@@ -175,40 +111,20 @@ def main(argv: list[str] | None = None) -> int:
             res[f"{th} sampled == reference"] = run_engine(eng, prompts, 16, True) == ref_s
         return res
 
-    def build() -> dict:
-        config = LlamaConfig.from_name(args.preset)
-        torch.manual_seed(0)
-        with torch.device(device):
-            model = Llama(config)
-        shared["model"] = model.to(torch.bfloat16).eval()
-        shared["weight_bytes"] = weight_bytes(model)
-        g = torch.Generator().manual_seed(1)
-        shared["prompts"] = torch.randint(1, config.vocab_size, (max(args.batches), args.prompt), generator=g).tolist()
-        return {"weight_GB": shared["weight_bytes"] / 1e9}
-
-    def roofline(batch: int) -> float:
-        kv = kv_bytes_per_step(shared["model"].config, batch, args.prompt + (args.new_tokens - 1) / 2)
-        return batch * shared["bw"] / (shared["weight_bytes"] + kv)
-
-    def figures(batch: int, seconds: float, out: list[list[int]]) -> dict:
-        tps = sum(len(r) for r in out) / seconds
-        return {"tokens_per_s": tps, "of_roofline_%": 100 * tps / roofline(batch)}
-
     def reference(batch: int) -> dict:
-        _, out = timed(lambda: generate(shared["model"], shared["prompts"][:batch], args.new_tokens, path="reference"))
-        shared[("ref", batch)] = out
+        shared[("ref", batch)] = generate(bench.model, bench.prompts[:batch], args.new_tokens, path="reference")
         return {}
 
     def variant(
         batch: int, attend: str, threshold: str, sampled: bool, compiler: str = "default"
     ) -> Callable[[], dict]:
         def run() -> dict:
-            model, n, prompts = shared["model"], args.new_tokens, shared["prompts"][:batch]
+            n, prompts = args.new_tokens, bench.prompts[:batch]
             parts = dict(attend=ATTENTION[attend], threshold=THRESHOLD[threshold], compiler=COMPILER[compiler])
-            eng = Engine(model, batch, args.prompt + n, **parts)
-            warm_s, _ = timed(lambda: run_engine(eng, prompts, n, sampled))
-            dt, out = timed(lambda: run_engine(eng, prompts, n, sampled))
-            res = {**figures(batch, dt, out), "warmup_s": warm_s}
+            eng = Engine(bench.model, batch, args.prompt + n, **parts)
+            warm_s, _ = timed(device, lambda: run_engine(eng, prompts, n, sampled))
+            dt, out = timed(device, lambda: run_engine(eng, prompts, n, sampled))
+            res = {**bench.figures(batch, dt, out), "warmup_s": warm_s}
             key = ("sampled" if sampled else "greedy", batch)
             if not sampled and ("ref", batch) in shared:
                 res["rows_equal_ref"], res["prefix_agree_ref"] = agreement(out, shared[("ref", batch)])
@@ -225,44 +141,21 @@ def main(argv: list[str] | None = None) -> int:
     def public(batch: int, sampled: bool) -> Callable[[], dict]:
         def run() -> dict:
             kw = SAMPLED if sampled else {}
-            prompts = shared["prompts"][:batch]
-            warm_s, _ = timed(lambda: generate(shared["model"], prompts, args.new_tokens, **kw))
-            dt, out = timed(lambda: generate(shared["model"], prompts, args.new_tokens, **kw))
-            return {**figures(batch, dt, out), "warmup_s": warm_s}
+            prompts = bench.prompts[:batch]
+            warm_s, _ = timed(device, lambda: generate(bench.model, prompts, args.new_tokens, **kw))
+            dt, out = timed(device, lambda: generate(bench.model, prompts, args.new_tokens, **kw))
+            return {**bench.figures(batch, dt, out), "warmup_s": warm_s}
 
         return run
 
-    def cli() -> dict:
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = Path(tmp) / "run"
-            write_run_folder(shared["model"], folder)
-            shared.pop("model")  # the CLI process loads its own copy
-            torch.cuda.empty_cache() if device.type == "cuda" else None
-            ids = ",".join(str(t % 300) for t in shared["prompts"][0])
-            # the installed `notelab` command, run by this interpreter (whatever environment it is in)
-            code = "import sys; from notelab.cli import main; sys.exit(main())"
-            cmd = [sys.executable, "-c", code, "lm", "generate", "--checkpoint", str(folder), "--prompt-ids", ids,
-                   "--max-new-tokens", str(args.new_tokens)]  # fmt: skip
-            t0 = time.perf_counter()
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-            wall = time.perf_counter() - t0
-        line = [ln for ln in done.stderr.splitlines() if "tok/s" in ln]
-        if done.returncode or not line:
-            return {"error": f"exit {done.returncode}: {done.stderr[-400:]}"}
-        rates = [float(x) for x in re.findall(r"([\d.]+) tok/s", line[-1])]
-        res = {"printed": line[-1], "process_wall_s": wall, "whole_call_tok_s": rates[0]}
-        if len(rates) > 1:
-            res["after_two_steps_tok_s"] = rates[1]
-            res["after_two_steps_of_roofline_%"] = 100 * rates[1] / shared["roofline1"]
-        return res
-
-    phase("card", card)
+    phase("card", bench.card)
     phase("correctness float32 (small model)", correctness)
-    phase("build bf16 model", build)
-    if "model" not in shared:
+    phase("build bf16 model", bench.build)
+    if bench.model is None:
         return 1
-    shared["roofline1"] = roofline(1)
-    print("# roofline tokens/s: " + ", ".join(f"B={b}: {roofline(b):.0f}" for b in [1, *args.batches]), flush=True)
+    print(
+        "# roofline tokens/s: " + ", ".join(f"B={b}: {bench.roofline(b):.0f}" for b in [1, *args.batches]), flush=True
+    )
     for b in args.batches:
         phase(f"bf16 reference path x{b} (greedy tokens)", lambda b=b: reference(b))
     for b in args.batches:
@@ -280,16 +173,13 @@ def main(argv: list[str] | None = None) -> int:
     phase("generate() defaults x1 greedy", public(1, False))
     phase("generate() defaults x1 sampled", public(1, True))
     if not args.no_cli:
-        phase("notelab lm generate (CLI) x1 greedy", cli)
-        if "model" not in shared:
-            phase("rebuild bf16 model", build)
+        phase("notelab lm generate (CLI) x1 greedy",
+              lambda: time_cli(bench.model, bench.prompts[0], args.new_tokens, bench.roofline(1)))  # fmt: skip
     if not args.no_autotune:  # last: its compile (autotuning every product shape) is the longest
         for b in args.batches:
-            phase(
-                f"greedy x{b} attend={best[b]} compiler=max-autotune",
-                variant(b, best[b], "sort", False, "max-autotune"),
-            )
-    print(f"# total {time.perf_counter() - start:.0f} s", flush=True)
+            name = f"greedy x{b} attend={best[b]} compiler=max-autotune"
+            phase(name, variant(b, best[b], "sort", False, "max-autotune"))
+    phase.total()
     return 0
 
 
