@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ import torch
 
 from notelab.reproduce import hallucination as claim
 from notelab.reproduce.base import Progress
-from notelab.reproduce.report import write_report
+from notelab.reproduce.report import device_name, write_report
 
 
 def main() -> int:
@@ -47,10 +48,9 @@ def main() -> int:
         settings=s,
         data_root=args.data_root,
     )
-    import json
-    from dataclasses import asdict
-
-    (out / claim.NAME / "result.json").write_text(json.dumps(asdict(result), indent=2, default=str) + "\n")
+    # what `notelab reproduce` records beside a claim's result (so the report and --pool read it alike)
+    result = dataclasses.replace(result, seed=args.seed, quick=args.smoke, device=device_name())
+    (out / claim.NAME / "result.json").write_text(json.dumps(dataclasses.asdict(result), indent=2, default=str) + "\n")
     write_report([result], out, quick=args.smoke, failures={})
     print(f"verdict: {result.verdict} ({time.perf_counter() - t0:.0f} s)\n{result.summary}\n")
     for t in result.tables:

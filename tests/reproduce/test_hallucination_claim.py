@@ -76,5 +76,6 @@ def test_tiny_run_end_to_end(tmp_path):
     groups = {c.group for c in result.checks}
     assert {claim.NUCLEUS, claim.RETRIEVAL} <= groups
     assert (tmp_path / "out" / "knowledge" / "stdlib_knowledge.jsonl").is_file()
+    assert all((tmp_path / "out" / f.path).is_file() for f in result.figures)
     rates = result.tables[0].rows
     assert rates[-1][0] == "all" and rates[-1][1] == 10

@@ -61,7 +61,7 @@ from notelab.lm.flops import count_parameters
 from notelab.lm.sampling import FactualNucleus
 from notelab.lm.train import LMData, mean_nll, pretrain
 from notelab.reproduce import rules
-from notelab.reproduce.base import ClaimResult, PaperNumber, Progress, Section, Table, begin, one_thread
+from notelab.reproduce.base import ClaimResult, Figure, PaperNumber, Progress, Section, Table, begin, one_thread
 from notelab.train import TrainConfig
 
 NAME = "hallucination"
@@ -334,7 +334,7 @@ def detector_scores(
 
 
 def detection_section(lm: object, facts: list[Fact], first: Section, index: BM25Index, s: Settings,
-                      seed: int) -> Section:  # fmt: skip
+                      seed: int, out_dir: Path) -> Section:  # fmt: skip
     """(2) AUC-PR / AUC-ROC of each detector against the labels of (1)."""
     labels, answers = first.values["labels"], first.values["answers"]
     scores = detector_scores(lm, facts, answers, index, s, seed)
@@ -360,7 +360,32 @@ def detection_section(lm: object, facts: list[Fact], first: Section, index: BM25
         "hallucinated but cannot be scored: left out of that detector's row. Checks use "
         f"{s.folds} disjoint folds of the facts.",
     )
-    return Section([table], [], {"scores": scores, "gaps": gaps}, detection_checks(gaps))
+    bars = {r[0]: (float(r[2]), float(r[3])) for r in rows if r[2] != "-"}
+    figures = []
+    if bars:
+        _plot_detectors(out_dir / "detectors_auc_pr.png", bars)
+        caption = "AUC-PR of each detector (bars) and the random baseline, the positive rate (line)."
+        figures.append(Figure("Detectors vs random", "detectors_auc_pr.png", caption))
+    return Section([table], figures, {"scores": scores, "gaps": gaps}, detection_checks(gaps))
+
+
+def _plot_detectors(path: Path, bars: dict[str, tuple[float, float]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    names = list(bars)
+    ax.barh(names, [bars[n][0] for n in names], color="#4c72b0")
+    ax.axvline(next(iter(bars.values()))[1], color="#c44e52", linestyle="--", label="random (positive rate)")
+    ax.set_xlabel("AUC-PR (%)")
+    ax.set_xlim(0, 100)
+    ax.invert_yaxis()
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def mitigation_sections(
@@ -545,7 +570,7 @@ def run(
         with progress.part(f"(1) {len(facts)} questions"):
             first = facts_section(lm, facts, s)
         with progress.part("(2) detectors"):
-            detect = detection_section(lm, facts, first, index, s, seed)
+            detect = detection_section(lm, facts, first, index, s, seed, out_dir)
         with progress.part("(3) (4) mitigations"):
             nucleus, retrieval = mitigation_sections(lm, data.tokenizer, facts, first, index, s)
         extra = []
@@ -577,7 +602,7 @@ def run(
         verdict=verdict,
         summary=summary,
         tables=[t for sec in sections for t in sec.tables],
-        figures=[],
+        figures=[f for sec in sections for f in sec.figures],
         settings=settings_out,
         seconds=time.perf_counter() - t_start,
         checks=checks,
