@@ -154,3 +154,37 @@ def test_training_through_fit_learns_the_digit_streams():
     assert losses[-1] < losses[0]
     after = evaluate_detector(run.model, test)
     assert after["mAP"] > before + 0.04 and len(after["future_mAP"]) == 2
+
+
+def trn_reference(m: TRN, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """TRN's equations (the module docstring) one cell step at a time, read straight off the weights."""
+    cfg = m.config
+    h = c = torch.zeros(features.shape[0], cfg.d_hidden)
+    u = torch.zeros(features.shape[0], cfg.d_fusion)
+    for t in range(cfg.window):
+        x = torch.relu(F.linear(features[:, t], m.fusion.weight, m.fusion.bias))
+        h, c = m.enc(torch.cat([x, u], dim=-1), (h, c))
+        g, k = torch.relu(m.h_to_dec(h)), torch.relu(m.c_to_dec(c))
+        a, total, scores = torch.zeros_like(h), 0.0, []
+        for _ in range(cfg.n_future):
+            g, k = m.dec(a, (g, k))
+            p = m.classifier(g)
+            a = torch.relu(m.scores_to_input(p))
+            scores.append(p)
+            total = total + torch.relu(m.to_future(g))
+        u = total / cfg.n_future
+    return m.classifier(h), torch.stack(scores, dim=1)
+
+
+@pytest.mark.parametrize("train_mode", [False, True])
+def test_trn_equals_its_equations_step_by_step(train_mode):
+    """The loop-lean TRN (fusion over the window at once, u from one matmul over the stacked decoder
+    states, future scores stacked at the last step only) computes exactly the per-step equations."""
+    torch.manual_seed(0)
+    m = TRN(TRNConfig.from_name("small", d_in=D, n_classes=C, ambiguous=AMB, dropout=0.0)).train(train_mode)
+    x = torch.randn(3, m.config.window, D)
+    with torch.no_grad():
+        out = m(x)
+        logits, future = trn_reference(m, x)
+    torch.testing.assert_close(out.logits, logits, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.future, future, rtol=1e-5, atol=1e-6)

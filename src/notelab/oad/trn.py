@@ -30,6 +30,10 @@ from notelab.oad.config import RNNDetectorConfig, TRNConfig
 from notelab.oad.oadtr import OADOutput, check_window
 
 
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
 class TRN(PretrainedMixin, nn.Module):
     config_class = TRNConfig
     model_type = "trn"
@@ -47,31 +51,42 @@ class TRN(PretrainedMixin, nn.Module):
         self.classifier = nn.Linear(c.d_hidden, c.n_classes)
         self.drop = nn.Dropout(c.dropout)
 
-    def anticipate(self, h: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Roll the decoder ``Q`` steps from the encoder state: ``(future scores (B, Q, C), u (B, d_fusion))``."""
+    def anticipate(
+        self, h: torch.Tensor, c: torch.Tensor, scores: bool = True
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Roll the decoder ``Q`` steps from the encoder state: ``(future scores (B, Q, C) or None, u (B, d_fusion))``.
+
+        Only ``p_i`` feeds the next step; ``u`` is one matmul over the stacked ``g_1..g_Q`` after the
+        roll, and the scores are stacked only when asked for (the detector reads them at the last
+        encoder step only): the loop issues as few small kernels as the recurrence allows.
+        """
+        drop = self.drop if self.training else _identity
         g, k = torch.relu(self.h_to_dec(h)), torch.relu(self.c_to_dec(c))
         a = h.new_zeros(h.shape)
-        scores, total = [], 0.0
+        gs, ps = [], []
         for _ in range(self.config.n_future):
-            g, k = self.dec(self.drop(a), (g, k))
-            p = self.classifier(self.drop(g))
+            g, k = self.dec(drop(a), (g, k))
+            p = self.classifier(drop(g))
             a = torch.relu(self.scores_to_input(p))
-            scores.append(p)
-            total = total + torch.relu(self.to_future(g))
-        return torch.stack(scores, dim=1), total / self.config.n_future
+            gs.append(g)
+            ps.append(p)
+        u = torch.relu(self.to_future(torch.stack(gs))).mean(dim=0)
+        return (torch.stack(ps, dim=1) if scores else None), u
 
     def forward(self, features: torch.Tensor) -> OADOutput:
         check_window("TRN", features, self.config.window, self.config.d_in)
-        b = features.shape[0]
-        h = features.new_zeros(b, self.config.d_hidden)
+        drop = self.drop if self.training else _identity
+        # The fusion layer does not depend on the recurrence: one matmul over the whole window.
+        x = drop(torch.relu(self.fusion(features)))
+        h = features.new_zeros(features.shape[0], self.config.d_hidden)
         c = h
-        u = features.new_zeros(b, self.config.d_fusion)
+        u = features.new_zeros(features.shape[0], self.config.d_fusion)
+        last = features.shape[1] - 1
         future = None
-        for t in range(features.shape[1]):
-            x = torch.relu(self.fusion(features[:, t]))
-            h, c = self.enc(self.drop(torch.cat([x, u], dim=-1)), (h, c))
-            future, u = self.anticipate(h, c)
-        return OADOutput(self.classifier(self.drop(h)), future)
+        for t in range(last + 1):
+            h, c = self.enc(torch.cat([x[:, t], drop(u)], dim=-1), (h, c))
+            future, u = self.anticipate(h, c, scores=t == last)
+        return OADOutput(self.classifier(drop(h)), future)
 
 
 class RNNDetector(PretrainedMixin, nn.Module):
