@@ -75,6 +75,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     g.add_argument("--top-k", type=int)
     g.add_argument("--top-p", type=float)
+    g.add_argument(
+        "--factual-nucleus",
+        nargs=2,
+        type=float,
+        metavar=("DECAY", "FLOOR"),
+        help="factual-nucleus sampling (Lee et al. 2022): top-p (--top-p, default 0.9) times DECAY per token of a "
+        "sentence, at least FLOOR, reset after a token ending in . ! ? or a newline",
+    )
     g.add_argument("--repetition-penalty", type=float, default=1.0)
     g.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     g.add_argument("--seed", type=int, default=0)
@@ -187,8 +195,12 @@ def generate(args: argparse.Namespace) -> int:
     from notelab.lm.chat import chat_stop_tokens, encode_chat
     from notelab.lm.generate import ContextLimitWarning
     from notelab.lm.generate import generate as generate_tokens
+    from notelab.lm.sampling import FactualNucleus
 
     check_positive(max_new_tokens=args.max_new_tokens)
+    factual = None  # its numbers checked before the model loads; its sentence ends come from the tokenizer
+    if args.factual_nucleus is not None:
+        factual = FactualNucleus(0.9 if args.top_p is None else args.top_p, *args.factual_nucleus)
     if not args.prompt and args.prompt_ids is None:
         raise ConfigError("expected --prompt TEXT or --prompt-ids IDS, got neither")
     for text in args.prompt or ():
@@ -205,6 +217,9 @@ def generate(args: argparse.Namespace) -> int:
         else:
             prompts = [tokenizer.encode(p, add_bos=tokenizer.bos_id is not None) for p in args.prompt]
     stops = chat_stop_tokens(tokenizer) if args.chat else [i for i in (tokenizer.eos_id,) if i is not None]
+    top_p = args.top_p
+    if factual is not None:
+        top_p = FactualNucleus.for_tokenizer(tokenizer, factual.p, factual.decay, factual.floor)
     apply_dtype(model, args.dtype)
     shown: list[int] = []
     arrived = [0, 0.0]  # tokens so far, and when the second step's tokens were all in (then: steady decoding)
@@ -229,7 +244,7 @@ def generate(args: argparse.Namespace) -> int:
             args.max_new_tokens,
             temperature=args.temperature,
             top_k=args.top_k,
-            top_p=args.top_p,
+            top_p=top_p,
             repetition_penalty=args.repetition_penalty,
             stop_tokens=stops,
             seed=args.seed,
