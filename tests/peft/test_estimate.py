@@ -61,22 +61,22 @@ def test_every_term_by_hand():
     assert (e.weights, e.gradients, e.optimizer) == (348 * 4, 348 * 4, 348 * 8)
     # per token and layer: residual 2 x 4 x 4 B, (2d + 2q + 2kv + 3h) = 44 bf16, 2 + 2 float32 statistics
     per_token_layer = 2 * 4 * 4 + 44 * 2 + 4 * 4
-    once = 2 * 3 * 4 * 4 + 4 * 3  # final norm's input and output (float32), its statistic
+    once = 2 * 3 * 4 * 4 + 4 * 3 + 4 * 3 * 2  # final norm's input and output (float32), its statistic, RoPE angles
     copies = 2 * 2 * 144  # the bf16 copies of both blocks' matrices
-    assert e.activations == 2 * 3 * per_token_layer + once + copies == 1500
-    assert e.activations_checkpointed == 2 * 3 * 4 * 4 + once
+    assert e.activations == 2 * 3 * per_token_layer + once + copies == 1524
+    assert e.activations_checkpointed == 2 * 3 * 4 * 4 + once - 3 * 4 * 4  # the final norm's input recomputed
     # 3 chunk buffers of 2 x 10 bf16 logits, dL/dh (fp32) and h in bf16, the head's fp32 gradient and bf16 copy
     assert e.loss_working == 3 * 2 * 10 * 2 + 3 * 4 * 4 + 3 * 4 * 2 + 10 * 4 * 4 + 10 * 4 * 2 == 432
     assert e.backward_working == 3 * 4 * 4 + 3 * 3 * 8 * 2 and e.head_gradient == 160
     held = 348 * 4 + 348 * 8  # weights + optimizer states: the gradients were freed by zero_grad
-    assert e.total == max(held + 1500 + 432, held + 348 * 4 + 160) == 6108
+    assert e.total == max(held + 1524 + 432, held + 348 * 4 + 160) == 6132
     recompute = 3 * per_token_layer + copies // 2
     assert e.total_checkpointed == max(held + e.activations_checkpointed + 432, held + 348 * 4 + recompute + 192)
     # FSDP over 2 GPUs: states halved, activations not, but no autocast copies (units are gathered in bf16 and
     # freed); gathered: two blocks and the root unit (tied embedding 10 x 4, final norm 4) in bf16
     s = estimate(tiny, MethodSpec("full"), dtype="bf16", batch=1, seq=3, loss_chunk=2, world_size=2)
     assert (s.weights, s.gradients, s.optimizer, s.gathered) == (696, 696, 1392, 2 * (2 * 144 + 40 + 4))
-    assert s.activations == e.activations - copies and s.total == 696 + 1392 + 664 + (1500 - copies) + 432
+    assert s.activations == e.activations - copies and s.total == 696 + 1392 + 664 + (1524 - copies) + 432
     # one token a chunk: 3 buffers of 1 x 10; one chunk for the whole batch: two buffers of 3 x 10; no chunking:
     # the full logits, a float32 copy and its gradient
     assert estimate(tiny, MethodSpec("full"), batch=1, seq=3, loss_chunk=1).loss_working == 432 - 120 + 3 * 10 * 2
@@ -86,7 +86,10 @@ def test_every_term_by_hand():
     lora = estimate(tiny, MethodSpec("lora", r=1), batch=1, seq=3, loss_chunk=2)
     adapters = 2 * (8 + 6 + 6 + 8 + 12 + 12 + 12)
     assert lora.trainable_params == adapters and lora.weights == 348 * 2 + adapters * 4
-    assert lora.activations == 2 * 3 * (2 * 4 * 2 + (44 + 7) * 2 + 4 * 4) + 2 * 3 * 4 * 2 + 4 * 3 + 2 * adapters
+    assert (
+        lora.activations
+        == 2 * 3 * (2 * 4 * 2 + (44 + 7) * 2 + 4 * 4) + 2 * 3 * 4 * 2 + 4 * 3 + 4 * 3 * 2 + 2 * adapters
+    )
     assert lora.loss_working == 3 * 2 * 10 * 2 + 3 * 4 * 2 and lora.head_gradient == 0
 
 
@@ -110,7 +113,12 @@ def _saved_by_compiled_forward(model: torch.nn.Module, tokens: torch.Tensor) -> 
         storages = {}
         for node in out.args[0]:
             v = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
-            if isinstance(v, torch.Tensor) and node.op != "placeholder":
+            # the CPU generator's state a checkpoint keeps has a symbolic size here (16 bytes on CUDA): not counted
+            if (
+                isinstance(v, torch.Tensor)
+                and node.op != "placeholder"
+                and isinstance(v.untyped_storage().nbytes(), int)
+            ):
                 storages[v.untyped_storage()._cdata] = v.untyped_storage().nbytes()
         found.append(sum(storages.values()))
         return make_boxed_func(gm.forward)
@@ -127,10 +135,12 @@ def _saved_by_compiled_forward(model: torch.nn.Module, tokens: torch.Tensor) -> 
     return sum(found)
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
-def test_activations_against_the_compiled_graph(method):
-    """Full fine-tuning (float32 weights, bf16 autocast) and LoRA (bf16 base, float32 adapters), as fit runs them."""
-    cfg = LlamaConfig(vocab_size=512, dim=128, n_layers=1, n_heads=4, n_kv_heads=2, ffn_hidden_dim=512,
+@pytest.mark.parametrize("method,checkpointing", [("full", False), ("lora", False), ("full", True)])
+def test_activations_against_the_compiled_graph(method, checkpointing):
+    """Full fine-tuning (float32 weights, bf16 autocast) and LoRA (bf16 base, float32 adapters), as fit runs them;
+    with activation checkpointing, two blocks."""
+    layers = 2 if checkpointing else 1
+    cfg = LlamaConfig(vocab_size=512, dim=128, n_layers=layers, n_heads=4, n_kv_heads=2, ffn_hidden_dim=512,
                       max_seq_len=64, tie_embeddings=True)  # fmt: skip
     torch.manual_seed(0)
     model = Llama(cfg)
@@ -139,6 +149,8 @@ def test_activations_against_the_compiled_graph(method):
         for p in model.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
+    model.activation_checkpointing = checkpointing
     got = _saved_by_compiled_forward(model, torch.randint(0, 512, (2, 32)))
-    est = activation_bytes(ModelShape(512, 128, 1, 4, 2, 512, tie_embeddings=True), MethodSpec(method, r=8), 2, 32, 2)
+    shape = ModelShape(512, 128, layers, 4, 2, 512, tie_embeddings=True)
+    est = activation_bytes(shape, MethodSpec(method, r=8), 2, 32, 2, checkpointing=checkpointing)
     assert abs(est / got - 1) < 0.05, (est, got)

@@ -23,9 +23,10 @@ with the output layer, ``loss_chunk`` tokens at a time: ``notelab.lm.loss``). Pe
 
 ``a_res`` is the residual stream's bytes: 4 when the embedding is float32 (full fine-tuning), else ``w``.
 Under autocast the compiled graph also keeps the ``w``-byte copy of every trained block matrix for the
-backward (``w * N_train_matrix``). Once per step: the final norm's input and output (``2 N d a_res``).
-With activation checkpointing (``fit``'s ``activation_checkpointing=True``) a block keeps only its input
-(``d a_res``) and one block is recomputed at a time in backward.
+backward (``w * N_train_matrix``). Once per step: the final norm's input and output (``2 N d a_res``),
+RoPE's angles (``4 T D``). With activation checkpointing (``fit``'s ``activation_checkpointing=True``) a
+block keeps only its input (``d a_res``), the final norm its output, and one block is recomputed at a time
+in backward.
 
 The peak is the largest of three moments (``fit`` frees the gradients after each step:
 ``zero_grad(set_to_none=True)``, so they do not exist during the forward)::
@@ -222,9 +223,10 @@ def activation_bytes(
     the trained block matrices (on one GPU; FSDP gathers its units in the compute dtype and frees them)."""
     n = batch * tokens_per_sequence(spec, seq)
     res = residual_bytes(spec, w)
-    once = 2 * n * shape.dim * res + FP32 * n  # the final norm's input, its output (the loss's input), its statistic
-    if checkpointing:
-        return shape.n_layers * n * shape.dim * res + once
+    # the final norm's input, its output (the loss's input), its statistic; RoPE's angles (T, D) in float32
+    once = 2 * n * shape.dim * res + FP32 * n + FP32 * tokens_per_sequence(spec, seq) * shape.head_dim
+    if checkpointing:  # the final norm's input is recomputed with the last block
+        return shape.n_layers * n * shape.dim * res + once - n * shape.dim * res
     per_layer = n * layer_bytes_per_token(shape, spec, w)
     if spec.method == "prefix":  # the prefix's keys and values join every layer's attention inputs
         per_layer += batch * spec.num_virtual_tokens * 2 * shape.n_kv_heads * shape.head_dim * w
