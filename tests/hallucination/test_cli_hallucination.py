@@ -137,3 +137,13 @@ def test_serve_check_against_notelab_lm_serve(run_dir, capsys):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_knowledge_writes_the_stdlib_source_and_refuses_a_file(tmp_path, capsys):
+    assert main(["hallucination", "knowledge", "--out", str(tmp_path / "kb"), "--split", "val"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "kb" / "stdlib_knowledge.jsonl").read_text().splitlines()]
+    assert rows and all("def " in r["text"] and r["source"] for r in rows)
+    assert f"wrote {len(rows)} passages" in capsys.readouterr().out
+    (tmp_path / "file").write_text("x")
+    assert main(["hallucination", "knowledge", "--out", str(tmp_path / "file")]) == 2
+    assert "expected a folder" in capsys.readouterr().err

@@ -6,6 +6,7 @@
         [--data PATH] [--n N] [--seed S] [--out report.json]
     notelab hallucination serve-check --base-url http://127.0.0.1:8000/v1 --model NAME [--checkpoint RUN]
         [--task ...]
+    notelab hallucination knowledge --out DIR [--split all|train|val]    the stdlib knowledge source (JSONL)
 
 ``detect`` reads JSONL rows ``{"prompt", "response", "samples"?}`` (a malformed row is one error line naming
 its line number) and writes one JSON line per row: each detector's passage score, sentence scores and, for an
@@ -68,6 +69,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     d.add_argument("--out", required=True, help="the JSONL file to write")
     _add_model_source(d)
     d.set_defaults(func=detect)
+
+    k = verbs.add_parser("knowledge", help="write the stdlib knowledge source (one passage per function) to a folder")
+    k.add_argument("--out", required=True, help="the folder to write stdlib_knowledge.jsonl into")
+    k.add_argument("--split", choices=("all", "train", "val"), default="all")
+    k.set_defaults(func=knowledge)
 
     for name, helper, endpoint in (
         ("bench", "a benchmark against a model", False),
@@ -228,6 +234,16 @@ def detect(args: argparse.Namespace) -> int:
     atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in results))
     failed = sum(any("failed" in v for v in r.values()) for r in results)
     print(f"scored {len(rows)} rows with {', '.join(detectors)} ({failed} with a failed detector); wrote {out}")
+    return 0
+
+
+def knowledge(args: argparse.Namespace) -> int:
+    from notelab.hallucination.stdlib_facts import write_knowledge
+
+    path = write_knowledge(args.out, split=args.split)
+    with path.open(encoding="utf-8") as f:
+        n = sum(1 for _ in f)
+    print(f"wrote {n} passages (module, signature, docstring summary per stdlib function) to {path}")
     return 0
 
 
