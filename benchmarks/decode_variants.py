@@ -6,22 +6,25 @@ Each variant is the engine (``notelab.lm.engine.Engine``: static cache, step com
 in a CUDA graph) built with injected parts: the attention over the cache (``attend``: SDPA, the default
 before this script; ``decode_attention_sums``; ``decode_attention_bmm``; the Triton kernel
 ``notelab.lm.chain.batched_decode_attention``) and, for sampling, how top-p finds its
-threshold (``threshold``: a sort, ``filter_threshold``; bisection, ``bisect_threshold``). Phases, in order,
+threshold (``threshold``: a sort, ``filter_threshold``; bisection, ``bisect_threshold``) and how the step is
+compiled (``compiler``). Llama-3.2-1B shape, random weights, bf16, P-token prompts, N new tokens, no stop
+tokens; tokens/s of the second run (the first compiles and captures) and % of the batch roofline
+B x copy bandwidth / (weight bytes + KV bytes a step reads at the mean context P + (N - 1) / 2), the
+definition of ``benchmarks/llama_gpu.py``; bf16 tokens compared with the reference path's
+(``generate(..., path="reference")``, greedy) and with the default step's. Phases, most informative first,
 each skipped once ``--budget-s`` has passed:
 
-  (0) the card's copy bandwidth (``llama_gpu.copy_bandwidth``, bytes read + written per second)
-  (1) correctness, float32, a small Llama: every variant's greedy tokens equal the reference path's
-      (``generate(..., path="reference")``), and sampled tokens (seeded) too
-  (2) Llama-3.2-1B shape, random weights, bf16, P-token prompts, N new tokens, no stop tokens: each variant,
-      greedy, at each batch: tokens/s (second run; the first compiles and captures) and % of the batch roofline
-      B x copy bandwidth / (weight bytes + KV bytes a step reads at the mean context P + (N - 1) / 2), the
-      definition of ``benchmarks/llama_gpu.py``; agreement of its tokens with the bf16 reference path's
-  (3) sampled (temperature 0.8, top-p 0.95, seed 0): the default step, and the fastest greedy attention with
-      each threshold
-  (4) ``generate(model, [prompt], N)`` with its defaults at batch 1 (the chain), greedy and sampled
-  (5) ``notelab lm generate`` (the CLI, default options but ``--max-new-tokens N``) on a run folder of the same
-      model saved in bf16 with a 128,256-token tokenizer, and the tokens/s it prints
-  (6) greedy with the fastest attention compiled by inductor's max-autotune (``compiler``), at each batch
+  (0) the card's copy bandwidth; the model; the reference path's bf16 greedy tokens at each batch
+  (1) greedy, first batch: every attention (sdpa = the default step); the fastest is "best"
+  (2) at each batch: greedy sdpa and best (other batches), sampled (temperature 0.8, top-p 0.95, seed 0) with
+      the default step and with best + bisection
+  (3) correctness, float32, a small Llama: each attention's greedy tokens and each threshold's sampled tokens
+      equal the reference path's
+  (4) ``generate(model, [prompt], N)`` with its defaults at batch 1 (the chain), greedy and sampled; then
+      ``notelab lm generate`` (the CLI, default options but ``--max-new-tokens N``) on a run folder of the
+      same model saved in bf16, and the tokens/s it prints
+  (5) the rest: best + sort sampled (the threshold's share alone), the other attentions at the other batches,
+      best compiled by inductor's max-autotune
 
 ``--tiny``: a small model and sizes, a smoke test of the script on CPU.
 """
@@ -74,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--batches", type=int, nargs="+", default=[8, 32], help="engine variants at these batches")
-    p.add_argument("--attention", nargs="+", choices=list(ATTENTION), default=list(ATTENTION))
+    p.add_argument("--attention", nargs="+", choices=list(ATTENTION), default=["sdpa", "triton", "sums"])
     p.add_argument("--budget-s", type=float, default=230.0, help="skip the phases that start after this long")
     p.add_argument("--no-cli", action="store_true")
     p.add_argument("--no-autotune", action="store_true", help="skip the max-autotune compiler variant")
@@ -149,7 +152,6 @@ def main(argv: list[str] | None = None) -> int:
         return run
 
     phase("card", bench.card)
-    phase("correctness float32 (small model)", correctness)
     phase("build bf16 model", bench.build)
     if bench.model is None:
         return 1
@@ -158,27 +160,37 @@ def main(argv: list[str] | None = None) -> int:
     )
     for b in args.batches:
         phase(f"bf16 reference path x{b} (greedy tokens)", lambda b=b: reference(b))
-    for b in args.batches:
-        for name in args.attention:  # sdpa first: its tokens are the default's
-            phase(f"greedy x{b} attend={name}", variant(b, name, "sort", False))
+    # Most informative first (phases past the budget are skipped): every attention at the first batch, the
+    # fastest of them against the default at the others, greedy and sampled; then the rest.
+    first, rest = args.batches[0], args.batches[1:]
+    for name in args.attention:  # sdpa first: its tokens are the default's
+        phase(f"greedy x{first} attend={name}", variant(first, name, "sort", False))
     speeds = shared.get("speed", {})
-    best = {
-        b: max(args.attention, key=lambda a, b=b: speeds.get((a, "sort", False, b), 0.0)) for b in args.batches
-    }  # fmt: skip
+    best = max(args.attention, key=lambda a: speeds.get((a, "sort", False, first), 0.0))
+    print(f"# fastest attention at batch {first}: {best}", flush=True)
     for b in args.batches:
+        if b != first:
+            phase(f"greedy x{b} attend=sdpa", variant(b, "sdpa", "sort", False))
+            if best != "sdpa":
+                phase(f"greedy x{b} attend={best}", variant(b, best, "sort", False))
         phase(f"sampled x{b} attend=sdpa threshold=sort (default)", variant(b, "sdpa", "sort", True))
-        for th in THRESHOLD:
-            if (best[b], th) != ("sdpa", "sort"):
-                phase(f"sampled x{b} attend={best[b]} threshold={th}", variant(b, best[b], th, True))
+        phase(f"sampled x{b} attend={best} threshold=bisect", variant(b, best, "bisect", True))
+    phase("correctness float32 (small model)", correctness)
     phase("generate() defaults x1 greedy", public(1, False))
     phase("generate() defaults x1 sampled", public(1, True))
     if not args.no_cli:
         phase("notelab lm generate (CLI) x1 greedy",
               lambda: time_cli(bench.model, bench.prompts[0], args.new_tokens, bench.roofline(1)))  # fmt: skip
+    for b in args.batches:  # the threshold alone: the fastest attention with the sort
+        if best != "sdpa":
+            phase(f"sampled x{b} attend={best} threshold=sort", variant(b, best, "sort", True))
+    for b in rest:
+        for name in args.attention:
+            if name not in ("sdpa", best):
+                phase(f"greedy x{b} attend={name}", variant(b, name, "sort", False))
     if not args.no_autotune:  # last: its compile (autotuning every product shape) is the longest
         for b in args.batches:
-            name = f"greedy x{b} attend={best[b]} compiler=max-autotune"
-            phase(name, variant(b, best[b], "sort", False, "max-autotune"))
+            phase(f"greedy x{b} attend={best} compiler=max-autotune", variant(b, best, "sort", False, "max-autotune"))
     phase.total()
     return 0
 
