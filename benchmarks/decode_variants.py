@@ -15,7 +15,8 @@ definition of ``benchmarks/llama_gpu.py``; bf16 tokens compared with the referen
 each skipped once ``--budget-s`` has passed:
 
   (0) the card's copy bandwidth; the model; the reference path's bf16 greedy tokens at each batch
-  (1) greedy, first batch: every attention (sdpa = the default step); the fastest is "best"
+  (1) greedy, first batch: every attention (sdpa = the default step); the fastest is "best"; best with
+      inductor's programmatic dependent launch (``triton.enable_pdl``, where this torch has it)
   (2) at each batch: greedy sdpa and best (other batches), sampled (temperature 0.8, top-p 0.95, seed 0) with
       the default step and with best + bisection
   (3) correctness, float32, a small Llama: each attention's greedy tokens and each threshold's sampled tokens
@@ -24,7 +25,7 @@ each skipped once ``--budget-s`` has passed:
       ``notelab lm generate`` (the CLI, default options but ``--max-new-tokens N``) on a run folder of the
       same model saved in bf16, and the tokens/s it prints
   (5) the rest: best + sort sampled (the threshold's share alone), the other attentions at the other batches,
-      best compiled by inductor's max-autotune
+      PDL at the other batches, best compiled by inductor's max-autotune
 
 ``--tiny``: a small model and sizes, a smoke test of the script on CPU.
 """
@@ -37,6 +38,7 @@ from collections.abc import Callable
 from functools import partial
 
 import torch
+import torch._inductor.config
 
 from decode_defaults import SAMPLED, Bench, Phases, agreement, time_cli, timed
 from notelab.core.attention import attention
@@ -56,6 +58,9 @@ COMPILER = {
     "default": compile_step,
     # inductor's Triton matmul templates benchmarked against cuBLAS per shape, pointwise epilogues fused into them
     "max-autotune": partial(torch.compile, fullgraph=True, dynamic=False, mode="max-autotune-no-cudagraphs"),
+    # inductor's Triton kernels with programmatic dependent launch (Hopper): each may start before the previous
+    # one ends (the chain's trick, for the generated kernels); a distinct backend, so dynamo compiles anew
+    "pdl": partial(torch.compile, fullgraph=True, dynamic=False, options={"triton.enable_pdl": True}),
 }
 
 
@@ -168,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     speeds = shared.get("speed", {})
     best = max(args.attention, key=lambda a: speeds.get((a, "sort", False, first), 0.0))
     print(f"# fastest attention at batch {first}: {best}", flush=True)
+    if hasattr(torch._inductor.config.triton, "enable_pdl"):
+        phase(f"greedy x{first} attend={best} compiler=pdl", variant(first, best, "sort", False, "pdl"))
     for b in args.batches:
         if b != first:
             phase(f"greedy x{b} attend=sdpa", variant(b, "sdpa", "sort", False))
@@ -188,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.attention:
             if name not in ("sdpa", best):
                 phase(f"greedy x{b} attend={name}", variant(b, name, "sort", False))
+        if hasattr(torch._inductor.config.triton, "enable_pdl"):
+            phase(f"greedy x{b} attend={best} compiler=pdl", variant(b, best, "sort", False, "pdl"))
     if not args.no_autotune:  # last: its compile (autotuning every product shape) is the longest
         for b in args.batches:
             phase(f"greedy x{b} attend={best} compiler=max-autotune", variant(b, best, "sort", False, "max-autotune"))
