@@ -16,7 +16,8 @@ each skipped once ``--budget-s`` has passed:
 
   (0) the card's copy bandwidth; the model; the reference path's bf16 greedy tokens at each batch
   (1) greedy, first batch: every attention (sdpa = the default step); the fastest is "best"; best with
-      inductor's programmatic dependent launch (``triton.enable_pdl``, where this torch has it)
+      inductor's programmatic dependent launch (``triton.enable_pdl``, where this torch has it); best with
+      the products from cuBLASLt (``torch.backends.cuda.preferred_blas_library``)
   (2) at each batch: greedy sdpa and best (other batches), sampled (temperature 0.8, top-p 0.95, seed 0) with
       the default step and with best + bisection
   (3) correctness, float32, a small Llama: each attention's greedy tokens and each threshold's sampled tokens
@@ -124,14 +125,20 @@ def main(argv: list[str] | None = None) -> int:
         return {}
 
     def variant(
-        batch: int, attend: str, threshold: str, sampled: bool, compiler: str = "default"
+        batch: int, attend: str, threshold: str, sampled: bool, compiler: str = "default", blas: str | None = None
     ) -> Callable[[], dict]:
         def run() -> dict:
             n, prompts = args.new_tokens, bench.prompts[:batch]
             parts = dict(attend=ATTENTION[attend], threshold=THRESHOLD[threshold], compiler=COMPILER[compiler])
             eng = Engine(bench.model, batch, args.prompt + n, **parts)
-            warm_s, _ = timed(device, lambda: run_engine(eng, prompts, n, sampled))
-            dt, out = timed(device, lambda: run_engine(eng, prompts, n, sampled))
+            before = torch.backends.cuda.preferred_blas_library()
+            try:  # the products' library is chosen when the graph is captured (first run); replays keep it
+                if blas is not None:
+                    torch.backends.cuda.preferred_blas_library(blas)
+                warm_s, _ = timed(device, lambda: run_engine(eng, prompts, n, sampled))
+                dt, out = timed(device, lambda: run_engine(eng, prompts, n, sampled))
+            finally:
+                torch.backends.cuda.preferred_blas_library(before)
             res = {**bench.figures(batch, dt, out), "warmup_s": warm_s}
             key = ("sampled" if sampled else "greedy", batch)
             if not sampled and ("ref", batch) in shared:
@@ -140,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                 res["rows_equal_default"], res["prefix_agree_default"] = agreement(out, shared[key])
             else:
                 shared[key] = out
-            if compiler == "default":
+            if compiler == "default" and blas is None:
                 shared.setdefault("speed", {})[(attend, threshold, sampled, batch)] = res["tokens_per_s"]
             return res
 
@@ -175,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# fastest attention at batch {first}: {best}", flush=True)
     if hasattr(torch._inductor.config.triton, "enable_pdl"):
         phase(f"greedy x{first} attend={best} compiler=pdl", variant(first, best, "sort", False, "pdl"))
+    if device.type == "cuda":  # no new compile: the same step, its products captured from cuBLASLt
+        phase(f"greedy x{first} attend={best} blas=cublaslt", variant(first, best, "sort", False, blas="cublaslt"))
     for b in args.batches:
         if b != first:
             phase(f"greedy x{b} attend=sdpa", variant(b, "sdpa", "sort", False))
