@@ -15,9 +15,11 @@ min-cut partitioner recomputes element-wise ops in backward and keeps matmul and
 flash attention (no T x T scores), and the loss ``notelab.lm.train.next_token_loss`` (cross-entropy fused
 with the output layer, ``loss_chunk`` tokens at a time: ``notelab.lm.loss``). Per token and layer, bytes::
 
-    2 d * a_res                        the residual stream entering the block and after attention
+    2 d * a_res                        the residual stream entering the block and after attention (the
+                                       first block's input only when the embedding gets a gradient)
     w (2 d + 2 q + 2 kv + 3 h)         both norms' outputs; q, k, v after RoPE and the attention output;
-                                       SwiGLU's gate, up and their product
+                                       SwiGLU's gate, up and their product (full fine-tuning; with LoRA,
+                                       what an A reads: ``layer_bytes_per_token``)
     4 (2 + H)                          two RMSNorm statistics, attention's log-sum-exp per head
     w r (per LoRA linear)              LoRA's A x
 
@@ -193,16 +195,33 @@ def residual_bytes(spec: MethodSpec, w: int) -> int:
 
 
 def layer_bytes_per_token(shape: ModelShape, spec: MethodSpec, w: int) -> int:
-    """What one block keeps for backward per token on the compiled path (module docstring)."""
+    """What one block keeps for backward per token on the compiled path (module docstring).
+
+    A norm's output is kept only for a trained weight after it (full) or a LoRA ``A`` reading it; SwiGLU's
+    product only for ``down_proj``'s. LoRA's ``A`` reads its own cast of its input, so on ``o_proj`` that
+    cast is kept beside the attention output attention's backward keeps (one more ``q`` per token). The
+    first block keeps nothing before its first trained module; counted like the others (less its input),
+    it is over-estimated when LoRA adapts only later modules (``o_proj``, the feed-forward): by at most
+    one block.
+    """
     d, q, kv, h = shape.dim, shape.n_heads * shape.head_dim, shape.n_kv_heads * shape.head_dim, shape.hidden_dim
-    elements = 2 * d + 2 * q + 2 * kv + 3 * h
-    if spec.method == "lora":
-        elements += spec.r * len(lora_linears(shape, spec))
-    elif spec.method == "adapter":  # Houlsby: two per block, each keeps its bottleneck and its activation
-        elements += 2 * 2 * spec.bottleneck
+    full, lora = spec.method == "full", set(lora_linears(shape, spec)) if spec.method == "lora" else set()
+    elements = 2 * q + 2 * kv + 2 * h  # q, k, v after RoPE, the attention output; SwiGLU's gate and up
+    elements += d * (full or bool(lora & {"q_proj", "k_proj", "v_proj"}))  # the attention norm's output
+    elements += d * (full or bool(lora & {"gate_proj", "up_proj"}))  # the feed-forward norm's output
+    elements += h * (full or "down_proj" in lora) + q * ("o_proj" in lora)
+    elements += spec.r * len(lora)  # A x
+    if spec.method == "adapter":  # Houlsby: two per block, each keeps its input, bottleneck and activation
+        elements += 2 * (d + 2 * spec.bottleneck)
     elif spec.method == "ia3":  # the unscaled keys, values and feed-forward input
         elements += 2 * kv + h
     return 2 * d * residual_bytes(spec, w) + w * elements + FP32 * (2 + shape.n_heads)
+
+
+def gradient_reaches_embedding(spec: MethodSpec) -> bool:
+    """Whether backward runs down to the embedding (a trained table or soft prompt): else the first block's input
+    is not kept."""
+    return spec.method in ("full", "prompt")
 
 
 def tokens_per_sequence(spec: MethodSpec, seq: int) -> int:
@@ -230,7 +249,9 @@ def activation_bytes(
     per_layer = n * layer_bytes_per_token(shape, spec, w)
     if spec.method == "prefix":  # the prefix's keys and values join every layer's attention inputs
         per_layer += batch * spec.num_virtual_tokens * 2 * shape.n_kv_heads * shape.head_dim * w
-    return shape.n_layers * per_layer + once + (weight_copy_bytes(shape, spec, w) if weight_copies else 0)
+    first_input = 0 if gradient_reaches_embedding(spec) else n * shape.dim * res
+    copies = weight_copy_bytes(shape, spec, w) if weight_copies else 0
+    return shape.n_layers * per_layer - first_input + once + copies
 
 
 def weight_copy_bytes(shape: ModelShape, spec: MethodSpec, w: int) -> int:
