@@ -25,7 +25,7 @@ import ast
 import json
 import os
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -160,20 +160,22 @@ def module_texts(modules: Sequence[tuple[Path, str]]) -> list[str]:
     return [path.read_text(encoding="utf-8") for path, _ in modules]
 
 
-def stdlib_function_facts(
-    split: str = "train", max_chars: int | None = None, modules: Sequence[tuple[Path, str]] | None = None
-) -> list[FunctionFacts]:
-    """Every function :func:`read_functions` finds in ``modules`` (default :func:`stdlib_modules` of
-    ``split`` / ``max_chars``); a name defined in two modules is kept once (first module), so a
-    ``module`` answer is unique."""
+def iter_function_facts(modules: Iterable[tuple[Path, str]]) -> Iterator[FunctionFacts]:
+    """The functions :func:`read_functions` finds in ``modules``, in order; a name defined in two modules
+    is kept once (first module), so a ``module`` answer is unique."""
     seen: set[str] = set()
-    out = []
-    for path, module in stdlib_modules(split, max_chars) if modules is None else modules:
+    for path, module in modules:
         for f in read_functions(path, module):
             if f.name not in seen:
                 seen.add(f.name)
-                out.append(f)
-    return out
+                yield f
+
+
+def stdlib_function_facts(
+    split: str = "train", max_chars: int | None = None, modules: Sequence[tuple[Path, str]] | None = None
+) -> list[FunctionFacts]:
+    """Every function of ``modules`` (default :func:`stdlib_modules` of ``split`` / ``max_chars``)."""
+    return list(iter_function_facts(stdlib_modules(split, max_chars) if modules is None else modules))
 
 
 # ------------------------------------------------------------------------------------ the questions
@@ -242,13 +244,21 @@ def stdlib_facts(
 ) -> list[Fact]:
     """``n`` facts (all when None) drawn without replacement, deterministic for ``seed``, from the
     functions of ``modules`` (default: the stdlib files a model trained on ``split`` / ``max_chars``
-    has read)."""
+    has read). With ``n`` given, the modules are read in a seeded order only until ``4 n`` facts are
+    found (parsing the whole stdlib takes seconds), and the ``n`` are drawn from those."""
     bad = [k for k in kinds if k not in KINDS]
     if bad or not kinds:
         raise ConfigError(f"kinds: expected a non-empty subset of {', '.join(KINDS)}, got {list(kinds)}")
     if n is not None and n < 1:
         raise ConfigError(f"n: expected a positive number of facts, got {n}")
-    facts = [fact for f in stdlib_function_facts(split, max_chars, modules) for fact in facts_of(f, kinds)]
+    modules = list(stdlib_modules(split, max_chars) if modules is None else modules)
+    if n is not None:
+        random.Random(seed).shuffle(modules)
+    facts: list[Fact] = []
+    for f in iter_function_facts(modules):
+        facts.extend(facts_of(f, kinds))
+        if n is not None and len(facts) >= 4 * n:
+            break
     if not facts:
         raise DataError(f"stdlib {split} split (max_chars {max_chars}): expected functions to ask about, found none")
     random.Random(seed).shuffle(facts)
@@ -381,12 +391,12 @@ def write_knowledge(
     """Write the stdlib knowledge source (of ``modules``, default the ``split`` / ``max_chars`` ones) as
     ``folder/stdlib_knowledge.jsonl`` (the JSONL layout :meth:`notelab.data.retrieval.BM25Index.from_folder`
     reads); returns the file."""
-    rows = knowledge_rows(stdlib_function_facts(split, max_chars, modules))
-    if not rows:
-        raise DataError(f"stdlib {split} split: expected functions for the knowledge source, found none")
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"knowledge folder: expected a folder, got the file {folder}")
+    rows = knowledge_rows(stdlib_function_facts(split, max_chars, modules))
+    if not rows:
+        raise DataError(f"stdlib {split} split: expected functions for the knowledge source, found none")
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / KNOWLEDGE_FILE
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
@@ -406,6 +416,7 @@ __all__ = [
     "facts_of",
     "hallucinated",
     "is_correct",
+    "iter_function_facts",
     "knowledge_rows",
     "module_texts",
     "parse_default",
