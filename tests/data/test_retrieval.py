@@ -92,3 +92,13 @@ def test_empty_sources_are_one_line_errors(tmp_path):
     (tmp_path / "bad.md").write_bytes(b"\xff\xfe bad")
     with pytest.raises(DataError, match="bad.md: expected UTF-8"):
         BM25Index.from_folder(tmp_path)
+
+
+def test_importing_notelab_data_does_not_import_bm25s():
+    """bm25s's import can start JAX on a GPU (75% of its memory): it loads only when an index is built."""
+    import subprocess
+    import sys
+
+    code = "import sys, notelab.data, notelab.hallucination; print('bm25s' in sys.modules, 'jax' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False"]

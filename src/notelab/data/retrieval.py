@@ -23,8 +23,7 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-import bm25s
+from types import ModuleType
 
 from notelab.core.errors import ConfigError, DataError
 
@@ -116,11 +115,26 @@ def _folder_passages(root: Path, chunk_words: int) -> tuple[list[str], list[str]
     return texts, sources
 
 
+def _bm25s() -> ModuleType:
+    """``bm25s``, imported on first use rather than with ``notelab.data``.
+
+    Its import runs a JAX top-k when JAX is installed, and JAX's first use on a machine with a GPU takes
+    75% of that GPU's memory (measured on an H200: 105 GB, which made every torch job beside it run out of
+    memory). Unless the user chose JAX's platforms, JAX is kept on the CPU for it; queries use the
+    numpy top-k (``backend_selection="numpy"`` in :meth:`BM25Index.search`).
+    """
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import bm25s
+
+    return bm25s
+
+
 class BM25Index:
     """Passages and their BM25 index (module docstring); ``search(query, k)`` returns the best ``k``."""
 
     def __init__(self, texts: list[str], sources: list[str]) -> None:
         self.texts, self.sources = texts, sources
+        bm25s = _bm25s()
         tokens = bm25s.tokenize(texts, stopwords="en", show_progress=False)
         if all(len(ids) == 0 for ids in tokens.ids):
             raise DataError(
@@ -170,10 +184,12 @@ class BM25Index:
             raise ConfigError(f"BM25Index.search: expected a string query, got {type(query).__name__}")
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ConfigError(f"BM25Index.search: expected k a positive integer, got {k!r}")
-        terms = bm25s.tokenize([query], stopwords="en", show_progress=False, return_ids=False)
+        terms = _bm25s().tokenize([query], stopwords="en", show_progress=False, return_ids=False)
         if not terms[0]:
             return []
-        ids, scores = self._retriever.retrieve(terms, k=min(k, len(self)), show_progress=False)
+        ids, scores = self._retriever.retrieve(
+            terms, k=min(k, len(self)), show_progress=False, backend_selection="numpy"
+        )
         return [
             Passage(self.texts[i], self.sources[i], float(s))
             for i, s in zip(ids[0].tolist(), scores[0].tolist())
