@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -126,6 +127,7 @@ def measure(point: str, shape_name: str, r: int, steps: int, device: torch.devic
             "recompute": e.recompute / 1e9,
         },  # fmt: skip
         "seconds": seconds,
+        "other_gpu_users_in_this_process": sorted({"jax", "tensorflow"} & set(sys.modules)),
     }
 
 
@@ -158,7 +160,9 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--point", point, "--device", args.device, "--r", str(args.r),
                "--steps", str(args.steps)] + (["--tiny"] if args.tiny else [])  # fmt: skip
         t = time.perf_counter()
-        run = subprocess.run(cmd, capture_output=True, text=True)
+        # A stray JAX import (bm25s once did it) would take 75% of the card before torch allocates anything.
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+        run = subprocess.run(cmd, capture_output=True, text=True, env=env)
         longest = max(longest, time.perf_counter() - t)
         if run.returncode != 0:
             print(json.dumps({"point": point, "failed": run.stderr.strip().splitlines()[-3:]}))
