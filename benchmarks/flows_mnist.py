@@ -66,6 +66,7 @@ def main() -> None:
             steps=args.steps,
             batch_size=args.batch_size,
             lr=args.lr,
+            warmup_steps=min(200, args.steps // 10),  # a deep flow's first steps are its least stable
             device=args.device,
             progress=False,
             log_every=500,

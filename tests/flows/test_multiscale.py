@@ -140,3 +140,16 @@ def test_training_on_digits_lowers_bits_per_dim_and_reloads(tmp_path):
     again, spec2 = load_flow(tmp_path)
     assert spec2 == spec and again.config.arch == "multiscale"
     torch.testing.assert_close(again.log_prob(test[:4] * 0.99), model.log_prob(test[:4] * 0.99))
+
+
+def test_per_channel_actnorm_normalises_each_channel_over_batch_and_pixels():
+    from notelab.flows import ActNorm
+
+    f = ActNorm((2, 1, 1)).train()
+    x = torch.randn(16, 2, 4, 4, generator=torch.Generator().manual_seed(0)) * torch.tensor([3.0, 0.5]).view(1, 2, 1, 1)
+    x = x + torch.tensor([1.0, -2.0]).view(1, 2, 1, 1)
+    y, ladj = f(x)
+    torch.testing.assert_close(y.mean((0, 2, 3)), torch.zeros(2), atol=1e-5, rtol=0)
+    torch.testing.assert_close(y.std((0, 2, 3)), torch.ones(2), atol=1e-5, rtol=0)
+    torch.testing.assert_close(ladj, (16 * f.log_scale.sum()).expand(16))  # H W sum_c s_c
+    torch.testing.assert_close(f.inverse(y), x, atol=1e-5, rtol=0)

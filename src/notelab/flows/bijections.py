@@ -358,28 +358,35 @@ class ActNorm(Bijection):
     """Glow's activation normalisation ``y = (x - b) * exp(s)`` (Kingma & Dhariwal 2018, sec. 3.1).
 
     ``b`` and ``s`` are set from the first batch seen in training so that ``y`` has zero mean and
-    unit variance per coordinate, then trained as ordinary parameters. ``log|det| = sum_i s_i``.
+    unit variance, then trained as ordinary parameters. ``shape`` is that of ``b`` and ``s``: ``D``
+    (one pair per coordinate of rows (B, D)) or e.g. ``(C, 1, 1)`` for images (B, C, H, W), one pair
+    per channel shared by every pixel (Glow's), the statistics then taken over the batch and the
+    pixels. ``log|det| = sum of s over every coordinate of x`` (H W sum_c s_c per channel).
 
     A coordinate that barely varies in that batch (a pixel blank in every image of it) would get
     a scale of thousands, and a test image with ink there a log-density of minus millions; so the
-    spread used is floored at ``min_spread`` times the coordinates' mean spread.
+    spread used is floored at ``min_spread`` times the mean spread.
     """
 
-    def __init__(self, dim: int, min_spread: float = 0.1) -> None:
+    def __init__(self, shape: int | Sequence[int], min_spread: float = 0.1) -> None:
         super().__init__()
-        self.bias = nn.Parameter(torch.zeros(dim))
-        self.log_scale = nn.Parameter(torch.zeros(dim))
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        self.bias = nn.Parameter(torch.zeros(shape))
+        self.log_scale = nn.Parameter(torch.zeros(shape))
         self.register_buffer("initialized", torch.tensor(False))
         self.min_spread = min_spread
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.training and not bool(self.initialized) and x.shape[0] > 1:
+            # statistics over the batch and over every axis the parameters are shared along
+            dims = [0] + [i + 1 for i, n in enumerate(self.bias.shape) if n == 1 and x.shape[i + 1] != 1]
             with torch.no_grad():
-                self.bias.copy_(x.mean(0))
-                std = x.std(0)
+                self.bias.copy_(x.mean(dims, keepdim=True)[0])
+                std = x.std(dims, keepdim=True)[0]
                 self.log_scale.copy_(-std.clamp_min(self.min_spread * float(std.mean()) + 1e-12).log())
                 self.initialized.fill_(True)
-        return (x - self.bias) * self.log_scale.exp(), self.log_scale.sum().expand(x.shape[0])
+        ladj = self.log_scale.expand(x.shape[1:]).sum()
+        return (x - self.bias) * self.log_scale.exp(), ladj.expand(x.shape[0])
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
         return y * (-self.log_scale).exp() + self.bias

@@ -221,7 +221,7 @@ def build_multiscale(config: CouplingFlowConfig, transform: Any) -> MultiScale:
             layers.append(Squeeze())
         else:
             if config.norm == "actnorm":
-                layers.append(ActNorm(shape))
+                layers.append(ActNorm((shape[0], 1, 1)))  # per channel, as Glow: pixels share statistics
             layers.append(Coupling(masks[kind](shape, parity), transform=transform, net=net))
     return MultiScale(config.sample_shape, scales, Compose(layers))
 
@@ -263,11 +263,11 @@ class CouplingFlow(PretrainedMixin, Flow):
         scaling = d if config.scaling else 0
         if config.arch == "multiscale":
             total = 0
-            for kind, _, (c, height, width) in multiscale_layout(config.sample_shape, config.n_scales):
+            for kind, _, (c, _, _) in multiscale_layout(config.sample_shape, config.n_scales):
                 if kind in ("checkerboard", "channel"):
                     # conv3x3 in, depth x (conv3x3 + conv1x1), conv3x3 out; [ActNorm of the image]
                     total += (9 * c + 1) * h + config.depth * ((9 * h + 1) * h + (h + 1) * h)
-                    total += (9 * h + 1) * c * n_params + (2 * c * height * width if config.norm == "actnorm" else 0)
+                    total += (9 * h + 1) * c * n_params + (2 * c if config.norm == "actnorm" else 0)
             return total + scaling
         out = d * n_params
         conditioner = (d + 1) * h + (config.depth - 1) * (h + 1) * h + (h + 1) * out
