@@ -4,34 +4,49 @@ HaluEval files, so those parts run without the real data)."""
 import dataclasses
 import json
 
+import numpy as np
 import pytest
+from sklearn.metrics import average_precision_score
 
 from notelab.reproduce import hallucination as claim
 from notelab.reproduce import rules
 
 
-def test_fold_gaps_are_auc_pr_minus_positive_rate_per_fold():
-    labels = [True, False, True, False, True, False, True, False]
-    perfect = [1.0, 0.0] * 4
-    # fold k holds items k, k + 2, ...: with 2 folds, fold 0 holds only positives -> no value
-    assert claim.fold_gaps(labels, perfect, 2) == []
-    gaps = claim.fold_gaps(labels, perfect, 4)  # items (0, 4), (1, 5): one class each -> none either
-    assert gaps == []
+def test_random_auc_pr_by_hand_and_by_simulation():
+    assert claim.random_auc_pr(5, 5) == 1.0  # every item positive
+    assert claim.random_auc_pr(4, 1) == pytest.approx((1 + 1 / 2 + 1 / 3 + 1 / 4) / 4)  # E[1 / rank]
+    assert claim.random_auc_pr(2, 1) == pytest.approx(0.75)
+    rng = np.random.default_rng(0)
+    ranked = rng.permuted(np.tile([1] * 3 + [0] * 7, (40000, 1)), axis=1)  # labels in a random rank order
+    hits = ranked.cumsum(1)
+    ap = (ranked * hits / np.arange(1, 11)).sum(1) / 3  # precision at each positive's rank, averaged
+    scores = np.arange(10, 0, -1)  # the same ranking as scores: the definition sklearn computes
+    assert ap[:5] == pytest.approx([average_precision_score(r, scores) for r in ranked[:5]])
+    assert claim.random_auc_pr(10, 3) == pytest.approx(ap.mean(), abs=0.004)
+    assert claim.random_auc_pr(10, 3) > 0.3 + 0.05  # well above the positive rate on a fold of 10
+    assert claim.random_auc_pr(100_000, 30_000) == pytest.approx(0.3, abs=1e-3)
+
+
+def test_fold_gaps_subtract_the_random_ranking():
+    labels = [True, False] * 4
+    assert claim.fold_gaps(labels, [1.0, 0.0] * 4, 2) == []  # each fold holds one class only
     labels = [True, True, False, False] * 3
     scores = [0.9, 0.8, 0.1, 0.2] * 3
-    gaps = claim.fold_gaps(labels, scores, 3)  # each fold: 2 positives ranked first -> AUC-PR 1, rate 1/2
-    assert gaps == pytest.approx([0.5, 0.5, 0.5])
+    # each fold: 2 of 4 positive, ranked first -> AUC-PR 1, against E[AP](4, 2) = (H_4 + (4 - H_4) / 3) / 4
+    h4 = 1 + 1 / 2 + 1 / 3 + 1 / 4
+    assert claim.fold_gaps(labels, scores, 3) == pytest.approx([1 - (h4 + (4 - h4) / 3) / 4] * 3)
     nan = float("nan")
-    assert claim.fold_gaps([True, False, True], [nan, 0.1, 0.2], 1) == pytest.approx([1 - 0.5])
+    assert claim.fold_gaps([True, False, True], [nan, 0.1, 0.2], 1) == pytest.approx([1 - 0.75])
 
 
-def test_detection_group_holds_when_one_detector_beats_random():
-    checks = claim.detection_checks({"a": [0.1, 0.12, 0.09, 0.11], "b": [-0.05, 0.04, 0.0, 0.01]})
-    verdicts = {c.option: c.verdict for c in checks}
-    assert verdicts == {"a": "holds", "b": "inconclusive"}
+def test_only_the_primary_detector_decides():
+    checks = claim.detection_checks({claim.PRIMARY: [0.1, 0.12, 0.09, 0.11], "b": [-0.2, -0.21, -0.19]})
+    roles = {c.name.split(":")[0]: (c.role, c.verdict) for c in checks}
+    assert roles == {claim.PRIMARY: ("decides", "holds"), "b": ("reported", "does not hold")}
     assert rules.group_verdicts(checks)[claim.DETECT] == "holds"
-    worse = claim.detection_checks({"b": [-0.1, -0.12, -0.09]})
+    worse = claim.detection_checks({claim.PRIMARY: [-0.1, -0.12, -0.09], "b": [0.3, 0.31, 0.29]})
     assert rules.group_verdicts(worse)[claim.DETECT] == "does not hold"
+    assert claim.detection_checks({claim.PRIMARY: [0.2]})[0].verdict == "inconclusive"
 
 
 def test_paired_rate_check_is_per_fact():

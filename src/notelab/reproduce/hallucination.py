@@ -13,9 +13,10 @@ defaults, module; each answer labelled correct or hallucinated by a checker, no 
 
 1. hallucination rate of greedy answers (reported, per kind).
 2. detection: each detector's AUC-PR at telling hallucinated answers from correct ones, against the
-   random baseline (the positive rate). The facts are cut into ``folds`` disjoint folds and the
-   per-fold gap AUC-PR - positive rate is the sample; the group holds when some detector's interval is
-   above 0 (SelfCheckGPT's table: detectors x AUC-PR). Detectors: Avg / Max(-log p) and Avg(H) of the
+   random baseline (the positive rate; SelfCheckGPT's table: detectors x AUC-PR). The facts are cut into
+   ``folds`` disjoint folds and the per-fold gap AUC-PR - E[AUC-PR of a random ranking] is the sample
+   (:func:`random_auc_pr`: exact, where the positive rate would flatter small folds); Max(-log p), chosen
+   before any run, decides (interval above 0), the others are reported. Detectors: Avg / Max(-log p) and Avg(H) of the
    answer's tokens (no sampling), SelfCheck unigram Avg / Max over ``n_samples`` samples at temperature
    1, FActScore-style support of the answer in the stdlib knowledge source (BM25 + lexical overlap).
 3. factual-nucleus sampling (p, lambda, omega) against nucleus sampling (p) with the same seeds:
@@ -72,6 +73,8 @@ CLAIM = (
     "factual-nucleus sampling and retrieval make them rarer."
 )
 DETECT, NUCLEUS, RETRIEVAL = "(2) detection", "(3) factual-nucleus sampling", "(4) retrieval"
+# The detector that decides (2): SelfCheckGPT's strongest grey-box baseline (Table 2), needing no samples.
+PRIMARY = "Max(-log p)"
 DEFAULT_DATA_ROOT = Path("..") / "shared" / "data"  # the claim's default only (relative to the cwd)
 
 
@@ -140,29 +143,48 @@ PAPER = [
 # Decision rules (pure: measurements in, checks out)
 
 
+def random_auc_pr(n: int, positives: int) -> float:
+    """The expected AUC-PR (average precision) of a random ranking of ``n`` items, ``positives`` of them positive.
+
+    With ``P`` positives among ``N``, rank ``r`` is positive with probability ``P / N`` and then holds
+    ``1 + (r - 1)(P - 1)/(N - 1)`` positives in the top ``r`` on average, so::
+
+        E[AP] = (1/P) sum_r (P/N) (1 + (r - 1)(P - 1)/(N - 1)) / r = (H_N + (P - 1)/(N - 1) (N - H_N)) / N
+
+    (``H_N`` the N-th harmonic number). It tends to the positive rate ``P / N`` for large ``N`` (SelfCheckGPT's
+    "random" baseline) but is above it on small folds, where the positive rate would flatter any detector.
+    """
+    if not 1 <= positives <= n:
+        raise ValueError(f"random_auc_pr: expected 1 <= positives <= n, got {positives} of {n}")
+    h = sum(1.0 / r for r in range(1, n + 1))
+    return 1.0 if n == 1 else (h + (positives - 1) / (n - 1) * (n - h)) / n
+
+
 def fold_gaps(labels: Sequence[bool], scores: Sequence[float], folds: int) -> list[float]:
-    """AUC-PR - positive rate on each of ``folds`` disjoint folds (item ``i`` in fold ``i % folds``); a fold
-    without both classes, or with an unscored (NaN) item only, gives no value."""
+    """AUC-PR minus a random ranking's expected AUC-PR on each of ``folds`` disjoint folds (item ``i`` in fold
+    ``i % folds``); unscored (NaN) items are left out, and a fold without both classes gives no value."""
     gaps = []
     for k in range(folds):
         pairs = [(y, s) for i, (y, s) in enumerate(zip(labels, scores)) if i % folds == k and s == s]
         ys = [y for y, _ in pairs]
         if len(set(ys)) == 2:
-            gaps.append(auc_pr(ys, [s for _, s in pairs]) - sum(ys) / len(ys))
+            gaps.append(auc_pr(ys, [s for _, s in pairs]) - random_auc_pr(len(ys), sum(ys)))
     return gaps
 
 
-def detection_checks(gaps: dict[str, list[float]]) -> list[rules.Check]:
-    """One option per detector: the group holds when some detector's AUC-PR beats random on the folds."""
+def detection_checks(gaps: dict[str, list[float]], primary: str = PRIMARY) -> list[rules.Check]:
+    """The ``primary`` detector decides (chosen before any run, so that trying six detectors does not give six
+    chances to pass by luck); the others are reported with their intervals."""
     return [
         rules.check(
             DETECT,
-            f"{name}: AUC-PR - random, per fold",
-            "t interval over disjoint folds of the facts above 0 (better than the positive rate)",
+            f"{name}: AUC-PR - random ranking's, per fold",
+            "t interval over disjoint folds of the facts above 0 (better than a random ranking)"
+            + ("" if name == primary else "; reported (the decision is the primary detector's)"),
             values,
             0.0,
             below=False,
-            option=name,
+            role="decides" if name == primary else "reported",
             scale=100,
             unit=" pts",
         )
@@ -361,7 +383,8 @@ def detection_section(lm: object, facts: list[Fact], first: Section, index: BM25
         "supported when 80% of its content words are in the evidence (no LM judge). Empty answers are "
         "hallucinated but cannot be scored: left out of that detector's row. The kinds differ in difficulty "
         "(parameter lists are missed more often than defaults), so part of a detector's ranking may come from "
-        "telling the kinds apart. Checks use "
+        "telling the kinds apart. The checks compare each fold's AUC-PR with a random ranking's expected AUC-PR "
+        "(exact for the fold's size; above the positive rate on small folds), over "
         f"{s.folds} disjoint folds of the facts.",
     )
     bars = {r[0]: (float(r[2]), float(r[3])) for r in rows if r[2] != "-"}
