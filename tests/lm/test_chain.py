@@ -190,21 +190,6 @@ def test_unsupported_steps_say_why_and_generate_falls_back():
     assert out == generate(model, prompts, 6, path="reference")
 
 
-def test_batched_decode_attention_reads_only_each_rows_prefix(interp):
-    """The engine's Triton attention (one program per row and KV head) against SDPA with the prefix masks."""
-    from notelab.core.attention import attention
-
-    torch.manual_seed(0)
-    B, Hq, Hkv, S, D = 3, 8, 2, 70, 16
-    q = torch.randn(B, 1, Hq, D).transpose(1, 2)
-    k, v = torch.randn(2, B, Hkv, S, D)
-    mask = (torch.arange(S) <= torch.tensor([0, 69, 40])[:, None])[:, None, None]
-    y = chain.batched_decode_attention(q, k, v, mask=mask)
-    torch.testing.assert_close(y, attention(q, k, v, mask=mask), rtol=1e-5, atol=1e-6)
-    k[:, :, 41:] = float("nan")  # slots past every prefix but row 1's: never read for rows 0 and 2
-    assert torch.equal(chain.batched_decode_attention(q, k, v, mask=mask)[[0, 2]], y[[0, 2]])
-
-
 def test_chain_tests_in_a_fresh_process():
     run_file_in_child(__file__, IN_PROCESS, skipped=1 + 4)  # this test and the four GPU tests
 

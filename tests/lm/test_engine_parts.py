@@ -1,15 +1,13 @@
-"""The engine's injectable decode parts: each attention over the static cache and each top-k / top-p threshold
-gives what the reference gives (the attention function, the sorted threshold, the reference loop's tokens)."""
+"""The engine's decode parts: its attention over the static cache equals the library attention, each top-k / top-p
+threshold equals the sorted one, and the stacked step gives the reference loop's tokens with either."""
 
 import pytest
 import torch
 
 from notelab.core.attention import attention
 from notelab.lm import Llama, LlamaConfig, generate
-from notelab.lm.engine import Engine, SamplingParams, decode_attention_bmm, decode_attention_sums
+from notelab.lm.engine import Engine, SamplingParams, decode_attention
 from notelab.lm.sampling import bisect_threshold, filter_threshold
-
-ATTENDS = [attention, decode_attention_sums, decode_attention_bmm]
 
 
 def prefix_case(B=3, Hq=8, Hkv=2, S=37, D=16, dtype=torch.float32, device="cpu"):
@@ -21,8 +19,8 @@ def prefix_case(B=3, Hq=8, Hkv=2, S=37, D=16, dtype=torch.float32, device="cpu")
     return [t.to(device=device, dtype=dtype) for t in (q, k, v)] + [mask.to(device)]
 
 
-@pytest.mark.parametrize("attend", [decode_attention_sums, decode_attention_bmm])
-def test_decode_attention_equals_attention(attend):
+def test_decode_attention_equals_attention():
+    attend = decode_attention
     q, k, v, mask = prefix_case()
     torch.testing.assert_close(attend(q, k, v, mask=mask), attention(q, k, v, mask=mask), rtol=1e-5, atol=1e-6)
     # a changed key outside a row's prefix changes nothing for that row
@@ -66,25 +64,12 @@ def engine_tokens(engine: Engine, prompts, n, **kw):
     return got
 
 
-@pytest.mark.parametrize("attend", ATTENDS)
 @pytest.mark.parametrize("threshold", [filter_threshold, bisect_threshold])
-def test_engine_parts_give_the_reference_tokens(attend, threshold):
+def test_stacked_step_gives_the_reference_tokens(threshold):
     model = model_of()
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11, 12]]
-    eng = Engine(model, 3, 32, stacked=True, attend=attend, threshold=threshold)
+    eng = Engine(model, 3, 32, stacked=True, threshold=threshold)
     assert engine_tokens(eng, prompts, 12) == generate(model, prompts, 12, path="reference")
     sampled = dict(temperature=1.0, top_p=0.8, top_k=20)
     ref = generate(model, prompts, 12, path="reference", seed=0, **sampled)
     assert engine_tokens(eng, prompts, 12, **sampled) == ref
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_batched_decode_attention_on_gpu(dtype):
-    from notelab.lm.chain import batched_decode_attention
-
-    q, k, v, mask = prefix_case(B=4, Hq=32, Hkv=8, S=300, D=64, dtype=dtype, device="cuda")
-    ref = decode_attention_sums(q, k, v, mask=mask)
-    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(batched_decode_attention(q, k, v, mask=mask), ref, **tol)

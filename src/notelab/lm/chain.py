@@ -73,7 +73,7 @@ except ImportError:  # pragma: no cover - depends on the environment
     triton = None
     tl = None
 
-__all__ = ["ChainDecoder", "ChainOptions", "DecodeChain", "batched_decode_attention", "chain_unsupported"]
+__all__ = ["ChainDecoder", "ChainOptions", "DecodeChain", "chain_unsupported"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -318,48 +318,6 @@ if triton is not None:
                 tl.atomic_xchg(count_ptr + head, 0)
 
     @triton.jit
-    def _batched_attention_kernel(  # noqa: ANN202
-        q_ptr,  # noqa: ANN001  (B, HKV * G, HD) queries, contiguous
-        k_ptr,  # noqa: ANN001  (B, HKV, S, HD) cache, contiguous
-        v_ptr,  # noqa: ANN001
-        n_ptr,  # noqa: ANN001  (B,) int32 visible keys per row (keys 0..n-1)
-        y_ptr,  # noqa: ANN001  (B, HKV * G, HD) out
-        S,  # noqa: ANN001
-        scale,  # noqa: ANN001
-        HKV: tl.constexpr,
-        G: tl.constexpr,
-        HD: tl.constexpr,
-        BLOCK_S: tl.constexpr,
-    ):
-        """One program per (row, KV head): its G query heads over the row's visible keys, online softmax."""
-        b = tl.program_id(0)
-        h = tl.program_id(1)
-        n = tl.load(n_ptr + b)
-        g = tl.arange(0, G)
-        d = tl.arange(0, HD)
-        q_off = (b * HKV * G + h * G + g).to(tl.int64)[:, None] * HD + d[None, :]
-        q = tl.load(q_ptr + q_off).to(tl.float32)  # (G, HD)
-        base = (b * HKV + h).to(tl.int64) * S * HD
-        m_i = tl.full([G], float("-inf"), tl.float32)
-        l_i = tl.zeros([G], tl.float32)
-        acc = tl.zeros([G, HD], tl.float32)
-        for start in range(0, n, BLOCK_S):
-            keys = start + tl.arange(0, BLOCK_S)
-            mask_s = keys < n
-            offs = base + keys.to(tl.int64)[:, None] * HD + d[None, :]
-            kt = tl.load(k_ptr + offs, mask=mask_s[:, None], other=0.0).to(tl.float32)  # (BLOCK_S, HD)
-            vt = tl.load(v_ptr + offs, mask=mask_s[:, None], other=0.0).to(tl.float32)
-            sc = tl.sum(q[:, None, :] * kt[None, :, :], axis=2) * scale  # (G, BLOCK_S)
-            sc = tl.where(mask_s[None, :], sc, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(sc - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vt[None, :, :], axis=1)
-            m_i = m_new
-        tl.store(y_ptr + q_off, (acc / l_i[:, None]).to(y_ptr.dtype.element_ty))
-
-    @triton.jit
     def _product_store(w, wu, xv, res_ptr, out_ptr, rows, mask, SWIGLU: tl.constexpr, dt: tl.constexpr):  # noqa: ANN001, ANN202
         """out[rows] = SiLU(w xv) * (wu xv) (SWIGLU), else w xv + res[rows]; rounded where the torch ops round."""
         y = tl.sum(w.to(tl.float32) * xv[None, :], axis=1).to(dt).to(tl.float32)
@@ -586,39 +544,6 @@ class DecodeChain:
             self.out, self.slot, self.vocab, self.eps[-1], K=D, KP=self.kp, BLOCK_N=self.block_lm,
             ROUND_NORM=self.round_norm, STORE_LOGITS=self.store_logits, num_warps=w, **pk,
         )  # fmt: skip
-
-
-@torch.library.custom_op("notelab::batched_decode_attention", mutates_args=())
-def _batched_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: torch.Tensor, block: int) -> torch.Tensor:
-    """``_batched_attention_kernel`` as one opaque operator (inductor calls it inside the compiled step)."""
-    B, Hq, _, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    y = torch.empty_like(q)
-    _batched_attention_kernel[(B, Hkv)](
-        q, k, v, n.to(torch.int32).contiguous(), y, S, D**-0.5, HKV=Hkv, G=Hq // Hkv, HD=D, BLOCK_S=block, num_warps=4
-    )
-    return y
-
-
-@_batched_attention.register_fake
-def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: torch.Tensor, block: int) -> torch.Tensor:
-    return torch.empty_like(q, memory_format=torch.contiguous_format)
-
-
-def batched_decode_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor, block: int = 32
-) -> torch.Tensor:
-    """Decode attention, one query a row, in one Triton kernel that reads only each row's visible keys:
-
-        y_h = softmax_j(q_h . k_gj / sqrt(D)) v_gj  over j < n_b,  g = h // (Hq / Hkv)
-
-    (online softmax, Milakov & Gimelshein 2018). ``q`` ``(B, Hq, 1, D)``, ``k``, ``v`` ``(B, Hkv, S, D)``; ``mask``
-    ``(B, 1, 1, S)`` bool must be a prefix per row (keys ``0..n_b-1`` visible, as the engine's static cache
-    masks are): a library kernel reads every slot of the static cache, this one ``n_b`` of them. ``Hq / Hkv``
-    and ``D`` powers of two; CUDA (or Triton's interpreter)."""
-    n = mask.reshape(q.shape[0], k.shape[2]).sum(dim=-1, dtype=torch.int32)
-    return _batched_attention(q, k, v, n, block)
 
 
 def sample_into(

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from notelab.core.attention import KVCache, attention
+from notelab.core.attention import KVCache
 from notelab.core.errors import ConfigError, ShapeError
 from notelab.core.rope import apply_rope, rope_cos_sin
 from notelab.lm.model import FusedWeights, Llama
@@ -147,33 +147,17 @@ class _Request:
     stops: frozenset[int] = field(default_factory=frozenset)
 
 
-Attend = Callable[..., torch.Tensor]  # (q, k, v, *, mask) -> y, as notelab.core.attention.attention
-
-
-def decode_attention_sums(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor) -> torch.Tensor:
-    """Attention of one query a row over a whole static cache, as sums of products accumulated in float32:
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor) -> torch.Tensor:
+    """Attention of one query a row over a whole static cache, as two batched matrix products:
 
         s_hj = q_h . k_gj / sqrt(D)  (query head h reads kv head g = h // (Hq / Hkv)),
         w_h = softmax_j(s_hj masked to -inf where mask_j is False),   y_h = sum_j w_hj v_gj
 
-    ``q`` ``(B, Hq, 1, D)``, ``k``, ``v`` ``(B, Hkv, L, D)``, ``mask`` bool broadcastable to ``(B, 1, 1, L)``.
-    Written as broadcast products and reductions, inductor fuses each into one kernel that reads the cache
-    once, where a library attention kernel (SDPA / cuDNN) is tuned for many queries (Vaswani et al. 2017,
-    eq. 1).
-    """
-    B, Hq, _, D = q.shape
-    Hkv, L = k.shape[1], k.shape[2]
-    qg = q.reshape(B, Hkv, Hq // Hkv, 1, D).float()
-    scores = (qg * k[:, :, None].float()).sum(dim=-1) * D**-0.5  # (B, Hkv, G, L)
-    scores = scores.masked_fill(~mask.reshape(B, 1, 1, L), float("-inf"))
-    w = scores.softmax(dim=-1)
-    y = (w[..., None] * v[:, :, None].float()).sum(dim=-2)  # (B, Hkv, G, D)
-    return y.reshape(B, Hq, 1, D).to(q.dtype)
-
-
-def decode_attention_bmm(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor) -> torch.Tensor:
-    """:func:`decode_attention_sums` as two batched matrix products in the cache's dtype (the query heads of a
-    group as the rows of one product), the softmax in float32."""
+    (Vaswani et al. 2017, eq. 1), the ``Hq / Hkv`` query heads of a group as the rows of one product in the
+    cache's dtype, the softmax in float32. ``q`` ``(B, Hq, 1, D)``, ``k``, ``v`` ``(B, Hkv, L, D)``, ``mask`` bool
+    broadcastable to ``(B, 1, 1, L)``. In the compiled batched step on an H200 (Llama-3.2-1B shape, batch 8) it
+    beat SDPA (cuDNN), inductor's sums of products and a Triton kernel reading only each row's visible keys
+    (benchmarks/RESULTS.md)."""
     B, Hq, _, D = q.shape
     Hkv, L = k.shape[1], k.shape[2]
     qg = q.reshape(B, Hkv, Hq // Hkv, D)
@@ -194,12 +178,11 @@ def stacked_forward(
     tok: torch.Tensor,
     pos: torch.Tensor,
     cache: nn.ModuleList,
-    attend: Attend = attention,
 ) -> torch.Tensor:
     """``Llama._forward`` for one token a row, ``tok`` ``(B, 1)`` at cache slots ``pos`` ``(B,)``, multiplying by
     the stacked ``[W_q; W_k; W_v]`` and ``[W_gate; W_up]`` of ``Llama.fused_decode_weights``: the same
     arithmetic as the layers' own projections, in two kernels instead of five (a decode step is bound by
-    its kernels' count and their weight reads, not by arithmetic). ``attend``: the attention over the cache."""
+    its kernels' count and their weight reads, not by arithmetic); attention by :func:`decode_attention`."""
     B = tok.shape[0]
     slots = pos[:, None]
     x = model.embed_tokens(tok)
@@ -221,7 +204,7 @@ def stacked_forward(
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         k, v = cache[i].write(slots, k, v)
-        y = attend(q, k.to(q.dtype), v.to(q.dtype), mask=mask)
+        y = decode_attention(q, k.to(q.dtype), v.to(q.dtype), mask=mask)
         x = x + a.o_proj(y.transpose(1, 2).reshape(B, 1, hq))
         h = layer.post_attention_layernorm(x)
         if w_gate_up is None:
@@ -246,7 +229,6 @@ def _decode_step(
     out: torch.Tensor,
     out_logprob: torch.Tensor,
     how: Sampler,
-    attend: Attend,
     threshold: Callable[..., torch.Tensor],
 ) -> None:
     """One token for every row, in place: ``tok`` ``(B, 1)`` at cache slots ``pos`` ``(B,)`` -> next tokens in
@@ -255,7 +237,7 @@ def _decode_step(
     if fused is None:
         logits = model._forward(tok, pos, None, None, cache, 1)[:, -1].float()
     else:
-        logits = stacked_forward(model, fused, tok, pos, cache, attend)[:, -1].float()
+        logits = stacked_forward(model, fused, tok, pos, cache)[:, -1].float()
     decay, floor, since, ends = nucleus
     nxt, logprob = choose_tokens(
         logits, how, temperature=temperature, top_k=top_k, top_p=top_p, penalty=penalty,
@@ -284,9 +266,8 @@ class Engine:
     next step). ``dtype``: of the cache (default: the
     autocast dtype, else the weights'). ``max_len`` defaults to the model's context. ``stacked`` (default: on
     CUDA) multiplies by stacked projection copies (``stacked_forward``); call ``refresh_weights`` after changing
-    the model's weights in place. ``attend`` (the attention of the stacked step over the cache) and
-    ``threshold`` (how top-k / top-p find their threshold, ``notelab.lm.sampling``) choose the step's parts,
-    ``compiler`` how it is compiled on CUDA.
+    the model's weights in place. ``threshold`` (how top-k / top-p find their threshold,
+    ``notelab.lm.sampling``) and ``compiler`` (how the step is compiled on CUDA) are injectable.
     """
 
     def __init__(
@@ -297,7 +278,6 @@ class Engine:
         dtype=None,  # noqa: ANN001
         *,
         stacked: bool | None = None,
-        attend: Attend = attention,
         threshold: Callable[..., torch.Tensor] = filter_threshold,
         compiler: Callable[[Callable], Callable] = compile_step,
     ) -> None:
@@ -312,7 +292,7 @@ class Engine:
         if dtype is None:
             dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else w.dtype
         self.model, self.max_batch, self.max_len, self.dtype, self.device = model, max_batch, max_len, dtype, dev
-        self.parts, self.compiler = (attend, threshold), compiler
+        self.threshold, self.compiler = threshold, compiler
         self.vocab = c.vocab_size
         B = max_batch
         self.cache = model.make_cache(B, max_len, dtype=dtype)
@@ -499,7 +479,7 @@ class Engine:
         first, logprob = choose_tokens(
             logits, how, temperature=settings[0], top_k=settings[1], top_p=settings[2], penalty=settings[3],
             seen=seen, seed=settings[4], counter=torch.zeros(n, dtype=torch.long, device=dev),
-            nucleus=(decay, floor, since), threshold=self.parts[1],
+            nucleus=(decay, floor, since), threshold=self.threshold,
         )  # fmt: skip
         for buf, val in zip(self.nucleus, (decay, floor, advance_sentence(since, first, ends), ends)):
             buf.index_copy_(0, rows, val)
@@ -525,7 +505,7 @@ class Engine:
 
     def _run(self, how: Sampler) -> None:
         if self.device.type != "cuda":
-            _decode_step(self.model, *self._buffers(), how, *self.parts)
+            _decode_step(self.model, *self._buffers(), how, self.threshold)
             return
         graph = self.steps.get(how)
         if graph is None:
@@ -557,11 +537,11 @@ class Engine:
         # than dynamo's default of 8 would silently fall back to the eager step.
         with torch.cuda.stream(side), torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
             for _ in range(3):
-                fn(self.model, *self._buffers(), how, *self.parts)
+                fn(self.model, *self._buffers(), how, self.threshold)
                 for t, s in zip(state, saved):
                     t.copy_(s)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            fn(self.model, *self._buffers(), how, *self.parts)
+            fn(self.model, *self._buffers(), how, self.threshold)
         return graph
