@@ -1,12 +1,11 @@
-"""Worker of the FSDP tests, run as `torchrun --nproc_per_node N fsdp_worker.py MODE OUT_DIR [KILL_AT]`.
+"""Worker of the FSDP tests, run as `torchrun --nproc_per_node N fsdp_worker.py MODE OUT_DIR`.
 
-MODE match:  train the tiny Llama with parallel "fsdp", then "ddp", each from the same weights; rank r
+MODE all:    (1) train the tiny Llama with parallel "fsdp", then "ddp", from the same weights; rank r
              saves the final weights to OUT_DIR/{fsdp,ddp}.rank<r>.safetensors and the logged losses
-             to OUT_DIR/{fsdp,ddp}.rank<r>.json.
-MODE run:    the resumable FSDP run (train_toys-style: checkpoints every 3 steps) in OUT_DIR/run;
-             with KILL_AT, rank 1 SIGKILLs itself after that step (torchrun then stops rank 0).
-MODE resume: resume that run under FSDP at this world size.
-After run / resume, rank r saves the final weights to OUT_DIR/<MODE>.rank<r>.safetensors.
+             to OUT_DIR/{fsdp,ddp}.rank<r>.json; (2) the resumable FSDP run (a checkpoint every 3
+             steps) uninterrupted in OUT_DIR/ref -> OUT_DIR/ref.rank<r>.safetensors; (3) the same run
+             in OUT_DIR/run, where rank 1 SIGKILLs itself after step KILL_AT (torchrun then stops rank 0).
+MODE resume: resume OUT_DIR/run under FSDP at this world size -> OUT_DIR/resume.rank<r>.safetensors.
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ import signal
 import sys
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import save_file
 
 from notelab.lm import Llama, LlamaConfig
@@ -24,6 +24,7 @@ from notelab.lm.train import next_token_loss
 from notelab.train import TrainConfig, fit
 
 SEQ = 8
+KILL_AT = 5  # rank 1 of the interrupted run dies after this step; its last checkpoint is step 3
 
 
 def tiny_llama(seed: int = 0) -> Llama:
@@ -61,31 +62,26 @@ def main() -> None:
     mode, out = sys.argv[1], sys.argv[2]
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     batch = 8 // world
-    if mode == "match":
+    # One process group for the worker's several fits (fit joins it and leaves it up): creating and
+    # destroying one per fit in the same process is not reliable with gloo.
+    dist.init_process_group("gloo")
+    if mode == "all":
         for parallel in ("fsdp", "ddp"):
             res = fit(tiny_llama(), next_token_loss, windows(), match_config(batch, parallel))
             save_state(res.model, os.path.join(out, f"{parallel}.rank{rank}.safetensors"))
             with open(os.path.join(out, f"{parallel}.rank{rank}.json"), "w") as f:
                 json.dump([r["loss"] for r in res.history], f)
-        return
-    callbacks = []
-    if mode == "run" and len(sys.argv) > 3:
-        kill_at = int(sys.argv[3])
+        res = fit(tiny_llama(), next_token_loss, windows(), run_config(os.path.join(out, "ref"), batch))
+        save_state(res.model, os.path.join(out, f"ref.rank{rank}.safetensors"))
 
-        def kill(step: int, logs: dict) -> None:
-            if step == kill_at and rank == 1:
-                os.kill(os.getpid(), signal.SIGKILL)
+    def kill(step: int, logs: dict) -> None:
+        if step == KILL_AT and rank == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
 
-        callbacks.append(kill)
-    # A different init when resuming: every weight must come from the checkpoint.
-    model = tiny_llama(seed=0 if mode == "run" else 7)
-    res = fit(
-        model,
-        next_token_loss,
-        windows(),
-        run_config(os.path.join(out, "run"), batch, mode == "resume"),
-        callbacks=callbacks,
-    )
+    # Resuming starts from other weights: every weight must come from the checkpoint.
+    model = tiny_llama(seed=0 if mode == "all" else 7)
+    config = run_config(os.path.join(out, "run"), batch, resume=mode == "resume")
+    res = fit(model, next_token_loss, windows(), config, callbacks=[kill] if mode == "all" else [])
     save_state(res.model, os.path.join(out, f"{mode}.rank{rank}.safetensors"))
 
 
