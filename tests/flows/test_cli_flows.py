@@ -59,6 +59,17 @@ def test_realnvp_on_digits_is_the_multiscale_flow_and_reports_bits_per_dim(tmp_p
     argv = ["flows", "likelihood", "--checkpoint", str(run), "--data", "digits", "--max-examples", "32"]
     assert run_cli([*argv, "--device", "cpu"]) == 0
     assert "bits/dim" in capsys.readouterr().out
+    # without --hidden / --depth the conv conditioners get the CPU-sized defaults, the MLP ones theirs
+    small = ["--steps", "1", "--batch-size", "16", "--no-progress", "--no-compile"]
+    assert (
+        run_cli(["flows", "train", "--model", "realnvp", "--data", "digits", "--out", str(tmp_path / "d"), *small]) == 0
+    )
+    config = json.loads((tmp_path / "d" / "config.json").read_text())
+    assert (config["arch"], config["hidden"], config["depth"]) == ("multiscale", 32, 1)
+    argv = ["flows", "train", "--model", "realnvp", "--arch", "mlp", "--data", "digits", "--out", str(tmp_path / "m")]
+    assert run_cli([*argv, *small]) == 0
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert (config["arch"], config["hidden"], config["depth"]) == ("mlp", 128, 3)
     bad = ["flows", "train", "--model", "fm", "--arch", "multiscale", "--data", "digits", "--out", str(tmp_path / "x")]
     assert run_cli([*bad, *tiny]) == 2
     assert "applies to nice and realnvp" in capsys.readouterr().err

@@ -43,8 +43,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--model", required=True, choices=MODELS)
     t.add_argument("--data", required=True, help="moons, 8gaussians, ..., digits, an image folder or a .npy/.npz")
     add_training_options(t, steps=2000, batch_size=256, lr=1e-3)
-    t.add_argument("--hidden", type=int, default=128, help="width of the conditioners / the vector field MLP")
-    t.add_argument("--depth", type=int, default=3, help="hidden layers / residual blocks of each conditioner")
+    t.add_argument(
+        "--hidden",
+        type=int,
+        help="width of the conditioners / the vector field MLP (default 128; multiscale: 32 conv channels)",
+    )
+    t.add_argument(
+        "--depth",
+        type=int,
+        help="hidden layers of each conditioner MLP (default 3) or residual blocks of its conv net (multiscale: 1)",
+    )
     t.add_argument(
         "--arch",
         default="auto",
@@ -113,7 +121,7 @@ def _load(args: argparse.Namespace, split: str, n: int, seed: int):  # noqa: ANN
 
 
 def train(args: argparse.Namespace) -> int:
-    from notelab.flows.train import FlowSpec, train_flow
+    from notelab.flows.train import FlowSpec, coupling_arch, train_flow
     from notelab.train import TrainConfig
 
     check_training_options(args)
@@ -126,11 +134,15 @@ def train(args: argparse.Namespace) -> int:
             print(complete_message("flows train", done, train_config.steps))
             return 0
     dataset = _load(args, "train", args.n, args.seed)
+    # Conv couplings cost far more per unit of width than MLP ones: the multi-scale flow's defaults are
+    # sized to train on a CPU in minutes (GPU runs pass --hidden 64 --depth 2 or more).
+    arch = coupling_arch(FlowSpec(model=args.model, arch=args.arch), dataset.sample_shape)["arch"]
+    small = args.model in ("nice", "realnvp") and arch == "multiscale"
     spec = FlowSpec(
         model=args.model,
         n_bins=_n_bins(args.n_bins, args.data, dataset.kind),
-        hidden=args.hidden,
-        depth=args.depth,
+        hidden=args.hidden or (32 if small else 128),
+        depth=args.depth or (1 if small else 3),
         arch=args.arch,
         solver_steps=args.solver_steps,
         divergence=args.divergence or ("exact" if dataset.kind == "points" else "hutchinson"),
