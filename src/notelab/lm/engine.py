@@ -8,7 +8,8 @@ scheduling). One ``step()``:
     admit    queued requests take free rows; prompts of one length run as one forward (prefill) into a
              small cache copied into their rows; each gets its first token from the prompt's last logits
     decode   every row feeds its last token at its own slot p_b:  k, v -> cache[b, :, p_b];
-             attention over the whole cache with key j visible when j <= p_b; the next token by
+             attention over the whole cache with key j visible when j <= p_b (on CUDA by two batched
+             products, ``decode_attention``); the next token by
              ``notelab.lm.sampling.choose_tokens``; p_b += 1 for active rows (free rows stay at slot 0)
 
 The decode step has the same shapes whatever the requests are, so on CUDA it is compiled once
