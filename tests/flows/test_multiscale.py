@@ -6,7 +6,7 @@ and training on the embedded digits through ``train_flow`` (``fit``)."""
 import pytest
 import torch
 
-from notelab.core.errors import ConfigError
+from notelab.core.errors import ConfigError, ShapeError
 from notelab.data import load_dataset
 from notelab.flows import (
     Affine,
@@ -116,6 +116,13 @@ def test_shapes_that_do_not_halve_are_refused():
         CouplingFlowConfig(arch="glow")
     with pytest.raises(ConfigError, match="applies to nice and realnvp"):
         FlowSpec(model="fm", arch="multiscale")
+    flow = _flow((1, 4, 4), 1, dtype=torch.float32)
+    with pytest.raises(ShapeError, match=r"expected x of shape \(B, 1, 4, 4\), got \(2, 1, 8, 8\)"):
+        flow.log_prob(torch.zeros(2, 1, 8, 8))
+    with pytest.raises(ShapeError, match="finite"):
+        flow.log_prob(torch.full((2, 1, 4, 4), float("nan")))
+    with pytest.raises(ConfigError, match="n >= 1"):
+        flow.sample(0)
 
 
 def test_auto_arch_is_multiscale_for_realnvp_on_images_only():
