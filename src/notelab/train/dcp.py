@@ -156,6 +156,15 @@ def _restored_groups(live: list[dict[str, Any]], saved: Any, source: str) -> lis
     return groups
 
 
+def _reason(e: BaseException) -> str:
+    """One line: the first rank's own error inside DCP's CheckpointException (which adds tracebacks)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    if isinstance(e, CheckpointException) and e.failures:
+        e = next(iter(e.failures.values()))[0]
+    return " ".join(f"{type(e).__name__}: {e}".split())[:300]
+
+
 def load_sharded(
     path: str | os.PathLike, *, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
 ) -> LoadedCheckpoint:
@@ -165,6 +174,7 @@ def load_sharded(
     A missing or misshapen tensor is a :class:`CheckpointError` naming the directory.
     """
     from torch.distributed.checkpoint import HuggingFaceStorageReader, load
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     path = Path(path)
@@ -184,9 +194,8 @@ def load_sharded(
         with warnings.catch_warnings():  # one process reading shards is what it is meant for, not a mistake
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             load(tensors, storage_reader=HuggingFaceStorageReader(str(path)))
-    except Exception as e:  # DCP wraps every rank's failure in its own exception types
-        what = " ".join(str(e).split())[:300]
-        raise CheckpointError(f"{path}: the sharded checkpoint does not match the model: {what}") from e
+    except (Exception, CheckpointException) as e:  # DCP's own type derives from BaseException
+        raise CheckpointError(f"{path}: the sharded checkpoint does not match the model: {_reason(e)}") from e
     optim_state = None
     if optim_sd is not None:
         groups = _restored_groups(optim_sd["param_groups"], state["optimizer"].get("param_groups"), source)
