@@ -122,12 +122,13 @@ def test_loss_ignores_ambiguous_and_matches_cross_entropy():
     loss.backward()
     assert torch.all(logits.grad[:, AMB] == 0) and torch.all(logits.grad[~keep] == 0)
     all_amb = ignore_ambiguous_cross_entropy(logits, F.one_hot(torch.full((6,), AMB), C).float(), AMB)
-    assert all_amb.item() == 0.0
+    assert all_amb.item() == 0.0 and all_amb.requires_grad  # the graph stays whole (DDP needs every grad)
     future_logits = torch.randn(6, 3, C)
     future = F.one_hot(torch.randint(0, AMB, (6, 3)), C).float()
     total, metrics = oad_loss(OADOutput(logits, future_logits), target, future, AMB)
     ahead = ignore_ambiguous_cross_entropy(future_logits.flatten(0, 1), future.flatten(0, 1), AMB)
     assert torch.allclose(total, loss + 0.5 * ahead) and set(metrics) == {"ce_current", "ce_future"}
+    assert float(metrics["ce_current"]) == pytest.approx(loss.item()) and not metrics["ce_future"].requires_grad
 
 
 @pytest.mark.parametrize("index", [0, 2])

@@ -49,3 +49,24 @@ def test_step_bad_input():
         det.step(torch.full((D,), float("nan")))
     with pytest.raises(ShapeError, match=f"\\(frames, {D}\\)"):
         window_outputs(det.model, torch.randn(10, D - 1))
+
+
+def test_batched_evaluation_runs_on_the_models_device_by_default():
+    from notelab.oad.streaming import model_device
+
+    model = tiny_models()[2]
+    assert model_device(model, None) == torch.device("cpu")
+    assert model_device(model, "meta") == torch.device("meta")
+    seen = []
+
+    class Seen(Exception):
+        pass
+
+    def record(_module, args):
+        seen.append(args[0].device)
+        raise Seen  # meta tensors hold no numbers to bring back: stop at the first batch
+
+    model.to("meta").register_forward_pre_hook(record)
+    with pytest.raises(Seen):
+        window_outputs(model, torch.randn(12, D))  # no device given: the windows go where the model is
+    assert seen == [torch.device("meta")]

@@ -24,7 +24,7 @@ from notelab.eval.detection import drop_ambiguous_softmax, drop_column, frame_ma
 from notelab.oad.config import CausalTransformerConfig, OadTRConfig, RNNDetectorConfig, TRNConfig
 from notelab.oad.loss import oad_loss
 from notelab.oad.oadtr import CausalTransformer, OadTR
-from notelab.oad.streaming import OnlineDetector
+from notelab.oad.streaming import OnlineDetector, model_device
 from notelab.oad.trn import TRN, RNNDetector
 
 MODELS = ("oadtr", "trn", "lstm", "gru", "transformer")
@@ -103,9 +103,11 @@ def train_detector(
 
 @torch.no_grad()
 def predict_windows(
-    model: nn.Module, windows: OADWindows, batch_size: int = 512, device: str | torch.device = "cpu"
+    model: nn.Module, windows: OADWindows, batch_size: int = 512, device: str | torch.device | None = None
 ) -> dict[str, np.ndarray]:
-    """Probabilities (ambiguous column dropped) and labels (same columns) of every window, current and future."""
+    """Probabilities (ambiguous column dropped) and labels (same columns) of every window, current and future;
+    on ``device`` (the model is moved there) or, by default, on the model's own device."""
+    device = model_device(model, device)
     model = model.to(device).eval()
     amb = model.config.ambiguous
     probs, labels, fprobs, flabels = [], [], [], []
@@ -125,9 +127,10 @@ def predict_windows(
 
 
 def evaluate_detector(
-    model: nn.Module, streams: StreamSet, batch_size: int = 512, device: str | torch.device = "cpu"
+    model: nn.Module, streams: StreamSet, batch_size: int = 512, device: str | torch.device | None = None
 ) -> dict[str, Any]:
-    """Per-frame mAP, mcAP and (for anticipating models) the mAP of each future step."""
+    """Per-frame mAP, mcAP and (for anticipating models) the mAP of each future step, batched on ``device``
+    (default: the model's own, so a model trained on the GPU is scored there)."""
     pred = predict_windows(model, windows_for(model, streams, training=False), batch_size, device)
     scores = frame_map(pred["probs"], pred["labels"], ignore=(streams.background,))
     out: dict[str, Any] = {"mAP": scores.mAP, "mcAP": scores.mcAP, "frames": len(pred["probs"]), "ap": scores.ap}

@@ -31,10 +31,10 @@ def ignore_ambiguous_cross_entropy(logits: torch.Tensor, target: torch.Tensor, a
         return -(target * F.log_softmax(logits, dim=-1)).sum(-1).mean()
     keep = [k for k in range(logits.shape[-1]) if k != ambiguous]
     per_row = -(target[:, keep] * F.log_softmax(logits[:, keep], dim=-1)).sum(-1)
-    rows = target[:, ambiguous] != 1
-    if not bool(rows.any()):
-        return logits.sum() * 0.0  # keeps the graph (and DDP) intact when every row is ambiguous
-    return per_row[rows].mean()
+    # A weighted mean rather than per_row[rows].mean(): no host sync to size the kept rows, and when
+    # every row is ambiguous the loss is 0 with the graph (and DDP's reducer) intact.
+    rows = (target[:, ambiguous] != 1).to(per_row.dtype)
+    return (per_row * rows).sum() / rows.sum().clamp(min=1.0)
 
 
 def oad_loss(
@@ -43,14 +43,18 @@ def oad_loss(
     future: torch.Tensor | None,
     ambiguous: int | None,
     future_weight: float = 0.5,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """``CE(current) + future_weight * CE(future)``; models without anticipation get ``CE(current)``."""
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``CE(current) + future_weight * CE(future)``; models without anticipation get ``CE(current)``.
+
+    The metrics are detached 0-d tensors: the training loop reads them after ``backward`` is queued,
+    so the host does not wait for the forward pass before launching the backward one.
+    """
     current = ignore_ambiguous_cross_entropy(output.logits, label, ambiguous)
-    metrics = {"ce_current": float(current.detach())}
+    metrics = {"ce_current": current.detach()}
     if output.future is None or future is None or output.future.shape[1] == 0:
         return current, metrics
     if output.future.shape != future.shape:
         raise ShapeError(f"loss: expected future targets {tuple(output.future.shape)}, got {tuple(future.shape)}")
     ahead = ignore_ambiguous_cross_entropy(output.future.flatten(0, 1), future.flatten(0, 1), ambiguous)
-    metrics["ce_future"] = float(ahead.detach())
+    metrics["ce_future"] = ahead.detach()
     return current + future_weight * ahead, metrics

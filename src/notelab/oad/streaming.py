@@ -37,15 +37,31 @@ def as_features(x: np.ndarray | torch.Tensor, d_in: int, name: str = "features")
     return t
 
 
+def model_device(model: nn.Module, device: str | torch.device | None) -> torch.device:
+    """``device``, or the model's own (its first parameter's) when None: batched evaluation runs where
+    the model already is (the GPU after GPU training) unless told otherwise."""
+    if device is not None:
+        return torch.device(device)
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
 @torch.no_grad()
 def window_outputs(
-    model: nn.Module, features: np.ndarray | torch.Tensor, batch_size: int = 512, device: str | torch.device = "cpu"
+    model: nn.Module,
+    features: np.ndarray | torch.Tensor,
+    batch_size: int = 512,
+    device: str | torch.device | None = None,
 ) -> OADOutput:
-    """Every frame's output on a whole video, batched: logits ``(F, C)``, future ``(F, Q, C)`` or None."""
+    """Every frame's output on a whole video, batched: logits ``(F, C)``, future ``(F, Q, C)`` or None.
+
+    Runs on ``device`` (the model is moved there) or, by default, on the model's own device.
+    """
     cfg = model.config
-    x = as_features(features, cfg.d_in).to(device)
-    model.eval()
-    windows = padded_windows(x, cfg.window)
+    x = as_features(features, cfg.d_in)
+    device = model_device(model, device)
+    model.to(device).eval()
+    windows = padded_windows(x.to(device), cfg.window)
     outs = [model(windows[i : i + batch_size]) for i in range(0, len(windows), batch_size)]
     future = torch.cat([o.future for o in outs]).cpu() if outs[0].future is not None else None
     return OADOutput(torch.cat([o.logits for o in outs]).cpu(), future)
