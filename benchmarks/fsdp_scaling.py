@@ -18,6 +18,8 @@ Parts, in order (each in its own try / except, so one failure loses only its own
    weights + grads + AdamW states are 16 bytes a parameter (DDP adds 4 for its gradient buckets,
    printed as an estimate); an out-of-memory error is reported as such.
 5. ``ddp``: as 2 with ``parallel="ddp"``.
+6. ``fsdp-offload``: as 2 with ``cpu_offload=True`` (eager, 2 timed steps): the sharded weights, grads
+   and AdamW states in CPU memory, the optimizer step on the CPU.
 
 tokens/s come from fit's own log (one record a step; the ``--warmup`` first steps, which include the
 compile, are not counted) and count every rank's tokens. Scaling efficiency = tokens/s at N GPUs /
@@ -105,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed first steps (the compile happens in the first)")
     p.add_argument("--big-steps", type=int, default=3, help="steps of parts 3 and 4 (the first is not timed)")
-    p.add_argument("--parts", nargs="*", default=["1gpu", "fsdp", "8b-fsdp", "8b-1gpu", "ddp"])
+    p.add_argument("--parts", nargs="*", default=["1gpu", "fsdp", "8b-fsdp", "8b-1gpu", "ddp", "fsdp-offload"])
     p.add_argument("--budget", type=float, default=330.0, help="seconds: no part starts after this (rank 0's clock)")
     p.add_argument("--tiny", action="store_true", help="small models on the CPU (gloo): a smoke test of the script")
     p.add_argument("--out", default=None, help="JSON of the results (rank 0)")
@@ -178,10 +180,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         dist.barrier()
         return out
 
-    def sharded(parallel: str) -> Callable[[], dict[str, Any]]:
+    def sharded(parallel: str, warmup: int = args.warmup, steps: int = args.steps, **kw: Any) -> Callable[[], dict]:
         def part() -> dict[str, Any]:
-            history, mem = train(config, args.batch, args.warmup + args.steps, parallel=parallel)
-            out = timed(history, args.warmup, args.batch) if rank == 0 else {"tokens_per_s": 0.0}
+            history, mem = train(config, args.batch, warmup + steps, parallel=parallel, **kw)
+            out = timed(history, warmup, args.batch) if rank == 0 else {"tokens_per_s": 0.0}
             tok_s = per_rank(out["tokens_per_s"], device)[0]
             mems = per_rank(mem, device)
             out = {"tokens_per_s": tok_s, "step_ms": out.get("step_ms")}
@@ -235,6 +237,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "8b-fsdp": big_fsdp,
         "8b-1gpu": big_one_gpu,
         "ddp": sharded("ddp"),
+        # shards, grads and AdamW states in CPU memory (the step runs there): memory for speed
+        "fsdp-offload": sharded("fsdp", 1, 2, cpu_offload=cuda, compile=False),
     }
     for name in args.parts:
         elapsed = per_rank(time.perf_counter() - t_start, device)[0]  # rank 0's, so every rank decides alike
@@ -272,7 +276,7 @@ def summarize(results: dict[str, Any], world: int) -> None:
         f"peak {info['peak_tflops_per_gpu']} TFLOP/s")  # fmt: skip
     say("| run | GPUs | tokens/s | scaling efficiency | MFU per GPU | peak memory per GPU (GB) |")
     say("| --- | ---: | ---: | ---: | ---: | ---: |")
-    for name, n in (("1gpu", 1), ("fsdp", world), ("ddp", world)):
+    for name, n in (("1gpu", 1), ("fsdp", world), ("ddp", world), ("fsdp-offload", world)):
         r = parts.get(name)
         if r is None:
             continue

@@ -4,6 +4,7 @@ checkpoints that a plain process resumes and exports."""
 
 import dataclasses
 import json
+import os
 import socket
 
 import pytest
@@ -19,6 +20,7 @@ from notelab.lm import Llama, LlamaConfig
 from notelab.lm.flops import count_parameters
 from notelab.lm.train import next_token_loss
 from notelab.train import TrainConfig, fit
+from notelab.train import dcp as dcp_module
 from notelab.train.dcp import export_pretrained, is_sharded
 from notelab.train.parallel import (
     AUTO_FSDP_FRACTION,
@@ -210,3 +212,25 @@ def test_checkpoint_formats_that_do_not_fit_are_checkpoint_errors(group_of_one, 
     resume = config(parallel="fsdp", steps=3, out_dir=str(tmp_path / "replicated"), resume=True)
     with pytest.raises(CheckpointError, match="cannot be resumed under parallel 'fsdp'; resume it with parallel 'ddp'"):
         fit(tiny_llama(), next_token_loss, windows(), resume)
+
+
+def test_cpu_offload_needs_a_gpu(group_of_one):
+    with pytest.raises(ConfigError, match="cpu_offload: expected a CUDA device .*got cpu"):
+        fit(tiny_llama(), next_token_loss, windows(), config(parallel="fsdp", cpu_offload=True))
+
+
+def test_failed_sharded_save_keeps_the_previous_checkpoint(group_of_one, tmp_path, monkeypatch):
+    run = str(tmp_path / "run")
+    fit(tiny_llama(), next_token_loss, windows(), config(parallel="fsdp", steps=2, out_dir=run))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run" / "checkpoint").iterdir()}
+
+    def crash(path, text):  # the shards are written; the state file that completes them is not
+        raise OSError("disk full")
+
+    monkeypatch.setattr(dcp_module, "atomic_write_text", crash)
+    with pytest.raises(OSError, match="disk full"):
+        fit(tiny_llama(), next_token_loss, windows(), config(parallel="fsdp", steps=4, out_dir=run, resume=True))
+    monkeypatch.undo()
+    assert sorted(set(os.listdir(tmp_path / "run")) - {"tensorboard"}) == ["checkpoint", "log.jsonl"]  # no temporaries
+    after = {p.name: p.read_bytes() for p in (tmp_path / "run" / "checkpoint").iterdir()}
+    assert after == before

@@ -143,6 +143,8 @@ def shard(
         raise ConfigError(f"parallel 'fsdp': expected a model with trainable parameters, got {type(model).__name__}")
     if any(not p.is_floating_point() for p in params):
         raise ConfigError("parallel 'fsdp': expected floating-point parameters only (FSDP shards and reduces them)")
+    if cpu_offload and device.type != "cuda":
+        raise ConfigError(f"cpu_offload: expected a CUDA device (shards move from it to CPU memory), got {device}")
     on_meta = params[0].is_meta
     if on_meta and not callable(getattr(model, "init_weights", None)):
         raise ConfigError(
