@@ -133,12 +133,14 @@ def read_functions(path: Path, module: str, context_lines: int = 3) -> list[Func
 
 
 def stdlib_modules(
-    split: str = "train", max_chars: int | None = None, seed: int | None = None
+    split: str = "train", max_chars: int | None = None, seed: int | None = None, with_functions: bool = False
 ) -> list[tuple[Path, str]]:
     """(file, module) of the stdlib files of ``split`` up to ``max_chars`` characters of whole files
     (file sizes in bytes; the stdlib is nearly all ASCII): in the order the corpus reads them, so the
     files a model trained on ``max_chars`` characters of that split has seen; or, with ``seed``, in a
-    seeded random order (a small corpus of varied modules, :func:`module_texts`)."""
+    seeded random order (a small corpus of varied modules, :func:`module_texts`). ``with_functions``:
+    only files that define a function :func:`read_functions` asks about (a small corpus is then all
+    material for questions)."""
     root = stdlib_root()
     files = stdlib_files(split)
     if seed is not None:
@@ -150,8 +152,11 @@ def stdlib_modules(
             if seed is None:
                 break
             continue  # a random order: a smaller file further on may still fit
+        module = _module_name(path, root)
+        if with_functions and not read_functions(path, module):
+            continue
         total += size
-        out.append((path, _module_name(path, root)))
+        out.append((path, module))
     return out
 
 
