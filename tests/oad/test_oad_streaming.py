@@ -1,5 +1,7 @@
 """OnlineDetector.step equals the batched windowed evaluation, frame by frame."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -70,3 +72,21 @@ def test_batched_evaluation_runs_on_the_models_device_by_default():
     with pytest.raises(Seen):
         window_outputs(model, torch.randn(12, D))  # no device given: the windows go where the model is
     assert seen == [torch.device("meta")]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("model", tiny_models(), ids=lambda m: m.model_type + getattr(m.config, "cell", ""))
+def test_cuda_graph_steps_equal_batched_windows(model):
+    """On CUDA each frame replays the recorded graph of the window's forward pass, and scores as the batch does."""
+    torch.manual_seed(0)
+    video = torch.randn(20, D)
+    batched = drop_ambiguous_softmax(window_outputs(model, video, device="cuda").logits, AMB)
+    det = OnlineDetector(model, device="cuda")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a failed capture (eager fallback) fails the test
+        streamed = torch.stack([det.step(f) for f in video])
+    assert det.graph is not None and det.use_graph
+    torch.testing.assert_close(streamed, batched, rtol=1e-3, atol=1e-4)
+    det.reset()
+    torch.testing.assert_close(det.step(video[0]), streamed[0], rtol=1e-5, atol=1e-6)

@@ -7,9 +7,16 @@ past is zeros. :func:`window_outputs` computes the same windows for a whole vide
 padded in front, one stride-1 window per frame) in batches, so streaming and batched evaluation
 give the same scores; from frame ``T - 1`` on these are exactly the official evaluation windows.
 Only frames ``<= t`` ever enter the score of frame ``t``.
+
+On a CUDA device the window's forward pass is recorded once as a CUDA graph and replayed at every
+frame: a streamed frame is one window of batch 1, where launching the kernels one by one from
+Python costs more than running them (TRN's window is ``T (Q + 1)`` cell steps of small kernels).
 """
 
 from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -67,6 +74,24 @@ def window_outputs(
     return OADOutput(torch.cat([o.logits for o in outs]).cpu(), future)
 
 
+def record_cuda_graph(
+    fn: Callable[[torch.Tensor], OADOutput], static_in: torch.Tensor
+) -> tuple[torch.cuda.CUDAGraph, OADOutput]:
+    """Warm ``fn`` up on a side stream (cuDNN / cuBLAS pick their algorithms outside the capture), then
+    record ``fn(static_in)``: replaying the graph recomputes the returned tensors from ``static_in``'s
+    current contents."""
+    side = torch.cuda.Stream(static_in.device)
+    side.wait_stream(torch.cuda.current_stream(static_in.device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn(static_in)
+    torch.cuda.current_stream(static_in.device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn(static_in)
+    return graph, out
+
+
 class OnlineDetector:
     """``step(feature (D,)) -> probabilities (K,)`` over every class but the ambiguous one (``classes``)."""
 
@@ -78,6 +103,9 @@ class OnlineDetector:
         self.frames = 0  # frames seen since the last reset
         amb = self.config.ambiguous
         self.classes = [c for c in range(self.config.n_classes) if c != amb]
+        # CUDA: the window's forward pass as a graph (static input, static output), recorded at the first frame
+        self.graph: tuple[torch.cuda.CUDAGraph, torch.Tensor, OADOutput] | None = None
+        self.use_graph = self.device.type == "cuda"
 
     def reset(self) -> None:
         self.buffer.zero_()
@@ -100,7 +128,25 @@ class OnlineDetector:
             raise ShapeError("step: expected a finite frame feature, got NaN/inf")
         self.buffer[self.frames % self.config.window] = f.to(self.device)
         self.frames += 1
-        return self.model(self.window()[None])
+        return self.forward(self.window()[None])
+
+    def forward(self, window: torch.Tensor) -> OADOutput:
+        """The model on ``window`` ``(1, T, D)``: eager, or on CUDA the replay of the recorded graph."""
+        if not self.use_graph:
+            return self.model(window)
+        if self.graph is None:
+            static_in = window.clone()
+            try:
+                self.graph = (*record_cuda_graph(self.model, static_in), static_in)  # type: ignore[assignment]
+            except RuntimeError as e:  # an op that cannot be captured: stream eagerly, said once
+                warnings.warn(f"OnlineDetector: CUDA graph capture failed ({e}); eager steps", RuntimeWarning)
+                self.use_graph = False
+                return self.model(window)
+        graph, out, static_in = self.graph  # type: ignore[misc]
+        static_in.copy_(window)
+        graph.replay()
+        # the next replay overwrites the static output: hand out copies
+        return OADOutput(out.logits.clone(), None if out.future is None else out.future.clone())
 
     def step(self, feature: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Push one frame; its class probabilities ``(K,)`` (softmax without the ambiguous class)."""
