@@ -172,12 +172,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     def one_gpu() -> dict[str, Any]:
         out: dict[str, Any] = {}
-        if rank == 0:
-            with alone():
-                history, mem = train(config, args.batch, args.warmup + args.steps, device=str(device))
-            out = timed(history, args.warmup, args.batch)
-            out.update(mfu=fpt * out["tokens_per_s"] / peaks[0], peak_mem_gb=mem / 1e9)
-        dist.barrier()
+        try:
+            if rank == 0:
+                with alone():
+                    history, mem = train(config, args.batch, args.warmup + args.steps, device=str(device))
+                out = timed(history, args.warmup, args.batch)
+                out.update(mfu=fpt * out["tokens_per_s"] / peaks[0], peak_mem_gb=mem / 1e9)
+        finally:
+            dist.barrier()  # also after a failure on rank 0: the ranks' collectives stay in step
         return out
 
     def sharded(parallel: str, warmup: int = args.warmup, steps: int = args.steps, **kw: Any) -> Callable[[], dict]:
@@ -217,18 +219,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # DDP also keeps its gradient buckets (a second fp32 copy of the grads): 20 B/param on every GPU.
         ddp_gb = training_state_bytes(count_parameters(big), STATE_BYTES_PER_PARAM + 4) / 1e9
         out: dict[str, Any] = {"state_gb": big_state / 1e9, "ddp_state_gb": ddp_gb, "device_gb": total / 1e9}
-        if rank == 0:
-            try:
-                with alone():
-                    kw = dict(activation_checkpointing=True, compile=False, device=str(device))
-                    _, mem = train(big, args.big_batch, 2, **kw)
-                out.update(fits=True, peak_mem_gb=mem / 1e9)
-            except torch.OutOfMemoryError as e:
-                out.update(fits=False, error=" ".join(str(e).split())[:300])
-            gc.collect()
-            if cuda:
-                torch.cuda.empty_cache()
-        dist.barrier()
+        try:
+            if rank == 0:
+                try:
+                    with alone():
+                        kw = dict(activation_checkpointing=True, compile=False, device=str(device))
+                        _, mem = train(big, args.big_batch, 2, **kw)
+                    out.update(fits=True, peak_mem_gb=mem / 1e9)
+                except torch.OutOfMemoryError as e:
+                    out.update(fits=False, error=" ".join(str(e).split())[:300])
+                gc.collect()
+                if cuda:
+                    torch.cuda.empty_cache()
+        finally:
+            dist.barrier()
         return out
 
     parts = {
