@@ -130,6 +130,7 @@ class OnlineDetector:
         self.frames += 1
         return self.forward(self.window()[None])
 
+    @torch.no_grad()
     def forward(self, window: torch.Tensor) -> OADOutput:
         """The model on ``window`` ``(1, T, D)``: eager, or on CUDA the replay of the recorded graph."""
         if not self.use_graph:
