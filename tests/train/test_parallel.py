@@ -234,3 +234,25 @@ def test_failed_sharded_save_keeps_the_previous_checkpoint(group_of_one, tmp_pat
     assert sorted(set(os.listdir(tmp_path / "run")) - {"tensorboard"}) == ["checkpoint", "log.jsonl"]  # no temporaries
     after = {p.name: p.read_bytes() for p in (tmp_path / "run" / "checkpoint").iterdir()}
     assert after == before
+
+
+def test_fsdp_with_activation_checkpointing_takes_the_same_steps(group_of_one):
+    recomputed = fit(tiny_llama(), next_token_loss, windows(), config(parallel="fsdp", activation_checkpointing=True))
+    assert recomputed.model.activation_checkpointing is False  # put back, on the returned model too
+    for key in TORCHRUN_VARS:
+        os.environ.pop(key, None)  # the fixture's monkeypatch restores them
+    plain = fit(tiny_llama(), next_token_loss, windows(), config())
+    for a, b in zip(recomputed.model.parameters(), plain.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_a_meta_model_is_materialised_shard_by_shard(group_of_one):
+    with torch.device("meta"):
+        model = tiny_llama()
+    res = fit(model, next_token_loss, windows(), config(parallel="fsdp", steps=1, lr=1e-9, grad_clip=None))
+    weights = res.model.state_dict()
+    assert not any(t.is_meta for t in weights.values())
+    assert torch.allclose(weights["norm.weight"], torch.ones(32))  # reset_parameters: norms start at 1
+    std = weights["layers.0.mlp.up_proj.weight"].std().item()
+    assert 0.015 < std < 0.025  # init_weights: N(0, 0.02)
+    assert res.history[0]["loss"] == pytest.approx(torch.log(torch.tensor(64.0)).item(), abs=0.1)  # ~ uniform
