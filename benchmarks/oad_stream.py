@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from notelab.data.streams import StreamSet, Video
-from notelab.oad import OnlineDetector, build_model, window_outputs
+from notelab.oad import build_model, stream_speed, window_outputs
 
 
 def fake_streams(d_in: int, n_classes: int = 22) -> StreamSet:
@@ -35,30 +35,6 @@ def fake_streams(d_in: int, n_classes: int = 22) -> StreamSet:
         [str(c) for c in range(n_classes)],
         ambiguous=n_classes - 1,
     )
-
-
-def stream_times(model: torch.nn.Module, frames: int, warmup: int, device: str, budget_s: float) -> dict[str, float]:
-    """Stream up to ``frames`` frames after ``warmup``; stop early once ``budget_s`` seconds have gone by."""
-    det = OnlineDetector(model, device=device)
-    feats = torch.randn(frames + warmup, model.config.d_in)
-    for f in feats[:warmup]:
-        det.step(f)
-    times = []
-    t0 = time.perf_counter()
-    for f in feats[warmup:]:
-        s = time.perf_counter()
-        det.step(f)  # returns a CPU tensor: synchronises with the device
-        times.append(time.perf_counter() - s)
-        if s + times[-1] - t0 > budget_s:
-            break
-    total = time.perf_counter() - t0
-    ms = np.asarray(times) * 1e3
-    return {
-        "stream_fps": len(times) / total,
-        "p50_ms": float(np.percentile(ms, 50)),
-        "p99_ms": float(np.percentile(ms, 99)),
-        "frames": len(times),
-    }
 
 
 def batched_fps(model: torch.nn.Module, video: int, batch: int, device: str, budget_s: float) -> tuple[float, int]:
@@ -112,11 +88,13 @@ def main() -> None:
             n = sum(q.numel() for q in model.parameters())
             # The official presets on a CPU: OadTR ~10 GFLOP and TRN ~180 GFLOP a frame: one warm-up frame.
             heavy = preset == "official" and args.device == "cpu"
-            st = stream_times(model, args.frames, 1 if heavy else args.warmup, args.device, args.max_seconds)
+            st = stream_speed(model, args.frames, 1 if heavy else args.warmup, 0, args.device, args.max_seconds)
             # On a CPU the official TRN's first full batch alone would take minutes: probe with a few windows.
             batch = min(args.batch, 4) if heavy else args.batch
             fps, n_video = batched_fps(model, args.video, batch, args.device, args.max_seconds)
-            print(f"{name}\t{preset}\t{n:,}\t{st['stream_fps']:.3g}\t{st['p50_ms']:.3g}\t{st['p99_ms']:.3g}\t{fps:.3g}")
+            print(
+                f"{name}\t{preset}\t{n:,}\t{st['frames_per_s']:.3g}\t{st['p50_ms']:.3g}\t{st['p99_ms']:.3g}\t{fps:.3g}"
+            )
             print(
                 json.dumps(
                     {
