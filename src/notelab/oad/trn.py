@@ -18,6 +18,14 @@ official THUMOS'14 model (4096 LSTM units, the fusion layer as wide as the 3072-
 The detector's output is the last step's ``s_T`` and its anticipated ``p_1..p_Q``; unlike the
 official training, which also supervises every earlier step of the window, every detector here is
 trained on the current frame and its anticipation only (:mod:`notelab.oad.loss`).
+
+Speed: neither recurrence can run as one ``nn.LSTM`` (cuDNN) call, since each feeds its own output
+back as its next input (the encoder reads ``u_{t-1}``, a function of ``h_{t-1}``; the decoder reads
+``a_{i-1}``, a function of ``g_{i-1}``), so a window is ``T (Q + 1)`` cell steps, one after the other.
+What does not depend on the recurrence is taken out of the loop: the fusion layer over the whole
+window in one matmul, ``u`` in one matmul over the stacked ``g_1..g_Q``, the future scores stacked
+only at the last step, no dropout calls in evaluation. Streaming on CUDA replays the whole window
+as one CUDA graph (:class:`notelab.oad.OnlineDetector`).
 """
 
 from __future__ import annotations
