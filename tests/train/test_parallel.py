@@ -256,3 +256,45 @@ def test_a_meta_model_is_materialised_shard_by_shard(group_of_one):
     std = weights["layers.0.mlp.up_proj.weight"].std().item()
     assert 0.015 < std < 0.025  # init_weights: N(0, 0.02)
     assert res.history[0]["loss"] == pytest.approx(torch.log(torch.tensor(64.0)).item(), abs=0.1)  # ~ uniform
+
+
+class TiedToy(nn.Module):
+    """Embedding and output head sharing one matrix, two blocks, a deterministic init_weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(16, 8)
+        self.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(2))
+        self.head = nn.Linear(8, 16, bias=False)
+        self.head.weight = self.embed.weight
+
+    def init_weights(self) -> None:
+        for i, p in enumerate(self.parameters()):
+            p.fill_(0.05 * (i + 1))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens)
+        for block in self.blocks:
+            x = torch.tanh(block(x)) + x
+        return self.head(x)
+
+
+def tied_loss(model, batch, generator):
+    logits = model(batch[:, :-1])
+    return nn.functional.cross_entropy(logits.reshape(-1, 16), batch[:, 1:].reshape(-1))
+
+
+def test_tied_weights_stay_tied_through_meta_init_sharding_and_gathering(group_of_one):
+    data = torch.randint(0, 16, (32, 5), generator=torch.Generator().manual_seed(0))
+    with torch.device("meta"):
+        on_meta = TiedToy()
+    sharded = fit(on_meta, tied_loss, data, config(parallel="fsdp"))
+    assert sharded.model.head.weight is sharded.model.embed.weight
+    for key in TORCHRUN_VARS:
+        os.environ.pop(key, None)  # the fixture's monkeypatch restores them
+    plain_model = TiedToy()
+    with torch.no_grad():
+        plain_model.init_weights()
+    plain = fit(plain_model, tied_loss, data, config())
+    for (name, a), b in zip(sharded.model.named_parameters(), plain.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)  # both uses' gradients reached the one matrix

@@ -166,12 +166,28 @@ def shard(
         what = " ".join(str(e).split())[:300]
         raise ConfigError(f"parallel 'fsdp': cannot shard {type(model).__name__}: {what}") from e
     if on_meta:
-        model.to_empty(device="cpu" if cpu_offload else device)
+        materialise(model, torch.device("cpu") if cpu_offload else device)
         with torch.no_grad():
             for module in model.modules():  # torch's convention for a module's own initial values (norms: 1)
                 if callable(getattr(module, "reset_parameters", None)):
                     module.reset_parameters()
             model.init_weights()
+    return model
+
+
+def materialise(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model.to_empty(device)`` with tied parameters tied again (``to_empty`` gives each name its own tensor)."""
+    first: dict[int, str] = {}
+    ties: list[tuple[str, str]] = []  # (name, the name it shares its parameter with)
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            ties.append((name, first[id(p)]))
+        else:
+            first[id(p)] = name
+    model.to_empty(device=device)
+    for name, source in ties:
+        owner, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(owner), attr, model.get_parameter(source))
     return model
 
 
@@ -204,7 +220,7 @@ def gather_full(skeleton: nn.Module, sharded: nn.Module, device: torch.device) -
     Collective: every rank gets the same plain model, so what a family does after ``fit``
     (``save_pretrained``, sampling) runs unchanged under FSDP.
     """
-    plain = skeleton.to_empty(device=device)
+    plain = materialise(skeleton, device)
     targets = plain.state_dict(keep_vars=True)
     with torch.no_grad():
         for name, t in sharded.state_dict().items():  # one whole tensor at a time: memory for the copy only
