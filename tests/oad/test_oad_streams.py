@@ -201,3 +201,23 @@ def test_basic_motions_from_a_ts_file(tmp_path):
     assert len(s.videos) == 2 and s.feature_dim == 6 and s.videos[0].n_frames == 40 and s.ambiguous is None
     assert s.class_names[0] == "standing"  # the background
     assert set(np.concatenate([v.labels.argmax(1) for v in s.videos])) == {0, 1, 2, 3}
+
+
+_BM = "datasets/data/BasicMotions/BasicMotions_TEST.ts"
+
+
+def _packaged_basic_motions():
+    from notelab.data.streams import find_packaged
+
+    return find_packaged(_BM)
+
+
+@pytest.mark.skipif(_packaged_basic_motions() is None, reason=f"no aeon / sktime with {_BM} installed")
+def test_basic_motions_from_the_installed_package():
+    """The real UEA recordings (40 per split, 6 channels x 100 steps, 10 of each activity)."""
+    from notelab.data.streams import load_streams
+
+    s = load_streams("basicmotions", "test")
+    assert s.feature_dim == 6 and len(s.videos) == 5 and s.n_frames == 40 * 100
+    counts = np.bincount(np.concatenate([v.labels.argmax(1) for v in s.videos]), minlength=4)
+    assert counts.tolist() == [1000, 1000, 1000, 1000]
