@@ -18,6 +18,9 @@ Parts, in order (each in its own try / except, so one failure loses only its own
    weights + grads + AdamW states are 16 bytes a parameter (DDP adds 4 for its gradient buckets,
    printed as an estimate); an out-of-memory error is reported as such.
 5. ``ddp``: as 2 with ``parallel="ddp"``.
+7. ``8b-ddp`` (last, after the summary): part 3's model and batch under ``parallel="ddp"``: DDP keeps
+   20 bytes a parameter on every GPU (its gradient buckets are a second copy of the grads); an
+   out-of-memory error is reported by every rank.
 6. ``fsdp-offload``: as 2 with ``cpu_offload=True`` (eager, 2 timed steps): the sharded weights, grads
    and AdamW states in CPU memory, the optimizer step on the CPU.
 
@@ -89,11 +92,12 @@ def per_rank(value: float, device: torch.device) -> list[float]:
     return [float(x) for x in out]
 
 
-def timed(history: list[dict[str, Any]], warmup: int, batch: int) -> dict[str, float]:
+def timed(history: list[dict[str, Any]], warmup: int, batch: int, world: int = 1) -> dict[str, float]:
     """tokens/s (all ranks) and ms per step over the steps after ``warmup``, from fit's log."""
     records = [r for r in history if r["step"] > warmup]
-    seconds = sum(batch / r["samples_per_s"] for r in records)  # samples_per_s counts every rank's
-    tokens = sum(r["tokens_per_s"] * batch / r["samples_per_s"] for r in records)
+    # one record a step; samples_per_s counts every rank's samples: the step took batch * world / samples_per_s
+    seconds = sum(batch * world / r["samples_per_s"] for r in records)
+    tokens = sum(r["tokens_per_s"] * batch * world / r["samples_per_s"] for r in records)
     return {"tokens_per_s": tokens / seconds, "step_ms": 1e3 * seconds / len(records)}
 
 
@@ -107,7 +111,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed first steps (the compile happens in the first)")
     p.add_argument("--big-steps", type=int, default=3, help="steps of parts 3 and 4 (the first is not timed)")
-    p.add_argument("--parts", nargs="*", default=["1gpu", "fsdp", "8b-fsdp", "8b-1gpu", "ddp", "fsdp-offload"])
+    p.add_argument(
+        "--parts", nargs="*", default=["1gpu", "fsdp", "8b-fsdp", "8b-1gpu", "ddp", "fsdp-offload", "8b-ddp"]
+    )
     p.add_argument("--budget", type=float, default=330.0, help="seconds: no part starts after this (rank 0's clock)")
     p.add_argument("--tiny", action="store_true", help="small models on the CPU (gloo): a smoke test of the script")
     p.add_argument("--out", default=None, help="JSON of the results (rank 0)")
@@ -185,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def sharded(parallel: str, warmup: int = args.warmup, steps: int = args.steps, **kw: Any) -> Callable[[], dict]:
         def part() -> dict[str, Any]:
             history, mem = train(config, args.batch, warmup + steps, parallel=parallel, **kw)
-            out = timed(history, warmup, args.batch) if rank == 0 else {"tokens_per_s": 0.0}
+            out = timed(history, warmup, args.batch, world) if rank == 0 else {"tokens_per_s": 0.0}
             tok_s = per_rank(out["tokens_per_s"], device)[0]
             mems = per_rank(mem, device)
             out = {"tokens_per_s": tok_s, "step_ms": out.get("step_ms")}
@@ -204,7 +210,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         kw = dict(parallel="fsdp", activation_checkpointing=True, compile=False)
         history, mem = train(big, args.big_batch, args.big_steps, on_meta=True, **kw)
         mems = per_rank(mem, device)
-        out = timed(history, 1, args.big_batch) if rank == 0 else {}
+        out = timed(history, 1, args.big_batch, world) if rank == 0 else {}
         out.update(
             params=count_parameters(big),
             state_gb_total=big_state / 1e9,
@@ -235,6 +241,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             dist.barrier()
         return out
 
+    def big_ddp() -> dict[str, Any]:
+        """DDP with the 8B shape on every GPU; no collective of the script's own, since a rank that runs out of
+        memory in backward leaves the others waiting in DDP's all-reduce (hence the last part, after the summary)."""
+        out: dict[str, Any] = {}
+        try:
+            kw = dict(parallel="ddp", activation_checkpointing=True, compile=False)
+            _, mem = train(big, args.big_batch, 2, **kw)
+            out.update(fits=True, peak_mem_gb=mem / 1e9)
+        except torch.OutOfMemoryError as e:
+            out.update(fits=False, error=" ".join(str(e).split())[:300])
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+        return out
+
     parts = {
         "1gpu": one_gpu,
         "fsdp": sharded("fsdp"),
@@ -244,7 +265,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # shards, grads and AdamW states in CPU memory (the step runs there): memory for speed
         "fsdp-offload": sharded("fsdp", 1, 2, cpu_offload=cuda, compile=False),
     }
-    for name in args.parts:
+    for name in [n for n in args.parts if n != "8b-ddp"]:
         elapsed = per_rank(time.perf_counter() - t_start, device)[0]  # rank 0's, so every rank decides alike
         if elapsed > args.budget:
             say(f"== {name}: skipped, {elapsed:.0f} s past the start (--budget {args.budget:.0f})")
@@ -267,6 +288,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         summarize(results, world)
     except Exception as e:  # the JSON lines above hold every figure
         say(f"summary failed: {type(e).__name__}: {e}")
+    if "8b-ddp" in args.parts:
+        need = training_state_bytes(count_parameters(big), STATE_BYTES_PER_PARAM + 4) / 1e9
+        say(f"\n== 8b-ddp (DDP needs {need:.1f} GB per GPU: weights, grads, gradient buckets, AdamW; "
+            "every rank prints its own line)")  # fmt: skip
+        t0 = time.perf_counter()
+        try:
+            result = big_ddp()
+        except Exception as e:
+            result = {"error": " ".join(f"{type(e).__name__}: {e}".split())[:300]}
+        result["wall_s"] = time.perf_counter() - t0
+        print(f"   rank {rank}: " + json.dumps(result), flush=True)
+        results["parts"]["8b-ddp"] = result
+        if args.out and rank == 0:
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=1)
     dist.destroy_process_group()
     return results
 
