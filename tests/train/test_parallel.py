@@ -298,3 +298,12 @@ def test_tied_weights_stay_tied_through_meta_init_sharding_and_gathering(group_o
     plain = fit(plain_model, tied_loss, data, config())
     for (name, a), b in zip(sharded.model.named_parameters(), plain.model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)  # both uses' gradients reached the one matrix
+
+
+def test_a_meta_model_without_fsdp_is_a_one_line_error(plain_process):
+    with torch.device("meta"):
+        model = tiny_llama()
+    with pytest.raises(
+        ConfigError, match="materialised by FSDP only; expected parallel 'fsdp' under torchrun, got 'auto'"
+    ):
+        fit(model, next_token_loss, windows(), config())

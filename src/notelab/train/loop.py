@@ -213,6 +213,11 @@ def _fit(
         skeleton = parallel.meta_skeleton(model)
         raw = parallel.shard(model, device, amp_dtype, config.cpu_offload)
     else:
+        if any(p.is_meta for p in model.parameters()):
+            raise ConfigError(
+                f"model: a model on the meta device is materialised by FSDP only; expected parallel 'fsdp' "
+                f"under torchrun, got {config.parallel!r} in a {info.world_size}-process run"
+            )
         raw = model.to(device)
     own_optimizer = optimizer is None
     opt = build_optimizer(raw, config, device) if optimizer is None else optimizer
