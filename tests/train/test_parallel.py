@@ -19,6 +19,7 @@ from notelab.core.limits import allow_large_models
 from notelab.lm import Llama, LlamaConfig
 from notelab.lm.flops import count_parameters
 from notelab.lm.train import next_token_loss
+from notelab.seq.transformer import Transformer, TransformerConfig
 from notelab.train import TrainConfig, fit
 from notelab.train import dcp as dcp_module
 from notelab.train.dcp import export_pretrained, is_sharded
@@ -93,6 +94,8 @@ def test_shard_units_are_the_blocks():
     assert units and all(any(True for _ in u.parameters()) for u in units)
     assert not any(isinstance(u, nn.Upsample) for u in units)  # no parameters, nothing to shard
     assert len(units) == len(list(unet.down)) + sum(1 for m in unet.up if not isinstance(m, nn.Upsample))
+    seq = Transformer(TransformerConfig.from_name("tiny"))
+    assert shard_units(seq) == [*seq.encoder, *seq.decoder]
     assert shard_units(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))) == []  # no list: the root alone
 
 
