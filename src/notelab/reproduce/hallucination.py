@@ -30,7 +30,8 @@ defaults, module; each answer labelled correct or hallucinated by a checker, no 
 
 The claim holds when (2), (3) and (4) hold; "does not hold" when one does not. Budgets: ``QUICK`` (CPU,
 one thread, seconds: a small model on ~200 KB of source), ``FULL`` (CPU), ``FULL_GPU`` (the full run when
-CUDA is present: a ~70M-parameter model on the whole train split, bf16 + compile through ``fit``).
+CUDA is present: a 69.6M-parameter model, 1,000 steps of 32 x 512 tokens on the whole train split, bf16 +
+compile through ``fit``; 164 s on an H200).
 """
 
 from __future__ import annotations
@@ -126,7 +127,7 @@ FULL = dataclasses.replace(
 )  # fmt: skip
 FULL_GPU = dataclasses.replace(
     FULL, corpus_chars=None, vocab_size=8192, dim=640, n_layers=12, n_heads=10, seq_len=512, batch_size=32,
-    steps=2000, lr=6e-4, n_facts=800, n_samples=6, folds=10, truthfulqa_n=None, halueval_n=2000,
+    steps=1000, lr=6e-4, n_facts=800, n_samples=6, folds=10, truthfulqa_n=None, halueval_n=2000,
     halueval_chars=600, max_new_tokens=32, truthfulqa_primer=True,
 )  # fmt: skip
 PAPER = [
@@ -212,9 +213,10 @@ def paired_rate_check(group: str, name: str, treated: Sequence[float], base: Seq
 
 def corpus(s: Settings, seed: int) -> tuple[list, LMData]:
     """The modules trained on (a seeded random choice of ``corpus_chars`` characters of whole train-split
-    files that define functions to ask about, or all such files) and their tokens; validation text from the
-    stdlib's val split."""
-    modules = stdlib_modules("train", s.corpus_chars, seed=seed, with_functions=True)
+    files that define functions to ask about, or the whole train split) and their tokens; validation text
+    from the stdlib's val split."""
+    # a small corpus of modules that all define something to ask about; the full one is the whole split
+    modules = stdlib_modules("train", s.corpus_chars, seed=seed, with_functions=s.corpus_chars is not None)
     texts = module_texts(modules)
     tokenizer = train_tokenizer(texts, s.vocab_size)
     val_chars = max(20_000, (s.corpus_chars or 10_000_000) // 10)
