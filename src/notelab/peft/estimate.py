@@ -201,8 +201,8 @@ def layer_bytes_per_token(shape: ModelShape, spec: MethodSpec, w: int) -> int:
     product only for ``down_proj``'s. LoRA's ``A`` reads its own cast of its input, so on ``o_proj`` that
     cast is kept beside the attention output attention's backward keeps (one more ``q`` per token). The
     first block keeps nothing before its first trained module; counted like the others (less its input),
-    it is over-estimated when LoRA adapts only later modules (``o_proj``, the feed-forward): by at most
-    one block.
+    it is over-estimated when the first trained module comes late in the block (Houlsby's adapter after
+    attention; LoRA on ``o_proj`` or the feed-forward only): by at most one block.
     """
     d, q, kv, h = shape.dim, shape.n_heads * shape.head_dim, shape.n_kv_heads * shape.head_dim, shape.hidden_dim
     full, lora = spec.method == "full", set(lora_linears(shape, spec)) if spec.method == "lora" else set()
@@ -211,10 +211,10 @@ def layer_bytes_per_token(shape: ModelShape, spec: MethodSpec, w: int) -> int:
     elements += d * (full or bool(lora & {"gate_proj", "up_proj"}))  # the feed-forward norm's output
     elements += h * (full or "down_proj" in lora) + q * ("o_proj" in lora)
     elements += spec.r * len(lora)  # A x
-    if spec.method == "adapter":  # Houlsby: two per block, each keeps its input, bottleneck and activation
-        elements += 2 * (d + 2 * spec.bottleneck)
-    elif spec.method == "ia3":  # the unscaled keys, values and feed-forward input
-        elements += 2 * kv + h
+    if spec.method == "adapter":  # Houlsby: two per block, each keeps its input's cast and its ReLU's output
+        elements += 2 * (d + spec.bottleneck)
+    elif spec.method == "ia3":  # the unscaled keys and values (the scaled feed-forward input is recomputed)
+        elements += 2 * kv
     return 2 * d * residual_bytes(spec, w) + w * elements + FP32 * (2 + shape.n_heads)
 
 
