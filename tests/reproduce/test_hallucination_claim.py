@@ -49,6 +49,13 @@ def test_only_the_primary_detector_decides():
     assert claim.detection_checks({claim.PRIMARY: [0.2]})[0].verdict == "inconclusive"
 
 
+def test_pr_vs_random_leaves_out_unscored_items():
+    nan = float("nan")
+    n, pr, rate, roc = claim.pr_vs_random([True, False, True, False], [0.9, 0.1, nan, 0.2])
+    assert (n, pr, rate, roc) == (3, 1.0, pytest.approx(1 / 3), 1.0)
+    assert claim.pr_vs_random([True, True], [0.1, 0.2]) is None
+
+
 def test_paired_rate_check_is_per_fact():
     base = [1.0, 1.0, 0.5, 1.0, 0.75, 1.0]
     better = [0.5, 0.75, 0.25, 0.5, 0.5, 0.75]
@@ -92,5 +99,7 @@ def test_tiny_run_end_to_end(tmp_path):
     assert {claim.NUCLEUS, claim.RETRIEVAL} <= groups
     assert (tmp_path / "out" / "knowledge" / "stdlib_knowledge.jsonl").is_file()
     assert all((tmp_path / "out" / f.path).is_file() for f in result.figures)
+    detect = next(t for t in result.tables if t.title.startswith("(2)"))
+    assert detect.columns[-2:] == ["AUC-PR / random within params", "AUC-PR / random within default"]
     rates = result.tables[0].rows
     assert rates[-1][0] == "all" and rates[-1][1] == 10

@@ -360,35 +360,52 @@ def detector_scores(
     return out
 
 
+def pr_vs_random(labels: Sequence[bool], scores: Sequence[float]) -> tuple[int, float, float, float] | None:
+    """(items scored, AUC-PR, positive rate, AUC-ROC) over the scored (non-NaN) items; None without both classes."""
+    pairs = [(y, v) for y, v in zip(labels, scores) if v == v]
+    ys, vs = [y for y, _ in pairs], [v for _, v in pairs]
+    if len(set(ys)) < 2:
+        return None
+    return len(ys), auc_pr(ys, vs), sum(ys) / len(ys), auc_roc(ys, vs)
+
+
 def detection_section(lm: object, facts: list[Fact], first: Section, index: BM25Index, s: Settings,
                       seed: int, out_dir: Path) -> Section:  # fmt: skip
     """(2) AUC-PR / AUC-ROC of each detector against the labels of (1)."""
     labels, answers = first.values["labels"], first.values["answers"]
     scores = detector_scores(lm, facts, answers, index, s, seed)
+    kinds = [k for k in s.kinds if any(f.kind == k for f in facts)]
     rows, gaps = [], {}
     for name, vals in scores.items():
-        pairs = [(y, v) for y, v in zip(labels, vals) if v == v]
-        ys = [y for y, _ in pairs]
-        if len(set(ys)) < 2:
-            rows.append([name, len(pairs), "-", "-", "-", "needs both classes"])
+        overall = pr_vs_random(labels, vals)
+        if overall is None:
+            rows.append([name, sum(v == v for v in vals), "-", "-", "-", *["-"] * len(kinds)])
             continue
-        vs = [v for _, v in pairs]
-        rate = sum(ys) / len(ys)
-        rows.append([name, len(pairs), f"{100 * auc_pr(ys, vs):.1f}", f"{100 * rate:.1f}",
-                     f"{100 * auc_roc(ys, vs):.1f}", ""])  # fmt: skip
+        n, pr, rate, roc = overall
+        within = [pr_vs_random([y for f, y in zip(facts, labels) if f.kind == k],
+                               [v for f, v in zip(facts, vals) if f.kind == k]) for k in kinds]  # fmt: skip
+        rows.append([name, n, f"{100 * pr:.1f}", f"{100 * rate:.1f}", f"{100 * roc:.1f}",
+                     *["-" if w is None else f"{100 * w[1]:.1f} / {100 * w[2]:.1f}" for w in within]])  # fmt: skip
         gaps[name] = fold_gaps(labels, vals, s.folds)
     table = Table(
         "(2) Detecting hallucinated answers (the shape of SelfCheckGPT's Table 2)",
-        ["detector", "scored", "AUC-PR", "random (positive rate)", "AUC-ROC", "note"],
+        [
+            "detector",
+            "scored",
+            "AUC-PR",
+            "random (positive rate)",
+            "AUC-ROC",
+            *[f"AUC-PR / random within {k}" for k in kinds],
+        ],  # fmt: skip
         rows,
         note=f"Scores: higher = more likely hallucinated. SelfCheck over {s.n_samples} samples at temperature 1; "
         f"FActScore: the answer as a statement, top-{s.rag_k} BM25 passage of the stdlib knowledge source, "
         "supported when 80% of its content words are in the evidence (no LM judge). Empty answers are "
         "hallucinated but cannot be scored: left out of that detector's row. The kinds differ in difficulty "
         "(parameter lists are missed more often than defaults), so part of a detector's ranking may come from "
-        "telling the kinds apart. The checks compare each fold's AUC-PR with a random ranking's expected AUC-PR "
-        "(exact for the fold's size; above the positive rate on small folds), over "
-        f"{s.folds} disjoint folds of the facts.",
+        "telling the kinds apart: the last columns rank within one kind only. The checks compare each fold's "
+        "AUC-PR with a random ranking's expected AUC-PR (exact for the fold's size; above the positive rate on "
+        f"small folds), over {s.folds} disjoint folds of the facts.",
     )
     bars = {r[0]: (float(r[2]), float(r[3])) for r in rows if r[2] != "-"}
     figures = []
