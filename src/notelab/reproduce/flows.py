@@ -182,6 +182,8 @@ def density_section(s: Settings, seed: int, out_dir: Path, progress: Progress) -
             lls[m].append(float(log_likelihood(model, test_ds.x, s.ll_solver).mean()))
             density = log_likelihood(model, grid, s.ll_solver, batch=8192).exp()
             masses[m].append(float(density.sum() * cell))
+            # what was measured, as it is measured: a run stopped part-way still shows it in its log
+            progress.say(f"    {m} seed {k}: test log-likelihood {lls[m][-1]:.3f}, grid mass {masses[m][-1]:.4f}")
             if i == 0:
                 images[m] = density
     _density_figure(images, s.grid, out_dir / "densities.png")
