@@ -40,7 +40,8 @@ from notelab.core.errors import ConfigError, ShapeError
 
 
 class Bijection(nn.Module):
-    """``forward(x) -> (y, ladj)`` with ladj of shape (B,), and ``inverse(y) -> x``; rows of shape (B, D)."""
+    """``forward(x) -> (y, ladj)`` with ladj of shape (B,), and ``inverse(y) -> x``; x of shape (B, D), or
+    (B, C, H, W) for the image bijections inside a :class:`MultiScale`."""
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
