@@ -8,12 +8,14 @@ from notelab.lm.flops import count_parameters, flops_per_token, kv_cache_bytes, 
 from notelab.lm.generate import generate, next_token, stream
 from notelab.lm.model import Block, Llama
 from notelab.lm.posttrain import DPOLoss, dpo, dpo_loss_from_logps, preference_margins, sft, sft_loss
+from notelab.lm.sampling import FactualNucleus
 from notelab.lm.train import load_run, perplexity, prepare_data, pretrain
 
 __all__ = [
     "PRESETS",
     "Block",
     "DPOLoss",
+    "FactualNucleus",
     "Llama",
     "LlamaConfig",
     "PackedStream",
