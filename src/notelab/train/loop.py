@@ -77,14 +77,17 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over ``param_groups``; the fused kernel when on GPU (FSDP's DTensor shards included).
+def build_optimizer(
+    model: nn.Module, config: TrainConfig, device: torch.device, fused_ok: bool = True
+) -> torch.optim.AdamW:
+    """AdamW over ``param_groups``; the fused CUDA kernel when on GPU and ``fused_ok``.
 
-    Fused rather than foreach also saves memory: foreach AdamW allocates temporaries as large as
-    the parameters (under FSDP with foreach the 8B shape peaked at 80.4 GB per GPU on 2 H200s,
-    16 GB over its 64.2 GB of state: that size).
+    Under FSDP ``fit`` passes ``fused_ok=False`` (foreach AdamW), the configuration measured on
+    CUDA: on 2 H200s the 8B shape then peaked at 80.4 GB per GPU over its 64.2 GB of state, about
+    the size of foreach's temporaries (16 GB). Fused AdamW on DTensor shards runs on the CPU
+    (torch 2.13) but has not been measured on a GPU yet.
     """
-    fused = device.type == "cuda" and all(p.is_floating_point() for p in model.parameters())
+    fused = fused_ok and device.type == "cuda" and all(p.is_floating_point() for p in model.parameters())
     return torch.optim.AdamW(
         param_groups(model, config.weight_decay), lr=config.lr, betas=config.betas, eps=config.eps, fused=fused or None
     )
@@ -220,7 +223,7 @@ def _fit(
             )
         raw = model.to(device)
     own_optimizer = optimizer is None
-    opt = build_optimizer(raw, config, device) if optimizer is None else optimizer
+    opt = build_optimizer(raw, config, device, fused_ok=not fsdp) if optimizer is None else optimizer
     for group in opt.param_groups:
         group.setdefault("initial_lr", group["lr"])
     ema = EMA(raw, config.ema_decay) if config.ema_decay is not None else None
