@@ -289,3 +289,21 @@ def test_an_output_file_that_cannot_be_written_is_refused_before_any_work(tmp_pa
     argv = ["diffusion", "sample", "--checkpoint", str(tmp_path / "none"), "--out", str(blocker / "grid.png")]
     assert main(argv) == 2
     assert "is a file" in _one_line_error(capsys)
+
+
+def test_a_reader_that_closes_the_pipe_ends_the_verb_quietly():
+    """`notelab ... | head`: no traceback, no "error: [Errno 32]" line, exit 141 (128 + SIGPIPE)."""
+    code = (
+        "import argparse, sys\n"
+        "from notelab.cli.common import run_verb\n"
+        "def verb(args):\n"
+        "    while True:\n"
+        "        print('x' * 100, flush=True)\n"
+        "sys.exit(run_verb(verb, argparse.Namespace()))\n"
+    )
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout.readline().strip() == b"x" * 100
+    p.stdout.close()  # the reader goes away
+    rc = p.wait(timeout=30)
+    assert rc == 141
+    assert p.stderr.read() == b""

@@ -41,6 +41,7 @@ from notelab.core.errors import ConfigError, NotelabError
 MARKER = "run.json"  # {"command": "lm train"}: which verb made this folder (so --resume knows its own run)
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a tool whose reader closed the pipe
 
 
 # ------------------------------------------------------------------------------------------ options
@@ -489,6 +490,11 @@ def run_verb(func: Callable[[argparse.Namespace], int | None], args: argparse.Na
             with allow_large_models(True):
                 return int(func(args) or 0)
         return int(func(args) or 0)
+    except BrokenPipeError:
+        # The reader went away (`notelab oad stream ... | head`): stop quietly, as a shell tool killed by
+        # SIGPIPE does, and point stdout at /dev/null so the interpreter's final flush cannot fail too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except (NotelabError, OSError, UnicodeError) as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
