@@ -125,3 +125,17 @@ def test_resume_with_another_sde_is_refused(runs, capsys):
     argv = ["diffusion", "train", "--data", "moons", "--out", str(runs["none"]), "--resume", "--sde", "ve"]
     assert run_cli([*argv, "--steps", "6", "--batch-size", "16", "--no-progress"]) == 2
     assert "sde 'none', given 've'" in capsys.readouterr().err
+
+
+def test_notelab_sde_is_the_same_verbs_with_the_sde_notes_defaults(runs, tmp_path, capsys):
+    """`notelab sde train` trains a VP model by default; `notelab sde sample` runs the PC sampler on any run,
+    a `notelab diffusion` DDPM run included (one model, many samplers); `sde likelihood` scores it."""
+    out = tmp_path / "vp"
+    assert run_cli(["sde", "train", "--data", "moons", "--out", str(out), *TINY]) == 0
+    assert json.loads((out / "config.json").read_text())["sde"] == "vp"
+    for run in (out, runs["none"]):
+        argv = ["sde", "sample", "--checkpoint", str(run), "--steps", "25", "--snr", "0.01", "--n", "8"]
+        assert run_cli([*argv, "--out", str(tmp_path / "s.png"), "--device", "cpu"]) == 0
+        assert "NFE 50" in capsys.readouterr().out  # PC: one predictor and one corrector evaluation a step
+    argv = ["sde", "likelihood", "--checkpoint", str(out), "--data", "moons", "--n", "8", "--rtol", "1e-3"]
+    assert run_cli([*argv, "--atol", "1e-3", "--device", "cpu"]) == 0

@@ -1,17 +1,18 @@
-"""``notelab diffusion train`` and ``notelab diffusion sample``: parse, call notelab.diffusion, print.
+"""``notelab diffusion train|sample|likelihood`` and ``notelab sde ...``: parse, call notelab.diffusion, print.
 
     notelab diffusion train --data digits --out runs/ddpm-digits [--steps N --batch-size B --lr LR
         --ema-decay D --ckpt-every N --resume --device DEV --seed S]
     notelab diffusion sample --checkpoint runs/ddpm-digits --sampler ddim --steps 50 --eta 0 --n 64
         --out grid.png [--spacing leading --seed 0]
 
-Score SDEs (Song et al. 2021) on the same run folders:
+Score SDEs (Song et al. 2021) on the same run folders: ``notelab sde`` is the same three verbs with the
+SDE note's defaults (``--sde vp``, ``--sampler pc``, 500 steps):
 
-    notelab diffusion train --data moons --out runs/vp-moons --sde vp|ve|subvp [--weighting likelihood
+    notelab sde train --data moons --out runs/vp-moons [--sde vp|ve|subvp --weighting likelihood
         --importance --sigma-min 0.01 --sigma-max 50]
-    notelab diffusion sample --checkpoint runs/vp-moons --sampler pc|em|rd|ode --steps 500 --out s.png
+    notelab sde sample --checkpoint runs/vp-moons [--sampler pc|em|rd|ode --steps 500] --out s.png
         [--snr 0.16 --n-corrector 1 --ode-method dopri5 --rtol 1e-5 --atol 1e-5]
-    notelab diffusion likelihood --checkpoint runs/vp-moons --data moons [--n 256 --divergence exact]
+    notelab sde likelihood --checkpoint runs/vp-moons --data moons [--n 256 --divergence exact]
 
 A DDPM run (no --sde) takes the SDE samplers and the likelihood as the VP SDE it discretises.
 Every check runs before anything is written, so bad input leaves no file behind.
@@ -58,10 +59,20 @@ TRAIN_DEFAULTS = {
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """``notelab diffusion`` (DDPM / DDIM defaults) and ``notelab sde`` (the score-SDE note's defaults): the
+    same three verbs on the same run folders, so one model takes every sampler."""
     p = subparsers.add_parser("diffusion", help="DDPM training and DDPM / DDIM sampling")
+    _add_verbs(p, sde="none", sampler="ddim", steps=50)
+    p = subparsers.add_parser("sde", help="score SDEs (VE / VP / sub-VP): train, PC / EM / ODE sampling, likelihood")
+    _add_verbs(p, sde="vp", sampler="pc", steps=500)
+
+
+def _add_verbs(p: argparse.ArgumentParser, sde: str, sampler: str, steps: int) -> None:
     verbs = p.add_subparsers(dest="verb", metavar="VERB", required=True)
 
-    t = verbs.add_parser("train", help="train a DDPM on a data set; writes config.json + model.safetensors")
+    t = verbs.add_parser(
+        "train", help="train a DDPM or score-SDE model on a data set; writes config.json + model.safetensors"
+    )
     t.add_argument("--data", required=True, help="digits, moons, 8gaussians, ..., an image folder or a .npy/.npz")
     t.add_argument("--ema-decay", type=float)
     t.add_argument("--precision", help="auto, fp32, bf16, fp16")
@@ -72,19 +83,23 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--beta-schedule", default="linear", help="linear, scaled_linear, cosine")
     t.add_argument("--num-train-timesteps", type=int, default=1000)
     t.add_argument("--prediction-type", default="epsilon", help="epsilon, sample, v_prediction")
-    t.add_argument("--sde", default="none", help="none (DDPM loss), ve, vp, subvp (continuous score matching)")
+    t.add_argument("--sde", default=sde, help="none (DDPM loss), ve, vp, subvp (continuous score matching)")
     t.add_argument("--sigma-min", type=float, default=0.01, help="VE SDE's smallest noise scale")
     t.add_argument("--sigma-max", type=float, default=50.0, help="VE SDE's largest noise scale")
     t.add_argument("--weighting", default="eps", help="score matching weight: eps or likelihood")
     t.add_argument("--importance", action="store_true", help="importance-sample t (with --weighting likelihood)")
     t.set_defaults(func=train)
 
-    s = verbs.add_parser("sample", help="sample a trained DDPM by DDPM or DDIM; writes an image grid or scatter PNG")
+    s = verbs.add_parser(
+        "sample", help="sample a trained model (DDPM, DDIM or an SDE sampler); writes an image grid or scatter PNG"
+    )
     s.add_argument("--checkpoint", required=True, help="run directory written by `notelab diffusion train`")
     s.add_argument(
-        "--sampler", default="ddim", help="ddim, ddpm (all T steps); SDE samplers: pc, em, rd (reverse diffusion), ode"
+        "--sampler", default=sampler, help="ddim, ddpm (all T steps); SDE samplers: pc, em, rd (reverse diffusion), ode"
     )
-    s.add_argument("--steps", type=int, default=50, help="DDIM steps S, 1..T; steps of an SDE / fixed-step ODE sampler")
+    s.add_argument(
+        "--steps", type=int, default=steps, help="DDIM steps S, 1..T; steps of an SDE / fixed-step ODE sampler"
+    )
     s.add_argument("--eta", type=float, default=0.0, help="DDIM noise scale: 0 deterministic, 1 DDPM-like")
     s.add_argument("--spacing", default="leading", help="leading, trailing, linspace, quadratic")
     s.add_argument("--n", type=int, default=64, help="number of samples")
