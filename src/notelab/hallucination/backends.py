@@ -52,9 +52,16 @@ class EndpointError(DataError):
 
 
 def check_generate_args(
-    who: str, prompts: Sequence[str], n: int, temperature: float, top_p: float | FactualNucleus, max_new_tokens: int
+    who: str,
+    prompts: Sequence[str],
+    n: int,
+    temperature: float,
+    top_p: float | FactualNucleus,
+    max_new_tokens: int,
+    no_schedule: str | None = None,
 ) -> None:
-    """One-line ConfigError naming the first argument of ``generate`` out of range."""
+    """One-line ConfigError naming the first argument of ``generate`` out of range; ``no_schedule``: why this
+    backend cannot apply a :class:`FactualNucleus` (``None``: it can)."""
     if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
         raise ConfigError(f"{who}.generate: expected a list of prompt strings, got {type(prompts).__name__}")
     for name, value, lo in (("n", n, 1), ("max_new_tokens", max_new_tokens, 1)):
@@ -64,6 +71,10 @@ def check_generate_args(
         raise ConfigError(f"{who}.generate: expected temperature in [0, 2], got {temperature!r}")
     if not isinstance(top_p, FactualNucleus) and (not isinstance(top_p, int | float) or not 0.0 < top_p <= 1.0):
         raise ConfigError(f"{who}.generate: expected top_p in (0, 1] or a FactualNucleus, got {top_p!r}")
+    if no_schedule is not None and isinstance(top_p, FactualNucleus):
+        raise ConfigError(
+            f"{who}.generate: expected top_p a float, got a FactualNucleus schedule ({no_schedule}; use NotelabLM)"
+        )
 
 
 def check_pairs(who: str, prompts: Sequence[str], continuations: Sequence[str]) -> None:
@@ -264,12 +275,8 @@ class TransformersLM:
         top_p: float | FactualNucleus = 1.0,
         max_new_tokens: int = 64,
     ) -> list[list[Generation]]:
-        check_generate_args("TransformersLM", prompts, n, temperature, top_p, max_new_tokens)
-        if isinstance(top_p, FactualNucleus):
-            raise ConfigError(
-                "TransformersLM.generate: expected top_p a float, got a FactualNucleus schedule (transformers' "
-                "generate cannot decay top-p within sentences; use NotelabLM)"
-            )
+        why = "transformers' generate cannot decay top-p within sentences"
+        check_generate_args("TransformersLM", prompts, n, temperature, top_p, max_new_tokens, no_schedule=why)
         k = _copies(n, temperature)
         eos = self.tokenizer.eos_token_id
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
@@ -449,12 +456,8 @@ class OpenAICompatLM:
         top_p: float | FactualNucleus = 1.0,
         max_new_tokens: int = 64,
     ) -> list[list[Generation]]:
-        check_generate_args("OpenAICompatLM", prompts, n, temperature, top_p, max_new_tokens)
-        if isinstance(top_p, FactualNucleus):
-            raise ConfigError(
-                "OpenAICompatLM.generate: expected top_p a float, got a FactualNucleus schedule (the OpenAI API has "
-                "no per-sentence top-p; use NotelabLM)"
-            )
+        why = "the OpenAI API has no per-sentence top-p"
+        check_generate_args("OpenAICompatLM", prompts, n, temperature, top_p, max_new_tokens, no_schedule=why)
         k = _copies(n, temperature)
         settings = dict(model=self.name, n=k, max_tokens=max_new_tokens, temperature=float(temperature))
         settings.update(top_p=float(top_p), seed=self.seed)
