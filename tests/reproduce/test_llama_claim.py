@@ -28,6 +28,17 @@ def test_cache_bytes_shrink_by_head_ratio():
     assert claim.cache_bytes(mha, 16) == 2 * 1 * 4 * 16 * 8 * 4  # k+v, layers, heads, T, head_dim, fp32
 
 
+@pytest.mark.parametrize("kv", [1, 2])
+def test_gqa_config_keeps_the_parameter_count(kv):
+    s = dataclasses.replace(claim.FULL_GPU, n_layers=2)
+    mha, _ = claim.matched_pair(s, vocab_size=512)
+    gqa = claim.gqa_config(mha, kv)
+    assert gqa.n_kv_heads == kv and gqa.dim == mha.dim and gqa.n_heads == mha.n_heads
+    assert gqa.hidden_dim > mha.hidden_dim  # the SwiGLU absorbs the K / V weights GQA drops
+    assert abs(count_parameters(gqa) - count_parameters(mha)) <= 3 * s.dim * s.n_layers // 2  # half a column
+    assert count_parameters(gqa) == sum(p.numel() for p in Llama(gqa).parameters())
+
+
 def test_with_context_keeps_weights_and_scales_low_frequencies():
     torch.manual_seed(0)
     s = dataclasses.replace(claim.QUICK, dim=32, n_layers=1, seq_len=64)

@@ -14,8 +14,9 @@ trained by ``notelab.train.fit`` on the same tokens, each model trained with ``s
 
 1. LLaMA block vs GPT-2 block at equal parameters (the SwiGLU width is set so the totals match).
    Holds when the paired relative val-loss change LLaMA / GPT-2 - 1 has its 95% interval below 0.
-2. GQA: n_kv_heads in {1, 2} against MHA (the LLaMA model of 1, n_kv_heads = n_heads), same
-   dims otherwise (so GQA has fewer attention parameters; Llama 3 does not re-widen it). Holds
+2. GQA: n_kv_heads in {1, 2} against MHA (the LLaMA model of 1, n_kv_heads = n_heads) at the same
+   parameter count: the SwiGLU width absorbs the K / V weights GQA drops, as in Llama 2's GQA
+   ablation (Touvron et al. 2023, appendix A.2.1, Table 18). Holds
    when the allocated KV cache shrinks by exactly n_heads / n_kv_heads (noise-free) and the paired
    relative val-loss change GQA / MHA - 1 has its interval below ``gqa_tolerance`` (+2%): one
    seed cannot decide a 2% claim, so a single-seed run is inconclusive here. Decode tokens/s is
@@ -222,6 +223,14 @@ def matched_pair(s: Settings, vocab_size: int) -> tuple[LlamaConfig, LlamaConfig
     rest = count_parameters(dataclasses.replace(llama, ffn_hidden_dim=1))
     hidden = max(1, round((target - rest) / (3 * s.dim * s.n_layers)) + 1)
     return dataclasses.replace(llama, ffn_hidden_dim=hidden), gpt2
+
+
+def gqa_config(mha: LlamaConfig, n_kv_heads: int) -> LlamaConfig:
+    """``mha`` with ``n_kv_heads`` KV heads and the SwiGLU width raised by the K / V parameters that removes
+    (Llama 2's GQA ablation keeps the parameter count; equal to within one SwiGLU column per layer)."""
+    gqa = dataclasses.replace(mha, n_kv_heads=n_kv_heads)
+    removed = count_parameters(mha) - count_parameters(gqa)
+    return dataclasses.replace(gqa, ffn_hidden_dim=mha.hidden_dim + round(removed / (3 * mha.dim * mha.n_layers)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -537,7 +546,7 @@ def gqa_section(
     jobs = [(kv, seed) for kv in s.kv_heads for seed in seeds]
     for i, (kv, seed) in enumerate(jobs):
         progress.step(i + 1, len(jobs), f"{kv} kv heads, seed {seed} ({s.steps} steps)")
-        model, curve, _ = _train(dataclasses.replace(mha_cfg, n_kv_heads=kv), data, s, seed, device)
+        model, curve, _ = _train(gqa_config(mha_cfg, kv), data, s, seed, device)
         losses.setdefault(kv, []).append(mean_nll(model, data.val, s.seq_len, max_windows=s.final_windows))
         if kv not in info:  # cache and decode speed do not depend on the seed: the first model's
             b = cache_bytes(model, s.seq_len)
@@ -564,7 +573,9 @@ def gqa_section(
         f"tokens on {device} (best of a few runs, first seed's models). At this size a decode step is bound by "
         "per-token overhead, not by reading the cache, so speed differences here say little about large models.",
     )  # fmt: skip
-    figure = Figure("GQA vs MHA", "gqa_val_loss.png", "Validation loss during training, same dims (first seed).")
+    figure = Figure(
+        "GQA vs MHA", "gqa_val_loss.png", "Validation loss during training, same parameter count (first seed)."
+    )
     ratios = {kv: r["cache_ratio"] for kv, r in info.items()}
     checks = gqa_checks(mha_losses, losses, ratios, s.n_heads, s.gqa_tolerance)
     values = {"gqa": {str(kv): {**info[kv], "losses": losses[kv]} for kv in info}}

@@ -50,7 +50,8 @@ def setup(device_name: str, group_of_one: bool = False) -> tuple[DistInfo, torch
         torch.cuda.set_device(device)
     owns = not dist.is_initialized()
     if owns:
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        # On CUDA, CPU tensors get gloo: FSDP's CPU offload keeps gradient shards there (their norm is reduced there)
+        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if device.type == "cuda" else {}
         dist.init_process_group(backend=backend, **kwargs)
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, owns_group=owns), device
