@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if cuda:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
+        dist.init_process_group("cpu:gloo,cuda:nccl", device_id=device)  # gloo: the offload part's CPU shards
     else:
         device = torch.device("cpu")
         dist.init_process_group("gloo")

@@ -38,6 +38,7 @@ from notelab.lm.sampling import (
     FactualNucleus,
     Sampler,
     advance_sentence,
+    bisect_threshold,
     choose_tokens,
     filter_threshold,
     top_p_value,
@@ -268,7 +269,8 @@ class Engine:
     autocast dtype, else the weights'). ``max_len`` defaults to the model's context. ``stacked`` (default: on
     CUDA) multiplies by stacked projection copies (``stacked_forward``); call ``refresh_weights`` after changing
     the model's weights in place. ``threshold`` (how top-k / top-p find their threshold,
-    ``notelab.lm.sampling``) and ``compiler`` (how the step is compiled on CUDA) are injectable.
+    ``notelab.lm.sampling``; default: bisection on CUDA, a sort elsewhere) and ``compiler`` (how the step is
+    compiled on CUDA) are injectable.
     """
 
     def __init__(
@@ -279,7 +281,7 @@ class Engine:
         dtype=None,  # noqa: ANN001
         *,
         stacked: bool | None = None,
-        threshold: Callable[..., torch.Tensor] = filter_threshold,
+        threshold: Callable[..., torch.Tensor] | None = None,
         compiler: Callable[[Callable], Callable] = compile_step,
     ) -> None:
         c = model.config
@@ -293,7 +295,9 @@ class Engine:
         if dtype is None:
             dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else w.dtype
         self.model, self.max_batch, self.max_len, self.dtype, self.device = model, max_batch, max_len, dtype, dev
-        self.threshold, self.compiler = threshold, compiler
+        # bisection where the step is compiled and captured (CUDA: 31 passes over L2-resident rows), else one sort
+        self.threshold = threshold or (bisect_threshold if dev.type == "cuda" else filter_threshold)
+        self.compiler = compiler
         self.vocab = c.vocab_size
         B = max_batch
         self.cache = model.make_cache(B, max_len, dtype=dtype)

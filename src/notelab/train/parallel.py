@@ -136,6 +136,7 @@ def shard(
     ``cpu_offload`` keeps the sharded fp32 weights, grads and AdamW states in CPU memory (the
     optimizer steps there); ``param_dtype`` is the dtype the units compute in (None: as stored).
     """
+    import torch.distributed as dist
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     params = list(model.parameters())
@@ -157,6 +158,11 @@ def shard(
     if param_dtype is not None:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     if cpu_offload:
+        if dist.is_initialized() and "cpu:" not in dist.get_backend_config():
+            raise ConfigError(
+                "cpu_offload: the process group needs a CPU backend for the offloaded gradients' norm, got "
+                f"{dist.get_backend_config()!r}: init_process_group('cpu:gloo,cuda:nccl'), or let fit join the group"
+            )
         kwargs["offload_policy"] = CPUOffloadPolicy()
     try:
         for unit in shard_units(model):
