@@ -12,14 +12,14 @@ import contextlib
 import statistics
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
 from notelab.core.config import config_from_dict
 from notelab.core.errors import DataError
-from notelab.reproduce.rules import Check
+from notelab.reproduce.rules import Check, claim_verdict
 
 VERDICTS = ("holds", "does not hold", "inconclusive")
 
@@ -94,6 +94,40 @@ class ClaimResult:
     def __post_init__(self) -> None:
         if self.verdict not in VERDICTS:
             raise ValueError(f"verdict must be one of {VERDICTS}, got {self.verdict!r}")
+
+    @classmethod
+    def from_sections(
+        cls,
+        name: str,
+        title: str,
+        claim: str,
+        sections: Sequence[Section],
+        *,
+        summary: str,
+        settings: dict[str, Any],
+        t_start: float,
+        progress: Progress,
+        verdict: str | None = None,
+        paper: Sequence[PaperNumber] = (),
+    ) -> ClaimResult:
+        """A claim's result from its sections' tables, figures, checks and paper numbers, in order (then
+        ``paper``); the verdict by :func:`claim_verdict` of those checks unless given, the seconds since
+        ``t_start`` and the part times of ``progress``."""
+        checks = [c for sec in sections for c in sec.checks]
+        return cls(
+            name=name,
+            title=title,
+            claim=claim,
+            verdict=claim_verdict(checks) if verdict is None else verdict,
+            summary=summary,
+            tables=[t for sec in sections for t in sec.tables],
+            figures=[f for sec in sections for f in sec.figures],
+            settings=settings,
+            seconds=time.perf_counter() - t_start,
+            checks=checks,
+            paper=[p for sec in sections for p in sec.paper] + list(paper),
+            part_seconds=dict(progress.seconds),
+        )
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "result") -> ClaimResult:

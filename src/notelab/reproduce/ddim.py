@@ -400,17 +400,7 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0, progress: Progress | 
         "seconds": {k: [round(v, 4) for v in vs] for k, vs in sampled.values["seconds"].items()},
         "data_fd": round(data_fd, 4),
     }
-    return ClaimResult(
-        name=NAME,
-        title=TITLE,
-        claim=CLAIM,
-        verdict=verdict,
-        summary=summary,
-        tables=sampled.tables,
-        figures=sampled.figures + trained.figures,
-        settings=settings,
-        seconds=time.perf_counter() - t_start,
-        checks=checks,
-        paper=sampled.paper,
-        part_seconds=dict(progress.seconds),
-    )
+    return ClaimResult.from_sections(
+        NAME, TITLE, CLAIM, (sampled, trained), summary=summary, settings=settings, t_start=t_start,
+        progress=progress, verdict=verdict,
+    )  # fmt: skip

@@ -446,7 +446,6 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0, progress: Progress | 
             with progress.part("flows and diffusion side by side"):
                 sections.append(side_by_side_section(s, seed, out_dir, progress))
     checks = [c for sec in sections for c in sec.checks]
-    verdict = rules.claim_verdict(checks)
     lls = sections[0].values["log_likelihood"]
     best = max(lls, key=lambda m: statistics.fmean(lls[m]))
     groups = rules.group_verdicts(checks)
@@ -460,17 +459,6 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0, progress: Progress | 
     )
     settings = {"quick": quick, "seed": seed, **dataclasses.asdict(s)}
     settings.update({k: v for sec in sections for k, v in sec.values.items()})
-    return ClaimResult(
-        name=NAME,
-        title=TITLE,
-        claim=CLAIM,
-        verdict=verdict,
-        summary=summary,
-        tables=[t for sec in sections for t in sec.tables],
-        figures=[f for sec in sections for f in sec.figures],
-        settings=settings,
-        seconds=time.perf_counter() - t_start,
-        checks=checks,
-        paper=[p for sec in sections for p in sec.paper],
-        part_seconds=dict(progress.seconds),
+    return ClaimResult.from_sections(
+        NAME, TITLE, CLAIM, sections, summary=summary, settings=settings, t_start=t_start, progress=progress
     )

@@ -632,7 +632,6 @@ def run(
     sections = (first, detect, nucleus, retrieval, *extra)
     checks = [c for sec in sections for c in sec.checks]
     parts = rules.group_verdicts(checks)
-    verdict = rules.claim_verdict(checks)
     params = count_parameters(model.config)
     summary = _summary(first, detect, nucleus, retrieval, parts, params, len(facts), quick)
     settings_out = {
@@ -642,20 +641,10 @@ def run(
         "data_root": str(root), "truthfulqa": (root / "truthfulqa").is_dir(),
         "halueval": (root / "halueval").is_dir(),
     }  # fmt: skip
-    return ClaimResult(
-        name=NAME,
-        title=TITLE,
-        claim=CLAIM,
-        verdict=verdict,
-        summary=summary,
-        tables=[t for sec in sections for t in sec.tables],
-        figures=[f for sec in sections for f in sec.figures],
-        settings=settings_out,
-        seconds=time.perf_counter() - t_start,
-        checks=checks,
+    return ClaimResult.from_sections(
+        NAME, TITLE, CLAIM, sections, summary=summary, settings=settings_out, t_start=t_start, progress=progress,
         paper=[dataclasses.replace(PAPER[0], ours=_best_detector(detect))],
-        part_seconds=dict(progress.seconds),
-    )
+    )  # fmt: skip
 
 
 def _best_detector(detect: Section) -> str:

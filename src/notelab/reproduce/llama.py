@@ -726,21 +726,11 @@ def run(
     sections = (block, gqa, long, post)
     checks = [c for sec in sections for c in sec.checks]
     parts = rules.group_verdicts(checks)
-    verdict = rules.claim_verdict(checks)
-    return ClaimResult(
-        name=NAME,
-        title=TITLE,
-        claim=CLAIM,
-        verdict=verdict,
-        summary=_summary(s, seeds, block, gqa, long, post, parts, quick),
-        tables=[t for sec in sections for t in sec.tables],
-        figures=[f for sec in sections for f in sec.figures],
-        settings=_settings(s, seeds, data, block, gqa, long, post, parts, quick, seed, device),
-        seconds=time.perf_counter() - t_start,
-        checks=checks,
-        paper=_paper(s, block, gqa, long),
-        part_seconds=dict(progress.seconds),
-    )
+    return ClaimResult.from_sections(
+        NAME, TITLE, CLAIM, sections, summary=_summary(s, seeds, block, gqa, long, post, parts, quick),
+        settings=_settings(s, seeds, data, block, gqa, long, post, parts, quick, seed, device), t_start=t_start,
+        progress=progress, paper=_paper(s, block, gqa, long),
+    )  # fmt: skip
 
 
 def _summary(

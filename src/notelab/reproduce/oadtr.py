@@ -291,7 +291,6 @@ def run(
         fig = figure_section(runs, test, out_dir)
     sections = (main, speed, fig)
     checks = [c for sec in sections for c in sec.checks]
-    verdict = rules.claim_verdict(checks)
     maps = main.values["map"]
     groups = rules.group_verdicts(checks)
     summary = (
@@ -301,25 +300,16 @@ def run(
         + "; ".join(f"{g}: {v}" for g, v in groups.items())
         + "."
     )
-    return ClaimResult(
-        name=NAME,
-        title=TITLE,
-        claim=CLAIM,
-        verdict=verdict,
-        summary=summary,
-        tables=[t for sec in sections for t in sec.tables],
-        figures=[f for sec in sections for f in sec.figures],
-        settings={
-            **asdict(s),
-            "seed": seed,
-            "mode": "tiny" if tiny else "quick" if quick else "full",
-            "data": "digits streams (scikit-learn handwritten digits, row by row)",
-        },
-        seconds=time.perf_counter() - t_start,
-        checks=checks,
+    settings = {
+        **asdict(s),
+        "seed": seed,
+        "mode": "tiny" if tiny else "quick" if quick else "full",
+        "data": "digits streams (scikit-learn handwritten digits, row by row)",
+    }
+    return ClaimResult.from_sections(
+        NAME, TITLE, CLAIM, sections, summary=summary, settings=settings, t_start=t_start, progress=progress,
         paper=_paper(maps),
-        part_seconds=dict(progress.seconds),
-    )
+    )  # fmt: skip
 
 
 def _paper(maps: dict[str, float]) -> list[PaperNumber]:

@@ -306,7 +306,6 @@ def run(
             low = low_data_section(s, task, seed)
     sections = (est, meth, low)
     checks = [c for sec in sections for c in sec.checks]
-    verdict = rules.claim_verdict(checks)
     gb = est.values["gb"]
     res = meth.values["results"]
     summary = (
@@ -317,11 +316,9 @@ def run(
         + ", ".join(f"{k} {v['val']:.3f} ({100 * v['fraction']:.2g}% trained)" for k, v in res.items() if k != "full")
         + f". Group verdicts: {rules.group_verdicts(checks)}."
     )
-    return ClaimResult(
-        name=NAME, title=TITLE, claim=CLAIM, verdict=verdict, summary=summary,
-        tables=[t for sec in sections for t in sec.tables], figures=[f for sec in sections for f in sec.figures],
+    return ClaimResult.from_sections(
+        NAME, TITLE, CLAIM, sections, summary=summary, t_start=t0, progress=progress,
         settings={"mode": "tiny" if tiny else "quick" if quick else "full", "seed": seed, **s.__dict__},
-        seconds=time.perf_counter() - t0, checks=checks, part_seconds=dict(progress.seconds),
         paper=[PaperNumber("memory of full fine-tuning, Qwen1.5-7B / 72B", "~160 GB / ~1,600 GB", "the note",
                            f"estimated {gb['qwen1.5-7b'][0]:.0f} GB / {gb['qwen1.5-72b'][0]:.0f} GB (batch 1 x 2048)")],
     )  # fmt: skip

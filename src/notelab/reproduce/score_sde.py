@@ -342,17 +342,7 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0, progress: Progress | 
         + (" Quick run: small models trained briefly; the full run is the one to quote." if quick else "")
     )
     settings = {"quick": quick, "seed": seed, **dataclasses.asdict(s), **trained.values, **v, **digits.values}
-    return ClaimResult(
-        name=NAME,
-        title=TITLE,
-        claim=CLAIM,
-        verdict=verdict,
-        summary=summary,
-        tables=lik.tables + sampled.tables + digits.tables,
-        figures=sampled.figures,
-        settings=settings,
-        seconds=time.perf_counter() - t_start,
-        checks=checks,
-        paper=lik.paper,
-        part_seconds=dict(progress.seconds),
-    )
+    return ClaimResult.from_sections(
+        NAME, TITLE, CLAIM, (lik, sampled, digits), summary=summary, settings=settings, t_start=t_start,
+        progress=progress, verdict=verdict,
+    )  # fmt: skip

@@ -48,7 +48,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -556,21 +555,11 @@ def run(
             doc = stdlib_doc_section(s, seed, out_dir, progress)
     sections = (speed, acc, grads, doc)
     checks = [c for sec in sections for c in sec.checks]
-    verdict = rules.claim_verdict(checks)
-    return ClaimResult(
-        name=NAME,
-        title=TITLE,
-        claim=CLAIM,
-        verdict=verdict,
-        summary=_summary(s, speed, grads, rules.group_verdicts(checks)),
-        tables=[t for sec in sections for t in sec.tables],
-        figures=[f for sec in sections for f in sec.figures],
+    return ClaimResult.from_sections(
+        NAME, TITLE, CLAIM, sections, summary=_summary(s, speed, grads, rules.group_verdicts(checks)),
         settings=_settings(s, speed, acc, grads, doc, seed, "tiny" if tiny else "quick" if quick else "full"),
-        seconds=time.perf_counter() - t_start,
-        checks=checks,
-        paper=_paper(s, speed.values["lengths"], grads.values["decay_init"]),
-        part_seconds=dict(progress.seconds),
-    )
+        t_start=t_start, progress=progress, paper=_paper(s, speed.values["lengths"], grads.values["decay_init"]),
+    )  # fmt: skip
 
 
 def _paper(s: Settings, lengths: list[int], decay: dict[str, float]) -> list[PaperNumber]:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -365,17 +364,7 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0, progress: Progress | 
         "scores": {k: [{m: round(v, 5) for m, v in r.items()} for r in rs] for k, rs in scores.items()},
         "prior": {k: [round(v, 4) for v in vs] for k, vs in pr.values.items()},
     }
-    return ClaimResult(
-        name=NAME,
-        title=TITLE,
-        claim=CLAIM,
-        verdict=verdict,
-        summary=summary,
-        tables=vq.tables + pr.tables,
-        figures=figs.figures + pr.figures,
-        settings=settings,
-        seconds=time.perf_counter() - t_start,
-        checks=checks,
-        paper=pr.paper,
-        part_seconds=dict(progress.seconds),
-    )
+    return ClaimResult.from_sections(
+        NAME, TITLE, CLAIM, (vq, figs, pr, Section(checks=checks)), summary=summary, settings=settings,
+        t_start=t_start, progress=progress, verdict=verdict,
+    )  # fmt: skip
