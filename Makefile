@@ -10,11 +10,15 @@ STAMP := $(VENV)/.installed-$(SPEC_ID)
 
 .PHONY: demo test lint format bench clean
 
+# torchcfm (the flow-matching parity peer) goes in without its declared dependencies: they pull torchdyn,
+# lightning and torchvision, which would replace the pinned torch; the modules the tests import need only
+# torch, numpy and pot (a test extra).
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-deps "torchcfm==1.0.7"
 	rm -f $(VENV)/.installed $(VENV)/.installed-*
 	touch $(STAMP)
 
