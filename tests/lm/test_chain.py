@@ -13,8 +13,9 @@ import pytest
 import torch
 from triton_interpreter import GPU as _GPU
 from triton_interpreter import import_interpreted, run_file_in_child
+from triton_interpreter import small_llama as model_of
 
-from notelab.lm import Llama, LlamaConfig, generate
+from notelab.lm import Llama, generate
 
 chain, IN_PROCESS = import_interpreted("notelab.lm.chain")
 DecodeChain, chain_unsupported = chain.DecodeChain, chain.chain_unsupported
@@ -31,18 +32,6 @@ def interp(monkeypatch):
     if not IN_PROCESS:
         pytest.skip("triton was imported without TRITON_INTERPRET=1 first: test_chain_tests_in_a_fresh_process")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-
-def model_of(dtype=torch.float32, device="cpu", **kw) -> Llama:
-    """Odd sizes on purpose: vocabulary 101 and FFN width 176 are not powers of two (masked tiles)."""
-    base = dict(vocab_size=101, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=16, max_seq_len=96)
-    base.update(rope_theta=500000.0, rope_scaling=dict(factor=8.0, original_max_position_embeddings=32))
-    torch.manual_seed(0)
-    model = Llama(LlamaConfig(**{**base, **kw})).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.2)
-    return model.to(device=device, dtype=dtype)
 
 
 def chain_after_prompt(model: Llama, prompt: torch.Tensor, total: int, **kw) -> DecodeChain:

@@ -20,6 +20,8 @@ from types import ModuleType
 import pytest
 import torch
 
+from notelab.lm import Llama, LlamaConfig
+
 GPU = torch.cuda.is_available()
 
 
@@ -61,3 +63,16 @@ def run_file_in_child(test_file: str, in_process: bool, skipped: int) -> None:
     assert run.returncode == 0, tail
     done = re.search(r"\b\d+ passed, (\d+) skipped\b", run.stdout)  # another skip: the child could not interpret
     assert done and int(done.group(1)) == skipped, tail
+
+
+def small_llama(dtype: torch.dtype = torch.float32, device: str = "cpu", **kw) -> Llama:
+    """A Llama for kernel tests, weights N(0, 0.2) (logits far from ties). Odd sizes on purpose: vocabulary 101
+    and FFN width 176 are not powers of two (masked tiles)."""
+    base = dict(vocab_size=101, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=16, max_seq_len=96)
+    base.update(rope_theta=500000.0, rope_scaling=dict(factor=8.0, original_max_position_embeddings=32))
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig(**{**base, **kw})).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    return model.to(device=device, dtype=dtype)

@@ -172,6 +172,16 @@ if triton is not None:
             tl.extra.cuda.gdc_wait()
 
     @triton.jit
+    def _rope_pair(a1, a2, c, s, rot, dt: tl.constexpr):  # noqa: ANN001, ANN202
+        """Features (j, j + D/2) of a head after RoPE where ``rot`` (q and k heads; v heads pass through), in
+        ``dt``: as ``notelab.core.rope.apply_rope`` computes it in x's dtype, x * cos + rotate_half(x) * sin."""
+        c = c.to(dt).to(tl.float32)
+        s = s.to(dt).to(tl.float32)
+        b1 = (a1 * c).to(dt).to(tl.float32) + (-a2 * s).to(dt).to(tl.float32)
+        b2 = (a2 * c).to(dt).to(tl.float32) + (a1 * s).to(dt).to(tl.float32)
+        return tl.where(rot, b1, a1).to(dt), tl.where(rot, b2, a2).to(dt)
+
+    @triton.jit
     def _embed_kernel(tok_ptr, emb_ptr, x_ptr, D, BLOCK: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr):  # noqa: ANN001, ANN202
         _launch_next(PDL, EARLY, False)
         _wait_previous(PDL)
@@ -226,19 +236,12 @@ if triton is not None:
         dt = x_ptr.dtype.element_ty
         a1 = tl.sum(w1.to(tl.float32) * h[None, :], axis=1).to(dt).to(tl.float32)
         a2 = tl.sum(w2.to(tl.float32) * h[None, :], axis=1).to(dt).to(tl.float32)
-        # RoPE as notelab.core.rope.apply_rope computes it in x's dtype: x * cos + rotate_half(x) * sin
-        c = c.to(dt).to(tl.float32)
-        s = s.to(dt).to(tl.float32)
-        b1 = (a1 * c).to(dt).to(tl.float32) + (-a2 * s).to(dt).to(tl.float32)
-        b2 = (a2 * c).to(dt).to(tl.float32) + (a1 * s).to(dt).to(tl.float32)
         hv = head + 0 * j  # the head, as a tensor (for element masks)
-        rot = hv < NQ + NKV  # q and k heads rotate, v heads do not
-        b1 = tl.where(rot, b1, a1).to(dt)
-        b2 = tl.where(rot, b2, a2).to(dt)
+        b1, b2 = _rope_pair(a1, a2, c, s, hv < NQ + NKV, dt)
         is_q = hv < NQ
         tl.store(q_ptr + head * HD + j, b1, mask=mask_r & is_q)
         tl.store(q_ptr + head * HD + HALF + j, b2, mask=mask_r & is_q)
-        is_k = (hv >= NQ) & rot
+        is_k = (hv >= NQ) & (hv < NQ + NKV)
         kv_head = tl.where(is_k, hv - NQ, hv - NQ - NKV).to(tl.int64)
         row = (kv_head * S + slot) * HD
         tl.store(k_ptr + row + j, b1, mask=mask_r & is_k)
@@ -249,15 +252,15 @@ if triton is not None:
 
     @triton.jit
     def _attention_kernel(  # noqa: ANN202
-        q_ptr,  # noqa: ANN001  (NQ HD,) rotated queries
-        k_ptr,  # noqa: ANN001  (NKV, S, HD) cache
+        q_ptr,  # noqa: ANN001  (B, NQ HD) rotated queries
+        k_ptr,  # noqa: ANN001  (B, NKV, S, HD) cache
         v_ptr,  # noqa: ANN001
-        slot_ptr,  # noqa: ANN001
-        part_ptr,  # noqa: ANN001  (NQ, NSPLIT, HD) float32 partial outputs (NSPLIT > 1)
-        m_ptr,  # noqa: ANN001  (NQ, NSPLIT) float32 partial maxima
-        l_ptr,  # noqa: ANN001  (NQ, NSPLIT) float32 partial sums
-        count_ptr,  # noqa: ANN001  (NQ,) int32 finished splits, zero between steps
-        y_ptr,  # noqa: ANN001  (NQ HD,) out, q's dtype
+        slot_ptr,  # noqa: ANN001  (B,) int64, each row's slot (0-d at batch 1)
+        part_ptr,  # noqa: ANN001  (B, NQ, NSPLIT, HD) float32 partial outputs (NSPLIT > 1)
+        m_ptr,  # noqa: ANN001  (B, NQ, NSPLIT) float32 partial maxima
+        l_ptr,  # noqa: ANN001  (B, NQ, NSPLIT) float32 partial sums
+        count_ptr,  # noqa: ANN001  (B, NQ) int32 finished splits, zero between steps
+        y_ptr,  # noqa: ANN001  (B, NQ HD) out, q's dtype
         S,  # noqa: ANN001
         scale,  # noqa: ANN001
         HD: tl.constexpr,
@@ -270,13 +273,16 @@ if triton is not None:
         _launch_next(PDL, EARLY, False)
         head = tl.program_id(0)
         sp = tl.program_id(1)
+        row = tl.program_id(2)  # the batch row (0 at batch 1)
+        nq = tl.num_programs(0)
+        head = row * nq + head  # the row's head, as an index into (B, NQ) arrays
         # The slot changes only between steps (graph replays), never inside one: safe to read before the wait.
-        n = tl.load(slot_ptr).to(tl.int32) + 1  # keys 0..slot
+        n = tl.load(slot_ptr + row).to(tl.int32) + 1  # keys 0..slot
         chunk = tl.cdiv(n, NSPLIT)
         lo = sp * chunk
         hi = tl.minimum(lo + chunk, n)
         d = tl.arange(0, HD)
-        base = (head // G).to(tl.int64) * S * HD
+        base = (head // G).to(tl.int64) * S * HD  # (row, kv head) = (row NQ + h) // G: G divides NQ
         _wait_previous(PDL)
         _launch_next(PDL, EARLY, True)
         q = tl.load(q_ptr + head * HD + d).to(tl.float32)
