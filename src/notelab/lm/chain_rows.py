@@ -37,15 +37,13 @@ from notelab.core.rope import rope_cos_sin
 from notelab.lm.chain import _INTERPRET, _pow2, chain_unsupported, triton
 from notelab.lm.model import FusedWeights, Llama
 
-if triton is not None:
-    import triton.language as tl
-
-    from notelab.lm.chain import _attention_kernel, _launch_next, _rope_pair, _wait_previous
+if triton is not None:  # triton is optional (notelab.lm.chain imports it when present)
+    from notelab.lm.chain import _attention_kernel, _launch_next, _rope_pair, _wait_previous, tl
 
 __all__ = ["MAX_ROWS", "DecodeRows", "RowsOptions", "rows_unsupported"]
 
 MAX_ROWS = 32  # rows padded to a tile of at most this many (tl.dot's M)
-_INTERPRET_DOT = triton.language.constexpr(_INTERPRET) if triton is not None else False
+_INTERPRET_DOT = tl.constexpr(_INTERPRET) if triton is not None else False
 
 
 @dataclass(frozen=True)
