@@ -16,15 +16,15 @@ tokens compared with the default step's. Phases, most informative first, each sk
 has passed:
 
   (0) the card's copy bandwidth; the model
-  (1) at each batch: sampled (temperature 0.8, top-p 0.95, seed 0) with the sort and with bisection
-  (2) greedy at the first batch: the default step, the rows step of ``notelab.lm.chain_rows`` (Triton tiles,
-      a candidate: ``RowsRunner``), with PDL, with cuBLASLt
-  (3) correctness, float32, a small Llama: each threshold's sampled tokens and the rows step's greedy tokens
-      equal the reference path's
-  (4) the other batches: greedy default, rows step, PDL, cuBLASLt; then max-autotune at every batch
+  (1) at each batch: sampled (temperature 0.8, top-p 0.95, seed 0), the default step and the engine with the
+      forward of ``notelab.lm.chain_rows.DecodeRows`` (Triton tiles, a candidate) injected
+  (2) greedy at the first batch: the default step, ``forward=DecodeRows``, with PDL, with cuBLASLt
+  (3) correctness, float32, a small Llama: each threshold's sampled tokens and ``DecodeRows``' greedy and
+      sampled tokens equal the reference path's
+  (4) the other batches: greedy default, ``forward=DecodeRows``, PDL, cuBLASLt; then max-autotune
 
-``--tiny``: a small model and sizes, a smoke test of the script on CPU (the rows step only with
-TRITON_INTERPRET=1, slowly).
+``--tiny``: a small model and sizes, a smoke test of the script on CPU (``DecodeRows`` only with
+TRITON_INTERPRET=1, slowly). The sort-vs-bisection comparison of the fifth session is in benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import torch._inductor.config
 
 from decode_defaults import SAMPLED, Bench, Phases, agreement, timed
 from notelab.lm import Llama, LlamaConfig, generate
-from notelab.lm.chain_rows import DecodeRows, RowsOptions, rows_unsupported
+from notelab.lm.chain_rows import DecodeRows, rows_unsupported
 from notelab.lm.engine import Engine, SamplingParams, compile_step
 from notelab.lm.sampling import bisect_threshold, filter_threshold
 
@@ -64,51 +64,6 @@ def run_engine(engine: Engine, prompts: list[list[int]], n: int, sampled: bool) 
             if e.token is not None:
                 got[ids[e.request_id]].append(e.token)
     return got
-
-
-class RowsRunner:
-    """Greedy decoding of equal-length prompts with ``notelab.lm.chain_rows.DecodeRows`` (a candidate, not a path of
-    ``generate`` yet): the prompts prefilled by the model in one batch, then per token the rows' Triton step, the
-    argmax and the slot advance, captured once in a CUDA graph (eager elsewhere) and replayed."""
-
-    def __init__(self, model: Llama, batch: int, prompt: int, n: int, options: RowsOptions | None = None) -> None:
-        w = model.embed_tokens.weight
-        dev, long = w.device, dict(dtype=torch.long, device=w.device)
-        self.model, self.P, self.n = model, prompt, n
-        self.cache = model.make_cache(batch, prompt + n, dtype=w.dtype)
-        self.tok, self.pos = torch.zeros(batch, 1, **long), torch.zeros(batch, **long)
-        self.out, self.col = torch.zeros(batch, n, **long), torch.zeros((), **long)
-        self.rows = DecodeRows(model, model.fused_decode_weights(), self.cache, self.tok, self.pos, options=options)
-        self.graph = None
-        if dev.type == "cuda":
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                self._one()
-            torch.cuda.current_stream().wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self._one()
-
-    def _one(self) -> None:
-        self.rows.step()
-        nxt = self.rows.logits.argmax(-1)
-        self.tok.copy_(nxt[:, None])
-        self.out.index_copy_(1, self.col.view(1).clamp(max=self.n - 1), nxt[:, None])
-        self.col.add_(1)
-        self.pos.add_(1)
-
-    @torch.inference_mode()
-    def __call__(self, prompts: list[list[int]]) -> list[list[int]]:
-        tokens = torch.tensor(prompts, device=self.tok.device)
-        logits = self.model._forward(tokens, 0, None, None, self.cache, 1)[:, -1]
-        self.tok.copy_(logits.argmax(-1, keepdim=True))
-        self.out[:, 0] = self.tok[:, 0]
-        self.pos.fill_(self.P)
-        self.col.fill_(1)
-        for _ in range(1, self.n):
-            self.graph.replay() if self.graph is not None else self._one()
-        return self.out.tolist()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,35 +102,24 @@ def main(argv: list[str] | None = None) -> int:
             res[f"{th} sampled == reference"] = run_engine(eng, prompts, 16, True) == ref_s
         eng = Engine(small, len(prompts), 32, stacked=True)
         res["greedy == reference"] = run_engine(eng, prompts, 16, False) == ref
-        if not rows_unsupported(small, 2, torch.float32):  # equal lengths: the runner prefills in one batch
-            same = [prompts[1], prompts[2]]
-            res["rows greedy == reference"] = RowsRunner(small, 2, 9, 16)(same) == ref[1:3]
+        if not rows_unsupported(small, len(prompts), torch.float32):
+            eng = Engine(small, len(prompts), 32, stacked=True, forward=DecodeRows)
+            res["rows greedy == reference"] = run_engine(eng, prompts, 16, False) == ref
+            res["rows sampled == reference"] = run_engine(eng, prompts, 16, True) == ref_s
         return res
 
-    def rows_variant(batch: int, options: RowsOptions | None = None) -> Callable[[], dict]:
-        def run() -> dict:
-            why = rows_unsupported(bench.model, batch, bench.model.embed_tokens.weight.dtype)
-            if why:
-                return {"skipped": why}
-            runner = RowsRunner(bench.model, batch, args.prompt, args.new_tokens, options)
-            prompts = bench.prompts[:batch]
-            warm_s, _ = timed(device, lambda: runner(prompts))
-            dt, out = timed(device, lambda: runner(prompts))
-            res = {**bench.figures(batch, dt, out), "warmup_s": warm_s}
-            if ("greedy", batch) in shared:
-                res["rows_equal_default"], res["prefix_agree_default"] = agreement(out, shared[("greedy", batch)])
-            return res
-
-        return run
-
     def variant(
-        batch: int, threshold: str, sampled: bool, compiler: str = "default", blas: str | None = None
-    ) -> Callable[[], dict]:
+        batch: int, threshold: str, sampled: bool, compiler: str = "default", blas: str | None = None,
+        rows: bool = False,
+    ) -> Callable[[], dict]:  # fmt: skip
         def run() -> dict:
             n, prompts = args.new_tokens, bench.prompts[:batch]
+            if rows and (why := rows_unsupported(bench.model, batch, bench.model.embed_tokens.weight.dtype)):
+                return {"skipped": why}
             eng = Engine(
-                bench.model, batch, args.prompt + n, threshold=THRESHOLD[threshold], compiler=COMPILER[compiler]
-            )
+                bench.model, batch, args.prompt + n, threshold=THRESHOLD[threshold], compiler=COMPILER[compiler],
+                forward=DecodeRows if rows else None,
+            )  # fmt: skip
             before = torch.backends.cuda.preferred_blas_library()
             try:  # the products' library is chosen when the graph is captured (first run); replays keep it
                 if blas is not None:
@@ -202,12 +146,12 @@ def main(argv: list[str] | None = None) -> int:
         "# roofline tokens/s: " + ", ".join(f"B={b}: {bench.roofline(b):.0f}" for b in [1, *args.batches]), flush=True
     )
     for b in args.batches:  # the default step's tokens come first: the others are compared with them
-        phase(f"sampled x{b} threshold=sort", variant(b, "sort", True))
         phase(f"sampled x{b} threshold=bisect (default on CUDA)", variant(b, "bisect", True))
+        phase(f"sampled x{b} bisect, forward=DecodeRows", variant(b, "bisect", True, rows=True))
 
     def greedy(b: int) -> None:
         phase(f"greedy x{b} (default)", variant(b, "sort", False))
-        phase(f"greedy x{b} rows step (notelab.lm.chain_rows, Triton tiles)", rows_variant(b))
+        phase(f"greedy x{b} forward=DecodeRows (notelab.lm.chain_rows)", variant(b, "sort", False, rows=True))
         if hasattr(torch._inductor.config.triton, "enable_pdl"):
             phase(f"greedy x{b} compiler=pdl", variant(b, "sort", False, "pdl"))
         if device.type == "cuda":  # no new compile: the same step, its products captured from cuBLASLt

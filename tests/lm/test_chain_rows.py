@@ -7,7 +7,9 @@ from triton_interpreter import GPU as _GPU
 from triton_interpreter import import_interpreted, run_file_in_child
 from triton_interpreter import small_llama as model_of
 
-from notelab.lm import Llama
+from notelab.core.errors import ConfigError
+from notelab.lm import Llama, generate
+from notelab.lm.engine import Engine, SamplingParams
 
 rows, IN_PROCESS = import_interpreted("notelab.lm.chain_rows")
 
@@ -83,6 +85,34 @@ def test_rows_step_in_bf16_is_within_rounding_of_the_model(interp):
     its scores to bf16): logits within a few bf16 steps of the model's, here on logits of size ~1."""
     model = model_of(dtype=torch.bfloat16)
     check_rows(model, [3, 9, 5], 2, tol=5e-2)
+
+
+def test_engine_with_the_rows_forward_gives_the_reference_tokens(interp):
+    """The rows step injected into the engine (``forward=DecodeRows``): requests of different lengths, one joining
+    mid-way into a free row, greedy and sampled, each get the reference path's tokens (float32)."""
+    model = model_of()
+    engine = Engine(model, max_batch=3, stacked=True, forward=rows.DecodeRows)
+    prompts = [[5, 6, 7], list(range(1, 12)), [9, 9, 4, 2, 8]]
+    sampled = dict(temperature=0.9, top_p=0.9)
+    events: dict[int, list] = {}
+
+    def drain(steps: int | None = None) -> None:
+        n = 0
+        while engine.has_work() and (steps is None or n < steps):
+            for e in engine.step():
+                if e.token is not None:
+                    events.setdefault(e.request_id, []).append(e.token)
+            n += 1
+
+    ids = [engine.add(prompts[0], SamplingParams(max_new_tokens=8)), engine.add(prompts[1], SamplingParams(8))]
+    drain(steps=3)
+    ids.append(engine.add(prompts[2], SamplingParams(max_new_tokens=8, seed=5, **sampled)))
+    drain()
+    assert events[ids[0]] == generate(model, [prompts[0]], 8, path="reference")[0]
+    assert events[ids[1]] == generate(model, [prompts[1]], 8, path="reference")[0]
+    assert events[ids[2]] == generate(model, [prompts[2]], 8, path="reference", seed=5, **sampled)[0]
+    with pytest.raises(ConfigError, match="stacked"):
+        Engine(model, max_batch=2, stacked=False, forward=rows.DecodeRows)
 
 
 def test_rows_unsupported_says_why():

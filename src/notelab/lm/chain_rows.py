@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from notelab.core.errors import ConfigError
 from notelab.core.rope import rope_cos_sin
 from notelab.lm.chain import _INTERPRET, _pow2, chain_unsupported, triton
 from notelab.lm.model import FusedWeights, Llama
@@ -245,6 +246,9 @@ class DecodeRows:
         c, t = model.config, options or RowsOptions()
         dev, dtype = tok.device, model.embed_tokens.weight.dtype
         B = tok.shape[0]
+        why = rows_unsupported(model, B, cache[0].k.dtype)
+        if why:
+            raise ConfigError(f"DecodeRows: {why}")
         self.model, self.fused, self.cache, self.tok, self.pos, self.options = model, fused, cache, tok, pos, t
         cap = torch.cuda.get_device_capability(dev) if dev.type == "cuda" else (0, 0)
         self.pdl = t.pdl and cap >= (9, 0) and not _INTERPRET

@@ -25,6 +25,7 @@ import warnings
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -235,11 +236,58 @@ def _decode_step(
 ) -> None:
     """One token for every row, in place: ``tok`` ``(B, 1)`` at cache slots ``pos`` ``(B,)`` -> next tokens in
     ``tok`` and ``out``; active rows advance ``pos`` and ``count``. Fixed buffers only (capturable)."""
-    temperature, top_k, top_p, penalty, seed = settings
     if fused is None:
         logits = model._forward(tok, pos, None, None, cache, 1)[:, -1].float()
     else:
         logits = stacked_forward(model, fused, tok, pos, cache)[:, -1].float()
+    _advance(
+        logits, cache[0].max_len, tok, pos, active, count, seen, settings, nucleus, out, out_logprob, how, threshold
+    )
+
+
+def _forward_step(
+    model: Llama,
+    fused: FusedWeights | None,
+    cache: nn.ModuleList,
+    tok: torch.Tensor,
+    pos: torch.Tensor,
+    active: torch.Tensor,
+    count: torch.Tensor,
+    seen: torch.Tensor,
+    settings: tuple[torch.Tensor, ...],
+    nucleus: tuple[torch.Tensor, ...],
+    out: torch.Tensor,
+    out_logprob: torch.Tensor,
+    how: Sampler,
+    threshold: Callable[..., torch.Tensor],
+    *,
+    forward: object,
+    advance: Callable[..., None],
+) -> None:
+    """:func:`_decode_step` with an injected forward (``forward.step()`` writes ``forward.logits``, its own kernels,
+    not compiled) and the token choice after it by ``advance`` (:func:`_advance`, compiled on CUDA)."""
+    forward.step()
+    advance(forward.logits, cache[0].max_len, tok, pos, active, count, seen, settings, nucleus, out, out_logprob, how,
+            threshold)  # fmt: skip
+
+
+def _advance(
+    logits: torch.Tensor,
+    max_len: int,
+    tok: torch.Tensor,
+    pos: torch.Tensor,
+    active: torch.Tensor,
+    count: torch.Tensor,
+    seen: torch.Tensor,
+    settings: tuple[torch.Tensor, ...],
+    nucleus: tuple[torch.Tensor, ...],
+    out: torch.Tensor,
+    out_logprob: torch.Tensor,
+    how: Sampler,
+    threshold: Callable[..., torch.Tensor],
+) -> None:
+    """The tokens chosen from float32 ``logits`` ``(B, V)`` into ``tok`` / ``out``; active rows advance."""
+    temperature, top_k, top_p, penalty, seed = settings
     decay, floor, since, ends = nucleus
     nxt, logprob = choose_tokens(
         logits, how, temperature=temperature, top_k=top_k, top_p=top_p, penalty=penalty,
@@ -254,7 +302,7 @@ def _decode_step(
     if how.penalty:
         seen.scatter_(1, nxt[:, None], True)
     # A free row stays at slot 0; an active one never passes the last slot (its request ends there).
-    pos.copy_((pos + active).clamp(max=cache[0].max_len - 1))
+    pos.copy_((pos + active).clamp(max=max_len - 1))
     count.add_(active)
 
 
@@ -270,7 +318,9 @@ class Engine:
     CUDA) multiplies by stacked projection copies (``stacked_forward``); call ``refresh_weights`` after changing
     the model's weights in place. ``threshold`` (how top-k / top-p find their threshold,
     ``notelab.lm.sampling``; default: bisection on CUDA, a sort elsewhere) and ``compiler`` (how the step is
-    compiled on CUDA) are injectable.
+    compiled on CUDA) are injectable, and so is ``forward``: a constructor ``(model, fused, cache, tok, pos)`` of
+    an object whose ``step()`` writes the float32 ``logits`` ``(B, V)`` of those buffers' rows by its own kernels
+    (``notelab.lm.chain_rows.DecodeRows``); the token choice then runs after it, in the same graph.
     """
 
     def __init__(
@@ -283,6 +333,7 @@ class Engine:
         stacked: bool | None = None,
         threshold: Callable[..., torch.Tensor] | None = None,
         compiler: Callable[[Callable], Callable] = compile_step,
+        forward: Callable[..., object] | None = None,
     ) -> None:
         c = model.config
         max_len = max_len or c.max_seq_len
@@ -302,11 +353,13 @@ class Engine:
         B = max_batch
         self.cache = model.make_cache(B, max_len, dtype=dtype)
         # Stacked projections (extra memory: those weights once more) where they pay: the compiled CUDA step.
-        stack = dev.type == "cuda" if stacked is None else stacked
+        stack = (dev.type == "cuda" or forward is not None) if stacked is None else stacked
         if stack and model.unplain_reason():  # stacked copies would skip an adapter: the layers' own forward runs
             warnings.warn(f"Engine: stacked projections off ({model.unplain_reason()})", RuntimeWarning, 2)
             stack = False
         self.fused = model.fused_decode_weights() if stack else None
+        if forward is not None and self.fused is None:
+            raise ConfigError("Engine: an injected forward reads the stacked projections: stacked=True")
         long = dict(dtype=torch.long, device=dev)
         self.tok = torch.zeros(B, 1, **long)
         self.pos = torch.zeros(B, **long)
@@ -337,6 +390,8 @@ class Engine:
         ]  # two host copies of (out, out_logprob): the one being read and the one being written
         self.flip = 0
         self.pending: tuple | None = None  # the last launched step: (event, host copy, rows at launch, logprobs)
+        # an injected forward of the step (e.g. notelab.lm.chain_rows.DecodeRows), built on this engine's buffers
+        self.forward = None if forward is None else forward(model, self.fused, self.cache, self.tok, self.pos)
         self.steps: dict[Sampler, object] = {}  # the captured (or plain) decode step per kind of processing
         self.warned: set[str] = set()
 
@@ -508,9 +563,16 @@ class Engine:
         return (self.fused, self.cache, self.tok, self.pos, self.active, self.count, self.seen, self.settings,
                 self.nucleus, self.out, self.out_logprob)  # fmt: skip
 
+    def _step_fn(self, compiled: bool) -> Callable[..., None]:
+        """The step function (the compiled one when ``compiled``): the whole torch step, or the injected forward
+        followed by the token choice (only that part compiled)."""
+        if self.forward is None:
+            return self.compiler(_decode_step) if compiled else _decode_step
+        return partial(_forward_step, forward=self.forward, advance=self.compiler(_advance) if compiled else _advance)
+
     def _run(self, how: Sampler) -> None:
         if self.device.type != "cuda":
-            _decode_step(self.model, *self._buffers(), how, self.threshold)
+            self._step_fn(False)(self.model, *self._buffers(), how, self.threshold)
             return
         graph = self.steps.get(how)
         if graph is None:
@@ -525,10 +587,9 @@ class Engine:
     def _capture(self, how: Sampler) -> torch.cuda.CUDAGraph:
         """Compile the step (inductor; on failure the eager step, said once), warm it up on a side stream and
         record it. The warm-up runs real steps, so the state it changes is put back first."""
-        fn = _decode_step
+        fn = self._step_fn(False)
         try:
-            compiled = self.compiler(_decode_step)
-            return self._record(compiled, how)
+            return self._record(self._step_fn(True), how)
         except Exception as e:  # noqa: BLE001 - any compiler failure: the eager step still runs
             self._say_once(f"Engine: torch.compile of the decode step failed ({type(e).__name__}: {e}); eager step")
         return self._record(fn, how)
