@@ -246,29 +246,13 @@ def _decode_step(
 
 
 def _forward_step(
-    model: Llama,
-    fused: FusedWeights | None,
-    cache: nn.ModuleList,
-    tok: torch.Tensor,
-    pos: torch.Tensor,
-    active: torch.Tensor,
-    count: torch.Tensor,
-    seen: torch.Tensor,
-    settings: tuple[torch.Tensor, ...],
-    nucleus: tuple[torch.Tensor, ...],
-    out: torch.Tensor,
-    out_logprob: torch.Tensor,
-    how: Sampler,
-    threshold: Callable[..., torch.Tensor],
-    *,
-    forward: object,
-    advance: Callable[..., None],
+    model: Llama, fused: FusedWeights, cache: nn.ModuleList, *state: object, forward: object, advance: Callable
 ) -> None:
     """:func:`_decode_step` with an injected forward (``forward.step()`` writes ``forward.logits``, its own kernels,
-    not compiled) and the token choice after it by ``advance`` (:func:`_advance`, compiled on CUDA)."""
+    not compiled) and the token choice after it by ``advance`` (:func:`_advance`, compiled on CUDA); ``state``:
+    ``_decode_step``'s arguments after the cache."""
     forward.step()
-    advance(forward.logits, cache[0].max_len, tok, pos, active, count, seen, settings, nucleus, out, out_logprob, how,
-            threshold)  # fmt: skip
+    advance(forward.logits, cache[0].max_len, *state)
 
 
 def _advance(
