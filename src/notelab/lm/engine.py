@@ -219,30 +219,16 @@ def stacked_forward(
 
 
 def _decode_step(
-    model: Llama,
-    fused: FusedWeights | None,
-    cache: nn.ModuleList,
-    tok: torch.Tensor,
-    pos: torch.Tensor,
-    active: torch.Tensor,
-    count: torch.Tensor,
-    seen: torch.Tensor,
-    settings: tuple[torch.Tensor, ...],
-    nucleus: tuple[torch.Tensor, ...],
-    out: torch.Tensor,
-    out_logprob: torch.Tensor,
-    how: Sampler,
-    threshold: Callable[..., torch.Tensor],
+    model: Llama, fused: FusedWeights | None, cache: nn.ModuleList, tok: torch.Tensor, pos: torch.Tensor, *state: object
 ) -> None:
     """One token for every row, in place: ``tok`` ``(B, 1)`` at cache slots ``pos`` ``(B,)`` -> next tokens in
-    ``tok`` and ``out``; active rows advance ``pos`` and ``count``. Fixed buffers only (capturable)."""
+    ``tok`` and ``out``; active rows advance ``pos`` and ``count`` (``state``: :func:`_advance`'s arguments after
+    ``pos``). Fixed buffers only (capturable)."""
     if fused is None:
         logits = model._forward(tok, pos, None, None, cache, 1)[:, -1].float()
     else:
         logits = stacked_forward(model, fused, tok, pos, cache)[:, -1].float()
-    _advance(
-        logits, cache[0].max_len, tok, pos, active, count, seen, settings, nucleus, out, out_logprob, how, threshold
-    )
+    _advance(logits, cache[0].max_len, tok, pos, *state)
 
 
 def _forward_step(
@@ -250,7 +236,7 @@ def _forward_step(
 ) -> None:
     """:func:`_decode_step` with an injected forward (``forward.step()`` writes ``forward.logits``, its own kernels,
     not compiled) and the token choice after it by ``advance`` (:func:`_advance`, compiled on CUDA); ``state``:
-    ``_decode_step``'s arguments after the cache."""
+    :func:`_advance`'s arguments from ``tok`` on."""
     forward.step()
     advance(forward.logits, cache[0].max_len, *state)
 
