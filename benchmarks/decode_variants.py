@@ -18,10 +18,12 @@ has passed:
   (0) the card's copy bandwidth; the model
   (1) at each batch: sampled (temperature 0.8, top-p 0.95, seed 0), the default step and the engine with the
       forward of ``notelab.lm.chain_rows.DecodeRows`` (Triton tiles, a candidate) injected
-  (2) greedy at the first batch: the default step, ``forward=DecodeRows``, with PDL, with cuBLASLt
+  (2) greedy at the first batch: the default step, ``forward=DecodeRows`` with its default tiles and with each
+      of ``ROWS_OPTIONS`` (tile width, split-K, pipelining); with ``--compilers``: PDL, cuBLASLt
   (3) correctness, float32, a small Llama: each threshold's sampled tokens and ``DecodeRows``' greedy and
       sampled tokens equal the reference path's
-  (4) the other batches: greedy default, ``forward=DecodeRows``, PDL, cuBLASLt; then max-autotune
+  (4) the other batches: greedy default, ``forward=DecodeRows`` (and ``--compilers``' variants); then
+      max-autotune unless ``--no-autotune``
 
 ``--tiny``: a small model and sizes, a smoke test of the script on CPU (``DecodeRows`` only with
 TRITON_INTERPRET=1, slowly). The sort-vs-bisection comparison of the fifth session is in benchmarks/RESULTS.md.
@@ -39,7 +41,7 @@ import torch._inductor.config
 
 from decode_defaults import SAMPLED, Bench, Phases, agreement, timed
 from notelab.lm import Llama, LlamaConfig, generate
-from notelab.lm.chain_rows import DecodeRows, rows_unsupported
+from notelab.lm.chain_rows import DecodeRows, RowsOptions, rows_unsupported
 from notelab.lm.engine import Engine, SamplingParams, compile_step
 from notelab.lm.sampling import bisect_threshold, filter_threshold
 
@@ -51,6 +53,17 @@ COMPILER = {
     # inductor's Triton kernels with programmatic dependent launch (Hopper): each may start before the previous
     # one ends (the chain's trick, for the generated kernels); a distinct backend, so dynamo compiles anew
     "pdl": partial(torch.compile, fullgraph=True, dynamic=False, options={"triton.enable_pdl": True}),
+}
+
+
+ROWS_OPTIONS = {  # DecodeRows' tiles beside its defaults (RowsOptions: bn 32, bk 128, split 4, 3 stages)
+    "split 1": RowsOptions(split=1),
+    "split 8": RowsOptions(split=8),
+    "bn 64": RowsOptions(bn=64),
+    "bn 16 split 8": RowsOptions(bn=16, split=8),
+    "bk 256, 4 stages": RowsOptions(bk=256, stages=4),
+    "bk 64, 5 stages": RowsOptions(bk=64, stages=5),
+    "8 warps": RowsOptions(warps=8),
 }
 
 
@@ -74,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=int, nargs="+", default=[8, 32], help="engine variants at these batches")
     p.add_argument("--budget-s", type=float, default=230.0, help="skip the phases that start after this long")
     p.add_argument("--no-autotune", action="store_true", help="skip the max-autotune compiler variant")
+    p.add_argument("--compilers", action="store_true", help="also the PDL compiler and cuBLASLt variants")
     p.add_argument("--tiny", action="store_true", help="small model and sizes: a CPU smoke test")
     p.add_argument("--out", help="write every figure as JSON here")
     args = p.parse_args(argv)
@@ -110,15 +124,16 @@ def main(argv: list[str] | None = None) -> int:
 
     def variant(
         batch: int, threshold: str, sampled: bool, compiler: str = "default", blas: str | None = None,
-        rows: bool = False,
+        rows: RowsOptions | None = None,
     ) -> Callable[[], dict]:  # fmt: skip
         def run() -> dict:
             n, prompts = args.new_tokens, bench.prompts[:batch]
-            if rows and (why := rows_unsupported(bench.model, batch, bench.model.embed_tokens.weight.dtype)):
+            dtype = bench.model.embed_tokens.weight.dtype
+            if rows is not None and (why := rows_unsupported(bench.model, batch, dtype)):
                 return {"skipped": why}
             eng = Engine(
                 bench.model, batch, args.prompt + n, threshold=THRESHOLD[threshold], compiler=COMPILER[compiler],
-                forward=DecodeRows if rows else None,
+                forward=None if rows is None else partial(DecodeRows, options=rows),
             )  # fmt: skip
             before = torch.backends.cuda.preferred_blas_library()
             try:  # the products' library is chosen when the graph is captured (first run); replays keep it
@@ -147,20 +162,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     for b in args.batches:  # the default step's tokens come first: the others are compared with them
         phase(f"sampled x{b} threshold=bisect (default on CUDA)", variant(b, "bisect", True))
-        phase(f"sampled x{b} bisect, forward=DecodeRows", variant(b, "bisect", True, rows=True))
+        phase(f"sampled x{b} bisect, forward=DecodeRows", variant(b, "bisect", True, rows=RowsOptions()))
 
-    def greedy(b: int) -> None:
+    def greedy(b: int, tiles: bool) -> None:
         phase(f"greedy x{b} (default)", variant(b, "sort", False))
-        phase(f"greedy x{b} forward=DecodeRows (notelab.lm.chain_rows)", variant(b, "sort", False, rows=True))
-        if hasattr(torch._inductor.config.triton, "enable_pdl"):
+        phase(f"greedy x{b} forward=DecodeRows (notelab.lm.chain_rows)", variant(b, "sort", False, rows=RowsOptions()))
+        for name, options in ROWS_OPTIONS.items() if tiles else ():
+            phase(f"greedy x{b} forward=DecodeRows, {name}", variant(b, "sort", False, rows=options))
+        if args.compilers and hasattr(torch._inductor.config.triton, "enable_pdl"):
             phase(f"greedy x{b} compiler=pdl", variant(b, "sort", False, "pdl"))
-        if device.type == "cuda":  # no new compile: the same step, its products captured from cuBLASLt
+        if args.compilers and device.type == "cuda":  # no new compile: the same step, products from cuBLASLt
             phase(f"greedy x{b} blas=cublaslt", variant(b, "sort", False, blas="cublaslt"))
 
-    greedy(args.batches[0])
+    greedy(args.batches[0], tiles=True)
     phase("correctness float32 (small model)", correctness)
     for b in args.batches[1:]:
-        greedy(b)
+        greedy(b, tiles=True)
     if not args.no_autotune:  # last: its compile (autotuning every product shape) is the longest
         for b in args.batches:
             phase(f"greedy x{b} compiler=max-autotune", variant(b, "sort", False, "max-autotune"))

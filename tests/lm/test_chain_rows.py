@@ -68,12 +68,13 @@ def check_rows(model: Llama, lengths: list[int], steps: int, tol: float, **kw) -
         pos.add_(1)
 
 
-# small tiles: several product programs, K in several chunks (a partial one of the FFN width 176), split attention
-SMALL = dict(bn=16, bk=32, pairs=8, attn_block=4, split_keys=4, max_splits=4)
+# small tiles: several product programs, K in several chunks (a partial one of the FFN width 176) dealt unevenly
+# over 3 programs a tile, split attention
+SMALL = dict(bn=16, bk=32, pairs=8, split=3, attn_block=4, split_keys=4, max_splits=4)
 
 
 @pytest.mark.parametrize("heads", [(4, 2), (4, 4), (4, 1)])
-@pytest.mark.parametrize("options", [{}, SMALL], ids=["default", "small-tiles"])
+@pytest.mark.parametrize("options", [{}, SMALL, dict(split=1)], ids=["default", "small-tiles", "whole-K"])
 def test_rows_step_matches_the_model_row_by_row(interp, heads, options):
     """Rows at different slots (prompts of 3, 9 and 5 tokens), GQA / MHA / MQA: float32 logits and caches."""
     model = model_of(n_heads=heads[0], n_kv_heads=heads[1])

@@ -50,13 +50,17 @@ _INTERPRET_DOT = tl.constexpr(_INTERPRET) if triton is not None else False
 @dataclass(frozen=True)
 class RowsOptions:
     """Tile sizes: ``bn`` weight rows a product program owns, ``bk`` the chunk of ``K`` per step, ``pairs`` RoPE
-    pairs of rows a q/k/v program owns; warps and software-pipelining stages of the product kernels; the
-    attention's ``attn_block`` / ``split_keys`` / ``max_splits`` as in ``notelab.lm.chain.ChainOptions``;
-    ``pdl``: programmatic dependent launch where the GPU has it."""
+    pairs of rows a q/k/v program owns; ``split``: programs that share one tile's ``K`` in the products with few
+    output rows (q/k/v, o_proj, down_proj: a few dozen tiles would leave most of the GPU's SMs idle; the last
+    program of a tile adds the float32 partials in a fixed order, so steps are deterministic); warps and
+    software-pipelining stages of the product kernels; the attention's ``attn_block`` / ``split_keys`` /
+    ``max_splits`` as in ``notelab.lm.chain.ChainOptions``; ``pdl``: programmatic dependent launch where the GPU
+    has it."""
 
     bn: int = 32
     bk: int = 128
     pairs: int = 16
+    split: int = 4
     warps: int = 4
     stages: int = 3
     attn_block: int = 64
@@ -114,12 +118,45 @@ if triton is not None:
         return tl.dot(a, b, acc, input_precision=PRECISION)
 
     @triton.jit
+    def _k_range(K: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr):  # noqa: ANN202
+        """This program's share of ``K``: chunks of ``BK``, dealt out evenly over the ``SPLIT`` programs of a tile."""
+        chunks: tl.constexpr = (K + BK - 1) // BK
+        per: tl.constexpr = (chunks + SPLIT - 1) // SPLIT
+        lo = tl.program_id(1) * per * BK
+        return lo, tl.minimum(lo + per * BK, K)
+
+    @triton.jit
+    def _publish(acc, part_ptr, cells, STRIDE):  # noqa: ANN001, ANN202
+        """Store this program's float32 partial ``acc`` at ``cells`` of its split's slab (``STRIDE`` apart)."""
+        tl.store(part_ptr + tl.program_id(1) * STRIDE + cells, acc)
+
+    @triton.jit
+    def _last_of_tile(count_ptr, tile, SPLIT: tl.constexpr):  # noqa: ANN001, ANN202
+        """True in the last of the ``SPLIT`` programs of ``tile`` to arrive (after every partial is stored); that
+        program also zeroes the counter for the next step."""
+        tl.debug_barrier()  # every thread's partial is written before the counter says so
+        last = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel") == SPLIT - 1
+        if last:
+            tl.atomic_xchg(count_ptr + tile, 0)
+        return last
+
+    @triton.jit
+    def _gather(part_ptr, cells, STRIDE, SPLIT: tl.constexpr):  # noqa: ANN001, ANN202
+        """The partials at ``cells`` summed over the splits in a fixed order (0, 1, ...): the same sum every step."""
+        total = tl.load(part_ptr + cells, cache_modifier=".cg")
+        for sp in tl.static_range(1, SPLIT):
+            total += tl.load(part_ptr + sp * STRIDE + cells, cache_modifier=".cg")
+        return total
+
+    @triton.jit
     def _product_kernel(  # noqa: ANN202
         x_ptr,  # noqa: ANN001  (B, K) input rows
         nw_ptr,  # noqa: ANN001  (K,) RMSNorm weight (NORM)
         w_ptr,  # noqa: ANN001  (N, K), or (2N, K) stacked [W_gate; W_up] (SWIGLU)
         res_ptr,  # noqa: ANN001  (B, N) residual (not SWIGLU)
         out_ptr,  # noqa: ANN001  (B, N)
+        part_ptr,  # noqa: ANN001  (SPLIT, BM, tiles BN) float32 partials (SPLIT > 1)
+        count_ptr,  # noqa: ANN001  (tiles,) int32 arrived splits, zero between launches
         B,  # noqa: ANN001
         N,  # noqa: ANN001
         eps,  # noqa: ANN001
@@ -129,12 +166,14 @@ if triton is not None:
         BK: tl.constexpr,
         NORM: tl.constexpr,  # the input is RMSNorm(x)
         SWIGLU: tl.constexpr,  # out = SiLU(h W_gate^T) * (h W_up^T); else out = x W^T + res
+        SPLIT: tl.constexpr,  # programs sharing a tile's K (not SWIGLU)
         PRECISION: tl.constexpr,
         PDL: tl.constexpr,
     ):
         _launch_next(PDL, True, False)
+        tile = tl.program_id(0)
         rm = tl.arange(0, BM)
-        rn = tl.program_id(0) * BN + tl.arange(0, BN)
+        rn = tile * BN + tl.arange(0, BN)
         mask_m, mask_n = rm < B, rn < N
         _wait_previous(PDL)
         dt = x_ptr.dtype.element_ty
@@ -143,7 +182,8 @@ if triton is not None:
             rstd = _rstd_rows(x_ptr, rm, mask_m, eps, K, BK, BM)
         acc = tl.zeros([BM, BN], tl.float32)
         acc_up = tl.zeros([BM, BN], tl.float32)
-        for k0 in range(0, K, BK):
+        lo, hi = _k_range(K, BK, SPLIT)
+        for k0 in range(lo, hi, BK):
             rk = k0 + tl.arange(0, BK)
             mask_k = rk < K
             xv = _input_chunk(x_ptr, nw_ptr, rstd, rm, mask_m, rk, mask_k, NORM, K)
@@ -152,12 +192,26 @@ if triton is not None:
             if SWIGLU:  # the up_proj rows i of the stacked weight, with the gate_proj rows i
                 wu = _weight_chunk(w_ptr, rn + N, mask_n, rk, mask_k, K)
                 acc_up = _dot(xv, tl.trans(wu), acc_up, PRECISION)
-        y = acc.to(dt).to(tl.float32)
         mask = mask_m[:, None] & mask_n[None, :]
         if SWIGLU:
+            y = acc.to(dt).to(tl.float32)
             y = (y * tl.sigmoid(y)).to(dt).to(tl.float32) * acc_up.to(dt).to(tl.float32)  # F.silu(gate) * up
+            tl.store(out_ptr + rm[:, None] * N + rn[None, :], y.to(dt), mask=mask)
+        elif SPLIT == 1:
+            _residual_store(acc, res_ptr, out_ptr, rm, rn, mask, N)
         else:
-            y = y + tl.load(res_ptr + rm[:, None] * N + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+            stride = BM * tl.num_programs(0) * BN
+            cells = rm[:, None] * (tl.num_programs(0) * BN) + rn[None, :]
+            _publish(acc, part_ptr, cells, stride)
+            if _last_of_tile(count_ptr, tile, SPLIT):
+                _residual_store(_gather(part_ptr, cells, stride, SPLIT), res_ptr, out_ptr, rm, rn, mask, N)
+
+    @triton.jit
+    def _residual_store(acc, res_ptr, out_ptr, rm, rn, mask, N):  # noqa: ANN001, ANN202
+        """out = round(acc) + res at rows ``rm``, columns ``rn``, rounded where the torch step rounds."""
+        dt = out_ptr.dtype.element_ty
+        y = acc.to(dt).to(tl.float32)
+        y = y + tl.load(res_ptr + rm[:, None] * N + rn[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + rm[:, None] * N + rn[None, :], y.to(dt), mask=mask)
 
     @triton.jit
@@ -171,6 +225,8 @@ if triton is not None:
         q_ptr,  # noqa: ANN001  (B, NQ HD) out
         k_ptr,  # noqa: ANN001  (B, NKV, S, HD) cache
         v_ptr,  # noqa: ANN001
+        part_ptr,  # noqa: ANN001  (SPLIT, BM, 2 tiles BP) float32 partials (SPLIT > 1)
+        count_ptr,  # noqa: ANN001  (tiles,) int32 arrived splits, zero between launches
         B,  # noqa: ANN001
         eps,  # noqa: ANN001
         S,  # noqa: ANN001
@@ -181,6 +237,7 @@ if triton is not None:
         HD: tl.constexpr,
         NQ: tl.constexpr,
         NKV: tl.constexpr,
+        SPLIT: tl.constexpr,  # programs sharing a tile's K
         PRECISION: tl.constexpr,
         PDL: tl.constexpr,
     ):
@@ -199,12 +256,35 @@ if triton is not None:
         rstd = _rstd_rows(x_ptr, rm, mask_m, eps, K, BK, BM)
         acc1 = tl.zeros([BM, BP], tl.float32)
         acc2 = tl.zeros([BM, BP], tl.float32)
-        for k0 in range(0, K, BK):
+        lo, hi = _k_range(K, BK, SPLIT)
+        for k0 in range(lo, hi, BK):
             rk = k0 + tl.arange(0, BK)
             mask_k = rk < K
             h = _input_chunk(x_ptr, nw_ptr, rstd, rm, mask_m, rk, mask_k, True, K)
             acc1 = _dot(h, tl.trans(_weight_chunk(w_ptr, r1, mask_p, rk, mask_k, K)), acc1, PRECISION)
             acc2 = _dot(h, tl.trans(_weight_chunk(w_ptr, r1 + HALF, mask_p, rk, mask_k, K)), acc2, PRECISION)
+        if SPLIT == 1:
+            _qkv_store(acc1, acc2, cos_ptr, sin_ptr, slot_ptr, q_ptr, k_ptr, v_ptr, head, j, rm, mask_m, mask_p, S,
+                       dt, HD, NQ, NKV)  # fmt: skip
+        else:
+            width = tl.num_programs(0) * 2 * BP  # both halves of every tile
+            cells = rm[:, None] * width + pid * 2 * BP + tl.arange(0, BP)[None, :]
+            _publish(acc1, part_ptr, cells, BM * width)
+            _publish(acc2, part_ptr, cells + BP, BM * width)
+            if _last_of_tile(count_ptr, pid, SPLIT):
+                acc1 = _gather(part_ptr, cells, BM * width, SPLIT)
+                acc2 = _gather(part_ptr, cells + BP, BM * width, SPLIT)
+                _qkv_store(acc1, acc2, cos_ptr, sin_ptr, slot_ptr, q_ptr, k_ptr, v_ptr, head, j, rm, mask_m, mask_p,
+                           S, dt, HD, NQ, NKV)  # fmt: skip
+
+    @triton.jit
+    def _qkv_store(  # noqa: ANN202
+        acc1, acc2, cos_ptr, sin_ptr, slot_ptr, q_ptr, k_ptr, v_ptr, head, j, rm, mask_m, mask_p, S,  # noqa: ANN001
+        dt: tl.constexpr, HD: tl.constexpr, NQ: tl.constexpr, NKV: tl.constexpr,
+    ):  # fmt: skip
+        """Round the products of pairs ``j`` of ``head``, rotate q and k by RoPE at each row's slot, and store q
+        into ``q`` or k / v into the rows' cache slots."""
+        HALF: tl.constexpr = HD // 2
         a1 = acc1.to(dt).to(tl.float32)
         a2 = acc2.to(dt).to(tl.float32)
         slots = tl.load(slot_ptr + rm, mask=mask_m, other=0).to(tl.int64)
@@ -274,6 +354,12 @@ class DecodeRows:
         self.lsum = torch.zeros_like(self.m)
         self.counts = torch.zeros(B * self.nq, dtype=torch.int32, device=dev)
         self.logits = torch.zeros(B, self.vocab, dtype=f32, device=dev)
+        # Split-K of the q/k/v, o_proj and down_proj products: float32 partials and per-tile arrival counters
+        self.n_qkv = (self.nq + 2 * self.nkv) * (half // self.pairs)
+        self.n_d = -(-self.D // t.bn)  # tiles of the products with D outputs
+        width = max(self.n_qkv * 2 * self.pairs, self.n_d * t.bn)
+        self.split_part = torch.zeros(t.split * self.bm * width if t.split > 1 else 1, dtype=f32, device=dev)
+        self.split_count = torch.zeros(max(self.n_qkv, self.n_d), dtype=torch.int32, device=dev)
 
     def step(self) -> None:
         """Embedding (torch), 5 kernels a layer, the final norm and output projection (torch) into ``logits``."""
@@ -281,14 +367,15 @@ class DecodeRows:
         pk = {"PDL": self.pdl, **({"launch_pdl": True} if self.pdl else {})}
         mm = {"BM": self.bm, "BK": t.bk, "PRECISION": self.precision, "num_warps": t.warps, "num_stages": t.stages}
         self.x.copy_(m.embed_tokens(self.tok[:, 0]))
-        n_qkv = (self.nq + 2 * self.nkv) * (hd // 2 // self.pairs)
+        split = {"part_ptr": self.split_part, "count_ptr": self.split_count}
         for i, layer in enumerate(m.layers):
             eps1, eps2 = self.eps[i]
             kv = self.cache[i]
             w_qkv, w_gu = self.fused[i]
-            _qkv_kernel[(n_qkv,)](
+            _qkv_kernel[(self.n_qkv, t.split)](
                 self.x, layer.input_layernorm.weight, w_qkv, self.cos, self.sin, self.pos, self.q, kv.k, kv.v,
-                B, eps1, self.S, K=D, BP=self.pairs, HD=hd, NQ=self.nq, NKV=self.nkv, **mm, **pk,
+                B=B, eps=eps1, S=self.S, K=D, BP=self.pairs, HD=hd, NQ=self.nq, NKV=self.nkv, SPLIT=t.split,
+                **split, **mm, **pk,
             )  # fmt: skip
             _attention_kernel[(self.nq, self.nsplit, B)](
                 self.q, kv.k, kv.v, self.pos, self.part, self.m, self.lsum, self.counts, self.y, self.S, hd**-0.5,
@@ -305,7 +392,10 @@ class DecodeRows:
         self, x: torch.Tensor, nw: torch.Tensor, w: torch.Tensor, res: torch.Tensor, out: torch.Tensor, N: int,
         eps: float, swiglu: bool, mm: dict, pk: dict,
     ) -> None:  # fmt: skip
-        bn = self.options.bn
-        _product_kernel[(triton.cdiv(N, bn),)](
-            x, nw, w, res, out, self.B, N, eps, K=x.shape[1], BN=bn, NORM=swiglu, SWIGLU=swiglu, **mm, **pk
-        )
+        """out = SiLU(RMSNorm(x) W_gate^T) * (RMSNorm(x) W_up^T) (``swiglu``: many tiles, K whole), else
+        x W^T + res with K split over ``options.split`` programs per tile."""
+        bn, split = self.options.bn, 1 if swiglu else self.options.split
+        _product_kernel[(triton.cdiv(N, bn), split)](
+            x, nw, w, res, out, self.split_part, self.split_count, self.B, N, eps, K=x.shape[1], BN=bn, NORM=swiglu,
+            SWIGLU=swiglu, SPLIT=split, **mm, **pk,
+        )  # fmt: skip

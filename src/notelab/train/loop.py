@@ -329,6 +329,8 @@ def _fit(
                 now = time.perf_counter()
                 record = _record(interval, done, lr, now - t_interval, info.world_size)
                 record["seconds"] = round(prior_seconds + now - t_start, 3)
+                if device.type == "cuda":  # this process's peak so far (the caching allocator's count, no sync)
+                    record["max_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 3)
                 run_log.log(record)
                 interval, t_interval = {}, now
 
