@@ -16,17 +16,16 @@ tokens compared with the default step's. Phases, most informative first, each sk
 has passed:
 
   (0) the card's copy bandwidth; the model
-  (1) at each batch: sampled (temperature 0.8, top-p 0.95, seed 0), the default step and the engine with the
-      forward of ``notelab.lm.chain_rows.DecodeRows`` (Triton tiles, a candidate) injected
-  (2) greedy at the first batch: the default step, ``forward=DecodeRows`` with its default tiles and with each
-      of ``ROWS_OPTIONS`` (tile width, split-K, pipelining); with ``--compilers``: PDL, cuBLASLt
-  (3) correctness, float32, a small Llama: each threshold's sampled tokens and ``DecodeRows``' greedy and
-      sampled tokens equal the reference path's
-  (4) the other batches: greedy default, ``forward=DecodeRows`` (and ``--compilers``' variants); then
-      max-autotune unless ``--no-autotune``
+  (1) at each batch: sampled (temperature 0.8, top-p 0.95, seed 0), top-p by bisection (the default on CUDA)
+      and by a sort
+  (2) greedy at the first batch: the default step, with PDL, with cuBLASLt
+  (3) correctness, float32, a small Llama: each threshold's sampled tokens and the greedy tokens equal the
+      reference path's
+  (4) the other batches: greedy default, PDL, cuBLASLt; then max-autotune unless ``--no-autotune``
 
-``--tiny``: a small model and sizes, a smoke test of the script on CPU (``DecodeRows`` only with
-TRITON_INTERPRET=1, slowly). The sort-vs-bisection comparison of the fifth session is in benchmarks/RESULTS.md.
+``--tiny``: a small model and sizes, a smoke test of the script on CPU. Earlier candidates measured by this
+script and removed (a Triton attention; a batched Triton decode step, ``notelab.lm.chain_rows``, slower than
+the default in every tiling tried) are in benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -41,7 +40,6 @@ import torch._inductor.config
 
 from decode_defaults import SAMPLED, Bench, Phases, agreement, timed
 from notelab.lm import Llama, LlamaConfig, generate
-from notelab.lm.chain_rows import DecodeRows, RowsOptions, rows_unsupported
 from notelab.lm.engine import Engine, SamplingParams, compile_step
 from notelab.lm.sampling import bisect_threshold, filter_threshold
 
@@ -53,17 +51,6 @@ COMPILER = {
     # inductor's Triton kernels with programmatic dependent launch (Hopper): each may start before the previous
     # one ends (the chain's trick, for the generated kernels); a distinct backend, so dynamo compiles anew
     "pdl": partial(torch.compile, fullgraph=True, dynamic=False, options={"triton.enable_pdl": True}),
-}
-
-
-ROWS_OPTIONS = {  # DecodeRows' tiles beside its defaults (RowsOptions: bn 32, bk 128, split 4, 3 stages)
-    "split 1": RowsOptions(split=1),
-    "split 8": RowsOptions(split=8),
-    "bn 64": RowsOptions(bn=64),
-    "bn 16 split 8": RowsOptions(bn=16, split=8),
-    "bk 256, 4 stages": RowsOptions(bk=256, stages=4),
-    "bk 64, 5 stages": RowsOptions(bk=64, stages=5),
-    "8 warps": RowsOptions(warps=8),
 }
 
 
@@ -87,7 +74,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=int, nargs="+", default=[8, 32], help="engine variants at these batches")
     p.add_argument("--budget-s", type=float, default=230.0, help="skip the phases that start after this long")
     p.add_argument("--no-autotune", action="store_true", help="skip the max-autotune compiler variant")
-    p.add_argument("--compilers", action="store_true", help="also the PDL compiler and cuBLASLt variants")
     p.add_argument("--tiny", action="store_true", help="small model and sizes: a CPU smoke test")
     p.add_argument("--out", help="write every figure as JSON here")
     args = p.parse_args(argv)
@@ -116,25 +102,15 @@ def main(argv: list[str] | None = None) -> int:
             res[f"{th} sampled == reference"] = run_engine(eng, prompts, 16, True) == ref_s
         eng = Engine(small, len(prompts), 32, stacked=True)
         res["greedy == reference"] = run_engine(eng, prompts, 16, False) == ref
-        if not rows_unsupported(small, len(prompts), torch.float32):
-            eng = Engine(small, len(prompts), 32, stacked=True, forward=DecodeRows)
-            res["rows greedy == reference"] = run_engine(eng, prompts, 16, False) == ref
-            res["rows sampled == reference"] = run_engine(eng, prompts, 16, True) == ref_s
         return res
 
     def variant(
-        batch: int, threshold: str, sampled: bool, compiler: str = "default", blas: str | None = None,
-        rows: RowsOptions | None = None,
-    ) -> Callable[[], dict]:  # fmt: skip
+        batch: int, threshold: str, sampled: bool, compiler: str = "default", blas: str | None = None
+    ) -> Callable[[], dict]:
         def run() -> dict:
             n, prompts = args.new_tokens, bench.prompts[:batch]
-            dtype = bench.model.embed_tokens.weight.dtype
-            if rows is not None and (why := rows_unsupported(bench.model, batch, dtype)):
-                return {"skipped": why}
-            eng = Engine(
-                bench.model, batch, args.prompt + n, threshold=THRESHOLD[threshold], compiler=COMPILER[compiler],
-                forward=None if rows is None else partial(DecodeRows, options=rows),
-            )  # fmt: skip
+            th, comp = THRESHOLD[threshold], COMPILER[compiler]
+            eng = Engine(bench.model, batch, args.prompt + n, threshold=th, compiler=comp)
             before = torch.backends.cuda.preferred_blas_library()
             try:  # the products' library is chosen when the graph is captured (first run); replays keep it
                 if blas is not None:
@@ -162,22 +138,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     for b in args.batches:  # the default step's tokens come first: the others are compared with them
         phase(f"sampled x{b} threshold=bisect (default on CUDA)", variant(b, "bisect", True))
-        phase(f"sampled x{b} bisect, forward=DecodeRows", variant(b, "bisect", True, rows=RowsOptions()))
+        phase(f"sampled x{b} threshold=sort", variant(b, "sort", True))
 
-    def greedy(b: int, tiles: bool) -> None:
+    def greedy(b: int) -> None:
         phase(f"greedy x{b} (default)", variant(b, "sort", False))
-        phase(f"greedy x{b} forward=DecodeRows (notelab.lm.chain_rows)", variant(b, "sort", False, rows=RowsOptions()))
-        for name, options in ROWS_OPTIONS.items() if tiles else ():
-            phase(f"greedy x{b} forward=DecodeRows, {name}", variant(b, "sort", False, rows=options))
-        if args.compilers and hasattr(torch._inductor.config.triton, "enable_pdl"):
+        if hasattr(torch._inductor.config.triton, "enable_pdl"):
             phase(f"greedy x{b} compiler=pdl", variant(b, "sort", False, "pdl"))
-        if args.compilers and device.type == "cuda":  # no new compile: the same step, products from cuBLASLt
+        if device.type == "cuda":  # no new compile: the same step, its products captured from cuBLASLt
             phase(f"greedy x{b} blas=cublaslt", variant(b, "sort", False, blas="cublaslt"))
 
-    greedy(args.batches[0], tiles=True)
+    greedy(args.batches[0])
     phase("correctness float32 (small model)", correctness)
     for b in args.batches[1:]:
-        greedy(b, tiles=True)
+        greedy(b)
     if not args.no_autotune:  # last: its compile (autotuning every product shape) is the longest
         for b in args.batches:
             phase(f"greedy x{b} compiler=max-autotune", variant(b, "sort", False, "max-autotune"))

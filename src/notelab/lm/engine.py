@@ -25,7 +25,6 @@ import warnings
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -231,16 +230,6 @@ def _decode_step(
     _advance(logits, cache[0].max_len, tok, pos, *state)
 
 
-def _forward_step(
-    model: Llama, fused: FusedWeights, cache: nn.ModuleList, *state: object, forward: object, advance: Callable
-) -> None:
-    """:func:`_decode_step` with an injected forward (``forward.step()`` writes ``forward.logits``, its own kernels,
-    not compiled) and the token choice after it by ``advance`` (:func:`_advance`, compiled on CUDA); ``state``:
-    :func:`_advance`'s arguments from ``tok`` on."""
-    forward.step()
-    advance(forward.logits, cache[0].max_len, *state)
-
-
 def _advance(
     logits: torch.Tensor,
     max_len: int,
@@ -288,9 +277,7 @@ class Engine:
     CUDA) multiplies by stacked projection copies (``stacked_forward``); call ``refresh_weights`` after changing
     the model's weights in place. ``threshold`` (how top-k / top-p find their threshold,
     ``notelab.lm.sampling``; default: bisection on CUDA, a sort elsewhere) and ``compiler`` (how the step is
-    compiled on CUDA) are injectable, and so is ``forward``: a constructor ``(model, fused, cache, tok, pos)`` of
-    an object whose ``step()`` writes the float32 ``logits`` ``(B, V)`` of those buffers' rows by its own kernels
-    (``notelab.lm.chain_rows.DecodeRows``); the token choice then runs after it, in the same graph.
+    compiled on CUDA) are injectable.
     """
 
     def __init__(
@@ -303,7 +290,6 @@ class Engine:
         stacked: bool | None = None,
         threshold: Callable[..., torch.Tensor] | None = None,
         compiler: Callable[[Callable], Callable] = compile_step,
-        forward: Callable[..., object] | None = None,
     ) -> None:
         c = model.config
         max_len = max_len or c.max_seq_len
@@ -323,13 +309,11 @@ class Engine:
         B = max_batch
         self.cache = model.make_cache(B, max_len, dtype=dtype)
         # Stacked projections (extra memory: those weights once more) where they pay: the compiled CUDA step.
-        stack = (dev.type == "cuda" or forward is not None) if stacked is None else stacked
+        stack = dev.type == "cuda" if stacked is None else stacked
         if stack and model.unplain_reason():  # stacked copies would skip an adapter: the layers' own forward runs
             warnings.warn(f"Engine: stacked projections off ({model.unplain_reason()})", RuntimeWarning, 2)
             stack = False
         self.fused = model.fused_decode_weights() if stack else None
-        if forward is not None and self.fused is None:
-            raise ConfigError("Engine: an injected forward reads the stacked projections: stacked=True")
         long = dict(dtype=torch.long, device=dev)
         self.tok = torch.zeros(B, 1, **long)
         self.pos = torch.zeros(B, **long)
@@ -360,8 +344,6 @@ class Engine:
         ]  # two host copies of (out, out_logprob): the one being read and the one being written
         self.flip = 0
         self.pending: tuple | None = None  # the last launched step: (event, host copy, rows at launch, logprobs)
-        # an injected forward of the step (e.g. notelab.lm.chain_rows.DecodeRows), built on this engine's buffers
-        self.forward = None if forward is None else forward(model, self.fused, self.cache, self.tok, self.pos)
         self.steps: dict[Sampler, object] = {}  # the captured (or plain) decode step per kind of processing
         self.warned: set[str] = set()
 
@@ -534,11 +516,8 @@ class Engine:
                 self.nucleus, self.out, self.out_logprob)  # fmt: skip
 
     def _step_fn(self, compiled: bool) -> Callable[..., None]:
-        """The step function (the compiled one when ``compiled``): the whole torch step, or the injected forward
-        followed by the token choice (only that part compiled)."""
-        if self.forward is None:
-            return self.compiler(_decode_step) if compiled else _decode_step
-        return partial(_forward_step, forward=self.forward, advance=self.compiler(_advance) if compiled else _advance)
+        """The step function: compiled by ``compiler`` when ``compiled``."""
+        return self.compiler(_decode_step) if compiled else _decode_step
 
     def _run(self, how: Sampler) -> None:
         if self.device.type != "cuda":
