@@ -30,9 +30,10 @@ def test_claim_runs_end_to_end_tiny(tmp_path) -> None:
 
 def test_synthetic_trainings_in_worker_processes_equal_in_process() -> None:
     # The GPU run trains the models of (2) in spawned processes; their results come back whole.
+    from notelab.reproduce.memo import Memo
     from notelab.reproduce.transformer_vs_rnn import TINY, _map_jobs, _train_synthetic
 
-    jobs = [("copy", 4, m, TINY, 0, m == "lstm") for m in ("transformer", "lstm")]
+    jobs = [("copy", 4, m, TINY, 0, m == "lstm", Memo(None)) for m in ("transformer", "lstm")]
     here = _map_jobs(_train_synthetic, jobs, workers=1)
     there = _map_jobs(_train_synthetic, jobs, workers=2)
     assert [r[:2] for r in here] == [r[:2] for r in there]

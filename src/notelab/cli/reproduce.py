@@ -6,7 +6,9 @@ the report gives the verdict of each run and the verdict of all runs' measuremen
 whose folder already holds a complete result of the same claim, mode and seed is not run again: a
 killed run picks up at the seed it was on, and seeds run apart (``--seed K --out R_K``, whose
 ``R_K/NAME`` is moved to ``R/NAME/seed-K``) are pooled by ``--seed 0,1,2 --out R``; ``--pool``
-makes that run nothing (a missing or incomplete seed is an error instead of a run).
+makes that run nothing (a missing or incomplete seed is an error instead of a run). Within a seed, a claim
+that keeps its finished pieces (``notelab.reproduce.memo``: transformer-vs-rnn) computes only the missing
+ones when the same command runs again after a stop.
 """
 
 from __future__ import annotations

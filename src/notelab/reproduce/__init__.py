@@ -23,7 +23,7 @@ from typing import TextIO
 from notelab.core.config import MAX_JSON_BYTES
 from notelab.core.errors import ConfigError, DataError, unknown_name
 from notelab.core.io import atomic_write_text
-from notelab.reproduce import rules
+from notelab.reproduce import memo, rules
 from notelab.reproduce.base import ClaimResult, Figure, Progress, Table, quiet
 
 CLAIMS: dict[str, str] = {
@@ -61,6 +61,7 @@ def _run_into(name: str, out: Path, quick: bool, seed: int, progress: Progress |
     result.seconds = result.seconds or time.perf_counter() - start
     result = dataclasses.replace(result, seed=seed, quick=quick, device=device_name())
     atomic_write_text(out / "result.json", json.dumps(asdict(result), indent=2, default=str) + "\n")
+    memo.clear(out)  # the finished pieces of a stopped run (notelab.reproduce.memo): the result now holds them
     return result
 
 

@@ -41,6 +41,10 @@ Decision rule (``notelab.reproduce.rules``; 95% t-intervals):
 
 Accuracy and BLEU are reported, not judged: at a fixed budget they say where a model starts to
 fail, not how far each would go.
+
+A full run on a GPU takes about eight minutes; each finished piece (a device's throughput rounds, each
+training of (2) with its scores, each model of (4)) is kept (``notelab.reproduce.memo``), so the same
+command run again after a stop computes only what is missing.
 """
 
 from __future__ import annotations
@@ -69,6 +73,7 @@ from notelab.reproduce.base import (
     mean_std,
     one_thread,
 )
+from notelab.reproduce.memo import Memo
 from notelab.seq.experiments import (
     MODELS,
     best_times,
@@ -77,6 +82,7 @@ from notelab.seq.experiments import (
     decay_rate,
     evaluate,
     input_gradient_norms,
+    load_model,
     make_train_step,
     train_seq,
 )
@@ -273,7 +279,34 @@ def throughput_checks(
     return checks
 
 
-def throughput_section(s: Settings, seed: int, out_dir: Path, progress: Progress) -> Section:
+def _measure_throughput(s: Settings, seed: int, device: str, progress: Progress) -> dict[str, Any]:
+    """tokens/s of every model at every length, ``throughput_repeats`` interleaved rounds after a warm-up
+    round: ``{"params": {model: n}, "rates": {model: [[tokens/s per length] per round]}}``."""
+    lengths = list(s.throughput_lengths)
+    d_model, n_layers, tokens = s.throughput_gpu if device == "cuda" else s.throughput_cpu
+    kw = {"d_model": d_model, "n_layers": n_layers, "dropout": 0.0, "attention": "general"}
+    torch.manual_seed(seed)
+    models = {m: build_model(m, 256, max(lengths), **kw) for m in THROUGHPUT_MODELS}
+    params = {m: count_params(model) for m, model in models.items()}
+    steps = {
+        (m, L): make_train_step(model, L, max(1, tokens // L), device=device, seed=seed)
+        for L in lengths
+        for m, model in models.items()
+    }
+    best_times(steps, 1, device)  # warm-up round
+    rates: dict[str, list[list[float]]] = {m: [] for m in models}
+    for r in range(s.throughput_repeats):
+        progress.step(r + 1, s.throughput_repeats, f"{_device_name(device)}: every model at every length")
+        times = best_times(steps, 1, device)
+        for m in models:
+            rates[m].append([2 * max(1, tokens // L) * L / times[(m, L)] for L in lengths])
+    models = steps = None
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return {"params": params, "rates": rates}
+
+
+def throughput_section(s: Settings, seed: int, out_dir: Path, progress: Progress, memo: Memo) -> Section:
     """(1) tokens/s against length on the CPU and (if any) the GPU: in each round every model runs at
     every length in turn, so a load burst hits all of them; medians and intervals over rounds."""
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -282,25 +315,8 @@ def throughput_section(s: Settings, seed: int, out_dir: Path, progress: Progress
     values: dict[str, Any] = {"params": {}, "ratios": {}, "lengths": lengths, "names": {}}
     for device in devices:
         d_model, n_layers, tokens = s.throughput_gpu if device == "cuda" else s.throughput_cpu
-        kw = {"d_model": d_model, "n_layers": n_layers, "dropout": 0.0, "attention": "general"}
-        torch.manual_seed(seed)
-        models = {m: build_model(m, 256, max(lengths), **kw) for m in THROUGHPUT_MODELS}
-        params = {m: count_params(model) for m, model in models.items()}
-        steps = {
-            (m, L): make_train_step(model, L, max(1, tokens // L), device=device, seed=seed)
-            for L in lengths
-            for m, model in models.items()
-        }
-        best_times(steps, 1, device)  # warm-up round
-        rates: dict[str, list[list[float]]] = {m: [] for m in models}
-        for r in range(s.throughput_repeats):
-            progress.step(r + 1, s.throughput_repeats, f"{_device_name(device)}: every model at every length")
-            times = best_times(steps, 1, device)
-            for m in models:
-                rates[m].append([2 * max(1, tokens // L) * L / times[(m, L)] for L in lengths])
-        models = steps = None
-        if device == "cuda":
-            torch.cuda.empty_cache()
+        measured = memo.value(f"throughput-{device}", lambda d=device: _measure_throughput(s, seed, d, progress))
+        params, rates = measured["params"], measured["rates"]
         median_rate = {m: [statistics.median(r[i] for r in rates[m]) for i in range(len(lengths))] for m in rates}
         ratios = {
             m: [
@@ -344,15 +360,31 @@ def throughput_section(s: Settings, seed: int, out_dir: Path, progress: Progress
     return Section([*tables], [figure], values, checks)
 
 
-def _train_synthetic(job: tuple[str, int, str, Settings, int, bool]) -> tuple[dict[str, float], int, Any]:
-    """Train one model on one synthetic task and score it: (metrics, parameters, the model if ``keep``, on CPU)."""
-    task_name, length, m, s, seed, keep = job
-    seed_everything(seed)  # the same initial weights in this process or another
-    task = SyntheticTask(task_name, length, s.task_batch)
-    cfg = _train_config(s.task_steps, s.task_batch, s.task_lr, seed)
-    r = train_seq(m, task, None, cfg, d_model=s.d_model, n_layers=s.n_layers, dropout=0.0)
-    metrics = evaluate(r.model, task, n_examples=s.eval_examples, seed=seed + 1)
-    return metrics, r.params, r.model.cpu() if keep else None
+def _train_synthetic(
+    job: tuple[str, int, str, Settings, int, bool, Memo],
+) -> tuple[dict[str, float], int, Any]:
+    """Train one model on one synthetic task and score it: (metrics, parameters, the model if ``keep``, on CPU);
+    from ``memo`` when an earlier run finished this training (the kept model from its checkpoint there)."""
+    task_name, length, m, s, seed, keep, memo = job
+    key = f"accuracy-{task_name}-L{length}-{m}"
+    trained: dict[str, Any] = {}
+
+    def train() -> dict[str, Any]:
+        seed_everything(seed)  # the same initial weights in this process or another
+        task = SyntheticTask(task_name, length, s.task_batch)
+        cfg = _train_config(s.task_steps, s.task_batch, s.task_lr, seed)
+        r = train_seq(m, task, None, cfg, d_model=s.d_model, n_layers=s.n_layers, dropout=0.0)
+        metrics = evaluate(r.model, task, n_examples=s.eval_examples, seed=seed + 1)
+        trained["model"] = r.model.cpu()
+        if keep and (folder := memo.folder(key)) is not None:
+            r.model.save_pretrained(folder)  # durable before the piece that refers to it
+        return {"metrics": metrics, "params": r.params}
+
+    piece = memo.value(key, train)
+    model = None
+    if keep:
+        model = trained["model"] if "model" in trained else load_model(memo.folder(key)).eval()
+    return piece["metrics"], piece["params"], model
 
 
 def _map_jobs(fn: Callable[[Any], Any], jobs: list[Any], workers: int) -> list[Any]:
@@ -368,11 +400,11 @@ def _map_jobs(fn: Callable[[Any], Any], jobs: list[Any], workers: int) -> list[A
         return list(pool.map(fn, jobs))
 
 
-def accuracy_section(s: Settings, seed: int, out_dir: Path, progress: Progress) -> Section:
+def accuracy_section(s: Settings, seed: int, out_dir: Path, progress: Progress, memo: Memo) -> Section:
     """(2) exact match against L per task and model; keeps the copy models at the longest L for (3)."""
     keys = [(t, L, m) for t in s.tasks for L in s.lengths for m in MODELS]
     workers = s.workers if torch.cuda.is_available() else 1
-    jobs = [(t, L, m, s, seed, t == "copy" and L == max(s.lengths)) for t, L, m in keys]
+    jobs = [(t, L, m, s, seed, t == "copy" and L == max(s.lengths), memo) for t, L, m in keys]
     if workers > 1:
         progress.say(f"  {len(jobs)} trainings in {workers} processes")
         done = _map_jobs(_train_synthetic, jobs, workers)
@@ -497,7 +529,15 @@ def gradient_section(s: Settings, seed: int, out_dir: Path, copy_models: dict[st
     return Section([table], [figure], values, [gradient_check(decay)])
 
 
-def stdlib_doc_section(s: Settings, seed: int, out_dir: Path, progress: Progress) -> Section:
+def _train_doc(m: str, doc: StdlibDocTask, s: Settings, seed: int) -> dict[str, Any]:
+    """One model trained on stdlib-doc for ``doc_seconds``, then scored: parameters, steps, seconds, scores."""
+    cfg = _train_config(10**7, s.doc_batch, s.doc_lr, seed, constant=True)
+    kw = {"d_model": s.doc_d_model or s.d_model, "n_layers": s.n_layers, "dropout": 0.1, "warmup": 20}
+    r = train_seq(m, doc, None, cfg, time_budget=s.doc_seconds, **kw)
+    return {"params": r.params, "steps": r.steps, "seconds": r.seconds, "scores": evaluate(r.model, doc)}
+
+
+def stdlib_doc_section(s: Settings, seed: int, out_dir: Path, progress: Progress, memo: Memo) -> Section:
     """(4) BLEU / exact match on stdlib code summarisation after ``doc_seconds`` of training each."""
     doc = StdlibDocTask(
         run_dir=str(out_dir / "stdlib-doc"),
@@ -511,16 +551,14 @@ def stdlib_doc_section(s: Settings, seed: int, out_dir: Path, progress: Progress
     rows, scores = [], {}
     for i, m in enumerate(MODELS):
         progress.step(i + 1, len(MODELS), f"{m} for {s.doc_seconds:g} s")
-        cfg = _train_config(10**7, s.doc_batch, s.doc_lr, seed, constant=True)
-        kw = {"d_model": s.doc_d_model or s.d_model, "n_layers": s.n_layers, "dropout": 0.1, "warmup": 20}
-        r = train_seq(m, doc, None, cfg, time_budget=s.doc_seconds, **kw)
-        scores[m] = evaluate(r.model, doc)
+        r = memo.value(f"doc-{m}", lambda m=m: _train_doc(m, doc, s, seed))
+        scores[m] = r["scores"]
         rows.append(
             [
                 m,
-                f"{r.params:,}",
-                r.steps,
-                round(r.seconds, 1),
+                f"{r['params']:,}",
+                r["steps"],
+                round(r["seconds"], 1),
                 round(scores[m]["bleu"], 2),
                 round(scores[m]["exact_match"], 3),
             ]
@@ -541,18 +579,22 @@ def run(
     """Run the four measurements; ``quick`` for ``make demo``, ``tiny`` for tests (numbers meaningless)."""
     out_dir, progress, t_start = begin(out_dir, seed, progress)
     s = TINY if tiny else QUICK if quick else FULL_GPU if torch.cuda.is_available() else FULL
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    memo = Memo(out_dir, claim=NAME, settings=dataclasses.asdict(s), seed=seed, device=device)
+    if memo.pieces():
+        progress.say(f"  picking up a stopped run: {memo.pieces()} finished pieces in {memo.root}")
     # Quick (and tiny) runs measure everything on one CPU thread: their numbers then do not depend on
     # how busy the machine is. A full run gives the throughput measurement every thread it has.
     with one_thread(quick or tiny):
         with progress.part(f"(1) throughput, {s.throughput_repeats} interleaved rounds"):
-            speed = throughput_section(s, seed, out_dir, progress)
+            speed = throughput_section(s, seed, out_dir, progress, memo)
     with one_thread():  # small models: one thread is faster for them than two on a shared machine
         with progress.part("(2) accuracy vs dependency length"):
-            acc = accuracy_section(s, seed, out_dir, progress)
+            acc = accuracy_section(s, seed, out_dir, progress, memo)
         with progress.part(f"(3) gradient norm vs distance, {s.grad_seeds} initialisations"):
             grads = gradient_section(s, seed, out_dir, acc.values.pop("copy_models"), progress)
         with progress.part(f"(4) stdlib code summarisation, {s.doc_seconds:g} s per model"):
-            doc = stdlib_doc_section(s, seed, out_dir, progress)
+            doc = stdlib_doc_section(s, seed, out_dir, progress, memo)
     sections = (speed, acc, grads, doc)
     checks = [c for sec in sections for c in sec.checks]
     return ClaimResult.from_sections(
