@@ -18,10 +18,11 @@ has passed:
   (0) the card's copy bandwidth; the model
   (1) at each batch: sampled (temperature 0.8, top-p 0.95, seed 0), top-p by bisection (the default on CUDA)
       and by a sort
-  (2) greedy at the first batch: the default step, with PDL, with cuBLASLt
+  (2) greedy at the first batch: the default step, with PDL, with cuBLASLt, with each way of ``LINEAR`` to
+      compute the products (``Engine(linear=...)``; ``benchmarks/skinny_products.py`` times them alone)
   (3) correctness, float32, a small Llama: each threshold's sampled tokens and the greedy tokens equal the
       reference path's
-  (4) the other batches: greedy default, PDL, cuBLASLt; then max-autotune unless ``--no-autotune``
+  (4) the other batches: greedy default, PDL, cuBLASLt, ``LINEAR``; then max-autotune unless ``--no-autotune``
 
 ``--tiny``: a small model and sizes, a smoke test of the script on CPU. Earlier candidates measured by this
 script and removed (a Triton attention; a batched Triton decode step, ``notelab.lm.chain_rows``, slower than
@@ -37,6 +38,7 @@ from functools import partial
 
 import torch
 import torch._inductor.config
+import torch.nn.functional as F
 
 from decode_defaults import SAMPLED, Bench, Phases, agreement, timed
 from notelab.lm import Llama, LlamaConfig, generate
@@ -52,6 +54,24 @@ COMPILER = {
     # one ends (the chain's trick, for the generated kernels); a distinct backend, so dynamo compiles anew
     "pdl": partial(torch.compile, fullgraph=True, dynamic=False, options={"triton.enable_pdl": True}),
 }
+
+
+def transposed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` as the transposed problem ``(W x^T)^T``: N x K times K x rows, which cuBLAS tiles differently."""
+    y = torch.matmul(weight, x.reshape(-1, x.shape[-1]).t()).t().reshape(*x.shape[:-1], weight.shape[0])
+    return y if bias is None else y + bias
+
+
+def padded_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` with the rows padded to a multiple of 16 (the tile height of cuBLAS's tensor-core kernels)."""
+    rows = x.reshape(-1, x.shape[-1])
+    n = rows.shape[0]
+    if n % 16:
+        rows = torch.cat([rows, rows.new_zeros(16 - n % 16, rows.shape[1])])
+    return F.linear(rows, weight, bias)[:n].reshape(*x.shape[:-1], weight.shape[0])
+
+
+LINEAR = {"F.linear": F.linear, "(W x^T)^T": transposed_linear, "rows padded to 16": padded_linear}
 
 
 def run_engine(engine: Engine, prompts: list[list[int]], n: int, sampled: bool) -> list[list[int]]:
@@ -102,15 +122,19 @@ def main(argv: list[str] | None = None) -> int:
             res[f"{th} sampled == reference"] = run_engine(eng, prompts, 16, True) == ref_s
         eng = Engine(small, len(prompts), 32, stacked=True)
         res["greedy == reference"] = run_engine(eng, prompts, 16, False) == ref
+        for way in list(LINEAR)[1:]:
+            eng = Engine(small, len(prompts), 32, stacked=True, linear=LINEAR[way])
+            res[f"linear={way} greedy == reference"] = run_engine(eng, prompts, 16, False) == ref
         return res
 
     def variant(
-        batch: int, threshold: str, sampled: bool, compiler: str = "default", blas: str | None = None
-    ) -> Callable[[], dict]:
+        batch: int, threshold: str, sampled: bool, compiler: str = "default", blas: str | None = None,
+        linear: str = "F.linear",
+    ) -> Callable[[], dict]:  # fmt: skip
         def run() -> dict:
             n, prompts = args.new_tokens, bench.prompts[:batch]
             th, comp = THRESHOLD[threshold], COMPILER[compiler]
-            eng = Engine(bench.model, batch, args.prompt + n, threshold=th, compiler=comp)
+            eng = Engine(bench.model, batch, args.prompt + n, threshold=th, compiler=comp, linear=LINEAR[linear])
             before = torch.backends.cuda.preferred_blas_library()
             try:  # the products' library is chosen when the graph is captured (first run); replays keep it
                 if blas is not None:
@@ -146,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
             phase(f"greedy x{b} compiler=pdl", variant(b, "sort", False, "pdl"))
         if device.type == "cuda":  # no new compile: the same step, its products captured from cuBLASLt
             phase(f"greedy x{b} blas=cublaslt", variant(b, "sort", False, blas="cublaslt"))
+        for way in list(LINEAR)[1:]:
+            phase(f"greedy x{b} linear={way}", variant(b, "sort", False, linear=way))
 
     greedy(args.batches[0])
     phase("correctness float32 (small model)", correctness)

@@ -159,3 +159,28 @@ def test_stacked_projections_give_the_reference_tokens_and_follow_weight_changes
                 layer.self_attn.k_proj.weight.mul_(-0.5)
                 next(layer.mlp.parameters()).mul_(-1.0)  # gate_proj (SwiGLU), fc1 (GELU)
         engine.refresh_weights()
+
+
+def test_an_injected_linear_computes_the_stacked_steps_products():
+    """``Engine(linear=...)``: every product of the stacked step goes through it (counted), and a product computed
+    another way (the transposed problem, float32) gives the reference tokens."""
+    model = model_of()
+    calls = []
+
+    def transposed(x, weight, bias=None):
+        calls.append(tuple(weight.shape))
+        y = torch.matmul(weight, x.reshape(-1, x.shape[-1]).t()).t().reshape(*x.shape[:-1], weight.shape[0])
+        return y if bias is None else y + bias
+
+    prompts = [[5, 6, 7], list(range(1, 12))]
+    engine = Engine(model, max_batch=2, stacked=True, linear=transposed)
+    events: dict[int, list[TokenEvent]] = {}
+    ids = [engine.add(p, SamplingParams(max_new_tokens=6)) for p in prompts]
+    run(engine, events)
+    assert [tokens_of(events[i]) for i in ids] == generate(model, prompts, 6, path="reference")
+    c = model.config
+    hd = c.dim // c.n_heads
+    hidden = model.layers[0].mlp.down_proj.weight.shape[1]
+    per_layer = {((c.n_heads + 2 * c.n_kv_heads) * hd, c.dim), (c.dim, c.dim), (2 * hidden, c.dim), (c.dim, hidden)}
+    assert set(calls) == per_layer
+    assert len(calls) % (4 * c.n_layers) == 0 and len(calls) >= 4 * c.n_layers * 5  # 4 a layer, >= 5 decode steps

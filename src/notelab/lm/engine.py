@@ -25,6 +25,7 @@ import warnings
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -180,11 +181,13 @@ def stacked_forward(
     tok: torch.Tensor,
     pos: torch.Tensor,
     cache: nn.ModuleList,
+    linear: Callable[..., torch.Tensor] = F.linear,
 ) -> torch.Tensor:
     """``Llama._forward`` for one token a row, ``tok`` ``(B, 1)`` at cache slots ``pos`` ``(B,)``, multiplying by
     the stacked ``[W_q; W_k; W_v]`` and ``[W_gate; W_up]`` of ``Llama.fused_decode_weights``: the same
     arithmetic as the layers' own projections, in two kernels instead of five (a decode step is bound by
-    its kernels' count and their weight reads, not by arithmetic); attention by :func:`decode_attention`."""
+    its kernels' count and their weight reads, not by arithmetic); attention by :func:`decode_attention`.
+    ``linear(x, weight, bias)``: how the layers' products are computed (``F.linear``'s arithmetic)."""
     B = tok.shape[0]
     slots = pos[:, None]
     x = model.embed_tokens(tok)
@@ -199,7 +202,7 @@ def stacked_forward(
         a = layer.self_attn
         w_qkv, w_gate_up = fused[i]
         hq, hkv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
-        q, k, v = F.linear(layer.input_layernorm(x), w_qkv).split([hq, hkv, hkv], dim=-1)
+        q, k, v = linear(layer.input_layernorm(x), w_qkv).split([hq, hkv, hkv], dim=-1)
         q = q.view(B, 1, a.n_heads, a.head_dim).transpose(1, 2)
         k = k.view(B, 1, a.n_kv_heads, a.head_dim).transpose(1, 2)
         v = v.view(B, 1, a.n_kv_heads, a.head_dim).transpose(1, 2)
@@ -207,26 +210,33 @@ def stacked_forward(
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         k, v = cache[i].write(slots, k, v)
         y = decode_attention(q, k.to(q.dtype), v.to(q.dtype), mask=mask)
-        x = x + a.o_proj(y.transpose(1, 2).reshape(B, 1, hq))
+        x = x + linear(y.transpose(1, 2).reshape(B, 1, hq), a.o_proj.weight, a.o_proj.bias)
         h = layer.post_attention_layernorm(x)
         if w_gate_up is None:
             x = x + layer.mlp(h)
         else:
-            gate, up = F.linear(h, w_gate_up).chunk(2, dim=-1)
-            x = x + layer.mlp.down_proj(F.silu(gate) * up)
+            gate, up = linear(h, w_gate_up).chunk(2, dim=-1)
+            down = layer.mlp.down_proj
+            x = x + linear(F.silu(gate) * up, down.weight, down.bias)
     return model.lm_head(model.norm(x))
 
 
 def _decode_step(
-    model: Llama, fused: FusedWeights | None, cache: nn.ModuleList, tok: torch.Tensor, pos: torch.Tensor, *state: object
+    model: Llama,
+    fused: FusedWeights | None,
+    cache: nn.ModuleList,
+    tok: torch.Tensor,
+    pos: torch.Tensor,
+    *state: object,
+    linear: Callable[..., torch.Tensor] = F.linear,
 ) -> None:
     """One token for every row, in place: ``tok`` ``(B, 1)`` at cache slots ``pos`` ``(B,)`` -> next tokens in
     ``tok`` and ``out``; active rows advance ``pos`` and ``count`` (``state``: :func:`_advance`'s arguments after
-    ``pos``). Fixed buffers only (capturable)."""
+    ``pos``; ``linear``: the stacked step's products). Fixed buffers only (capturable)."""
     if fused is None:
         logits = model._forward(tok, pos, None, None, cache, 1)[:, -1].float()
     else:
-        logits = stacked_forward(model, fused, tok, pos, cache)[:, -1].float()
+        logits = stacked_forward(model, fused, tok, pos, cache, linear)[:, -1].float()
     _advance(logits, cache[0].max_len, tok, pos, *state)
 
 
@@ -277,7 +287,8 @@ class Engine:
     CUDA) multiplies by stacked projection copies (``stacked_forward``); call ``refresh_weights`` after changing
     the model's weights in place. ``threshold`` (how top-k / top-p find their threshold,
     ``notelab.lm.sampling``; default: bisection on CUDA, a sort elsewhere) and ``compiler`` (how the step is
-    compiled on CUDA) are injectable.
+    compiled on CUDA) are injectable, and so is ``linear`` (``F.linear``'s signature: how the stacked step
+    computes its products).
     """
 
     def __init__(
@@ -290,6 +301,7 @@ class Engine:
         stacked: bool | None = None,
         threshold: Callable[..., torch.Tensor] | None = None,
         compiler: Callable[[Callable], Callable] = compile_step,
+        linear: Callable[..., torch.Tensor] = F.linear,
     ) -> None:
         c = model.config
         max_len = max_len or c.max_seq_len
@@ -305,6 +317,7 @@ class Engine:
         # bisection where the step is compiled and captured (CUDA: 31 passes over L2-resident rows), else one sort
         self.threshold = threshold or (bisect_threshold if dev.type == "cuda" else filter_threshold)
         self.compiler = compiler
+        self.linear = linear
         self.vocab = c.vocab_size
         B = max_batch
         self.cache = model.make_cache(B, max_len, dtype=dtype)
@@ -517,7 +530,8 @@ class Engine:
 
     def _step_fn(self, compiled: bool) -> Callable[..., None]:
         """The step function: compiled by ``compiler`` when ``compiled``."""
-        return self.compiler(_decode_step) if compiled else _decode_step
+        step = _decode_step if self.linear is F.linear else partial(_decode_step, linear=self.linear)
+        return self.compiler(step) if compiled else step
 
     def _run(self, how: Sampler) -> None:
         if self.device.type != "cuda":
