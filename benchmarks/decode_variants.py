@@ -16,8 +16,8 @@ tokens compared with the default step's. Phases, most informative first, each sk
 has passed:
 
   (0) the card's copy bandwidth; the model
-  (1) at each batch: sampled (temperature 0.8, top-p 0.95, seed 0), top-p by bisection (the default on CUDA)
-      and by a sort
+  (1) at each batch: sampled (temperature 0.8, top-p 0.95, seed 0), top-p by bisection (the default on CUDA),
+      by radix selection (``radix_threshold``, a candidate) and by a sort
   (2) greedy at the first batch: the default step, with PDL, with cuBLASLt, with each way of ``LINEAR`` to
       compute the products (``Engine(linear=...)``; ``benchmarks/skinny_products.py`` times them alone)
   (3) correctness, float32, a small Llama: each threshold's sampled tokens and the greedy tokens equal the
@@ -43,9 +43,9 @@ import torch.nn.functional as F
 from decode_defaults import SAMPLED, Bench, Phases, agreement, timed
 from notelab.lm import Llama, LlamaConfig, generate
 from notelab.lm.engine import Engine, SamplingParams, compile_step
-from notelab.lm.sampling import bisect_threshold, filter_threshold
+from notelab.lm.sampling import bisect_threshold, filter_threshold, radix_threshold
 
-THRESHOLD = {"sort": filter_threshold, "bisect": bisect_threshold}
+THRESHOLD = {"sort": filter_threshold, "bisect": bisect_threshold, "radix": radix_threshold}
 COMPILER = {
     "default": compile_step,
     # inductor's Triton matmul templates benchmarked against cuBLAS per shape, pointwise epilogues fused into them
@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     for b in args.batches:  # the default step's tokens come first: the others are compared with them
         phase(f"sampled x{b} threshold=bisect (default on CUDA)", variant(b, "bisect", True))
+        phase(f"sampled x{b} threshold=radix (3 passes a threshold)", variant(b, "radix", True))
         phase(f"sampled x{b} threshold=sort", variant(b, "sort", True))
 
     def greedy(b: int) -> None:
