@@ -93,3 +93,12 @@ def test_transformer_vs_rnn_stopped_mid_way_resumes_to_the_same_result(tmp_path,
     assert resumed.settings["token_accuracy"] == whole.settings["token_accuracy"]
     assert resumed.tables[1].rows == whole.tables[1].rows  # exact match per task and model
     assert resumed.settings["decay_trained"] == pytest.approx(whole.settings["decay_trained"], abs=1e-6)
+
+
+def test_a_changed_recipe_does_not_reuse_the_old_ones_pieces(tmp_path) -> None:
+    recipe = tmp_path / "claim.py"
+    recipe.write_text("STEPS = 100\n")
+    assert Memo(tmp_path, recipe, claim="c").value("k", lambda: 1) == 1
+    assert Memo(tmp_path, recipe, claim="c").value("k", lambda: 2) == 1
+    recipe.write_text("STEPS = 200\n")
+    assert Memo(tmp_path, recipe, claim="c").value("k", lambda: 3) == 3

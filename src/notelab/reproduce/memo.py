@@ -32,10 +32,13 @@ _KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 class Memo:
     """``value(key, fn)``: ``fn()``'s JSON value, from an earlier run with this fingerprint when it left one.
 
-    ``folder`` None keeps nothing (every ``value`` calls its function). Picklable (a path), so worker
-    processes can share one."""
+    ``folder`` None keeps nothing (every ``value`` calls its function). ``source``: the claim's module file,
+    whose bytes join the fingerprint (a changed recipe never reuses the old one's pieces). Picklable (a path),
+    so worker processes can share one."""
 
-    def __init__(self, folder: str | Path | None, **fingerprint: Any) -> None:
+    def __init__(self, folder: str | Path | None, source: str | Path | None = None, **fingerprint: Any) -> None:
+        if source is not None:
+            fingerprint["source"] = hashlib.sha256(Path(source).read_bytes()).hexdigest()
         text = json.dumps(fingerprint, sort_keys=True, default=str)
         self.root = None if folder is None else Path(folder) / MEMO_DIR / hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -42,7 +42,8 @@ Decision rule (``notelab.reproduce.rules``; 95% t-intervals):
 Accuracy and BLEU are reported, not judged: at a fixed budget they say where a model starts to
 fail, not how far each would go.
 
-A full run on a GPU takes about eight minutes; each finished piece (a device's throughput rounds, each
+A full run on a GPU took 476 s on an H200 (2026-11-29, trainings compiled then; they run eager since: see
+``_train_config``); each finished piece (a device's throughput rounds, each
 training of (2) with its scores, each model of (4)) is kept (``notelab.reproduce.memo``), so the same
 command run again after a stop computes only what is missing.
 """
@@ -225,6 +226,9 @@ def _train_config(steps: int, batch: int, lr: float, seed: int, constant: bool =
         log_every=max(1, steps),
         device="cpu" if not torch.cuda.is_available() else "auto",
         seed=seed,
+        # Eager, as in the throughput part: on a GPU fit would compile each of these short trainings anew, and
+        # in (4) the compile would be charged to the wall-clock budget, by a different amount per architecture.
+        compile=False,
     )
 
 
@@ -580,7 +584,7 @@ def run(
     out_dir, progress, t_start = begin(out_dir, seed, progress)
     s = TINY if tiny else QUICK if quick else FULL_GPU if torch.cuda.is_available() else FULL
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    memo = Memo(out_dir, claim=NAME, settings=dataclasses.asdict(s), seed=seed, device=device)
+    memo = Memo(out_dir, __file__, claim=NAME, settings=dataclasses.asdict(s), seed=seed, device=device)
     if memo.pieces():
         progress.say(f"  picking up a stopped run: {memo.pieces()} finished pieces in {memo.root}")
     # Quick (and tiny) runs measure everything on one CPU thread: their numbers then do not depend on
