@@ -19,7 +19,8 @@ has passed:
   (1) at each batch: sampled (temperature 0.8, top-p 0.95, seed 0), top-p by bisection (the default on CUDA),
       by radix selection (``radix_threshold``, a candidate) and by a sort
   (2) greedy at the first batch: the default step, with PDL, with cuBLASLt, with each way of ``LINEAR`` to
-      compute the products (``Engine(linear=...)``; ``benchmarks/skinny_products.py`` times them alone)
+      compute the products (``Engine(linear=...)``; ``benchmarks/skinny_products.py`` times them alone), with
+      the chain's split-key attention kernel (``Engine(attention=notelab.lm.chain.rows_attention)``)
   (3) correctness, float32, a small Llama: each threshold's sampled tokens and the greedy tokens equal the
       reference path's
   (4) the other batches: greedy default, PDL, cuBLASLt, ``LINEAR``; then max-autotune unless ``--no-autotune``
@@ -42,6 +43,8 @@ import torch.nn.functional as F
 
 from decode_defaults import SAMPLED, Bench, Phases, agreement, timed
 from notelab.lm import Llama, LlamaConfig, generate
+from notelab.lm.chain import _INTERPRET as chain_interpreted
+from notelab.lm.chain import rows_attention
 from notelab.lm.engine import Engine, SamplingParams, compile_step
 from notelab.lm.sampling import bisect_threshold, filter_threshold, radix_threshold
 
@@ -72,6 +75,8 @@ def padded_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 
 LINEAR = {"F.linear": F.linear, "(W x^T)^T": transposed_linear, "rows padded to 16": padded_linear}
+# the step's attention: two batched products and a softmax (None, the default) or the chain's split-key kernel
+ATTENTION = {"batched products": None, "chain kernel": rows_attention}
 
 
 def run_engine(engine: Engine, prompts: list[list[int]], n: int, sampled: bool) -> list[list[int]]:
@@ -125,16 +130,22 @@ def main(argv: list[str] | None = None) -> int:
         for way in list(LINEAR)[1:]:
             eng = Engine(small, len(prompts), 32, stacked=True, linear=LINEAR[way])
             res[f"linear={way} greedy == reference"] = run_engine(eng, prompts, 16, False) == ref
+        if device.type == "cuda":
+            eng = Engine(small, len(prompts), 32, stacked=True, attention=rows_attention)
+            res["attention=chain kernel greedy == reference"] = run_engine(eng, prompts, 16, False) == ref
         return res
 
     def variant(
         batch: int, threshold: str, sampled: bool, compiler: str = "default", blas: str | None = None,
-        linear: str = "F.linear",
+        linear: str = "F.linear", attention: str = "batched products",
     ) -> Callable[[], dict]:  # fmt: skip
         def run() -> dict:
             n, prompts = args.new_tokens, bench.prompts[:batch]
+            if ATTENTION[attention] is not None and device.type != "cuda" and not chain_interpreted:
+                return {"skipped": "a Triton kernel: CUDA, or TRITON_INTERPRET=1"}
             th, comp = THRESHOLD[threshold], COMPILER[compiler]
-            eng = Engine(bench.model, batch, args.prompt + n, threshold=th, compiler=comp, linear=LINEAR[linear])
+            eng = Engine(bench.model, batch, args.prompt + n, threshold=th, compiler=comp, linear=LINEAR[linear],
+                         attention=ATTENTION[attention])  # fmt: skip
             before = torch.backends.cuda.preferred_blas_library()
             try:  # the products' library is chosen when the graph is captured (first run); replays keep it
                 if blas is not None:
@@ -173,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             phase(f"greedy x{b} blas=cublaslt", variant(b, "sort", False, blas="cublaslt"))
         for way in list(LINEAR)[1:]:
             phase(f"greedy x{b} linear={way}", variant(b, "sort", False, linear=way))
+        phase(f"greedy x{b} attention=chain kernel", variant(b, "sort", False, attention="chain kernel"))
 
     greedy(args.batches[0])
     phase("correctness float32 (small model)", correctness)

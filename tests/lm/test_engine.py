@@ -183,4 +183,6 @@ def test_an_injected_linear_computes_the_stacked_steps_products():
     hidden = model.layers[0].mlp.down_proj.weight.shape[1]
     per_layer = {((c.n_heads + 2 * c.n_kv_heads) * hd, c.dim), (c.dim, c.dim), (2 * hidden, c.dim), (c.dim, hidden)}
     assert set(calls) == per_layer
+    with pytest.raises(ConfigError, match="linear are parts of the stacked step"):
+        Engine(model, max_batch=2, stacked=False, linear=transposed)
     assert len(calls) % (4 * c.n_layers) == 0 and len(calls) >= 4 * c.n_layers * 5  # 4 a layer, >= 5 decode steps

@@ -182,12 +182,15 @@ def stacked_forward(
     pos: torch.Tensor,
     cache: nn.ModuleList,
     linear: Callable[..., torch.Tensor] = F.linear,
+    attention: Callable[..., torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``Llama._forward`` for one token a row, ``tok`` ``(B, 1)`` at cache slots ``pos`` ``(B,)``, multiplying by
     the stacked ``[W_q; W_k; W_v]`` and ``[W_gate; W_up]`` of ``Llama.fused_decode_weights``: the same
     arithmetic as the layers' own projections, in two kernels instead of five (a decode step is bound by
     its kernels' count and their weight reads, not by arithmetic); attention by :func:`decode_attention`.
-    ``linear(x, weight, bias)``: how the layers' products are computed (``F.linear``'s arithmetic)."""
+    ``linear(x, weight, bias)``: how the layers' products are computed (``F.linear``'s arithmetic);
+    ``attention(q, k, v, pos)``: attention of row b over cache keys ``0..pos[b]`` (None: :func:`decode_attention`
+    with the step's mask), e.g. ``notelab.lm.chain.rows_attention``."""
     B = tok.shape[0]
     slots = pos[:, None]
     x = model.embed_tokens(tok)
@@ -209,7 +212,10 @@ def stacked_forward(
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         k, v = cache[i].write(slots, k, v)
-        y = decode_attention(q, k.to(q.dtype), v.to(q.dtype), mask=mask)
+        if attention is None:
+            y = decode_attention(q, k.to(q.dtype), v.to(q.dtype), mask=mask)
+        else:
+            y = attention(q, k, v, pos)
         x = x + linear(y.transpose(1, 2).reshape(B, 1, hq), a.o_proj.weight, a.o_proj.bias)
         h = layer.post_attention_layernorm(x)
         if w_gate_up is None:
@@ -229,14 +235,15 @@ def _decode_step(
     pos: torch.Tensor,
     *state: object,
     linear: Callable[..., torch.Tensor] = F.linear,
+    attention: Callable[..., torch.Tensor] | None = None,
 ) -> None:
     """One token for every row, in place: ``tok`` ``(B, 1)`` at cache slots ``pos`` ``(B,)`` -> next tokens in
     ``tok`` and ``out``; active rows advance ``pos`` and ``count`` (``state``: :func:`_advance`'s arguments after
-    ``pos``; ``linear``: the stacked step's products). Fixed buffers only (capturable)."""
+    ``pos``; ``linear``, ``attention``: the stacked step's parts). Fixed buffers only (capturable)."""
     if fused is None:
         logits = model._forward(tok, pos, None, None, cache, 1)[:, -1].float()
     else:
-        logits = stacked_forward(model, fused, tok, pos, cache, linear)[:, -1].float()
+        logits = stacked_forward(model, fused, tok, pos, cache, linear, attention)[:, -1].float()
     _advance(logits, cache[0].max_len, tok, pos, *state)
 
 
@@ -287,8 +294,8 @@ class Engine:
     CUDA) multiplies by stacked projection copies (``stacked_forward``); call ``refresh_weights`` after changing
     the model's weights in place. ``threshold`` (how top-k / top-p find their threshold,
     ``notelab.lm.sampling``; default: bisection on CUDA, a sort elsewhere) and ``compiler`` (how the step is
-    compiled on CUDA) are injectable, and so is ``linear`` (``F.linear``'s signature: how the stacked step
-    computes its products).
+    compiled on CUDA) are injectable, and so are the stacked step's ``linear`` (``F.linear``'s signature: how it
+    computes its products) and ``attention`` (see :func:`stacked_forward`).
     """
 
     def __init__(
@@ -302,6 +309,7 @@ class Engine:
         threshold: Callable[..., torch.Tensor] | None = None,
         compiler: Callable[[Callable], Callable] = compile_step,
         linear: Callable[..., torch.Tensor] = F.linear,
+        attention: Callable[..., torch.Tensor] | None = None,
     ) -> None:
         c = model.config
         max_len = max_len or c.max_seq_len
@@ -317,16 +325,18 @@ class Engine:
         # bisection where the step is compiled and captured (CUDA: 31 passes over L2-resident rows), else one sort
         self.threshold = threshold or (bisect_threshold if dev.type == "cuda" else filter_threshold)
         self.compiler = compiler
-        self.linear = linear
+        self.parts = {k: v for k, v in (("linear", linear), ("attention", attention)) if v not in (F.linear, None)}
         self.vocab = c.vocab_size
         B = max_batch
         self.cache = model.make_cache(B, max_len, dtype=dtype)
         # Stacked projections (extra memory: those weights once more) where they pay: the compiled CUDA step.
-        stack = dev.type == "cuda" if stacked is None else stacked
+        stack = (dev.type == "cuda" or bool(self.parts)) if stacked is None else stacked
         if stack and model.unplain_reason():  # stacked copies would skip an adapter: the layers' own forward runs
             warnings.warn(f"Engine: stacked projections off ({model.unplain_reason()})", RuntimeWarning, 2)
             stack = False
         self.fused = model.fused_decode_weights() if stack else None
+        if self.parts and self.fused is None:
+            raise ConfigError(f"Engine: {' and '.join(self.parts)} are parts of the stacked step, which is off here")
         long = dict(dtype=torch.long, device=dev)
         self.tok = torch.zeros(B, 1, **long)
         self.pos = torch.zeros(B, **long)
@@ -530,7 +540,7 @@ class Engine:
 
     def _step_fn(self, compiled: bool) -> Callable[..., None]:
         """The step function: compiled by ``compiler`` when ``compiled``."""
-        step = _decode_step if self.linear is F.linear else partial(_decode_step, linear=self.linear)
+        step = partial(_decode_step, **self.parts) if self.parts else _decode_step
         return self.compiler(step) if compiled else step
 
     def _run(self, how: Sampler) -> None:
