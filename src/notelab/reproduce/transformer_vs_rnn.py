@@ -42,8 +42,8 @@ Decision rule (``notelab.reproduce.rules``; 95% t-intervals):
 Accuracy and BLEU are reported, not judged: at a fixed budget they say where a model starts to
 fail, not how far each would go.
 
-A full run on a GPU took 476 s on an H200 (2026-11-29, trainings compiled then; they run eager since: see
-``_train_config``); each finished piece (a device's throughput rounds, each
+A full run on a GPU took 476 s on an H200 (2026-11-29; part (4) trains eager since, see ``_train_doc``); each
+finished piece (a device's throughput rounds, each
 training of (2) with its scores, each model of (4)) is kept (``notelab.reproduce.memo``), so the same
 command run again after a stop computes only what is missing.
 """
@@ -226,9 +226,6 @@ def _train_config(steps: int, batch: int, lr: float, seed: int, constant: bool =
         log_every=max(1, steps),
         device="cpu" if not torch.cuda.is_available() else "auto",
         seed=seed,
-        # Eager, as in the throughput part: on a GPU fit would compile each of these short trainings anew, and
-        # in (4) the compile would be charged to the wall-clock budget, by a different amount per architecture.
-        compile=False,
     )
 
 
@@ -535,7 +532,9 @@ def gradient_section(s: Settings, seed: int, out_dir: Path, copy_models: dict[st
 
 def _train_doc(m: str, doc: StdlibDocTask, s: Settings, seed: int) -> dict[str, Any]:
     """One model trained on stdlib-doc for ``doc_seconds``, then scored: parameters, steps, seconds, scores."""
-    cfg = _train_config(10**7, s.doc_batch, s.doc_lr, seed, constant=True)
+    # Eager: the batches are trimmed to their longest source, so a compiled model would recompile for new shapes
+    # inside the wall-clock budget, by a different amount per architecture (fit compiles on CUDA by default).
+    cfg = dataclasses.replace(_train_config(10**7, s.doc_batch, s.doc_lr, seed, constant=True), compile=False)
     kw = {"d_model": s.doc_d_model or s.d_model, "n_layers": s.n_layers, "dropout": 0.1, "warmup": 20}
     r = train_seq(m, doc, None, cfg, time_budget=s.doc_seconds, **kw)
     return {"params": r.params, "steps": r.steps, "seconds": r.seconds, "scores": evaluate(r.model, doc)}
