@@ -21,5 +21,7 @@ def test_fit_on_cuda_bf16_fused_adamw_and_resume(tmp_path):
     assert seen == {"generator": "cuda", "batch": "cuda", "autocast": torch.bfloat16}
     assert next(res.model.parameters()).device.type == "cuda"
     assert res.history[-1]["loss"] < res.history[0]["loss"]
+    peaks = [r["max_memory_gb"] for r in res.history]  # the allocator's peak so far, in every record on CUDA
+    assert all(p > 0 for p in peaks) and peaks == sorted(peaks)
     more = fit(toy_model(seed=3), loss_fn, toy_data(64), TrainConfig(**{**cfg, "steps": 50}, resume=True))
     assert more.step == 50 and [r["step"] for r in more.history][-1] == 50
