@@ -233,25 +233,6 @@ def _decode_step(
     cache: nn.ModuleList,
     tok: torch.Tensor,
     pos: torch.Tensor,
-    *state: object,
-    linear: Callable[..., torch.Tensor] = F.linear,
-    attention: Callable[..., torch.Tensor] | None = None,
-) -> None:
-    """One token for every row, in place: ``tok`` ``(B, 1)`` at cache slots ``pos`` ``(B,)`` -> next tokens in
-    ``tok`` and ``out``; active rows advance ``pos`` and ``count`` (``state``: :func:`_advance`'s arguments after
-    ``pos``; ``linear``, ``attention``: the stacked step's parts). Fixed buffers only (capturable)."""
-    if fused is None:
-        logits = model._forward(tok, pos, None, None, cache, 1)[:, -1].float()
-    else:
-        logits = stacked_forward(model, fused, tok, pos, cache, linear, attention)[:, -1].float()
-    _advance(logits, cache[0].max_len, tok, pos, *state)
-
-
-def _advance(
-    logits: torch.Tensor,
-    max_len: int,
-    tok: torch.Tensor,
-    pos: torch.Tensor,
     active: torch.Tensor,
     count: torch.Tensor,
     seen: torch.Tensor,
@@ -261,8 +242,16 @@ def _advance(
     out_logprob: torch.Tensor,
     how: Sampler,
     threshold: Callable[..., torch.Tensor],
+    linear: Callable[..., torch.Tensor] = F.linear,
+    attention: Callable[..., torch.Tensor] | None = None,
 ) -> None:
-    """The tokens chosen from float32 ``logits`` ``(B, V)`` into ``tok`` / ``out``; active rows advance."""
+    """One token for every row, in place: ``tok`` ``(B, 1)`` at cache slots ``pos`` ``(B,)`` -> next tokens in
+    ``tok`` and ``out``; active rows advance ``pos`` and ``count`` (``linear``, ``attention``: the stacked step's
+    parts). Fixed buffers only (capturable)."""
+    if fused is None:
+        logits = model._forward(tok, pos, None, None, cache, 1)[:, -1].float()
+    else:
+        logits = stacked_forward(model, fused, tok, pos, cache, linear, attention)[:, -1].float()
     temperature, top_k, top_p, penalty, seed = settings
     decay, floor, since, ends = nucleus
     nxt, logprob = choose_tokens(
@@ -278,7 +267,7 @@ def _advance(
     if how.penalty:
         seen.scatter_(1, nxt[:, None], True)
     # A free row stays at slot 0; an active one never passes the last slot (its request ends there).
-    pos.copy_((pos + active).clamp(max=max_len - 1))
+    pos.copy_((pos + active).clamp(max=cache[0].max_len - 1))
     count.add_(active)
 
 

@@ -42,10 +42,10 @@ Decision rule (``notelab.reproduce.rules``; 95% t-intervals):
 Accuracy and BLEU are reported, not judged: at a fixed budget they say where a model starts to
 fail, not how far each would go.
 
-A full run on a GPU took 476 s on an H200 (2026-11-29; part (4) trains eager since, see ``_train_doc``); each
-finished piece (a device's throughput rounds, each
-training of (2) with its scores, each model of (4)) is kept (``notelab.reproduce.memo``), so the same
-command run again after a stop computes only what is missing.
+A full run on a GPU took 476 s on an H200 (2026-11-29; part (4) trains eager since, see ``_train_doc``).
+Each finished piece (a device's throughput rounds, each training of (2) with its scores, each model of (4))
+is kept (``notelab.reproduce.memo``), so the same command run again after a stop computes only what is
+missing.
 """
 
 from __future__ import annotations
