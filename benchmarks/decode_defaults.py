@@ -42,11 +42,14 @@ class Phases:
     """Runs named phases in order, prints one line of figures each, keeps them (JSON at ``out`` after each),
     and skips the phases that would start after ``budget_s`` seconds."""
 
-    def __init__(self, budget_s: float, out: str | None) -> None:
+    def __init__(self, budget_s: float, out: str | None, only: str | None = None) -> None:
         self.start, self.budget_s, self.out = time.perf_counter(), budget_s, out
+        self.only = None if only is None else re.compile(only)
         self.results: dict[str, dict] = {}
 
-    def __call__(self, name: str, fn: Callable[[], dict]) -> None:
+    def __call__(self, name: str, fn: Callable[[], dict], always: bool = False) -> None:
+        if not always and self.only is not None and not self.only.search(name):
+            return  # not asked for (``only``: a regular expression the names of the phases to run match)
         elapsed = time.perf_counter() - self.start
         if elapsed > self.budget_s:
             print(f"{name}: skipped (budget: {elapsed:.0f} s > {self.budget_s:.0f} s)", flush=True)

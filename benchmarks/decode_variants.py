@@ -17,7 +17,7 @@ has passed:
 
   (0) the card's copy bandwidth; the model
   (1) at each batch: sampled (temperature 0.8, top-p 0.95, seed 0), top-p by bisection (the default on CUDA),
-      by radix selection (``radix_threshold``, a candidate) and by a sort
+      by radix selection (``radix_threshold``, a candidate) and by a sort; with the chain's attention kernel
   (2) greedy at the first batch: the default step, with PDL, with cuBLASLt, with each way of ``LINEAR`` to
       compute the products (``Engine(linear=...)``; ``benchmarks/skinny_products.py`` times them alone), with
       the chain's split-key attention kernel (``Engine(attention=notelab.lm.chain.rows_attention)``)
@@ -25,7 +25,7 @@ has passed:
       reference path's
   (4) the other batches: greedy default, PDL, cuBLASLt, ``LINEAR``; then max-autotune unless ``--no-autotune``
 
-``--tiny``: a small model and sizes, a smoke test of the script on CPU. Earlier candidates measured by this
+``--only REGEX``: only the phases whose names match. ``--tiny``: a small model and sizes, a smoke test of the script on CPU. Earlier candidates measured by this
 script and removed (a Triton attention; a batched Triton decode step, ``notelab.lm.chain_rows``, slower than
 the default in every tiling tried) are in benchmarks/RESULTS.md.
 """
@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-autotune", action="store_true", help="skip the max-autotune compiler variant")
     p.add_argument("--tiny", action="store_true", help="small model and sizes: a CPU smoke test")
     p.add_argument("--out", help="write every figure as JSON here")
+    p.add_argument("--only", help="run only the phases whose names match this regular expression")
     args = p.parse_args(argv)
     if args.tiny:
         args.preset, args.prompt, args.new_tokens, args.batches = "llama3-tiny", 8, 12, [2, 3]
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"# decode variants on {gpu}, torch {torch.__version__}, preset {args.preset}, P={args.prompt}, "
           f"N={args.new_tokens}, batches {args.batches}", flush=True)  # fmt: skip
-    phase = Phases(args.budget_s, args.out)
+    phase = Phases(args.budget_s, args.out, args.only)
 
     def correctness() -> dict:
         cfg = LlamaConfig(vocab_size=512, dim=256, n_layers=2, n_heads=8, n_kv_heads=2, multiple_of=32, max_seq_len=64)
@@ -164,8 +165,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return run
 
-    phase("card", bench.card)
-    phase("build bf16 model", bench.build)
+    phase("card", bench.card, always=True)
+    phase("build bf16 model", bench.build, always=True)
     if bench.model is None:
         return 1
     print(
@@ -175,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         phase(f"sampled x{b} threshold=bisect (default on CUDA)", variant(b, "bisect", True))
         phase(f"sampled x{b} threshold=radix (3 passes a threshold)", variant(b, "radix", True))
         phase(f"sampled x{b} threshold=sort", variant(b, "sort", True))
+        phase(f"sampled x{b} attention=chain kernel", variant(b, "bisect", True, attention="chain kernel"))
 
     def greedy(b: int) -> None:
         phase(f"greedy x{b} (default)", variant(b, "sort", False))

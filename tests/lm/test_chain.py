@@ -257,8 +257,10 @@ def test_rows_attention_in_the_compiled_engine_on_cuda():
     engine = Engine(model, max_batch=2, attention=chain.rows_attention)
     ids = {engine.add(p, SamplingParams(12)): b for b, p in enumerate(prompts)}
     got = [[], []]
-    while engine.has_work():
-        for e in engine.step():
-            if e.token is not None:
-                got[ids[e.request_id]].append(e.token)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a compile failure (eager fallback) fails the test
+        while engine.has_work():
+            for e in engine.step():
+                if e.token is not None:
+                    got[ids[e.request_id]].append(e.token)
     assert got == generate(model, prompts, 12, path="reference")

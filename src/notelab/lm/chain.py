@@ -295,7 +295,8 @@ if triton is not None:
             offs = base + keys.to(tl.int64)[:, None] * HD + d[None, :]
             kt = tl.load(k_ptr + offs, mask=mask_s[:, None], other=0.0).to(tl.float32)
             vt = tl.load(v_ptr + offs, mask=mask_s[:, None], other=0.0).to(tl.float32)
-            sc = tl.where(mask_s, tl.sum(kt * q[None, :], axis=1) * scale, float("-inf"))  # (BLOCK_S,)
+            # scale: a Python float, float64 when inductor launches the kernel: the scores stay float32
+            sc = tl.where(mask_s, (tl.sum(kt * q[None, :], axis=1) * scale).to(tl.float32), float("-inf"))
             m_new = tl.maximum(m_i, tl.max(sc, axis=0))
             alpha = tl.exp(m_i - m_new)
             p = tl.exp(sc - m_new)
