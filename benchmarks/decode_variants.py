@@ -16,18 +16,20 @@ tokens compared with the default step's. Phases, most informative first, each sk
 has passed:
 
   (0) the card's copy bandwidth; the model
-  (1) at each batch: sampled (temperature 0.8, top-p 0.95, seed 0), top-p by bisection (the default on CUDA),
-      by radix selection (``radix_threshold``, a candidate) and by a sort; with the chain's attention kernel
-  (2) greedy at the first batch: the default step, with PDL, with cuBLASLt, with each way of ``LINEAR`` to
-      compute the products (``Engine(linear=...)``; ``benchmarks/skinny_products.py`` times them alone), with
-      the chain's split-key attention kernel (``Engine(attention=notelab.lm.chain.rows_attention)``)
-  (3) correctness, float32, a small Llama: each threshold's sampled tokens and the greedy tokens equal the
-      reference path's
-  (4) the other batches: greedy default, PDL, cuBLASLt, ``LINEAR``; then max-autotune unless ``--no-autotune``
+  (1) at each batch: sampled (temperature 0.8, top-p 0.95, seed 0), top-p by bisection (the default on CUDA)
+      and by a sort; with the chain's attention kernel
+  (2) greedy at the first batch: the default step, with PDL, with cuBLASLt, with the chain's split-key
+      attention kernel (``Engine(attention=notelab.lm.chain.rows_attention)``)
+  (3) correctness, float32, a small Llama: each threshold's sampled tokens and the greedy tokens (default and
+      with the chain's attention, on CUDA) equal the reference path's
+  (4) the other batches: greedy default, PDL, cuBLASLt, the chain's attention; then max-autotune unless
+      ``--no-autotune``
 
-``--only REGEX``: only the phases whose names match. ``--tiny``: a small model and sizes, a smoke test of the script on CPU. Earlier candidates measured by this
-script and removed (a Triton attention; a batched Triton decode step, ``notelab.lm.chain_rows``, slower than
-the default in every tiling tried) are in benchmarks/RESULTS.md.
+``--only REGEX``: only the phases whose names match. ``--tiny``: a small model and sizes, a smoke test of the
+script on CPU. Earlier candidates measured by this script and removed (a Triton attention; a batched Triton
+decode step, ``notelab.lm.chain_rows``; radix selection for the top-p threshold; the products computed as the
+transposed problem or with rows padded to 16: none faster than the default) are in benchmarks/RESULTS.md;
+``benchmarks/skinny_products.py`` times the products alone, every way.
 """
 
 from __future__ import annotations
@@ -39,16 +41,15 @@ from functools import partial
 
 import torch
 import torch._inductor.config
-import torch.nn.functional as F
 
 from decode_defaults import SAMPLED, Bench, Phases, agreement, timed
 from notelab.lm import Llama, LlamaConfig, generate
 from notelab.lm.chain import _INTERPRET as chain_interpreted
 from notelab.lm.chain import rows_attention
 from notelab.lm.engine import Engine, SamplingParams, compile_step
-from notelab.lm.sampling import bisect_threshold, filter_threshold, radix_threshold
+from notelab.lm.sampling import bisect_threshold, filter_threshold
 
-THRESHOLD = {"sort": filter_threshold, "bisect": bisect_threshold, "radix": radix_threshold}
+THRESHOLD = {"sort": filter_threshold, "bisect": bisect_threshold}
 COMPILER = {
     "default": compile_step,
     # inductor's Triton matmul templates benchmarked against cuBLAS per shape, pointwise epilogues fused into them
@@ -59,22 +60,6 @@ COMPILER = {
 }
 
 
-def transposed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` as the transposed problem ``(W x^T)^T``: N x K times K x rows, which cuBLAS tiles differently."""
-    y = torch.matmul(weight, x.reshape(-1, x.shape[-1]).t()).t().reshape(*x.shape[:-1], weight.shape[0])
-    return y if bias is None else y + bias
-
-
-def padded_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` with the rows padded to a multiple of 16 (the tile height of cuBLAS's tensor-core kernels)."""
-    rows = x.reshape(-1, x.shape[-1])
-    n = rows.shape[0]
-    if n % 16:
-        rows = torch.cat([rows, rows.new_zeros(16 - n % 16, rows.shape[1])])
-    return F.linear(rows, weight, bias)[:n].reshape(*x.shape[:-1], weight.shape[0])
-
-
-LINEAR = {"F.linear": F.linear, "(W x^T)^T": transposed_linear, "rows padded to 16": padded_linear}
 # the step's attention: two batched products and a softmax (None, the default) or the chain's split-key kernel
 ATTENTION = {"batched products": None, "chain kernel": rows_attention}
 
@@ -128,9 +113,6 @@ def main(argv: list[str] | None = None) -> int:
             res[f"{th} sampled == reference"] = run_engine(eng, prompts, 16, True) == ref_s
         eng = Engine(small, len(prompts), 32, stacked=True)
         res["greedy == reference"] = run_engine(eng, prompts, 16, False) == ref
-        for way in list(LINEAR)[1:]:
-            eng = Engine(small, len(prompts), 32, stacked=True, linear=LINEAR[way])
-            res[f"linear={way} greedy == reference"] = run_engine(eng, prompts, 16, False) == ref
         if device.type == "cuda":
             eng = Engine(small, len(prompts), 32, stacked=True, attention=rows_attention)
             res["attention=chain kernel greedy == reference"] = run_engine(eng, prompts, 16, False) == ref
@@ -138,14 +120,14 @@ def main(argv: list[str] | None = None) -> int:
 
     def variant(
         batch: int, threshold: str, sampled: bool, compiler: str = "default", blas: str | None = None,
-        linear: str = "F.linear", attention: str = "batched products",
+        attention: str = "batched products",
     ) -> Callable[[], dict]:  # fmt: skip
         def run() -> dict:
             n, prompts = args.new_tokens, bench.prompts[:batch]
             if ATTENTION[attention] is not None and device.type != "cuda" and not chain_interpreted:
                 return {"skipped": "a Triton kernel: CUDA, or TRITON_INTERPRET=1"}
             th, comp = THRESHOLD[threshold], COMPILER[compiler]
-            eng = Engine(bench.model, batch, args.prompt + n, threshold=th, compiler=comp, linear=LINEAR[linear],
+            eng = Engine(bench.model, batch, args.prompt + n, threshold=th, compiler=comp,
                          attention=ATTENTION[attention])  # fmt: skip
             before = torch.backends.cuda.preferred_blas_library()
             try:  # the products' library is chosen when the graph is captured (first run); replays keep it
@@ -174,7 +156,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     for b in args.batches:  # the default step's tokens come first: the others are compared with them
         phase(f"sampled x{b} threshold=bisect (default on CUDA)", variant(b, "bisect", True))
-        phase(f"sampled x{b} threshold=radix (3 passes a threshold)", variant(b, "radix", True))
         phase(f"sampled x{b} threshold=sort", variant(b, "sort", True))
         phase(f"sampled x{b} attention=chain kernel", variant(b, "bisect", True, attention="chain kernel"))
 
@@ -184,8 +165,6 @@ def main(argv: list[str] | None = None) -> int:
             phase(f"greedy x{b} compiler=pdl", variant(b, "sort", False, "pdl"))
         if device.type == "cuda":  # no new compile: the same step, its products captured from cuBLASLt
             phase(f"greedy x{b} blas=cublaslt", variant(b, "sort", False, blas="cublaslt"))
-        for way in list(LINEAR)[1:]:
-            phase(f"greedy x{b} linear={way}", variant(b, "sort", False, linear=way))
         phase(f"greedy x{b} attention=chain kernel", variant(b, "sort", False, attention="chain kernel"))
 
     greedy(args.batches[0])

@@ -7,7 +7,7 @@ import torch
 
 from notelab.core.errors import ConfigError, ShapeError
 from notelab.lm import Llama, LlamaConfig, generate
-from notelab.lm.engine import Engine, SamplingParams, TokenEvent
+from notelab.lm.engine import Engine, SamplingParams, TokenEvent, decode_attention
 
 
 def model_of(dtype=torch.float32, device="cpu") -> Llama:
@@ -161,28 +161,24 @@ def test_stacked_projections_give_the_reference_tokens_and_follow_weight_changes
         engine.refresh_weights()
 
 
-def test_an_injected_linear_computes_the_stacked_steps_products():
-    """``Engine(linear=...)``: every product of the stacked step goes through it (counted), and a product computed
-    another way (the transposed problem, float32) gives the reference tokens."""
+def test_an_injected_attention_computes_the_stacked_steps_attention():
+    """``Engine(attention=...)``: every layer's attention goes through it (counted) and, computed as the engine's
+    own, gives the reference tokens; an engine without the stacked step refuses it in one line."""
     model = model_of()
     calls = []
 
-    def transposed(x, weight, bias=None):
-        calls.append(tuple(weight.shape))
-        y = torch.matmul(weight, x.reshape(-1, x.shape[-1]).t()).t().reshape(*x.shape[:-1], weight.shape[0])
-        return y if bias is None else y + bias
+    def counted(q, k, v, pos):
+        calls.append(q.shape)
+        mask = (torch.arange(k.shape[2]) <= pos[:, None])[:, None, None]
+        return decode_attention(q, k.to(q.dtype), v.to(q.dtype), mask=mask)
 
     prompts = [[5, 6, 7], list(range(1, 12))]
-    engine = Engine(model, max_batch=2, stacked=True, linear=transposed)
+    engine = Engine(model, max_batch=2, stacked=True, attention=counted)
     events: dict[int, list[TokenEvent]] = {}
     ids = [engine.add(p, SamplingParams(max_new_tokens=6)) for p in prompts]
     run(engine, events)
     assert [tokens_of(events[i]) for i in ids] == generate(model, prompts, 6, path="reference")
-    c = model.config
-    hd = c.dim // c.n_heads
-    hidden = model.layers[0].mlp.down_proj.weight.shape[1]
-    per_layer = {((c.n_heads + 2 * c.n_kv_heads) * hd, c.dim), (c.dim, c.dim), (2 * hidden, c.dim), (c.dim, hidden)}
-    assert set(calls) == per_layer
-    with pytest.raises(ConfigError, match="linear are parts of the stacked step"):
-        Engine(model, max_batch=2, stacked=False, linear=transposed)
-    assert len(calls) % (4 * c.n_layers) == 0 and len(calls) >= 4 * c.n_layers * 5  # 4 a layer, >= 5 decode steps
+    n_layers = model.config.n_layers
+    assert len(calls) % n_layers == 0 and len(calls) >= n_layers * 5  # one a layer, >= 5 decode steps
+    with pytest.raises(ConfigError, match="attention is part of the stacked step"):
+        Engine(model, max_batch=2, stacked=False, attention=counted)

@@ -7,7 +7,7 @@ import torch
 from notelab.core.attention import attention
 from notelab.lm import Llama, LlamaConfig, generate
 from notelab.lm.engine import Engine, SamplingParams, decode_attention
-from notelab.lm.sampling import bisect_threshold, filter_threshold, radix_threshold
+from notelab.lm.sampling import bisect_threshold, filter_threshold
 
 
 def prefix_case(B=3, Hq=8, Hkv=2, S=37, D=16, dtype=torch.float32, device="cpu"):
@@ -29,9 +29,9 @@ def test_decode_attention_equals_attention():
     assert torch.equal(attend(q, k2, v, mask=mask)[0], attend(q, k, v, mask=mask)[0])
 
 
-@pytest.mark.parametrize("threshold", [bisect_threshold, radix_threshold])
 @pytest.mark.parametrize("scale", [0.1, 1.0, 6.0])
-def test_threshold_without_a_sort_equals_the_sorted_one(scale, threshold):
+def test_threshold_without_a_sort_equals_the_sorted_one(scale):
+    threshold = bisect_threshold
     g = torch.Generator().manual_seed(int(scale * 10))
     scaled = torch.randn(6, 999, generator=g) * scale
     scaled[5, :10] = scaled[5, 10]  # ties at the edge are kept by both
@@ -45,18 +45,16 @@ def test_threshold_without_a_sort_equals_the_sorted_one(scale, threshold):
     assert kept[2] == 999 and kept[4] == 1 and kept[1] <= 7  # the filters did act
 
 
-def test_radix_and_bisection_keep_the_same_tokens_on_a_llama3_vocabulary():
-    """128,256 logits a row, spread (temperature-like scales 1-3): the radix threshold's kept set is the
-    bisection's; against the sort's float32 cumulative sum both differ by at most a few tokens at the edge
-    (the sort's running sum over ~10^4 tokens rounds by about the mass of one of them)."""
+def test_bisection_on_a_llama3_vocabulary_keeps_the_sorts_tokens_up_to_rounding():
+    """128,256 logits a row, spread (temperature-like scales 1-3): the bisection's kept set differs from the
+    sort's float32 cumulative sum by at most a few tokens at the edge (the sort's running sum over ~10^4 tokens
+    rounds by about the mass of one of them); top-k and top-p both act."""
     g = torch.Generator().manual_seed(3)
     scaled = torch.randn(8, 128256, generator=g) * torch.linspace(1.0, 3.0, 8)[:, None]
     top_k = torch.full((8, 1), 128256)
     top_k[3] = 40
     top_p = torch.tensor([[0.95], [0.9], [0.5], [0.95], [1.0], [0.99], [0.8], [0.95]])
-    radix, bisect = radix_threshold(scaled, top_k, top_p), bisect_threshold(scaled, top_k, top_p)
-    assert torch.equal(radix, bisect)
-    kept = (scaled >= radix).sum(-1)
+    kept = (scaled >= bisect_threshold(scaled, top_k, top_p)).sum(-1)
     by_sort = (scaled >= filter_threshold(scaled, top_k, top_p)).sum(-1)
     assert (kept - by_sort).abs().max() <= 3 and kept[3] <= 40 and kept[4] == 128256
     assert (kept[[0, 1, 2, 5, 6, 7]] < 128256).all()  # top-p acted
@@ -82,7 +80,7 @@ def engine_tokens(engine: Engine, prompts, n, **kw):
     return got
 
 
-@pytest.mark.parametrize("threshold", [filter_threshold, bisect_threshold, radix_threshold])
+@pytest.mark.parametrize("threshold", [filter_threshold, bisect_threshold])
 def test_stacked_step_gives_the_reference_tokens(threshold):
     model = model_of()
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11, 12]]

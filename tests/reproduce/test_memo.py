@@ -9,7 +9,7 @@ import types
 
 import pytest
 
-from notelab.reproduce import CLAIMS, memo, run_claim
+from notelab.reproduce import CLAIMS, memo, report, run_claim
 from notelab.reproduce.memo import MEMO_DIR, Memo
 
 
@@ -90,6 +90,9 @@ def test_transformer_vs_rnn_stopped_mid_way_resumes_to_the_same_result(tmp_path,
     stop_at = 0
     resumed = claim.run(tmp_path / "stopped", tiny=True)
     assert len(calls) == 4 + 4
+    # the report says its times are the last sitting's: CPU throughput and 4 trainings came from the first
+    assert (whole.resumed_pieces, resumed.resumed_pieces) == (0, 1 + 4)
+    assert "last sitting" in report._section(resumed) and "last sitting" not in report._section(whole)
     assert resumed.settings["token_accuracy"] == whole.settings["token_accuracy"]
     assert resumed.tables[1].rows == whole.tables[1].rows  # exact match per task and model
     assert resumed.settings["decay_trained"] == pytest.approx(whole.settings["decay_trained"], abs=1e-6)

@@ -164,6 +164,7 @@ def _full_result() -> ClaimResult:
         quick=True,
         device="NVIDIA H200",
         reused_seeds=[3],
+        resumed_pieces=7,
     )
 
 
@@ -177,6 +178,7 @@ def test_from_dict_round_trips_through_json_with_infinite_intervals(tmp_path):
     assert back.seed_verdicts == {0: "holds", 3: "inconclusive"}
     assert (back.tables, back.figures, back.paper, back.settings) == (r.tables, r.figures, r.paper, r.settings)
     assert (back.device, back.quick, back.seed, back.reused_seeds) == ("NVIDIA H200", True, None, [3])
+    assert back.resumed_pieces == 7
 
 
 def test_from_dict_recomputes_a_tampered_verdict():
@@ -193,6 +195,8 @@ def test_from_dict_recomputes_a_tampered_verdict():
         (lambda d: d.update(extra=1), "extra"),
         (lambda d: d.update(seconds="3"), "seconds"),
         (lambda d: d.update(seed=-1), "seeds >= 0"),
+        (lambda d: d.update(resumed_pieces=-2), "resumed_pieces"),
+        (lambda d: d.update(resumed_pieces=1.5), "resumed_pieces"),
         (lambda d: d.update(seed_verdicts={"x": "holds"}), "seed_verdicts"),
         (lambda d: d.update(seed_verdicts={"0": "maybe"}), "seed_verdicts"),
         (lambda d: d.update(checks={}), "checks"),

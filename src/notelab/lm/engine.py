@@ -181,14 +181,12 @@ def stacked_forward(
     tok: torch.Tensor,
     pos: torch.Tensor,
     cache: nn.ModuleList,
-    linear: Callable[..., torch.Tensor] = F.linear,
     attention: Callable[..., torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``Llama._forward`` for one token a row, ``tok`` ``(B, 1)`` at cache slots ``pos`` ``(B,)``, multiplying by
     the stacked ``[W_q; W_k; W_v]`` and ``[W_gate; W_up]`` of ``Llama.fused_decode_weights``: the same
     arithmetic as the layers' own projections, in two kernels instead of five (a decode step is bound by
     its kernels' count and their weight reads, not by arithmetic); attention by :func:`decode_attention`.
-    ``linear(x, weight, bias)``: how the layers' products are computed (``F.linear``'s arithmetic);
     ``attention(q, k, v, pos)``: attention of row b over cache keys ``0..pos[b]`` (None: :func:`decode_attention`
     with the step's mask), e.g. ``notelab.lm.chain.rows_attention``."""
     B = tok.shape[0]
@@ -205,7 +203,7 @@ def stacked_forward(
         a = layer.self_attn
         w_qkv, w_gate_up = fused[i]
         hq, hkv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
-        q, k, v = linear(layer.input_layernorm(x), w_qkv).split([hq, hkv, hkv], dim=-1)
+        q, k, v = F.linear(layer.input_layernorm(x), w_qkv).split([hq, hkv, hkv], dim=-1)
         q = q.view(B, 1, a.n_heads, a.head_dim).transpose(1, 2)
         k = k.view(B, 1, a.n_kv_heads, a.head_dim).transpose(1, 2)
         v = v.view(B, 1, a.n_kv_heads, a.head_dim).transpose(1, 2)
@@ -216,14 +214,13 @@ def stacked_forward(
             y = decode_attention(q, k.to(q.dtype), v.to(q.dtype), mask=mask)
         else:
             y = attention(q, k, v, pos)
-        x = x + linear(y.transpose(1, 2).reshape(B, 1, hq), a.o_proj.weight, a.o_proj.bias)
+        x = x + a.o_proj(y.transpose(1, 2).reshape(B, 1, hq))
         h = layer.post_attention_layernorm(x)
         if w_gate_up is None:
             x = x + layer.mlp(h)
         else:
-            gate, up = linear(h, w_gate_up).chunk(2, dim=-1)
-            down = layer.mlp.down_proj
-            x = x + linear(F.silu(gate) * up, down.weight, down.bias)
+            gate, up = F.linear(h, w_gate_up).chunk(2, dim=-1)
+            x = x + layer.mlp.down_proj(F.silu(gate) * up)
     return model.lm_head(model.norm(x))
 
 
@@ -242,16 +239,15 @@ def _decode_step(
     out_logprob: torch.Tensor,
     how: Sampler,
     threshold: Callable[..., torch.Tensor],
-    linear: Callable[..., torch.Tensor] = F.linear,
     attention: Callable[..., torch.Tensor] | None = None,
 ) -> None:
     """One token for every row, in place: ``tok`` ``(B, 1)`` at cache slots ``pos`` ``(B,)`` -> next tokens in
-    ``tok`` and ``out``; active rows advance ``pos`` and ``count`` (``linear``, ``attention``: the stacked step's
-    parts). Fixed buffers only (capturable)."""
+    ``tok`` and ``out``; active rows advance ``pos`` and ``count`` (``attention``: the stacked step's, see
+    :func:`stacked_forward`). Fixed buffers only (capturable)."""
     if fused is None:
         logits = model._forward(tok, pos, None, None, cache, 1)[:, -1].float()
     else:
-        logits = stacked_forward(model, fused, tok, pos, cache, linear, attention)[:, -1].float()
+        logits = stacked_forward(model, fused, tok, pos, cache, attention)[:, -1].float()
     temperature, top_k, top_p, penalty, seed = settings
     decay, floor, since, ends = nucleus
     nxt, logprob = choose_tokens(
@@ -283,8 +279,7 @@ class Engine:
     CUDA) multiplies by stacked projection copies (``stacked_forward``); call ``refresh_weights`` after changing
     the model's weights in place. ``threshold`` (how top-k / top-p find their threshold,
     ``notelab.lm.sampling``; default: bisection on CUDA, a sort elsewhere) and ``compiler`` (how the step is
-    compiled on CUDA) are injectable, and so are the stacked step's ``linear`` (``F.linear``'s signature: how it
-    computes its products) and ``attention`` (see :func:`stacked_forward`).
+    compiled on CUDA) are injectable, and so is the stacked step's ``attention`` (see :func:`stacked_forward`).
     """
 
     def __init__(
@@ -297,7 +292,6 @@ class Engine:
         stacked: bool | None = None,
         threshold: Callable[..., torch.Tensor] | None = None,
         compiler: Callable[[Callable], Callable] = compile_step,
-        linear: Callable[..., torch.Tensor] = F.linear,
         attention: Callable[..., torch.Tensor] | None = None,
     ) -> None:
         c = model.config
@@ -314,7 +308,7 @@ class Engine:
         # bisection where the step is compiled and captured (CUDA: 31 passes over L2-resident rows), else one sort
         self.threshold = threshold or (bisect_threshold if dev.type == "cuda" else filter_threshold)
         self.compiler = compiler
-        self.parts = {k: v for k, v in (("linear", linear), ("attention", attention)) if v not in (F.linear, None)}
+        self.parts = {} if attention is None else {"attention": attention}
         self.vocab = c.vocab_size
         B = max_batch
         self.cache = model.make_cache(B, max_len, dtype=dtype)
@@ -325,7 +319,7 @@ class Engine:
             stack = False
         self.fused = model.fused_decode_weights() if stack else None
         if self.parts and self.fused is None:
-            raise ConfigError(f"Engine: {' and '.join(self.parts)} are parts of the stacked step, which is off here")
+            raise ConfigError("Engine: an injected attention is part of the stacked step, which is off here")
         long = dict(dtype=torch.long, device=dev)
         self.tok = torch.zeros(B, 1, **long)
         self.pos = torch.zeros(B, **long)

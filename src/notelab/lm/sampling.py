@@ -220,53 +220,6 @@ def bisect_threshold(
     return scaled.masked_fill(bits < t, float("inf")).amin(dim=-1, keepdim=True)
 
 
-_DIGITS = ((20, 11), (9, 11), (0, 9))  # (shift, width): the 31 bits of a non-negative float32, high digits first
-_FIXED = 2.0**40  # probabilities as integers of 2^-40: sums exact, so the same in any order
-
-
-def _radix_largest(bits: torch.Tensor, weight: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per row, the largest ``t`` with ``sum(weight[bits >= t]) >= target``, found digit by digit: for each
-    digit (high first) one pass adds the weights of the elements agreeing with the digits found so far into a
-    histogram of the digit's values; the digit is the largest value whose weight from the top still reaches
-    the target. ``bits`` ``(B, V)`` int32 >= 0, ``weight`` int64 (integer sums: order-free, deterministic)."""
-    B = bits.shape[0]
-    t = torch.zeros(B, 1, dtype=torch.int32, device=bits.device)
-    above = torch.zeros(B, 1, dtype=weight.dtype, device=bits.device)  # weight of elements above t's digits
-    agree = None
-    for shift, width in _DIGITS:
-        digit = (bits >> shift) & ((1 << width) - 1)
-        w = weight if agree is None else torch.where(agree, weight, 0)
-        hist = torch.zeros(B, 1 << width, dtype=weight.dtype, device=bits.device).scatter_add_(1, digit.long(), w)
-        from_top = hist.flip(-1).cumsum(-1).flip(-1)  # from_top[b] = weight with this digit >= b
-        d = ((above + from_top) >= target).sum(-1, keepdim=True) - 1  # >= 0: value 0 holds every agreeing element
-        beyond = torch.cat([from_top, torch.zeros_like(above)], dim=-1).gather(1, d + 1)  # digit > d
-        above = above + beyond
-        t = t | (d.to(torch.int32) << shift)
-        agree = digit == d if agree is None else agree & (digit == d)
-    return t
-
-
-def radix_threshold(
-    scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, with_top_k: bool = True
-) -> torch.Tensor:
-    """:func:`filter_threshold` without a sort, in three passes per threshold instead of :func:`bisect_threshold`'s
-    31: the top-k and top-p thresholds (as defined there) by radix selection over the probabilities' int32
-    bits, 11 + 11 + 9 bits (:func:`_radix_largest`), counts for top-k and masses for top-p. Masses are summed as
-    integers of 2^-40 (exact in any order, so a row's kept set does not depend on how the sums are scheduled);
-    they differ from float sums by under 2^-40 a token, which can move only a token sitting exactly at the
-    edge of the nucleus."""
-    probs = scaled.softmax(dim=-1)
-    bits = probs.view(torch.int32)
-    t_k = torch.zeros(scaled.shape[0], 1, dtype=torch.int32, device=scaled.device)
-    if with_top_k:
-        t_k = _radix_largest(bits, torch.ones_like(bits, dtype=torch.int64), top_k)
-    mass = (probs * _FIXED).long()
-    kept = torch.where(bits >= t_k, mass, 0).sum(dim=-1, keepdim=True)
-    target = (top_p.double() * kept.double()).ceil().long()
-    t = torch.where(top_p < 1.0, _radix_largest(bits, mass, target), t_k)
-    return scaled.masked_fill(bits < t, float("inf")).amin(dim=-1, keepdim=True)
-
-
 def choose_tokens(
     logits: torch.Tensor,
     how: Sampler,
@@ -289,7 +242,7 @@ def choose_tokens(
     (the row's token index). ``how.factual``: ``nucleus`` = (decay ``(B, 1)``, floor ``(B, 1)``, tokens of the
     sentence so far ``(B,)``) turns ``top_p`` into :func:`factual_top_p` (decay 1, floor 0 leave a row's
     ``top_p`` as it is). ``threshold``: how the top-k / top-p threshold is found (:func:`filter_threshold`,
-    :func:`bisect_threshold`, :func:`radix_threshold`). Fixed shapes and no host reads: capturable in a CUDA graph.
+    :func:`bisect_threshold`). Fixed shapes and no host reads: capturable in a CUDA graph.
     """
     raw = logits
     if how.factual and nucleus is not None:

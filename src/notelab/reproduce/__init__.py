@@ -207,6 +207,7 @@ def combine(results: Sequence[ClaimResult], seeds: Sequence[int], reused: Sequen
         seed=None,
         device=_devices(results, seeds),
         reused_seeds=list(reused),
+        resumed_pieces=sum(r.resumed_pieces for r in results),
     )
 
 

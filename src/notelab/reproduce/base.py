@@ -90,6 +90,9 @@ class ClaimResult:
     quick: bool | None = None
     device: str = ""  # where the run ran (pooled: each machine with its seeds), e.g. "NVIDIA H200"
     reused_seeds: list[int] = field(default_factory=list)  # pooled: seeds read from an earlier run's result.json
+    # finished pieces a stopped run left (notelab.reproduce.memo) that this run picked up: its seconds are then
+    # those of its last sitting only (pooled: summed over the runs)
+    resumed_pieces: int = 0
 
     def __post_init__(self) -> None:
         if self.verdict not in VERDICTS:
@@ -148,6 +151,8 @@ class ClaimResult:
         result = parsed(cls, data, where)
         if result.seed is not None and result.seed < 0 or any(k < 0 for k in result.reused_seeds):
             raise DataError(f"{where}: expected seeds >= 0, got {result.seed} / {result.reused_seeds}")
+        if result.resumed_pieces < 0:
+            raise DataError(f"{where}.resumed_pieces: expected a count >= 0, got {result.resumed_pieces}")
         result.checks = [Check.from_dict(c, f"{where}.checks[{i}]") for i, c in enumerate(checks)]
         result.seed_verdicts = {_seed_key(k): v for k, v in verdicts.items()}
         return result

@@ -121,7 +121,17 @@ def _details(r: ClaimResult) -> str:
     raw = html.escape(json.dumps(r.settings, indent=1, default=str))
     return (
         f"<details><summary>Settings and timings (raw)</summary>"
-        f'<p class="note">{r.seconds:.0f} s in all{"; " + parts if parts else ""}</p><pre>{raw}</pre></details>'
+        f'<p class="note">{r.seconds:.0f} s in all{"; " + parts if parts else ""}{_resumed(r)}</p><pre>{raw}</pre>'
+        "</details>"
+    )
+
+
+def _resumed(r: ClaimResult) -> str:
+    if not r.resumed_pieces:
+        return ""
+    return (
+        f". A stopped run was picked up: {r.resumed_pieces} finished pieces (trainings, measurements) came from "
+        "earlier sittings, so these times are the last sitting's only"
     )
 
 
@@ -148,7 +158,8 @@ def _section(r: ClaimResult) -> str:
         f'<section id="{html.escape(r.name)}"><h2>{html.escape(r.title)}</h2>'
         f"<blockquote>{html.escape(r.claim)}</blockquote>"
         f'<p>Verdict: {_badge(r.verdict)} <span class="note">({r.seconds:.0f} s'
-        f"{' on ' + html.escape(r.device) if r.device else ''})</span></p>{_seeds(r)}"
+        f"{' on ' + html.escape(r.device) if r.device else ''}"
+        f"{', the last sitting of a resumed run' if r.resumed_pieces else ''})</span></p>{_seeds(r)}"
         f"<p>{html.escape(r.summary)}</p>{_checks(r)}{_paper(r)}{''.join(_table(t) for t in r.tables)}{figs}"
         f"{_details(r)}</section>"
     )

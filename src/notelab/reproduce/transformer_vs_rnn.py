@@ -584,8 +584,9 @@ def run(
     s = TINY if tiny else QUICK if quick else FULL_GPU if torch.cuda.is_available() else FULL
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     memo = Memo(out_dir, __file__, claim=NAME, settings=dataclasses.asdict(s), seed=seed, device=device)
-    if memo.pieces():
-        progress.say(f"  picking up a stopped run: {memo.pieces()} finished pieces in {memo.root}")
+    resumed = memo.pieces()
+    if resumed:
+        progress.say(f"  picking up a stopped run: {resumed} finished pieces in {memo.root}")
     # Quick (and tiny) runs measure everything on one CPU thread: their numbers then do not depend on
     # how busy the machine is. A full run gives the throughput measurement every thread it has.
     with one_thread(quick or tiny):
@@ -600,11 +601,12 @@ def run(
             doc = stdlib_doc_section(s, seed, out_dir, progress, memo)
     sections = (speed, acc, grads, doc)
     checks = [c for sec in sections for c in sec.checks]
-    return ClaimResult.from_sections(
+    result = ClaimResult.from_sections(
         NAME, TITLE, CLAIM, sections, summary=_summary(s, speed, grads, rules.group_verdicts(checks)),
         settings=_settings(s, speed, acc, grads, doc, seed, "tiny" if tiny else "quick" if quick else "full"),
         t_start=t_start, progress=progress, paper=_paper(s, speed.values["lengths"], grads.values["decay_init"]),
     )  # fmt: skip
+    return dataclasses.replace(result, resumed_pieces=resumed)
 
 
 def _paper(s: Settings, lengths: list[int], decay: dict[str, float]) -> list[PaperNumber]:
