@@ -4,11 +4,12 @@
 
 Each variant is the engine (``notelab.lm.engine.Engine``: static cache, step compiled by inductor and captured
 in a CUDA graph) built with injected parts: for sampling, how top-k / top-p find their threshold
-(``threshold``: a sort, ``filter_threshold``; bisection, ``bisect_threshold``, the default on CUDA), and how the step is
-compiled (``compiler``: inductor's default; with programmatic dependent launch, ``triton.enable_pdl``;
-max-autotune), or which library its products come from (cuBLAS, the default; cuBLASLt). The attention of the
-step was chosen by the first run of this script (2026-11-29, benchmarks/RESULTS.md: batched products beat
-SDPA, inductor's sums of products and a Triton kernel at batch 8); those variants are gone.
+(``threshold``: a sort, ``filter_threshold``; bisection, ``bisect_threshold``, the default on CUDA); how the step
+is compiled (``compiler``: inductor's default; with combo kernels, without split reductions, with
+coordinate-descent tuning of its kernels, max-autotune); its attention (two batched products and a softmax,
+the default; the chain's split-key kernel). The default attention was chosen by the first run of this script
+(2026-11-29, benchmarks/RESULTS.md: batched products beat SDPA, inductor's sums of products and a Triton
+kernel at batch 8); those variants are gone.
 Llama-3.2-1B shape, random weights, bf16, P-token prompts, N new tokens, no stop tokens; tokens/s of the
 second run (the first compiles and captures) and % of the batch roofline B x copy bandwidth / (weight bytes +
 KV bytes a step reads at the mean context P + (N - 1) / 2), the definition of ``benchmarks/llama_gpu.py``;
@@ -18,17 +19,18 @@ has passed:
   (0) the card's copy bandwidth; the model
   (1) at each batch: sampled (temperature 0.8, top-p 0.95, seed 0), top-p by bisection (the default on CUDA)
       and by a sort; with the chain's attention kernel
-  (2) greedy at the first batch: the default step, with PDL, with cuBLASLt, with the chain's split-key
+  (2) greedy at the first batch: the default step, with each compiler option, with the chain's split-key
       attention kernel (``Engine(attention=notelab.lm.chain.rows_attention)``)
   (3) correctness, float32, a small Llama: each threshold's sampled tokens and the greedy tokens (default and
       with the chain's attention, on CUDA) equal the reference path's
-  (4) the other batches: greedy default, PDL, cuBLASLt, the chain's attention; then max-autotune unless
+  (4) the other batches: greedy default, each compiler option, the chain's attention; then max-autotune unless
       ``--no-autotune``
 
 ``--only REGEX``: only the phases whose names match. ``--tiny``: a small model and sizes, a smoke test of the
 script on CPU. Earlier candidates measured by this script and removed (a Triton attention; a batched Triton
 decode step, ``notelab.lm.chain_rows``; radix selection for the top-p threshold; the products computed as the
-transposed problem or with rows padded to 16: none faster than the default) are in benchmarks/RESULTS.md;
+transposed problem or with rows padded to 16; programmatic dependent launch for inductor's kernels; cuBLASLt
+products: none faster than the default) are in benchmarks/RESULTS.md;
 ``benchmarks/skinny_products.py`` times the products alone, every way.
 """
 
@@ -54,9 +56,15 @@ COMPILER = {
     "default": compile_step,
     # inductor's Triton matmul templates benchmarked against cuBLAS per shape, pointwise epilogues fused into them
     "max-autotune": partial(torch.compile, fullgraph=True, dynamic=False, mode="max-autotune-no-cudagraphs"),
-    # inductor's Triton kernels with programmatic dependent launch (Hopper): each may start before the previous
-    # one ends (the chain's trick, for the generated kernels); a distinct backend, so dynamo compiles anew
-    "pdl": partial(torch.compile, fullgraph=True, dynamic=False, options={"triton.enable_pdl": True}),
+    # The batch-8 step is ~150 small kernels besides its products (RESULTS, 2026-11-30): inductor's ways to launch
+    # fewer or shorter ones. Independent kernels (e.g. the RoPE of q and of k, the cache writes) as one launch:
+    "combo kernels": partial(torch.compile, fullgraph=True, dynamic=False, options={"combo_kernels": True}),
+    # a reduction (the softmax over the cache, RMSNorm) as one kernel, never split in two
+    "no split reductions": partial(torch.compile, fullgraph=True, dynamic=False, options={"split_reductions": False}),
+    # each generated kernel's block sizes tuned by coordinate descent on the card
+    "coordinate descent": partial(
+        torch.compile, fullgraph=True, dynamic=False, options={"coordinate_descent_tuning": True}
+    ),
 }
 
 
@@ -119,8 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         return res
 
     def variant(
-        batch: int, threshold: str, sampled: bool, compiler: str = "default", blas: str | None = None,
-        attention: str = "batched products",
+        batch: int, threshold: str, sampled: bool, compiler: str = "default", attention: str = "batched products",
     ) -> Callable[[], dict]:  # fmt: skip
         def run() -> dict:
             n, prompts = args.new_tokens, bench.prompts[:batch]
@@ -129,14 +136,8 @@ def main(argv: list[str] | None = None) -> int:
             th, comp = THRESHOLD[threshold], COMPILER[compiler]
             eng = Engine(bench.model, batch, args.prompt + n, threshold=th, compiler=comp,
                          attention=ATTENTION[attention])  # fmt: skip
-            before = torch.backends.cuda.preferred_blas_library()
-            try:  # the products' library is chosen when the graph is captured (first run); replays keep it
-                if blas is not None:
-                    torch.backends.cuda.preferred_blas_library(blas)
-                warm_s, _ = timed(device, lambda: run_engine(eng, prompts, n, sampled))
-                dt, out = timed(device, lambda: run_engine(eng, prompts, n, sampled))
-            finally:
-                torch.backends.cuda.preferred_blas_library(before)
+            warm_s, _ = timed(device, lambda: run_engine(eng, prompts, n, sampled))
+            dt, out = timed(device, lambda: run_engine(eng, prompts, n, sampled))
             res = {**bench.figures(batch, dt, out), "warmup_s": warm_s}
             key = ("sampled" if sampled else "greedy", batch)
             if key in shared:  # the default step's tokens, timed first
@@ -161,10 +162,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def greedy(b: int) -> None:
         phase(f"greedy x{b} (default)", variant(b, "sort", False))
-        if hasattr(torch._inductor.config.triton, "enable_pdl"):
-            phase(f"greedy x{b} compiler=pdl", variant(b, "sort", False, "pdl"))
-        if device.type == "cuda":  # no new compile: the same step, its products captured from cuBLASLt
-            phase(f"greedy x{b} blas=cublaslt", variant(b, "sort", False, blas="cublaslt"))
+        for name in ("combo kernels", "no split reductions", "coordinate descent"):
+            phase(f"greedy x{b} compiler={name}", variant(b, "sort", False, name))
         phase(f"greedy x{b} attention=chain kernel", variant(b, "sort", False, attention="chain kernel"))
 
     greedy(args.batches[0])
