@@ -5,11 +5,10 @@
 Each variant is the engine (``notelab.lm.engine.Engine``: static cache, step compiled by inductor and captured
 in a CUDA graph) built with injected parts: for sampling, how top-k / top-p find their threshold
 (``threshold``: a sort, ``filter_threshold``; bisection, ``bisect_threshold``, the default on CUDA); how the step
-is compiled (``compiler``: inductor's default; with combo kernels, without split reductions, with
-coordinate-descent tuning of its kernels, max-autotune); its attention (two batched products and a softmax,
-the default; the chain's split-key kernel). The default attention was chosen by the first run of this script
-(2026-11-29, benchmarks/RESULTS.md: batched products beat SDPA, inductor's sums of products and a Triton
-kernel at batch 8); those variants are gone.
+is compiled (``compiler``: inductor's default; with combo kernels; without split reductions; max-autotune);
+its attention (two batched products and a softmax, the default; the chain's split-key kernel). The default
+attention was chosen by the first run of this script (2026-11-29, benchmarks/RESULTS.md: batched products
+beat SDPA, inductor's sums of products and a Triton kernel at batch 8); those variants are gone.
 Llama-3.2-1B shape, random weights, bf16, P-token prompts, N new tokens, no stop tokens; tokens/s of the
 second run (the first compiles and captures) and % of the batch roofline B x copy bandwidth / (weight bytes +
 KV bytes a step reads at the mean context P + (N - 1) / 2), the definition of ``benchmarks/llama_gpu.py``;
@@ -30,7 +29,7 @@ has passed:
 script on CPU. Earlier candidates measured by this script and removed (a Triton attention; a batched Triton
 decode step, ``notelab.lm.chain_rows``; radix selection for the top-p threshold; the products computed as the
 transposed problem or with rows padded to 16; programmatic dependent launch for inductor's kernels; cuBLASLt
-products: none faster than the default) are in benchmarks/RESULTS.md;
+products; inductor's coordinate-descent tuning: none faster than the default) are in benchmarks/RESULTS.md;
 ``benchmarks/skinny_products.py`` times the products alone, every way.
 """
 
@@ -61,10 +60,6 @@ COMPILER = {
     "combo kernels": partial(torch.compile, fullgraph=True, dynamic=False, options={"combo_kernels": True}),
     # a reduction (the softmax over the cache, RMSNorm) as one kernel, never split in two
     "no split reductions": partial(torch.compile, fullgraph=True, dynamic=False, options={"split_reductions": False}),
-    # each generated kernel's block sizes tuned by coordinate descent on the card
-    "coordinate descent": partial(
-        torch.compile, fullgraph=True, dynamic=False, options={"coordinate_descent_tuning": True}
-    ),
 }
 
 
@@ -162,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def greedy(b: int) -> None:
         phase(f"greedy x{b} (default)", variant(b, "sort", False))
-        for name in ("combo kernels", "no split reductions", "coordinate descent"):
+        for name in ("combo kernels", "no split reductions"):
             phase(f"greedy x{b} compiler={name}", variant(b, "sort", False, name))
         phase(f"greedy x{b} attention=chain kernel", variant(b, "sort", False, attention="chain kernel"))
 
