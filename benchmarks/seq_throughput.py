@@ -26,7 +26,8 @@ import platform
 import torch
 
 from notelab.core.runtime import get_device
-from notelab.seq.experiments import build_model, count_params, train_throughput
+from notelab.seq.factory import build_model, count_params
+from notelab.seq.probes import train_throughput
 
 MODELS = ("transformer", "lstm", "gru")
 

@@ -54,8 +54,8 @@ def test_library_entry_points_seed_model_initialisation(tmp_path):
     from notelab.diffusion.pipeline import train_diffusion
     from notelab.lm.config import LlamaConfig
     from notelab.lm.train import prepare_data, pretrain
-    from notelab.seq.experiments import train_seq
     from notelab.seq.tasks import make_task
+    from notelab.seq.training import train_seq
     from notelab.train import TrainConfig
 
     def cfg(seed: int) -> TrainConfig:

@@ -1,4 +1,4 @@
-"""``notelab seq train`` and ``notelab seq translate``: parse, call notelab.seq.experiments, print.
+"""``notelab seq train`` and ``notelab seq translate``: parse, call notelab.seq, print.
 
     notelab seq train --model transformer|lstm|gru|rnn --task copy|reverse|adding|stdlib-doc --out DIR
         [--length L --steps N --batch-size B --lr LR --d-model D --layers N --time-budget S --device DEV]
@@ -66,8 +66,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def train(args: argparse.Namespace) -> int:
-    from notelab.seq.experiments import check_model_size, evaluate, model_config, train_seq
+    from notelab.seq.factory import check_model_size, model_config
     from notelab.seq.tasks import make_task
+    from notelab.seq.training import evaluate, train_seq
     from notelab.train import TrainConfig
 
     if args.model not in MODELS:
@@ -127,7 +128,7 @@ def train(args: argparse.Namespace) -> int:
 
 def check_same_task(folder: RunFolder, task: object) -> None:
     """A resumed run trains on the task it started with; task.json is written before the first step."""
-    from notelab.seq.experiments import check_task_file
+    from notelab.seq.factory import check_task_file
     from notelab.seq.tasks import save_task
 
     if folder.resume and (folder.path / "task.json").is_file():
@@ -136,7 +137,7 @@ def check_same_task(folder: RunFolder, task: object) -> None:
 
 
 def translate(args: argparse.Namespace) -> int:
-    from notelab.seq.experiments import translate as run_translate
+    from notelab.seq.training import translate as run_translate
 
     check_text("--input", args.input)
 

@@ -75,19 +75,10 @@ from notelab.reproduce.base import (
     one_thread,
 )
 from notelab.reproduce.memo import Memo
-from notelab.seq.experiments import (
-    MODELS,
-    best_times,
-    build_model,
-    count_params,
-    decay_rate,
-    evaluate,
-    input_gradient_norms,
-    load_model,
-    make_train_step,
-    train_seq,
-)
+from notelab.seq.factory import MODELS, build_model, count_params, load_model
+from notelab.seq.probes import best_times, decay_rate, input_gradient_norms, make_train_step
 from notelab.seq.tasks import SYNTH_VOCAB_SIZE, StdlibDocTask, SyntheticTask
+from notelab.seq.training import evaluate, train_seq
 from notelab.train import TrainConfig
 
 NAME = "transformer-vs-rnn"

@@ -1,4 +1,4 @@
-"""Train / evaluate / probe glue of notelab.seq.experiments on tiny configs."""
+"""notelab.seq's factory (equal-size models), training glue and probes on tiny configs."""
 
 from __future__ import annotations
 
@@ -6,19 +6,10 @@ import pytest
 import torch
 
 from notelab.core.errors import CheckpointError, ConfigError
-from notelab.seq.experiments import (
-    MODELS,
-    build_model,
-    count_params,
-    decay_rate,
-    evaluate,
-    input_gradient_norms,
-    load_model,
-    train_seq,
-    train_throughput,
-    translate,
-)
+from notelab.seq.factory import MODELS, build_model, count_params, load_model
+from notelab.seq.probes import decay_rate, input_gradient_norms, train_throughput
 from notelab.seq.tasks import SyntheticTask
+from notelab.seq.training import evaluate, train_seq, translate
 from notelab.train import TrainConfig
 
 
