@@ -117,7 +117,7 @@ def train(args: argparse.Namespace) -> int:
             return 0
     seed_all(args.seed)
     model = build_model(args.model, data, args.preset, seed=args.seed, **overrides)
-    from notelab.oad.experiments import windows_for
+    from notelab.oad.training import windows_for
 
     windows_for(model, data, training=True, seed=args.seed)  # a video shorter than the window fails here
     config = TrainConfig(**train_config_kwargs(args))

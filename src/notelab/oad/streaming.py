@@ -11,10 +11,12 @@ Only frames ``<= t`` ever enter the score of frame ``t``.
 On a CUDA device the window's forward pass is recorded once as a CUDA graph and replayed at every
 frame: a streamed frame is one window of batch 1, where launching the kernels one by one from
 Python costs more than running them (TRN's window is ``T (Q + 1)`` cell steps of small kernels).
+:func:`stream_speed` times it: frames per second and per-frame latency.
 """
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Callable
 
@@ -152,3 +154,38 @@ class OnlineDetector:
     def step(self, feature: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Push one frame; its class probabilities ``(K,)`` (softmax without the ambiguous class)."""
         return drop_ambiguous_softmax(self.step_output(feature).logits, self.config.ambiguous)[0].cpu()
+
+
+def stream_speed(
+    model: nn.Module,
+    n_frames: int = 200,
+    warmup: int = 10,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    max_seconds: float | None = None,
+) -> dict[str, float]:
+    """Frames per second and per-frame latency (p50 / p99, ms) of :class:`OnlineDetector` on random features.
+
+    ``warmup`` frames first (on CUDA the first one records the graph); then up to ``n_frames`` timed
+    frames, stopping early after ``max_seconds``; ``frames`` says how many were timed.
+    """
+    det = OnlineDetector(model, device=device)
+    feats = torch.randn(n_frames + warmup, model.config.d_in, generator=torch.Generator().manual_seed(seed))
+    for f in feats[:warmup]:
+        det.step(f)
+    times = []
+    t0 = time.perf_counter()
+    for f in feats[warmup:]:
+        s = time.perf_counter()
+        det.step(f)  # returns a CPU tensor: synchronises with the device
+        times.append(time.perf_counter() - s)
+        if max_seconds is not None and s + times[-1] - t0 > max_seconds:
+            break
+    total = time.perf_counter() - t0
+    ms = np.asarray(times) * 1e3
+    return {
+        "frames_per_s": len(times) / total,
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "frames": len(times),
+    }

@@ -8,7 +8,7 @@ per-frame mAP, TVSeries mcAP) and the ablation of the task token and the decoder
 Measurements, all models trained with the same budget (steps, batch, learning rate, window ``T``,
 ``Q`` anticipated steps) through ``notelab.train.fit`` on the embedded real streams (scikit-learn's
 handwritten digits written row by row, :func:`notelab.data.streams.digits_streams`) and evaluated
-on the held-out streams with the official protocol (:mod:`notelab.oad.experiments`):
+on the held-out streams with the official protocol (:mod:`notelab.oad.training`):
 
 1. per-frame mAP and mcAP of OadTR, TRN, LSTM, GRU and a causal Transformer; training time;
 2. mAP of each anticipated step against the horizon (OadTR's decoder, TRN's temporal decoder);
@@ -38,8 +38,9 @@ import torch
 from notelab.data.streams import StreamSet, digits_streams
 from notelab.eval.detection import drop_ambiguous_softmax, frame_map
 from notelab.eval.plots import line_png
-from notelab.oad.experiments import build_model, evaluate_detector, predict_windows, stream_speed, train_detector
-from notelab.oad.streaming import window_outputs
+from notelab.oad.factory import build_model
+from notelab.oad.streaming import stream_speed, window_outputs
+from notelab.oad.training import evaluate_detector, predict_windows, train_detector
 from notelab.reproduce import rules
 from notelab.reproduce.base import (
     ClaimResult,
@@ -112,7 +113,7 @@ def per_video_map(model: torch.nn.Module, test: StreamSet) -> list[float]:
 
 
 def _windows(model: torch.nn.Module, streams: StreamSet) -> Any:
-    from notelab.oad.experiments import windows_for
+    from notelab.oad.training import windows_for
 
     return windows_for(model, streams, training=False)
 
