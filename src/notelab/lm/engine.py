@@ -308,17 +308,17 @@ class Engine:
         # bisection where the step is compiled and captured (CUDA: 31 passes over L2-resident rows), else one sort
         self.threshold = threshold or (bisect_threshold if dev.type == "cuda" else filter_threshold)
         self.compiler = compiler
-        self.parts = {} if attention is None else {"attention": attention}
+        self.attention = attention
         self.vocab = c.vocab_size
         B = max_batch
         self.cache = model.make_cache(B, max_len, dtype=dtype)
         # Stacked projections (extra memory: those weights once more) where they pay: the compiled CUDA step.
-        stack = (dev.type == "cuda" or bool(self.parts)) if stacked is None else stacked
+        stack = (dev.type == "cuda" or attention is not None) if stacked is None else stacked
         if stack and model.unplain_reason():  # stacked copies would skip an adapter: the layers' own forward runs
             warnings.warn(f"Engine: stacked projections off ({model.unplain_reason()})", RuntimeWarning, 2)
             stack = False
         self.fused = model.fused_decode_weights() if stack else None
-        if self.parts and self.fused is None:
+        if attention is not None and self.fused is None:
             raise ConfigError("Engine: an injected attention is part of the stacked step, which is off here")
         long = dict(dtype=torch.long, device=dev)
         self.tok = torch.zeros(B, 1, **long)
@@ -523,7 +523,7 @@ class Engine:
 
     def _step_fn(self, compiled: bool) -> Callable[..., None]:
         """The step function: compiled by ``compiler`` when ``compiled``."""
-        step = partial(_decode_step, **self.parts) if self.parts else _decode_step
+        step = _decode_step if self.attention is None else partial(_decode_step, attention=self.attention)
         return self.compiler(step) if compiled else step
 
     def _run(self, how: Sampler) -> None:
