@@ -25,6 +25,9 @@ has passed:
   (4) the other batches: greedy default, each compiler option, the chain's attention; then max-autotune unless
       ``--no-autotune``
 
+With ``--profile``, before (1): the default step's kernels at each batch, greedy and sampled (torch.profiler
+over the captured graph's replays): the kernels by total time, their count a step, one step's kernels in order.
+
 ``--only REGEX``: only the phases whose names match. ``--tiny``: a small model and sizes, a smoke test of the
 script on CPU. Earlier candidates measured by this script and removed (a Triton attention; a batched Triton
 decode step, ``notelab.lm.chain_rows``; radix selection for the top-p threshold; the products computed as the
@@ -90,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tiny", action="store_true", help="small model and sizes: a CPU smoke test")
     p.add_argument("--out", help="write every figure as JSON here")
     p.add_argument("--only", help="run only the phases whose names match this regular expression")
+    p.add_argument("--profile", action="store_true", help="profile the default step's kernels (CUDA)")
     args = p.parse_args(argv)
     if args.tiny:
         args.preset, args.prompt, args.new_tokens, args.batches = "llama3-tiny", 8, 12, [2, 3]
@@ -143,6 +147,37 @@ def main(argv: list[str] | None = None) -> int:
 
         return run
 
+    def profiled(batch: int, sampled: bool) -> Callable[[], dict]:
+        def run() -> dict:
+            from torch.profiler import ProfilerActivity, profile
+
+            n, prompts = 32, bench.prompts[:batch]
+            eng = Engine(bench.model, batch, args.prompt + args.new_tokens)
+            run_engine(eng, prompts, n, sampled)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                run_engine(eng, prompts, n, sampled)
+                torch.cuda.synchronize()
+            kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+            steps = n - 1  # decode steps (the first token comes from the prefill)
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=90))
+            kernels.sort(key=lambda e: e.time_range.start)
+            big = [i for i, e in enumerate(kernels) if e.time_range.elapsed_us() > 80]  # the output projection
+            if len(big) >= 3:  # one whole step: from after one lm_head product to the next
+                one = kernels[big[-3] + 1 : big[-2] + 1]
+                print(f"# one step: {len(one)} kernels, first 40 in order (us, name):")
+                for e in one[:40]:
+                    print(f"  {e.time_range.elapsed_us():7.1f}  {e.name[:110]}")
+                print("# ... its last 40:")
+                for e in one[-40:]:
+                    print(f"  {e.time_range.elapsed_us():7.1f}  {e.name[:110]}")
+                span = one[-1].time_range.end - one[0].time_range.start
+                busy = sum(e.time_range.elapsed_us() for e in one)
+                return {"kernels_a_step": len(one), "kernel_us_a_step": busy, "span_us_a_step": span}
+            return {"kernels": len(kernels), "steps": steps}
+
+        return run
+
     phase("card", bench.card, always=True)
     phase("build bf16 model", bench.build, always=True)
     if bench.model is None:
@@ -150,10 +185,16 @@ def main(argv: list[str] | None = None) -> int:
     print(
         "# roofline tokens/s: " + ", ".join(f"B={b}: {bench.roofline(b):.0f}" for b in [1, *args.batches]), flush=True
     )
+    if args.profile and device.type == "cuda":  # first: where the default step's time goes
+        for b in args.batches:
+            for sampled in (False, True):
+                phase(f"profile x{b} {'sampled' if sampled else 'greedy'} (default)", profiled(b, sampled))
     for b in args.batches:  # the default step's tokens come first: the others are compared with them
         phase(f"sampled x{b} threshold=bisect (default on CUDA)", variant(b, "bisect", True))
         phase(f"sampled x{b} threshold=sort", variant(b, "sort", True))
         phase(f"sampled x{b} attention=chain kernel", variant(b, "bisect", True, attention="chain kernel"))
+        for name in ("combo kernels", "no split reductions"):
+            phase(f"sampled x{b} compiler={name}", variant(b, "bisect", True, name))
 
     def greedy(b: int) -> None:
         phase(f"greedy x{b} (default)", variant(b, "sort", False))
