@@ -1,39 +1,35 @@
 """Candidate decode steps for batched generation, checked and timed in one run (one GPU, a few minutes).
 
-    python benchmarks/decode_variants.py [--batches 8 32] [--budget-s 230] [--out FILE.json]
+    python benchmarks/decode_variants.py [--batches 8 32] [--budget-s 230] [--out FILE.json] [--profile]
 
 Each variant is the engine (``notelab.lm.engine.Engine``: static cache, step compiled by inductor and captured
-in a CUDA graph) built with injected parts: for sampling, how top-k / top-p find their threshold
-(``threshold``: a sort, ``filter_threshold``; bisection, ``bisect_threshold``, the default on CUDA); how the step
-is compiled (``compiler``: inductor's default; with combo kernels; without split reductions; max-autotune);
-its attention (two batched products and a softmax, the default; the chain's split-key kernel). The default
-attention was chosen by the first run of this script (2026-11-29, benchmarks/RESULTS.md: batched products
-beat SDPA, inductor's sums of products and a Triton kernel at batch 8); those variants are gone.
-Llama-3.2-1B shape, random weights, bf16, P-token prompts, N new tokens, no stop tokens; tokens/s of the
-second run (the first compiles and captures) and % of the batch roofline B x copy bandwidth / (weight bytes +
-KV bytes a step reads at the mean context P + (N - 1) / 2), the definition of ``benchmarks/llama_gpu.py``;
-tokens compared with the default step's. Phases, most informative first, each skipped once ``--budget-s``
-has passed:
+in a CUDA graph) built with injected parts (``VARIANTS``): how top-k / top-p find their threshold
+(``threshold``: the pivot search of ``notelab.lm.nucleus``, the default on CUDA; bisection; a sort), how the
+token is taken (``draw``: the split kernels of ``notelab.lm.nucleus``, the default; torch's
+``gumbel_argmax``), the stacked step's attention (``attention``: ``notelab.lm.attend.rope_attention``, the
+default; torch's ``rotated_attention``), and how the step is compiled (``compiler``: inductor's default;
+max-autotune). "torch parts" is the step as it was before the kernels (bisection, ``gumbel_argmax``,
+``rotated_attention``). Llama-3.2-1B shape, random weights, bf16, P-token prompts, N new tokens, no stop
+tokens; tokens/s of the second run (the first compiles and captures) and % of the batch roofline B x copy
+bandwidth / (weight bytes + KV bytes a step reads at the mean context P + (N - 1) / 2), the definition of
+``benchmarks/llama_gpu.py``; tokens compared with the default step's. Phases, each skipped once
+``--budget-s`` has passed:
 
-  (0) the card's copy bandwidth; the model
-  (1) at each batch: sampled (temperature 0.8, top-p 0.95, seed 0), top-p by bisection (the default on CUDA)
-      and by a sort; with the chain's attention kernel
-  (2) greedy at the first batch: the default step, with each compiler option, with the chain's split-key
-      attention kernel (``Engine(attention=notelab.lm.chain.rows_attention)``)
-  (3) correctness, float32, a small Llama: each threshold's sampled tokens and the greedy tokens (default and
-      with the chain's attention, on CUDA) equal the reference path's
-  (4) the other batches: greedy default, each compiler option, the chain's attention; then max-autotune unless
-      ``--no-autotune``
-
-With ``--profile``, before (1): the default step's kernels at each batch, greedy and sampled (torch.profiler
-over the captured graph's replays): the kernels by total time, their count a step, one step's kernels in order.
+  (0) the card's copy bandwidth; the model; with ``--profile``, the default step's kernels at each batch,
+      greedy and sampled (torch.profiler over the captured graph's replays: the kernels by total time, their
+      count a step, one step's kernels in order)
+  (1) correctness, float32, a small Llama: the default step's greedy and sampled tokens and each threshold's
+      sampled tokens equal the reference path's
+  (2) at each batch: sampled (temperature 0.8, top-p 0.95, seed 0), then greedy, the default and each variant;
+      max-autotune last, unless ``--no-autotune``
 
 ``--only REGEX``: only the phases whose names match. ``--tiny``: a small model and sizes, a smoke test of the
-script on CPU. Earlier candidates measured by this script and removed (a Triton attention; a batched Triton
-decode step, ``notelab.lm.chain_rows``; radix selection for the top-p threshold; the products computed as the
+script on CPU. Earlier candidates measured by this script and removed (SDPA, inductor's sums of products, a
+Triton attention a program per row and KV head, the chain's split-key attention kernel; a batched Triton decode
+step, ``notelab.lm.chain_rows``; radix selection for the top-p threshold; the products computed as the
 transposed problem or with rows padded to 16; programmatic dependent launch for inductor's kernels; cuBLASLt
-products; inductor's coordinate-descent tuning: none faster than the default) are in benchmarks/RESULTS.md;
-``benchmarks/skinny_products.py`` times the products alone, every way.
+products; inductor's coordinate-descent tuning, combo kernels and unsplit reductions) are in
+benchmarks/RESULTS.md; ``benchmarks/skinny_products.py`` times the products alone, every way.
 """
 
 from __future__ import annotations
@@ -44,30 +40,29 @@ from collections.abc import Callable
 from functools import partial
 
 import torch
-import torch._inductor.config
 
 from decode_defaults import SAMPLED, Bench, Phases, agreement, timed
 from notelab.lm import Llama, LlamaConfig, generate
-from notelab.lm.chain import _INTERPRET as chain_interpreted
-from notelab.lm.chain import rows_attention
-from notelab.lm.engine import Engine, SamplingParams, compile_step
-from notelab.lm.sampling import bisect_threshold, filter_threshold
+from notelab.lm.engine import Engine, SamplingParams, rotated_attention
+from notelab.lm.nucleus import pivot_threshold
+from notelab.lm.sampling import bisect_threshold, filter_threshold, gumbel_argmax
 
-THRESHOLD = {"sort": filter_threshold, "bisect": bisect_threshold}
-COMPILER = {
-    "default": compile_step,
+TORCH = dict(threshold=bisect_threshold, draw=gumbel_argmax, attention=rotated_attention)
+VARIANTS: dict[str, dict] = {
+    "default": {},
+    "torch parts": TORCH,
+    "attention=torch": dict(attention=rotated_attention),
+    "draw=torch": dict(draw=gumbel_argmax),
+    "threshold=bisect": dict(threshold=bisect_threshold),
+    "threshold=sort": dict(threshold=filter_threshold),
+    "threshold=pivot s=2": dict(threshold=partial(pivot_threshold, split_bits=2)),
+    "threshold=pivot s=4": dict(threshold=partial(pivot_threshold, split_bits=4)),
     # inductor's Triton matmul templates benchmarked against cuBLAS per shape, pointwise epilogues fused into them
-    "max-autotune": partial(torch.compile, fullgraph=True, dynamic=False, mode="max-autotune-no-cudagraphs"),
-    # The batch-8 step is ~150 small kernels besides its products (RESULTS, 2026-11-30): inductor's ways to launch
-    # fewer or shorter ones. Independent kernels (e.g. the RoPE of q and of k, the cache writes) as one launch:
-    "combo kernels": partial(torch.compile, fullgraph=True, dynamic=False, options={"combo_kernels": True}),
-    # a reduction (the softmax over the cache, RMSNorm) as one kernel, never split in two
-    "no split reductions": partial(torch.compile, fullgraph=True, dynamic=False, options={"split_reductions": False}),
+    "max-autotune": dict(
+        compiler=partial(torch.compile, fullgraph=True, dynamic=False, mode="max-autotune-no-cudagraphs")
+    ),
 }
-
-
-# the step's attention: two batched products and a softmax (None, the default) or the chain's split-key kernel
-ATTENTION = {"batched products": None, "chain kernel": rows_attention}
+SAMPLED_ONLY = ("threshold=", "draw=")  # variants that change only sampled steps
 
 
 def run_engine(engine: Engine, prompts: list[list[int]], n: int, sampled: bool) -> list[list[int]]:
@@ -115,26 +110,17 @@ def main(argv: list[str] | None = None) -> int:
         ref = generate(small, prompts, 16, path="reference")
         ref_s = generate(small, prompts, 16, path="reference", **SAMPLED)
         res = {}
-        for th in THRESHOLD:
-            eng = Engine(small, len(prompts), 32, stacked=True, threshold=THRESHOLD[th])
-            res[f"{th} sampled == reference"] = run_engine(eng, prompts, 16, True) == ref_s
-        eng = Engine(small, len(prompts), 32, stacked=True)
-        res["greedy == reference"] = run_engine(eng, prompts, 16, False) == ref
-        if device.type == "cuda":
-            eng = Engine(small, len(prompts), 32, stacked=True, attention=rows_attention)
-            res["attention=chain kernel greedy == reference"] = run_engine(eng, prompts, 16, False) == ref
+        for name in ("default", "threshold=bisect", "threshold=sort", "torch parts"):
+            eng = Engine(small, len(prompts), 32, stacked=True, **VARIANTS[name])
+            res[f"{name} sampled == reference"] = run_engine(eng, prompts, 16, True) == ref_s
+            if name in ("default", "torch parts"):
+                res[f"{name} greedy == reference"] = run_engine(eng, prompts, 16, False) == ref
         return res
 
-    def variant(
-        batch: int, threshold: str, sampled: bool, compiler: str = "default", attention: str = "batched products",
-    ) -> Callable[[], dict]:  # fmt: skip
+    def variant(batch: int, name: str, sampled: bool) -> Callable[[], dict]:
         def run() -> dict:
             n, prompts = args.new_tokens, bench.prompts[:batch]
-            if ATTENTION[attention] is not None and device.type != "cuda" and not chain_interpreted:
-                return {"skipped": "a Triton kernel: CUDA, or TRITON_INTERPRET=1"}
-            th, comp = THRESHOLD[threshold], COMPILER[compiler]
-            eng = Engine(bench.model, batch, args.prompt + n, threshold=th, compiler=comp,
-                         attention=ATTENTION[attention])  # fmt: skip
+            eng = Engine(bench.model, batch, args.prompt + n, **VARIANTS[name])
             warm_s, _ = timed(device, lambda: run_engine(eng, prompts, n, sampled))
             dt, out = timed(device, lambda: run_engine(eng, prompts, n, sampled))
             res = {**bench.figures(batch, dt, out), "warmup_s": warm_s}
@@ -189,26 +175,16 @@ def main(argv: list[str] | None = None) -> int:
         for b in args.batches:
             for sampled in (False, True):
                 phase(f"profile x{b} {'sampled' if sampled else 'greedy'} (default)", profiled(b, sampled))
-    for b in args.batches:  # the default step's tokens come first: the others are compared with them
-        phase(f"sampled x{b} threshold=bisect (default on CUDA)", variant(b, "bisect", True))
-        phase(f"sampled x{b} threshold=sort", variant(b, "sort", True))
-        phase(f"sampled x{b} attention=chain kernel", variant(b, "bisect", True, attention="chain kernel"))
-        for name in ("combo kernels", "no split reductions"):
-            phase(f"sampled x{b} compiler={name}", variant(b, "bisect", True, name))
-
-    def greedy(b: int) -> None:
-        phase(f"greedy x{b} (default)", variant(b, "sort", False))
-        for name in ("combo kernels", "no split reductions"):
-            phase(f"greedy x{b} compiler={name}", variant(b, "sort", False, name))
-        phase(f"greedy x{b} attention=chain kernel", variant(b, "sort", False, attention="chain kernel"))
-
-    greedy(args.batches[0])
     phase("correctness float32 (small model)", correctness)
-    for b in args.batches[1:]:
-        greedy(b)
+    for b in args.batches:  # the default step's tokens come first: the others are compared with them
+        for mode in ("sampled", "greedy"):
+            for name in VARIANTS:
+                if name == "max-autotune" or (mode == "greedy" and name.startswith(SAMPLED_ONLY)):
+                    continue
+                phase(f"{mode} x{b} {name}", variant(b, name, mode == "sampled"))
     if not args.no_autotune:  # last: its compile (autotuning every product shape) is the longest
         for b in args.batches:
-            phase(f"greedy x{b} compiler=max-autotune", variant(b, "sort", False, "max-autotune"))
+            phase(f"greedy x{b} max-autotune", variant(b, "max-autotune", False))
     phase.total()
     return 0
 

@@ -16,7 +16,6 @@ from triton_interpreter import import_interpreted, run_file_in_child
 from triton_interpreter import small_llama as model_of
 
 from notelab.lm import Llama, generate
-from notelab.lm.engine import Engine, SamplingParams, decode_attention
 
 chain, IN_PROCESS = import_interpreted("notelab.lm.chain")
 DecodeChain, chain_unsupported = chain.DecodeChain, chain.chain_unsupported
@@ -180,43 +179,8 @@ def test_unsupported_steps_say_why_and_generate_falls_back():
     assert out == generate(model, prompts, 6, path="reference")
 
 
-def attention_case(B=3, Hq=8, Hkv=2, L=37, D=16, device="cpu"):
-    g = torch.Generator().manual_seed(0)
-    q = torch.randn(B, 1, Hq, D, generator=g).transpose(1, 2)  # the engine's (B, Hq, 1, D) view
-    k, v = torch.randn(2, B, Hkv, L, D, generator=g)
-    pos = torch.tensor([0, L - 1, L // 2, 5][:B])
-    return [t.to(device) for t in (q, k, v, pos)]
-
-
-@pytest.mark.parametrize("heads", [(8, 2), (4, 4), (4, 1)])
-@pytest.mark.parametrize("options", [None, chain.ChainOptions(attn_block=4, split_keys=8)], ids=["one", "split"])
-def test_rows_attention_equals_the_engines(interp, heads, options):
-    """Each row attends to its keys 0..pos: the split-key kernel (whole keys, or 8 splits of a few blocks) gives
-    decode_attention's output; keys past a row's slot change nothing for it."""
-    q, k, v, pos = attention_case(Hq=heads[0], Hkv=heads[1])
-    mask = (torch.arange(k.shape[2]) <= pos[:, None])[:, None, None]
-    got = chain.rows_attention(q, k, v, pos, options)
-    torch.testing.assert_close(got, decode_attention(q, k, v, mask=mask), rtol=1e-5, atol=1e-6)
-    k2 = k.clone()
-    k2[0, :, 1:] += 5.0
-    assert torch.equal(chain.rows_attention(q, k2, v, pos, options)[0], got[0])
-
-
-def test_engine_with_rows_attention_gives_the_reference_tokens(interp):
-    model = model_of()
-    prompts = [[5, 6, 7], list(range(1, 12)), [9, 9, 4]]
-    engine = Engine(model, max_batch=3, stacked=True, attention=chain.rows_attention)
-    ids = {engine.add(p, SamplingParams(8)): b for b, p in enumerate(prompts)}
-    got = [[] for _ in prompts]
-    while engine.has_work():
-        for e in engine.step():
-            if e.token is not None:
-                got[ids[e.request_id]].append(e.token)
-    assert got == generate(model, prompts, 8, path="reference")
-
-
 def test_chain_tests_in_a_fresh_process():
-    run_file_in_child(__file__, IN_PROCESS, skipped=1 + 5)  # this test and the five GPU tests
+    run_file_in_child(__file__, IN_PROCESS, skipped=1 + 4)  # this test and the four GPU tests
 
 
 @pytest.mark.gpu
@@ -243,24 +207,3 @@ def test_generate_chain_on_cuda_replays_a_graph():
         with warnings.catch_warnings():
             warnings.simplefilter("error", RuntimeWarning)
             assert generate(model, [prompt], 100, path="chain")[0] == want
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not _GPU, reason="needs CUDA")
-def test_rows_attention_in_the_compiled_engine_on_cuda():
-    """The operator inside the engine's compiled, captured step: float32 tokens equal the reference's."""
-    model = model_of(device="cuda")
-    q, k, v, pos = attention_case(device="cuda")
-    mask = (torch.arange(k.shape[2], device="cuda") <= pos[:, None])[:, None, None]
-    torch.testing.assert_close(chain.rows_attention(q, k, v, pos), decode_attention(q, k, v, mask=mask))
-    prompts = [[5, 6, 7], list(range(1, 12))]
-    engine = Engine(model, max_batch=2, attention=chain.rows_attention)
-    ids = {engine.add(p, SamplingParams(12)): b for b, p in enumerate(prompts)}
-    got = [[], []]
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)  # a compile failure (eager fallback) fails the test
-        while engine.has_work():
-            for e in engine.step():
-                if e.token is not None:
-                    got[ids[e.request_id]].append(e.token)
-    assert got == generate(model, prompts, 12, path="reference")

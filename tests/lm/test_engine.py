@@ -7,7 +7,7 @@ import torch
 
 from notelab.core.errors import ConfigError, ShapeError
 from notelab.lm import Llama, LlamaConfig, generate
-from notelab.lm.engine import Engine, SamplingParams, TokenEvent, decode_attention
+from notelab.lm.engine import Engine, SamplingParams, TokenEvent, rotated_attention
 
 
 def model_of(dtype=torch.float32, device="cpu") -> Llama:
@@ -167,10 +167,9 @@ def test_an_injected_attention_computes_the_stacked_steps_attention():
     model = model_of()
     calls = []
 
-    def counted(q, k, v, pos):
+    def counted(q, k, v, pos, rope):
         calls.append(q.shape)
-        mask = (torch.arange(k.shape[2]) <= pos[:, None])[:, None, None]
-        return decode_attention(q, k.to(q.dtype), v.to(q.dtype), mask=mask)
+        return rotated_attention(q, k, v, pos, rope)
 
     prompts = [[5, 6, 7], list(range(1, 12))]
     engine = Engine(model, max_batch=2, stacked=True, attention=counted)

@@ -73,7 +73,7 @@ except ImportError:  # pragma: no cover - depends on the environment
     triton = None
     tl = None
 
-__all__ = ["ChainDecoder", "ChainOptions", "DecodeChain", "chain_unsupported", "rows_attention"]
+__all__ = ["ChainDecoder", "ChainOptions", "DecodeChain", "chain_unsupported"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -439,40 +439,6 @@ if triton is not None:
             tl.store(out_ptr + slot + 1, tok)
             tl.store(slot_ptr, slot + 1)
             tl.atomic_xchg(count_ptr, 0)
-
-    @torch.library.triton_op("notelab::rows_attention", mutates_args=())
-    def _rows_attention(
-        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, block: int, nsplit: int
-    ) -> torch.Tensor:
-        """:func:`rows_attention` as an operator inductor compiles into its graph (the kernel launched as is)."""
-        B, nq, hd = q.shape
-        nkv, S = k.shape[1], k.shape[2]
-        f32, cells = torch.float32, B * nq * nsplit
-        part = torch.empty(cells * hd if nsplit > 1 else 1, dtype=f32, device=q.device)
-        m = torch.empty(cells if nsplit > 1 else 1, dtype=f32, device=q.device)
-        lsum = torch.empty_like(m)
-        counts = torch.zeros(B * nq if nsplit > 1 else 1, dtype=torch.int32, device=q.device)
-        y = torch.empty_like(q)
-        torch.library.wrap_triton(_attention_kernel)[(nq, nsplit, B)](
-            q, k, v, pos, part, m, lsum, counts, y, S, hd**-0.5, HD=hd, G=nq // nkv, NSPLIT=nsplit,
-            BLOCK_S=block, PDL=False, EARLY=False, num_warps=4, num_stages=3,
-        )  # fmt: skip
-        return y
-
-
-def rows_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, options: ChainOptions | None = None
-) -> torch.Tensor:
-    """The engine's attention over its static cache by the chain's split-key kernel, one program per (query head,
-    key split, row), in one launch (against two batched products and a softmax): ``q`` ``(B, Hq, 1, D)``, ``k``,
-    ``v`` the cache ``(B, Hkv, L, D)``, row ``b`` attending to keys ``0..pos[b]`` (the engine's mask); returns
-    ``(B, Hq, 1, D)`` as ``notelab.lm.engine.decode_attention`` does, softmax and sums in float32. A candidate
-    for ``Engine(attention=...)`` (CUDA, or Triton's interpreter; power-of-two ``D``)."""
-    t = options or OPTIONS
-    B, nq, _, hd = q.shape
-    nsplit = min(t.max_splits, _pow2(-(-k.shape[2] // t.split_keys)))
-    y = torch.ops.notelab.rows_attention(q.reshape(B, nq, hd).contiguous(), k, v, pos, t.attn_block, nsplit)
-    return y.reshape(B, nq, 1, hd)
 
 
 class DecodeChain:

@@ -34,14 +34,16 @@ from torch import nn
 from notelab.core.attention import KVCache
 from notelab.core.errors import ConfigError, ShapeError
 from notelab.core.rope import apply_rope, rope_cos_sin
+from notelab.lm.attend import attend_unsupported, rope_attention
 from notelab.lm.model import FusedWeights, Llama
+from notelab.lm.nucleus import draw_tokens, pivot_threshold, pivot_unsupported
 from notelab.lm.sampling import (
     FactualNucleus,
     Sampler,
     advance_sentence,
-    bisect_threshold,
     choose_tokens,
     filter_threshold,
+    gumbel_argmax,
     top_p_value,
 )
 
@@ -170,6 +172,22 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask:
     return y.reshape(B, Hq, 1, D)
 
 
+def rotated_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pos: torch.Tensor,
+    rope: tuple[torch.Tensor, torch.Tensor] | None,
+) -> torch.Tensor:
+    """The stacked step's attention in torch: RoPE of ``q`` ``(B, Hq, 1, D)`` by ``rope`` (cos, sin of the rows'
+    slots; None: none), then :func:`decode_attention` over the cache ``k``, ``v`` ``(B, Hkv, L, D)``, row ``b``
+    seeing keys ``0..pos[b]``."""
+    if rope is not None:
+        q = apply_rope(q, *rope)
+    mask = (torch.arange(k.shape[2], device=k.device) <= pos[:, None]).view(-1, 1, 1, k.shape[2])
+    return decode_attention(q, k.to(q.dtype), v.to(q.dtype), mask=mask)
+
+
 def compile_step(fn: Callable) -> Callable:
     """The decode step compiled by inductor as one graph of fixed shapes (``torch.compile``'s default mode)."""
     return torch.compile(fn, fullgraph=True, dynamic=False)
@@ -187,8 +205,8 @@ def stacked_forward(
     the stacked ``[W_q; W_k; W_v]`` and ``[W_gate; W_up]`` of ``Llama.fused_decode_weights``: the same
     arithmetic as the layers' own projections, in two kernels instead of five (a decode step is bound by
     its kernels' count and their weight reads, not by arithmetic); attention by :func:`decode_attention`.
-    ``attention(q, k, v, pos)``: attention of row b over cache keys ``0..pos[b]`` (None: :func:`decode_attention`
-    with the step's mask), e.g. ``notelab.lm.chain.rows_attention``."""
+    ``attention(q, k, v, pos, rope)``: attention of row b's queries (before RoPE) over cache keys ``0..pos[b]``
+    (None: :func:`rotated_attention`), e.g. ``notelab.lm.attend.rope_attention``."""
     B = tok.shape[0]
     slots = pos[:, None]
     x = model.embed_tokens(tok)
@@ -198,7 +216,7 @@ def stacked_forward(
     else:
         cos, sin = rope_cos_sin(slots, model.inv_freq)
         rope = (cos[:, None], sin[:, None])
-    mask, _ = model._mask(1, pos, slots, None, cache, tok.device)
+    attention = attention or rotated_attention
     for i, layer in enumerate(model.layers):
         a = layer.self_attn
         w_qkv, w_gate_up = fused[i]
@@ -208,12 +226,9 @@ def stacked_forward(
         k = k.view(B, 1, a.n_kv_heads, a.head_dim).transpose(1, 2)
         v = v.view(B, 1, a.n_kv_heads, a.head_dim).transpose(1, 2)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            k = apply_rope(k, *rope)
         k, v = cache[i].write(slots, k, v)
-        if attention is None:
-            y = decode_attention(q, k.to(q.dtype), v.to(q.dtype), mask=mask)
-        else:
-            y = attention(q, k, v, pos)
+        y = attention(q, k, v, pos, rope)
         x = x + a.o_proj(y.transpose(1, 2).reshape(B, 1, hq))
         h = layer.post_attention_layernorm(x)
         if w_gate_up is None:
@@ -238,12 +253,14 @@ def _decode_step(
     out: torch.Tensor,
     out_logprob: torch.Tensor,
     how: Sampler,
-    threshold: Callable[..., torch.Tensor],
+    threshold: Callable[..., torch.Tensor] = filter_threshold,
+    draw: Callable[..., torch.Tensor] | None = None,
     attention: Callable[..., torch.Tensor] | None = None,
 ) -> None:
     """One token for every row, in place: ``tok`` ``(B, 1)`` at cache slots ``pos`` ``(B,)`` -> next tokens in
-    ``tok`` and ``out``; active rows advance ``pos`` and ``count`` (``attention``: the stacked step's, see
-    :func:`stacked_forward`). Fixed buffers only (capturable)."""
+    ``tok`` and ``out``; active rows advance ``pos`` and ``count`` (``threshold``, ``draw``: see
+    ``notelab.lm.sampling.choose_tokens``; ``attention``: the stacked step's, see :func:`stacked_forward`). Fixed
+    buffers only (capturable)."""
     if fused is None:
         logits = model._forward(tok, pos, None, None, cache, 1)[:, -1].float()
     else:
@@ -252,7 +269,7 @@ def _decode_step(
     decay, floor, since, ends = nucleus
     nxt, logprob = choose_tokens(
         logits, how, temperature=temperature, top_k=top_k, top_p=top_p, penalty=penalty,
-        seen=seen, seed=seed, counter=count, nucleus=(decay, floor, since), threshold=threshold,
+        seen=seen, seed=seed, counter=count, nucleus=(decay, floor, since), threshold=threshold, draw=draw,
     )  # fmt: skip
     if how.factual:
         since.copy_(advance_sentence(since, nxt, ends))
@@ -277,9 +294,12 @@ class Engine:
     next step). ``dtype``: of the cache (default: the
     autocast dtype, else the weights'). ``max_len`` defaults to the model's context. ``stacked`` (default: on
     CUDA) multiplies by stacked projection copies (``stacked_forward``); call ``refresh_weights`` after changing
-    the model's weights in place. ``threshold`` (how top-k / top-p find their threshold,
-    ``notelab.lm.sampling``; default: bisection on CUDA, a sort elsewhere) and ``compiler`` (how the step is
-    compiled on CUDA) are injectable, and so is the stacked step's ``attention`` (see :func:`stacked_forward`).
+    the model's weights in place. Injectable parts: ``threshold`` (how top-k / top-p find their threshold) and
+    ``draw`` (how the token is taken; both ``notelab.lm.sampling.choose_tokens``), the stacked step's
+    ``attention`` (:func:`stacked_forward`) and ``compiler`` (how the step is compiled on CUDA). Defaults: on
+    CUDA with Triton, the kernels of ``notelab.lm.nucleus`` (``pivot_threshold``, ``draw_tokens``) and
+    ``notelab.lm.attend.rope_attention``; elsewhere the torch functions (a sort, ``gumbel_argmax``,
+    ``rotated_attention``), which are also the reference the kernels are tested against.
     """
 
     def __init__(
@@ -291,8 +311,9 @@ class Engine:
         *,
         stacked: bool | None = None,
         threshold: Callable[..., torch.Tensor] | None = None,
-        compiler: Callable[[Callable], Callable] = compile_step,
+        draw: Callable[..., torch.Tensor] | None = None,
         attention: Callable[..., torch.Tensor] | None = None,
+        compiler: Callable[[Callable], Callable] = compile_step,
     ) -> None:
         c = model.config
         max_len = max_len or c.max_seq_len
@@ -305,10 +326,12 @@ class Engine:
         if dtype is None:
             dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else w.dtype
         self.model, self.max_batch, self.max_len, self.dtype, self.device = model, max_batch, max_len, dtype, dev
-        # bisection where the step is compiled and captured (CUDA: 31 passes over L2-resident rows), else one sort
-        self.threshold = threshold or (bisect_threshold if dev.type == "cuda" else filter_threshold)
+        cuda = dev.type == "cuda"
+        why = pivot_unsupported(w) if cuda else ""  # on CUDA: the Triton kernels, unless they cannot run
+        kernels = cuda and not why
+        self.threshold = threshold or (pivot_threshold if kernels else filter_threshold)
+        self.draw = draw or (draw_tokens if kernels else gumbel_argmax)
         self.compiler = compiler
-        self.attention = attention
         self.vocab = c.vocab_size
         B = max_batch
         self.cache = model.make_cache(B, max_len, dtype=dtype)
@@ -320,6 +343,10 @@ class Engine:
         self.fused = model.fused_decode_weights() if stack else None
         if attention is not None and self.fused is None:
             raise ConfigError("Engine: an injected attention is part of the stacked step, which is off here")
+        if attention is None and kernels and self.fused is not None:
+            why = attend_unsupported(w, c.head_dim)
+            attention = None if why else rope_attention
+        self.attention = attention
         long = dict(dtype=torch.long, device=dev)
         self.tok = torch.zeros(B, 1, **long)
         self.pos = torch.zeros(B, **long)
@@ -352,6 +379,8 @@ class Engine:
         self.pending: tuple | None = None  # the last launched step: (event, host copy, rows at launch, logprobs)
         self.steps: dict[Sampler, object] = {}  # the captured (or plain) decode step per kind of processing
         self.warned: set[str] = set()
+        if why:
+            self._say_once(f"Engine: Triton kernels off ({why}); the torch functions run")
 
     # -- requests ---------------------------------------------------------------------------------------
 
@@ -497,7 +526,7 @@ class Engine:
         first, logprob = choose_tokens(
             logits, how, temperature=settings[0], top_k=settings[1], top_p=settings[2], penalty=settings[3],
             seen=seen, seed=settings[4], counter=torch.zeros(n, dtype=torch.long, device=dev),
-            nucleus=(decay, floor, since), threshold=self.threshold,
+            nucleus=(decay, floor, since), threshold=self.threshold, draw=self.draw,
         )  # fmt: skip
         for buf, val in zip(self.nucleus, (decay, floor, advance_sentence(since, first, ends), ends)):
             buf.index_copy_(0, rows, val)
@@ -523,12 +552,12 @@ class Engine:
 
     def _step_fn(self, compiled: bool) -> Callable[..., None]:
         """The step function: compiled by ``compiler`` when ``compiled``."""
-        step = _decode_step if self.attention is None else partial(_decode_step, attention=self.attention)
+        step = partial(_decode_step, threshold=self.threshold, draw=self.draw, attention=self.attention)
         return self.compiler(step) if compiled else step
 
     def _run(self, how: Sampler) -> None:
         if self.device.type != "cuda":
-            self._step_fn(False)(self.model, *self._buffers(), how, self.threshold)
+            self._step_fn(False)(self.model, *self._buffers(), how)
             return
         graph = self.steps.get(how)
         if graph is None:
@@ -559,11 +588,11 @@ class Engine:
         # than dynamo's default of 8 would silently fall back to the eager step.
         with torch.cuda.stream(side), torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
             for _ in range(3):
-                fn(self.model, *self._buffers(), how, self.threshold)
+                fn(self.model, *self._buffers(), how)
                 for t, s in zip(state, saved):
                     t.copy_(s)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            fn(self.model, *self._buffers(), how, self.threshold)
+            fn(self.model, *self._buffers(), how)
         return graph

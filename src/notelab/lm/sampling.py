@@ -220,6 +220,25 @@ def bisect_threshold(
     return scaled.masked_fill(bits < t, float("inf")).amin(dim=-1, keepdim=True)
 
 
+def gumbel_argmax(
+    scores: torch.Tensor,
+    sampled: torch.Tensor | None,
+    threshold: torch.Tensor | None,
+    seed: torch.Tensor,
+    counter: torch.Tensor,
+) -> torch.Tensor:
+    """The token ``(B,)`` of each row of ``scores`` ``(B, V)``: with ``sampled`` None, the argmax; else rows where
+    ``sampled`` ``(B, 1)`` is True draw ``argmax_i (scores_i + g_i)`` over ``scores_i >= threshold`` (``(B, 1)``;
+    None: every token), Gumbel noise ``g`` from ``seed`` and ``counter`` ``(B,)`` (:func:`uniform_noise`), and the
+    other rows take their argmax (the threshold always keeps a row's maximum, so it changes nothing there)."""
+    if sampled is None:
+        return scores.argmax(dim=-1)
+    if threshold is not None:
+        scores = scores.masked_fill(scores < threshold, float("-inf"))
+    gumbel = -torch.log(-torch.log(uniform_noise(seed, counter, scores.shape[-1])))
+    return torch.where(sampled, scores + gumbel, scores).argmax(dim=-1)
+
+
 def choose_tokens(
     logits: torch.Tensor,
     how: Sampler,
@@ -233,6 +252,7 @@ def choose_tokens(
     counter: torch.Tensor,
     nucleus: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     threshold: Callable[..., torch.Tensor] = filter_threshold,
+    draw: Callable[..., torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The next token of each row ``(B,)`` and (``how.logprobs``) its log-probability under the unprocessed
     model distribution ``log_softmax(logits)``, from float32 ``logits`` ``(B, V)``.
@@ -242,8 +262,11 @@ def choose_tokens(
     (the row's token index). ``how.factual``: ``nucleus`` = (decay ``(B, 1)``, floor ``(B, 1)``, tokens of the
     sentence so far ``(B,)``) turns ``top_p`` into :func:`factual_top_p` (decay 1, floor 0 leave a row's
     ``top_p`` as it is). ``threshold``: how the top-k / top-p threshold is found (:func:`filter_threshold`,
-    :func:`bisect_threshold`). Fixed shapes and no host reads: capturable in a CUDA graph.
+    :func:`bisect_threshold`, ``notelab.lm.nucleus.pivot_threshold``) and ``draw`` how the token is taken
+    (:func:`gumbel_argmax`, the default; ``notelab.lm.nucleus.draw_tokens``). Fixed shapes and no host reads:
+    capturable in a CUDA graph.
     """
+    draw = draw or gumbel_argmax
     raw = logits
     if how.factual and nucleus is not None:
         top_p = factual_top_p(top_p, *nucleus)
@@ -252,11 +275,10 @@ def choose_tokens(
     if how.sample:
         greedy = temperature <= 0
         scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature)
-        if how.filter:
-            scaled = scaled.masked_fill(scaled < threshold(scaled, top_k, top_p, how.top_k), float("-inf"))
-        gumbel = -torch.log(-torch.log(uniform_noise(seed, counter, logits.shape[-1])))
-        logits = torch.where(greedy, logits, scaled + gumbel)
-    token = logits.argmax(dim=-1)
+        thr = threshold(scaled, top_k, top_p, how.top_k) if how.filter else None
+        token = draw(scaled, ~greedy, thr, seed, counter)
+    else:
+        token = draw(logits, None, None, seed, counter)
     logprob = None
     if how.logprobs:
         logprob = raw.log_softmax(dim=-1).gather(-1, token[:, None])[:, 0]

@@ -1,0 +1,285 @@
+"""Choosing the next tokens of a batch in a few Triton kernels: the top-k / top-p threshold by a search by pivots,
+and the argmax (greedy) or Gumbel-max draw (sampled) split over chunks of the vocabulary.
+
+Threshold.
+
+``notelab.lm.sampling.bisect_threshold`` halves a bracket around the threshold 31 times, each halving one
+pass over the rows (two kernels in the compiled decode step). Here each pass splits the bracket into
+``2^s`` parts at once: its programs sum their chunk of a row at ``2^s - 1`` pivots in one go, so
+``ceil(32 / s)`` passes end where 31 halvings do, each pass one launch. With ``x`` the temperature-scaled
+logits of a row and ``m`` their maximum:
+
+    key(x)  an int32 ordered as the float32 x is (x >= 0: its bits; x < 0: its bits with the 31 low ones
+            flipped), so the bracket is an interval of integers, at most 2^32 wide
+    stats   per chunk of a row, the maximum and minimum of x                          one launch
+    top-k   t_k = the largest t with #{i: key(x_i) >= t} >= k                        ceil(32 / s) launches
+    top-p   t_p = the largest t >= t_k with  sum_{key(x_i) >= t} e^(x_i - m)  >=  p sum_{key(x_i) >= t_k} e^(x_i - m)
+            (the kept mass reaches p of the mass top-k kept; top-p < 1 rows only)   ceil(32 / s) launches
+    final   the threshold as a float32 ``thr``: x_i >= thr exactly when key(x_i) >= t    one launch
+
+A pass's programs first read the previous pass's per-chunk sums and narrow the bracket (every program of a
+row adds the same numbers in the same order, so they agree), then sum their chunk at the new pivots. A sum
+of non-negative float32 terms only grows when a term is added, so the test at the pivots is monotone and
+the search is exact for the sums it computes: the kept set is the sort's (``filter_threshold``) up to a
+token whose mass sits exactly at the edge of the nucleus, as for bisection.
+
+Draw. ``notelab.lm.sampling.gumbel_argmax`` in two launches: programs over (chunk, row) take the largest
+``x_i`` (greedy rows) or ``x_i + g_i`` over ``x_i >= thr`` (sampled rows; ``g_i`` the same counter-based Gumbel
+noise, ``notelab.lm.sampling.uniform_noise``, hashed in uint32) and its first index, then one program a row
+keeps the best chunk's (the first on ties): the first index of the row's maximum, as ``argmax``.
+
+Without a GPU the kernels run through Triton's interpreter (``TRITON_INTERPRET=1``, read by
+``notelab.lm.chain``), which is how the tests check them against the sort on CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from notelab.lm.chain import _INTERPRET, _pow2, tl, triton
+
+SPLIT_BITS = 3  # s: each pass splits the bracket into 2^s parts
+PROGRAMS = 512  # programs a pass aims at, all rows together
+BLOCK = 1024  # elements a program loads at once
+MAX_CHUNKS = 64  # chunks of a row at most (each program reads every chunk's sums of the previous pass)
+
+
+def pivot_unsupported(x: torch.Tensor) -> str:
+    """Why :func:`pivot_threshold` and :func:`draw_tokens` cannot run on ``x`` ("" when it can)."""
+    if triton is None:
+        return "triton is not installed"
+    if not (x.is_cuda or _INTERPRET):
+        return "the logits are not on a CUDA device (and TRITON_INTERPRET is not set)"
+    return ""
+
+
+def _chunks(B: int, V: int) -> tuple[int, int]:
+    """Elements a program covers and chunks a row: about ``PROGRAMS`` programs, at most ``MAX_CHUNKS`` a row."""
+    chunk = max(_pow2(-(-V * B // PROGRAMS)), _pow2(-(-V // MAX_CHUNKS)), BLOCK)
+    return chunk, -(-V // chunk)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _key(x):  # noqa: ANN001, ANN202
+        bits = x.to(tl.int32, bitcast=True)
+        return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+
+    @triton.jit
+    def _stats_kernel(x_ptr, stride, V, mx_ptr, mn_ptr, C, CHUNK: tl.constexpr, BLOCK: tl.constexpr):  # noqa: ANN001, ANN202
+        c, b = tl.program_id(0), tl.program_id(1)
+        row = x_ptr + b.to(tl.int64) * stride
+        hi = tl.full([BLOCK], float("-inf"), tl.float32)
+        lo = tl.full([BLOCK], float("inf"), tl.float32)
+        for start in range(0, CHUNK, BLOCK):
+            offs = c * CHUNK + start + tl.arange(0, BLOCK)
+            inside = offs < V
+            v = tl.load(row + offs, mask=inside, other=float("-inf"))
+            hi = tl.maximum(hi, v)
+            lo = tl.minimum(lo, tl.where(inside, v, float("inf")))
+        tl.store(mx_ptr + b * C + c, tl.max(hi, 0))
+        tl.store(mn_ptr + b * C + c, tl.min(lo, 0))
+
+    @triton.jit
+    def _pass_kernel(  # noqa: ANN202
+        x_ptr, stride, V, mx_ptr, mn_ptr, br_ptr, part_ptr, k_ptr, p_ptr, thr_ptr, B, C, r, first_p,  # noqa: ANN001
+        PREV: tl.constexpr,  # 0: first pass; 1: the previous pass counted (top-k); 2: it summed masses (top-p)
+        MODE: tl.constexpr,  # 1: count; 2: sum masses
+        FINAL: tl.constexpr,  # only narrow the bracket and write the threshold
+        S: tl.constexpr, CP2: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        KP: tl.constexpr = 1 << S  # columns: the bracket's low end, then 2^S - 1 pivots
+        c, b = tl.program_id(0), tl.program_id(1)
+        cs = tl.arange(0, CP2)
+        have = cs < C
+        js = tl.arange(0, KP)
+        m = tl.max(tl.load(mx_ptr + b * C + cs, mask=have, other=float("-inf")), 0)
+        top = _key(m).to(tl.int64) + 1  # above every key of the row
+        if PREV == 0:
+            lo = _key(tl.min(tl.load(mn_ptr + b * C + cs, mask=have, other=float("inf")), 0)).to(tl.int64)
+            hi = top
+        else:
+            lo = tl.load(br_ptr + ((r - 1) * B + b) * 2)
+            hi = tl.load(br_ptr + ((r - 1) * B + b) * 2 + 1)
+            prev = part_ptr + ((r - 1) * B + b) * C * KP
+            tot = tl.sum(tl.load(prev + cs[:, None] * KP + js[None, :], mask=have[:, None], other=0.0), 0)
+            if PREV == 1:
+                need = tl.load(k_ptr + b).to(tl.float32)
+            else:  # p of the mass at the low end of the first top-p pass (t_k)
+                first = part_ptr + (first_p * B + b) * C * KP
+                need = tl.load(p_ptr + b) * tl.sum(tl.load(first + cs * KP, mask=have, other=0.0), 0)
+            n = tl.sum(((tot >= need) & (js > 0)).to(tl.int64), 0)  # pivots that still keep enough
+            width = hi - lo
+            lo, hi = lo + ((width * n) >> S), lo + ((width * (n + 1)) >> S)
+            if PREV == 1 and MODE == 2:  # t_k found: top-p searches above it
+                hi = top
+        if c == 0:
+            tl.store(br_ptr + (r * B + b) * 2, lo)
+            tl.store(br_ptr + (r * B + b) * 2 + 1, hi)
+        if FINAL:
+            t_k = tl.load(br_ptr + (first_p * B + b) * 2)
+            t = tl.where(tl.load(p_ptr + b) < 1.0, lo, t_k).to(tl.int32)
+            tl.store(thr_ptr + b, tl.where(t >= 0, t, t ^ 0x7FFFFFFF).to(tl.float32, bitcast=True))
+        else:
+            piv = (lo + (((hi - lo) * js) >> S)).to(tl.int32)
+            row = x_ptr + b.to(tl.int64) * stride
+            acc = tl.zeros([KP], tl.float32)
+            for start in range(0, CHUNK, BLOCK):
+                offs = c * CHUNK + start + tl.arange(0, BLOCK)
+                inside = offs < V
+                v = tl.load(row + offs, mask=inside, other=float("-inf"))
+                above = _key(v)[:, None] >= piv[None, :]
+                if MODE == 1:
+                    w = tl.where(inside, 1.0, 0.0)
+                else:
+                    w = tl.exp(v - m)  # 0 outside the row (-inf)
+                acc += tl.sum(tl.where(above, w[:, None], 0.0), 0)
+            tl.store(part_ptr + ((r * B + b) * C + c) * KP + js, acc)
+
+    @triton.jit
+    def _hash32(x):  # noqa: ANN001, ANN202
+        """``notelab.lm.sampling.hash32`` (lowbias32) on uint32."""
+        x = x ^ (x >> 16)
+        x = x * tl.full([], 0x7FEB352D, tl.uint32)
+        x = x ^ (x >> 15)
+        x = x * tl.full([], 0x846CA68B, tl.uint32)
+        return x ^ (x >> 16)
+
+    @triton.jit
+    def _draw_kernel(  # noqa: ANN202
+        x_ptr, stride, V, temp_ptr, thr_ptr, seed_ptr, count_ptr, val_ptr, idx_ptr, C,  # noqa: ANN001
+        SAMPLE: tl.constexpr, FILTER: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        c, b = tl.program_id(0), tl.program_id(1)
+        row = x_ptr + b.to(tl.int64) * stride
+        if FILTER:
+            thr = tl.load(thr_ptr + b)
+        if SAMPLE:
+            noisy = tl.load(temp_ptr + b) > 0.0
+            seed = (tl.load(seed_ptr + b) & 0xFFFFFFFF).to(tl.uint32)
+            count = (tl.load(count_ptr + b) & 0xFFFFFFFF).to(tl.uint32)
+            key = _hash32(_hash32(seed) ^ count)
+        best = tl.full([BLOCK], float("-inf"), tl.float32)
+        at = tl.zeros([BLOCK], tl.int32)
+        for start in range(0, CHUNK, BLOCK):
+            offs = c * CHUNK + start + tl.arange(0, BLOCK)
+            inside = offs < V
+            v = tl.load(row + offs, mask=inside, other=float("-inf")).to(tl.float32)
+            if FILTER:
+                v = tl.where(v >= thr, v, float("-inf"))
+            if SAMPLE:
+                bits = _hash32(key ^ offs.to(tl.uint32)) >> 8
+                u = (bits.to(tl.float32) + 0.5) * 5.9604644775390625e-08  # 2^-24
+                v = tl.where(noisy, v + -tl.log(-tl.log(u)), v)
+            take = v > best  # a lane keeps its first maximum
+            best = tl.where(take, v, best)
+            at = tl.where(take, offs, at)
+        top = tl.max(best, 0)
+        tl.store(val_ptr + b * C + c, top)
+        tl.store(idx_ptr + b * C + c, tl.min(tl.where(best == top, at, V), 0))
+
+    @triton.jit
+    def _pick_kernel(val_ptr, idx_ptr, out_ptr, C, CP2: tl.constexpr):  # noqa: ANN001, ANN202
+        b = tl.program_id(0)
+        cs = tl.arange(0, CP2)
+        vals = tl.load(val_ptr + b * C + cs, mask=cs < C, other=float("-inf"))
+        first = tl.min(tl.where(vals == tl.max(vals, 0), cs, CP2), 0)
+        tl.store(out_ptr + b, tl.load(idx_ptr + b * C + first).to(tl.int64))
+
+    @torch.library.triton_op("notelab::draw_tokens", mutates_args=())
+    def _draw_tokens(
+        x: torch.Tensor,
+        temperature: torch.Tensor,
+        thr: torch.Tensor,
+        seed: torch.Tensor,
+        counter: torch.Tensor,
+        sample: bool,
+        filtered: bool,
+    ) -> torch.Tensor:
+        """:func:`draw_tokens` as an operator inductor compiles into its graph (the kernels launched as is)."""
+        B, V = x.shape
+        chunk, C = _chunks(B, V)
+        val = torch.empty(B * C, dtype=torch.float32, device=x.device)
+        idx = torch.empty(B * C, dtype=torch.int32, device=x.device)
+        out = torch.empty(B, dtype=torch.int64, device=x.device)
+        torch.library.wrap_triton(_draw_kernel)[(C, B)](
+            x, x.stride(0), V, temperature, thr, seed, counter, val, idx, C,
+            SAMPLE=sample, FILTER=filtered, CHUNK=chunk, BLOCK=BLOCK,
+        )  # fmt: skip
+        torch.library.wrap_triton(_pick_kernel)[(B,)](val, idx, out, C, CP2=max(2, _pow2(C)))
+        return out
+
+    @torch.library.triton_op("notelab::pivot_threshold", mutates_args=())
+    def _pivot_threshold(
+        x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, with_top_k: bool, split_bits: int
+    ) -> torch.Tensor:
+        """:func:`pivot_threshold` as an operator inductor compiles into its graph (the kernels launched as is)."""
+        B, V = x.shape
+        chunk, C = _chunks(B, V)
+        passes = -(-32 // split_bits)
+        nk = passes if with_top_k else 0
+        total = nk + passes
+        f32, dev = torch.float32, x.device
+        mx, mn = torch.empty(B * C, dtype=f32, device=dev), torch.empty(B * C, dtype=f32, device=dev)
+        br = torch.empty((total + 1) * B * 2, dtype=torch.int64, device=dev)
+        part = torch.empty(total * B * C << split_bits, dtype=f32, device=dev)
+        thr = torch.empty(B, dtype=f32, device=dev)
+        sizes = dict(S=split_bits, CP2=max(2, _pow2(C)), CHUNK=chunk, BLOCK=BLOCK)
+        torch.library.wrap_triton(_stats_kernel)[(C, B)](x, x.stride(0), V, mx, mn, C, CHUNK=chunk, BLOCK=BLOCK)
+        for r in range(total + 1):
+            final = r == total
+            prev = 0 if r == 0 else (1 if r - 1 < nk else 2)
+            torch.library.wrap_triton(_pass_kernel)[(1 if final else C, B)](
+                x, x.stride(0), V, mx, mn, br, part, top_k, top_p, thr, B, C, r, nk,
+                PREV=prev, MODE=1 if r < nk else 2, FINAL=final, **sizes,
+            )  # fmt: skip
+        return thr
+
+
+def pivot_threshold(
+    scaled: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    with_top_k: bool = True,
+    split_bits: int = SPLIT_BITS,
+) -> torch.Tensor:
+    """``notelab.lm.sampling.bisect_threshold`` by the pivot search above (``split_bits`` = s): per row ``(B, 1)``
+    a threshold such that ``scaled >= threshold`` is the set top-k then top-p keep. ``scaled`` ``(B, V)``
+    float32, ``top_k`` ``(B, 1)`` int64 (V: none), ``top_p`` ``(B, 1)`` (>= 1: none). CUDA, or Triton's
+    interpreter (:func:`pivot_unsupported`)."""
+    why = pivot_unsupported(scaled)
+    if why:
+        raise RuntimeError(f"pivot_threshold: {why}")
+    x = scaled.float().contiguous()
+    k = top_k.reshape(-1).to(torch.int64).contiguous()
+    p = top_p.reshape(-1).to(torch.float32).contiguous()
+    return torch.ops.notelab.pivot_threshold(x, k, p, with_top_k, split_bits)[:, None]
+
+
+def draw_tokens(
+    scores: torch.Tensor,
+    sampled: torch.Tensor | None,
+    threshold: torch.Tensor | None,
+    seed: torch.Tensor,
+    counter: torch.Tensor,
+) -> torch.Tensor:
+    """``notelab.lm.sampling.gumbel_argmax`` in two launches (see the module doc): the token ``(B,)`` of each row
+    of ``scores`` ``(B, V)``. CUDA, or Triton's interpreter (:func:`pivot_unsupported`)."""
+    why = pivot_unsupported(scores)
+    if why:
+        raise RuntimeError(f"draw_tokens: {why}")
+    B, dev = scores.shape[0], scores.device
+    x = scores.contiguous()
+    none = torch.zeros(B, dtype=torch.float32, device=dev)
+    flag = none if sampled is None else sampled.reshape(B).float().contiguous()
+    thr = none if threshold is None else threshold.reshape(B).float().contiguous()
+    return torch.ops.notelab.draw_tokens(
+        x,
+        flag,
+        thr,
+        seed.reshape(B).contiguous(),
+        counter.reshape(B).contiguous(),
+        sampled is not None,
+        threshold is not None,
+    )
