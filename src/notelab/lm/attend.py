@@ -1,104 +1,123 @@
-"""Attention of one new token a row over the engine's static cache, RoPE of the queries included, in one Triton
-kernel.
+"""Attention of one new token a row over the engine's static cache, RoPE of the queries included, in two Triton
+kernels.
 
 In the batched decode step (``notelab.lm.engine``), after ``[q; k; v] = W_qkv RMSNorm(x)`` and the new keys and
 values written into the cache at each row's slot ``p_b``, the torch step spends six kernels a layer on RoPE of
-q, a memset, two batched products and a softmax (benchmarks/RESULTS.md, 2026-11-30 profile). Here one program a
-(KV head g, row b) does all of it for the ``G = Hq / Hkv`` query heads that read head g:
+q, a memset, two batched products and a softmax (benchmarks/RESULTS.md, 2026-11-30 profile). Here, for the
+``G = Hq / Hkv`` query heads h that read KV head g, with p_b the row's slot:
 
-    q_h <- RoPE(q_h, p_b)        (as ``notelab.core.rope.apply_rope``: x cos + rotate_half(x) sin, rounded to q's dtype)
-    s_hj = q_h . k_gj / sqrt(D)   for the keys j = 0..p_b of the row (float32, no mask: only those are read)
-    y_h  = sum_j softmax_j(s_h)_j v_gj                                  (online softmax over blocks of keys)
+    q_h <- RoPE(q_h, p_b)      x cos + rotate_half(x) sin, rounded as ``notelab.core.rope.apply_rope`` rounds
+    split kernel, a program per (block s of BLOCK_S keys, KV head g, row b), blocks past p_b idle:
+        s_hj = q_h . k_gj / sqrt(D) over the block's keys j <= p_b (float32);  m_s = max_j s_hj,
+        l_s = sum_j e^(s_hj - m_s),  o_s = sum_j e^(s_hj - m_s) v_gj        (products on tensor cores, the
+        group's heads padded to 16 rows; the weights rounded to the cache's dtype, as the torch step rounds)
+    combine kernel, a program per (g, b):  y_h = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s,  M = max_s m_s
 
-(Vaswani et al. 2017, eq. 1; the online softmax is Milakov & Gimelshein 2018), written in the layout ``o_proj``
-reads. Scores and sums are float32 and rounded once at the end. Without a GPU the kernel runs through Triton's
-interpreter (``TRITON_INTERPRET=1``, read by ``notelab.lm.chain``), which is how the tests check it on CPU.
+(Vaswani et al. 2017, eq. 1; the split over keys and its combination are flash-decoding: Dao, Haziza, Massa &
+Sizov, 2023), y written where ``o_proj`` reads it. Every program reads one block of keys at once, rather than a
+few programs walking the whole cache. Without a GPU the kernels run through Triton's interpreter
+(``TRITON_INTERPRET=1``, read by ``notelab.lm.triton_env``), which is how the tests check them on CPU.
 """
 
 from __future__ import annotations
 
 import torch
 
-from notelab.lm.chain import _INTERPRET, _pow2, _rope_pair, tl, triton
+from notelab.lm.triton_env import INTERPRET as _INTERPRET
+from notelab.lm.triton_env import kernels_unsupported, tl, triton
+from notelab.lm.triton_env import pow2 as _pow2
 
-BLOCK_KEYS = 32  # keys a program reads at once
+BLOCK_KEYS = 32  # keys a program reads (one block: the keys of a row are split over programs)
 
 
 def attend_unsupported(q: torch.Tensor, head_dim: int) -> str:
     """Why :func:`rope_attention` cannot run here ("" when it can)."""
-    if triton is None:
-        return "triton is not installed"
-    if not (q.is_cuda or _INTERPRET):
-        return "the model is not on a CUDA device (and TRITON_INTERPRET is not set)"
-    if head_dim < 2 or head_dim & (head_dim - 1):
-        return f"head_dim must be a power of two, got {head_dim}"
+    why = kernels_unsupported(q)
+    if why:
+        return why
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        return f"head_dim must be a power of two >= 16, got {head_dim}"
     return ""
 
 
 if triton is not None:
 
     @triton.jit
-    def _rope_attention_kernel(  # noqa: ANN202
-        q_ptr,  # noqa: ANN001  (B, Hq, 1, D) queries before RoPE, any row / head strides, unit feature stride
-        sqb,  # noqa: ANN001
-        sqh,  # noqa: ANN001
-        k_ptr,  # noqa: ANN001  (B, Hkv, S, D) cache, contiguous, the new keys already written
-        v_ptr,  # noqa: ANN001
-        cos_ptr,  # noqa: ANN001  (B, D) float32 cos(p_b theta) (halves repeated, as rope_cos_sin gives them)
-        sin_ptr,  # noqa: ANN001
-        pos_ptr,  # noqa: ANN001  (B,) int64 slots
-        y_ptr,  # noqa: ANN001  (B, Hq D) out, q's dtype
-        S,  # noqa: ANN001
-        scale,  # noqa: ANN001
-        HD: tl.constexpr,
-        G: tl.constexpr,
-        GP: tl.constexpr,  # G rounded up to a power of two
-        BLOCK_S: tl.constexpr,
-        ROPE: tl.constexpr,
-    ):
-        HALF: tl.constexpr = HD // 2
-        g, b = tl.program_id(0), tl.program_id(1)
-        nkv = tl.num_programs(0)
-        dt = y_ptr.dtype.element_ty
-        i = tl.arange(0, GP)
-        j = tl.arange(0, HALF)
-        in_group = i < G
-        heads = g * G + i
-        qrow = q_ptr + b.to(tl.int64) * sqb + heads[:, None] * sqh
-        a1 = tl.load(qrow + j[None, :], mask=in_group[:, None], other=0.0).to(tl.float32)
-        a2 = tl.load(qrow + HALF + j[None, :], mask=in_group[:, None], other=0.0).to(tl.float32)
-        if ROPE:
-            c = tl.load(cos_ptr + b * HD + j)[None, :]
-            s = tl.load(sin_ptr + b * HD + j)[None, :]
-            q1, q2 = _rope_pair(a1, a2, c, s, in_group[:, None], dt)
-            a1, a2 = q1.to(tl.float32), q2.to(tl.float32)
+    def _split_kernel(  # noqa: ANN202
+        q_ptr, sqb, sqh, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, part_ptr, ml_ptr, S, scale,  # noqa: ANN001
+        HD: tl.constexpr, G: tl.constexpr, GQ: tl.constexpr, GP: tl.constexpr, NSPLIT: tl.constexpr,
+        BLOCK_S: tl.constexpr, ROPE: tl.constexpr, IEEE: tl.constexpr,
+    ):  # fmt: skip
+        """Program (split s, KV head g, row b): the G query heads of g over keys [s BLOCK_S, (s + 1) BLOCK_S) of
+        the row's 0..p_b; its partial (max m, sum l of e^(score - m), sum of e^(score - m) v) per head."""
+        s, g, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         n = tl.load(pos_ptr + b).to(tl.int32) + 1  # keys 0..p_b
-        base = (b.to(tl.int64) * nkv + g) * S * HD
-        m_i = tl.full([GP], float("-inf"), tl.float32)
-        l_i = tl.zeros([GP], tl.float32)
-        acc1 = tl.zeros([GP, HALF], tl.float32)
-        acc2 = tl.zeros([GP, HALF], tl.float32)
-        for start in range(0, n, BLOCK_S):
+        start = s * BLOCK_S
+        if start < n:
+            nkv = tl.num_programs(1)
+            dt = k_ptr.dtype.element_ty
+            HALF: tl.constexpr = HD // 2
+            i = tl.arange(0, GP)
+            d = tl.arange(0, HD)
+            in_group = i < G
+            qrow = q_ptr + b.to(tl.int64) * sqb + (g * G + i)[:, None] * sqh
+            qa = tl.load(qrow + d[None, :], mask=in_group[:, None], other=0.0)
+            if ROPE:  # x cos + rotate_half(x) sin, rotate_half(x) = [-x2, x1], rounded as apply_rope rounds
+                qb = tl.load(qrow + ((d + HALF) % HD)[None, :], mask=in_group[:, None], other=0.0).to(tl.float32)
+                sign = tl.where(d < HALF, -1.0, 1.0)[None, :]
+                c = tl.load(cos_ptr + b * HD + d).to(dt).to(tl.float32)[None, :]
+                sn = tl.load(sin_ptr + b * HD + d).to(dt).to(tl.float32)[None, :]
+                qc = (qa.to(tl.float32) * c).to(dt).to(tl.float32)
+                q = (qc + (sign * qb * sn).to(dt).to(tl.float32)).to(dt)
+            else:
+                q = qa.to(dt)
             keys = start + tl.arange(0, BLOCK_S)
             live = keys < n
-            offs = base + keys.to(tl.int64)[:, None] * HD + j[None, :]
-            k1 = tl.load(k_ptr + offs, mask=live[:, None], other=0.0).to(tl.float32)
-            k2 = tl.load(k_ptr + offs + HALF, mask=live[:, None], other=0.0).to(tl.float32)
-            v1 = tl.load(v_ptr + offs, mask=live[:, None], other=0.0).to(tl.float32)
-            v2 = tl.load(v_ptr + offs + HALF, mask=live[:, None], other=0.0).to(tl.float32)
-            sc = tl.sum(a1[:, None, :] * k1[None, :, :], axis=2) + tl.sum(a2[:, None, :] * k2[None, :, :], axis=2)
+            base = (b.to(tl.int64) * nkv + g) * S * HD
+            kt = tl.load(k_ptr + base + keys[None, :] * HD + d[:, None], mask=live[None, :], other=0.0)  # (HD, BS)
+            vv = tl.load(v_ptr + base + keys[:, None] * HD + d[None, :], mask=live[:, None], other=0.0)  # (BS, HD)
+            if IEEE:  # float32 operands (exact for bf16 ones): float32 models, and the interpreter (no bf16 dot)
+                sc = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision="ieee")
+            else:
+                sc = tl.dot(q, kt)
             # scale: a Python float, float64 when inductor launches the kernel: the scores stay float32
             sc = tl.where(live[None, :], (sc * scale).to(tl.float32), float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(sc - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc1 = acc1 * alpha[:, None] + tl.sum(p[:, :, None] * v1[None, :, :], axis=1)
-            acc2 = acc2 * alpha[:, None] + tl.sum(p[:, :, None] * v2[None, :, :], axis=1)
-            m_i = m_new
-        yrow = y_ptr + b.to(tl.int64) * (nkv * G * HD) + heads[:, None] * HD
-        tl.store(yrow + j[None, :], (acc1 / l_i[:, None]).to(dt), mask=in_group[:, None])
-        tl.store(yrow + HALF + j[None, :], (acc2 / l_i[:, None]).to(dt), mask=in_group[:, None])
+            m = tl.max(sc, axis=1)
+            p = tl.exp(sc - m[:, None])
+            if IEEE:
+                acc = tl.dot(p.to(dt).to(tl.float32), vv.to(tl.float32), input_precision="ieee")
+            else:
+                acc = tl.dot(p.to(dt), vv)
+            cell = ((b * nkv + g) * NSPLIT + s) * GQ + i  # rows i < GQ are kept: G rounded up to a power of two
+            kept = i < GQ
+            tl.store(part_ptr + cell[:, None] * HD + d[None, :], acc, mask=kept[:, None])
+            tl.store(ml_ptr + cell * 2, m, mask=kept)
+            tl.store(ml_ptr + cell * 2 + 1, tl.sum(p, axis=1), mask=kept)
+
+    @triton.jit
+    def _combine_kernel(  # noqa: ANN202
+        pos_ptr, part_ptr, ml_ptr, y_ptr,  # noqa: ANN001
+        HD: tl.constexpr, G: tl.constexpr, GQ: tl.constexpr, GP: tl.constexpr, NSPLIT: tl.constexpr,
+        NSP2: tl.constexpr, BLOCK_S: tl.constexpr,
+    ):  # fmt: skip
+        """Program (KV head g, row b): y_h = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s over the row's splits,
+        M = max_s m_s (flash-decoding's combination), written where o_proj reads head h."""
+        g, b = tl.program_id(0), tl.program_id(1)
+        nkv = tl.num_programs(0)
+        n = tl.load(pos_ptr + b).to(tl.int32) + 1
+        sp = tl.arange(0, NSP2)
+        used = sp * BLOCK_S < n  # the splits that held keys of this row
+        i = tl.arange(0, GQ)
+        d = tl.arange(0, HD)
+        cells = ((b * nkv + g) * NSPLIT + sp)[:, None] * GQ + i[None, :]  # (NSP2, GQ)
+        ms = tl.load(ml_ptr + cells * 2, mask=used[:, None], other=float("-inf"))
+        ls = tl.load(ml_ptr + cells * 2 + 1, mask=used[:, None], other=0.0)
+        top = tl.max(ms, axis=0)  # split 0 always holds key 0: finite
+        w = tl.where(used[:, None], tl.exp(ms - top[None, :]), 0.0)
+        parts = tl.load(part_ptr + cells[:, :, None] * HD + d[None, None, :], mask=used[:, None, None], other=0.0)
+        y = tl.sum(w[:, :, None] * parts, axis=0) / tl.sum(w * ls, axis=0)[:, None]  # (GQ, HD)
+        yrow = y_ptr + b.to(tl.int64) * (nkv * G * HD) + (g * G + i)[:, None] * HD + d[None, :]
+        tl.store(yrow, y.to(y_ptr.dtype.element_ty), mask=(i < G)[:, None])
 
     @torch.library.triton_op("notelab::rope_attention", mutates_args=())
     def _rope_attention(
@@ -111,14 +130,22 @@ if triton is not None:
         rope: bool,
         block: int,
     ) -> torch.Tensor:
-        """:func:`rope_attention` as an operator inductor compiles into its graph (the kernel launched as is)."""
+        """:func:`rope_attention` as an operator inductor compiles into its graph (the kernels launched as is)."""
         B, nq, _, hd = q.shape
         nkv, S = k.shape[1], k.shape[2]
+        G = nq // nkv
+        gq, nsplit = _pow2(G), -(-S // block)
+        f32 = dict(dtype=torch.float32, device=q.device)
+        part = torch.empty(B * nkv * nsplit * gq * hd, **f32)
+        ml = torch.empty(B * nkv * nsplit * gq * 2, **f32)
         y = torch.empty(B, nq * hd, dtype=q.dtype, device=q.device)
-        torch.library.wrap_triton(_rope_attention_kernel)[(nkv, B)](
-            q, q.stride(0), q.stride(1), k, v, cos, sin, pos, y, S, hd**-0.5,
-            HD=hd, G=nq // nkv, GP=_pow2(nq // nkv), BLOCK_S=block, ROPE=rope, num_warps=4,
+        # tensor-core products take >= 16 rows: the group's heads padded with zero rows
+        sizes = dict(HD=hd, G=G, GQ=gq, GP=max(16, gq), NSPLIT=nsplit, BLOCK_S=block)
+        torch.library.wrap_triton(_split_kernel)[(nsplit, nkv, B)](
+            q, q.stride(0), q.stride(1), k, v, cos, sin, pos, part, ml, S, hd**-0.5,
+            ROPE=rope, IEEE=k.dtype == torch.float32 or _INTERPRET, **sizes,
         )  # fmt: skip
+        torch.library.wrap_triton(_combine_kernel)[(nkv, B)](pos, part, ml, y, NSP2=_pow2(nsplit), **sizes)
         return y
 
 
@@ -133,7 +160,8 @@ def rope_attention(
     """Attention of ``q`` ``(B, Hq, 1, D)`` (before RoPE) over the cache ``k``, ``v`` ``(B, Hkv, S, D)``, row ``b``
     reading keys ``0..pos[b]``, RoPE of q by ``rope`` = (cos, sin) ``(B, 1, 1, D)`` tables of the rows' slots
     (None: no rotation); returns ``(B, Hq, 1, D)``, as the engine's torch attention (``rotated_attention``)
-    does. The engine's attention on CUDA (``Engine(attention=...)``); see :func:`attend_unsupported`."""
+    does; ``block``: keys a program reads (at least 16). The engine's attention on CUDA
+    (``Engine(attention=...)``); see :func:`attend_unsupported`."""
     B, nq, _, hd = q.shape
     why = attend_unsupported(q, hd)
     if why:
@@ -144,5 +172,6 @@ def rope_attention(
         cos = sin = torch.empty(0, dtype=torch.float32, device=q.device)
     else:
         cos, sin = (t.reshape(B, hd).float().contiguous() for t in rope)
-    y = torch.ops.notelab.rope_attention(q, k.contiguous(), v.contiguous(), pos, cos, sin, rope is not None, block)
-    return y.view(B, nq, 1, hd)
+    k, v = k.contiguous(), v.to(k.dtype).contiguous()
+    y = torch.ops.notelab.rope_attention(q.to(k.dtype), k, v, pos, cos, sin, rope is not None, max(16, block))
+    return y.view(B, nq, 1, hd).to(q.dtype)

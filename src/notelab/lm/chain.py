@@ -51,9 +51,9 @@ which is how the tests check them against the torch model on CPU.
 
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -62,20 +62,16 @@ from notelab.core.mlp import SwiGLU
 from notelab.core.norms import RMSNorm
 from notelab.core.rope import rope_cos_sin
 from notelab.lm.model import FusedWeights, Llama
+from notelab.lm.nucleus import draw_tokens, pivot_threshold
 from notelab.lm.sampling import Sampler, choose_tokens
+from notelab.lm.triton_env import INTERPRET as _INTERPRET
+from notelab.lm.triton_env import pow2 as _pow2
+from notelab.lm.triton_env import tl, triton
 
 RECOMPILE_LIMIT = 64  # compiled versions of the sampler kept (kinds of processing x cache lengths)
 
-try:  # triton is optional: without it the chain is unavailable and generate takes the torch step
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the environment
-    triton = None
-    tl = None
 
 __all__ = ["ChainDecoder", "ChainOptions", "DecodeChain", "chain_unsupported"]
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @dataclass(frozen=True)
@@ -133,10 +129,6 @@ def chain_unsupported(model: Llama, batch: int, padded: bool, dtype: torch.dtype
     if any(p.dtype != dtype for p in model.parameters()):
         return f"weights and cache must share one dtype ({dtype})"
     return ""
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
 
 
 if triton is not None:
@@ -562,13 +554,15 @@ def sample_into(
     tok: torch.Tensor,
     out: torch.Tensor,
     slot: torch.Tensor,
+    **parts,  # noqa: ANN003 - choose_tokens' threshold= and draw=
 ) -> None:
     """Replace the token at ``out[0, slot]`` (and ``tok``) by one chosen from float32 ``logits`` ``(1, V)`` as
-    ``how`` says (``notelab.lm.sampling.choose_tokens``), in place; counts the token. Fixed buffers only."""
+    ``how`` says (``notelab.lm.sampling.choose_tokens``, with ``parts``), in place; counts the token. Fixed
+    buffers only."""
     temperature, top_k, top_p, penalty, seed = settings
     nxt, _ = choose_tokens(
         logits, how, temperature=temperature, top_k=top_k, top_p=top_p, penalty=penalty,
-        seen=seen, seed=seed, counter=count,
+        seen=seen, seed=seed, counter=count, **parts,
     )  # fmt: skip
     tok.copy_(nxt[:, None])
     out.index_copy_(1, slot.view(1), nxt[:, None])
@@ -582,10 +576,11 @@ class ChainDecoder:
     (replayed once a token), and the prompt's forward captured per prompt length (the last one kept).
 
     Greedy decoding takes the chain's own argmax; any other processing (``Sampler``) runs after the chain's
-    step in the same graph, on the logits it stores (``sample_into``, compiled by inductor on CUDA; on a
-    compiler failure, eager, said once). ``run(prompt, steps, how, settings)`` yields the ``steps`` new tokens
-    in chunks of ``sync`` read back one chunk behind, so the device never waits for Python. The stacked
-    weights are refreshed at each run: the model may have changed in place since the capture.
+    step in the same graph, on the logits it stores (``sample_into``, compiled by inductor on CUDA with the
+    threshold and draw kernels of ``notelab.lm.nucleus``; on a compiler failure, eager, said once).
+    ``run(prompt, steps, how, settings)`` yields the ``steps`` new tokens in chunks of ``sync`` read back one
+    chunk behind, so the device never waits for Python. The stacked weights are refreshed at each run: the
+    model may have changed in place since the capture.
     """
 
     def __init__(self, model: Llama, total: int, sync: int = 16) -> None:
@@ -609,8 +604,9 @@ class ChainDecoder:
         self.seen = torch.zeros(1, model.config.vocab_size, dtype=torch.bool, device=dev)
         self.cuda = dev.type == "cuda"
         self.sampler = sample_into
-        if self.cuda:
-            self.sampler = torch.compile(sample_into, fullgraph=True, dynamic=False)
+        if self.cuda:  # the token choice by the kernels of notelab.lm.nucleus, compiled with the steps around them
+            fast = partial(sample_into, threshold=pivot_threshold, draw=draw_tokens)
+            self.sampler = torch.compile(fast, fullgraph=True, dynamic=False)
         self.graphs: dict[Sampler, torch.cuda.CUDAGraph] = {}
         self.prefill_graph: tuple[tuple, torch.Tensor, torch.cuda.CUDAGraph] | None = None
 

@@ -8,9 +8,10 @@ scheduling). One ``step()``:
     admit    queued requests take free rows; prompts of one length run as one forward (prefill) into a
              small cache copied into their rows; each gets its first token from the prompt's last logits
     decode   every row feeds its last token at its own slot p_b:  k, v -> cache[b, :, p_b];
-             attention over the whole cache with key j visible when j <= p_b (on CUDA by two batched
-             products, ``decode_attention``); the next token by
-             ``notelab.lm.sampling.choose_tokens``; p_b += 1 for active rows (free rows stay at slot 0)
+             attention over the keys j <= p_b (on CUDA by the Triton kernels of ``notelab.lm.attend``, else
+             by two batched products, ``decode_attention``); the next token by
+             ``notelab.lm.sampling.choose_tokens`` (on CUDA with the kernels of ``notelab.lm.nucleus``);
+             p_b += 1 for active rows (free rows stay at slot 0)
 
 The decode step has the same shapes whatever the requests are, so on CUDA it is compiled once
 (``torch.compile``, inductor) and captured in a CUDA graph, one graph per kind of processing the batch
@@ -262,9 +263,9 @@ def _decode_step(
     ``notelab.lm.sampling.choose_tokens``; ``attention``: the stacked step's, see :func:`stacked_forward`). Fixed
     buffers only (capturable)."""
     if fused is None:
-        logits = model._forward(tok, pos, None, None, cache, 1)[:, -1].float()
+        logits = model._forward(tok, pos, None, None, cache, 1)[:, -1]
     else:
-        logits = stacked_forward(model, fused, tok, pos, cache, attention)[:, -1].float()
+        logits = stacked_forward(model, fused, tok, pos, cache, attention)[:, -1]
     temperature, top_k, top_p, penalty, seed = settings
     decay, floor, since, ends = nucleus
     nxt, logprob = choose_tokens(

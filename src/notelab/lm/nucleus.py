@@ -29,14 +29,16 @@ noise, ``notelab.lm.sampling.uniform_noise``, hashed in uint32) and its first in
 keeps the best chunk's (the first on ties): the first index of the row's maximum, as ``argmax``.
 
 Without a GPU the kernels run through Triton's interpreter (``TRITON_INTERPRET=1``, read by
-``notelab.lm.chain``), which is how the tests check them against the sort on CPU.
+``notelab.lm.triton_env``), which is how the tests check them against the sort on CPU.
 """
 
 from __future__ import annotations
 
 import torch
 
-from notelab.lm.chain import _INTERPRET, _pow2, tl, triton
+from notelab.lm.triton_env import INTERPRET as _INTERPRET  # noqa: F401 - the tests read it here
+from notelab.lm.triton_env import kernels_unsupported, tl, triton
+from notelab.lm.triton_env import pow2 as _pow2
 
 SPLIT_BITS = 3  # s: each pass splits the bracket into 2^s parts
 PROGRAMS = 512  # programs a pass aims at, all rows together
@@ -46,11 +48,7 @@ MAX_CHUNKS = 64  # chunks of a row at most (each program reads every chunk's sum
 
 def pivot_unsupported(x: torch.Tensor) -> str:
     """Why :func:`pivot_threshold` and :func:`draw_tokens` cannot run on ``x`` ("" when it can)."""
-    if triton is None:
-        return "triton is not installed"
-    if not (x.is_cuda or _INTERPRET):
-        return "the logits are not on a CUDA device (and TRITON_INTERPRET is not set)"
-    return ""
+    return kernels_unsupported(x)
 
 
 def _chunks(B: int, V: int) -> tuple[int, int]:
@@ -67,15 +65,35 @@ if triton is not None:
         return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
 
     @triton.jit
-    def _stats_kernel(x_ptr, stride, V, mx_ptr, mn_ptr, C, CHUNK: tl.constexpr, BLOCK: tl.constexpr):  # noqa: ANN001, ANN202
+    def _scaled(row, offs, inside, t, SCALE: tl.constexpr):  # noqa: ANN001, ANN202
+        """Float32 logits / t (correctly rounded, as torch divides) at ``offs``; -inf outside the row."""
+        v = tl.load(row + offs, mask=inside, other=float("-inf")).to(tl.float32)
+        if SCALE:
+            v = tl.math.div_rn(v, t)
+        return v
+
+    @triton.jit
+    def _temperature(temp_ptr, b, SCALE: tl.constexpr):  # noqa: ANN001, ANN202
+        """Row b's divisor: its temperature, 1 where it is <= 0 (greedy)."""
+        if SCALE:
+            t = tl.load(temp_ptr + b)
+            return tl.where(t > 0.0, t, 1.0)
+        return 1.0
+
+    @triton.jit
+    def _stats_kernel(  # noqa: ANN202
+        x_ptr, stride, V, temp_ptr, mx_ptr, mn_ptr, C,  # noqa: ANN001
+        SCALE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    ):  # fmt: skip
         c, b = tl.program_id(0), tl.program_id(1)
         row = x_ptr + b.to(tl.int64) * stride
+        t = _temperature(temp_ptr, b, SCALE)
         hi = tl.full([BLOCK], float("-inf"), tl.float32)
         lo = tl.full([BLOCK], float("inf"), tl.float32)
         for start in range(0, CHUNK, BLOCK):
             offs = c * CHUNK + start + tl.arange(0, BLOCK)
             inside = offs < V
-            v = tl.load(row + offs, mask=inside, other=float("-inf"))
+            v = _scaled(row, offs, inside, t, SCALE)
             hi = tl.maximum(hi, v)
             lo = tl.minimum(lo, tl.where(inside, v, float("inf")))
         tl.store(mx_ptr + b * C + c, tl.max(hi, 0))
@@ -83,11 +101,11 @@ if triton is not None:
 
     @triton.jit
     def _pass_kernel(  # noqa: ANN202
-        x_ptr, stride, V, mx_ptr, mn_ptr, br_ptr, part_ptr, k_ptr, p_ptr, thr_ptr, B, C, r, first_p,  # noqa: ANN001
+        x_ptr, stride, V, temp_ptr, mx_ptr, mn_ptr, br_ptr, part_ptr, k_ptr, p_ptr, thr_ptr, B, C, r, first_p,  # noqa: ANN001
         PREV: tl.constexpr,  # 0: first pass; 1: the previous pass counted (top-k); 2: it summed masses (top-p)
         MODE: tl.constexpr,  # 1: count; 2: sum masses
         FINAL: tl.constexpr,  # only narrow the bracket and write the threshold
-        S: tl.constexpr, CP2: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+        SCALE: tl.constexpr, S: tl.constexpr, CP2: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
     ):  # fmt: skip
         KP: tl.constexpr = 1 << S  # columns: the bracket's low end, then 2^S - 1 pivots
         c, b = tl.program_id(0), tl.program_id(1)
@@ -124,18 +142,18 @@ if triton is not None:
         else:
             piv = (lo + (((hi - lo) * js) >> S)).to(tl.int32)
             row = x_ptr + b.to(tl.int64) * stride
-            acc = tl.zeros([KP], tl.float32)
+            t = _temperature(temp_ptr, b, SCALE)
+            acc = tl.zeros([BLOCK, KP], tl.float32)  # summed over the block's axis once, at the end
             for start in range(0, CHUNK, BLOCK):
                 offs = c * CHUNK + start + tl.arange(0, BLOCK)
                 inside = offs < V
-                v = tl.load(row + offs, mask=inside, other=float("-inf"))
-                above = _key(v)[:, None] >= piv[None, :]
+                v = _scaled(row, offs, inside, t, SCALE)
                 if MODE == 1:
                     w = tl.where(inside, 1.0, 0.0)
                 else:
                     w = tl.exp(v - m)  # 0 outside the row (-inf)
-                acc += tl.sum(tl.where(above, w[:, None], 0.0), 0)
-            tl.store(part_ptr + ((r * B + b) * C + c) * KP + js, acc)
+                acc += tl.where(_key(v)[:, None] >= piv[None, :], w[:, None], 0.0)
+            tl.store(part_ptr + ((r * B + b) * C + c) * KP + js, tl.sum(acc, 0))
 
     @triton.jit
     def _hash32(x):  # noqa: ANN001, ANN202
@@ -153,6 +171,7 @@ if triton is not None:
     ):  # fmt: skip
         c, b = tl.program_id(0), tl.program_id(1)
         row = x_ptr + b.to(tl.int64) * stride
+        t = _temperature(temp_ptr, b, SAMPLE)
         if FILTER:
             thr = tl.load(thr_ptr + b)
         if SAMPLE:
@@ -165,7 +184,7 @@ if triton is not None:
         for start in range(0, CHUNK, BLOCK):
             offs = c * CHUNK + start + tl.arange(0, BLOCK)
             inside = offs < V
-            v = tl.load(row + offs, mask=inside, other=float("-inf")).to(tl.float32)
+            v = _scaled(row, offs, inside, t, SAMPLE)
             if FILTER:
                 v = tl.where(v >= thr, v, float("-inf"))
             if SAMPLE:
@@ -212,7 +231,13 @@ if triton is not None:
 
     @torch.library.triton_op("notelab::pivot_threshold", mutates_args=())
     def _pivot_threshold(
-        x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, with_top_k: bool, split_bits: int
+        x: torch.Tensor,
+        temperature: torch.Tensor,
+        top_k: torch.Tensor,
+        top_p: torch.Tensor,
+        with_top_k: bool,
+        scale: bool,
+        split_bits: int,
     ) -> torch.Tensor:
         """:func:`pivot_threshold` as an operator inductor compiles into its graph (the kernels launched as is)."""
         B, V = x.shape
@@ -225,61 +250,70 @@ if triton is not None:
         br = torch.empty((total + 1) * B * 2, dtype=torch.int64, device=dev)
         part = torch.empty(total * B * C << split_bits, dtype=f32, device=dev)
         thr = torch.empty(B, dtype=f32, device=dev)
-        sizes = dict(S=split_bits, CP2=max(2, _pow2(C)), CHUNK=chunk, BLOCK=BLOCK)
-        torch.library.wrap_triton(_stats_kernel)[(C, B)](x, x.stride(0), V, mx, mn, C, CHUNK=chunk, BLOCK=BLOCK)
+        sizes = dict(SCALE=scale, CHUNK=chunk, BLOCK=BLOCK)
+        torch.library.wrap_triton(_stats_kernel)[(C, B)](x, x.stride(0), V, temperature, mx, mn, C, **sizes)
         for r in range(total + 1):
             final = r == total
             prev = 0 if r == 0 else (1 if r - 1 < nk else 2)
             torch.library.wrap_triton(_pass_kernel)[(1 if final else C, B)](
-                x, x.stride(0), V, mx, mn, br, part, top_k, top_p, thr, B, C, r, nk,
-                PREV=prev, MODE=1 if r < nk else 2, FINAL=final, **sizes,
+                x, x.stride(0), V, temperature, mx, mn, br, part, top_k, top_p, thr, B, C, r, nk,
+                PREV=prev, MODE=1 if r < nk else 2, FINAL=final, S=split_bits, CP2=max(2, _pow2(C)), **sizes,
             )  # fmt: skip
         return thr
 
 
 def pivot_threshold(
-    scaled: torch.Tensor,
+    logits: torch.Tensor,
     top_k: torch.Tensor,
     top_p: torch.Tensor,
     with_top_k: bool = True,
+    temperature: torch.Tensor | None = None,
     split_bits: int = SPLIT_BITS,
 ) -> torch.Tensor:
     """``notelab.lm.sampling.bisect_threshold`` by the pivot search above (``split_bits`` = s): per row ``(B, 1)``
-    a threshold such that ``scaled >= threshold`` is the set top-k then top-p keep. ``scaled`` ``(B, V)``
-    float32, ``top_k`` ``(B, 1)`` int64 (V: none), ``top_p`` ``(B, 1)`` (>= 1: none). CUDA, or Triton's
-    interpreter (:func:`pivot_unsupported`)."""
-    why = pivot_unsupported(scaled)
+    a threshold such that ``x >= threshold`` is the set top-k then top-p keep, ``x`` the scaled logits
+    (``notelab.lm.sampling.scale_logits`` of ``logits`` ``(B, V)``, any float dtype and row stride, and
+    ``temperature`` ``(B, 1)``; None: ``logits`` are scaled already). ``top_k`` ``(B, 1)`` int64 (V: none),
+    ``top_p`` ``(B, 1)`` (>= 1: none). CUDA, or Triton's interpreter (:func:`pivot_unsupported`)."""
+    why = pivot_unsupported(logits)
     if why:
         raise RuntimeError(f"pivot_threshold: {why}")
-    x = scaled.float().contiguous()
-    k = top_k.reshape(-1).to(torch.int64).contiguous()
-    p = top_p.reshape(-1).to(torch.float32).contiguous()
-    return torch.ops.notelab.pivot_threshold(x, k, p, with_top_k, split_bits)[:, None]
+    B = logits.shape[0]
+    x = _rows(logits)
+    k = top_k.reshape(B).to(torch.int64).contiguous()
+    p = top_p.reshape(B).to(torch.float32).contiguous()
+    t = _per_row(temperature, B, x.device)
+    return torch.ops.notelab.pivot_threshold(x, t, k, p, with_top_k, temperature is not None, split_bits)[:, None]
 
 
 def draw_tokens(
-    scores: torch.Tensor,
-    sampled: torch.Tensor | None,
+    logits: torch.Tensor,
+    temperature: torch.Tensor | None,
     threshold: torch.Tensor | None,
     seed: torch.Tensor,
     counter: torch.Tensor,
 ) -> torch.Tensor:
     """``notelab.lm.sampling.gumbel_argmax`` in two launches (see the module doc): the token ``(B,)`` of each row
-    of ``scores`` ``(B, V)``. CUDA, or Triton's interpreter (:func:`pivot_unsupported`)."""
-    why = pivot_unsupported(scores)
+    of ``logits`` ``(B, V)`` (any float dtype and row stride). CUDA, or Triton's interpreter
+    (:func:`pivot_unsupported`)."""
+    why = pivot_unsupported(logits)
     if why:
         raise RuntimeError(f"draw_tokens: {why}")
-    B, dev = scores.shape[0], scores.device
-    x = scores.contiguous()
-    none = torch.zeros(B, dtype=torch.float32, device=dev)
-    flag = none if sampled is None else sampled.reshape(B).float().contiguous()
-    thr = none if threshold is None else threshold.reshape(B).float().contiguous()
+    B, dev = logits.shape[0], logits.device
+    thr = _per_row(threshold, B, dev)
     return torch.ops.notelab.draw_tokens(
-        x,
-        flag,
-        thr,
-        seed.reshape(B).contiguous(),
-        counter.reshape(B).contiguous(),
-        sampled is not None,
-        threshold is not None,
-    )
+        _rows(logits), _per_row(temperature, B, dev), thr, seed.reshape(B).contiguous(),
+        counter.reshape(B).contiguous(), temperature is not None, threshold is not None,
+    )  # fmt: skip
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` ``(B, V)`` as the kernels read it: unit stride along a row (any row stride)."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _per_row(v: torch.Tensor | None, B: int, device: torch.device) -> torch.Tensor:
+    """A per-row ``(B, 1)`` setting as a float32 ``(B,)`` vector (zeros for None: the kernels do not read it)."""
+    if v is None:
+        return torch.zeros(B, dtype=torch.float32, device=device)
+    return v.reshape(B).to(torch.float32).contiguous()

@@ -164,16 +164,31 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return torch.where(seen, penalised, logits)
 
 
+def scale_logits(logits: torch.Tensor, temperature: torch.Tensor | None) -> torch.Tensor:
+    """Float32 ``logits / temperature`` ``(B, V)``, rows with temperature <= 0 (greedy) or ``temperature`` None left as
+    they are."""
+    logits = logits.float()
+    if temperature is None:
+        return logits
+    return logits / torch.where(temperature > 0, temperature, torch.ones_like(temperature))
+
+
 def filter_threshold(
-    scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, with_top_k: bool = True
+    logits: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    with_top_k: bool = True,
+    temperature: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per row ``(B, 1)``, the smallest logit kept by top-k then top-p on temperature-scaled ``scaled`` ``(B, V)``.
+    """Per row ``(B, 1)``, the smallest logit kept by top-k then top-p on the temperature-scaled logits
+    (:func:`scale_logits` of ``logits`` ``(B, V)`` and ``temperature`` ``(B, 1)``; None: already scaled).
 
     ``top_k`` ``(B, 1)`` int64 in ``[1, V]`` (``V``: no top-k), ``top_p`` ``(B, 1)`` float (``>= 1``: no top-p).
     Sorted descending, position ``j`` is dropped by top-p when the mass ranked above it already reaches
     ``p``; that is monotone in ``j``, so the kept set is a prefix and one threshold describes it (ties with
     the threshold are kept). ``with_top_k`` (False: no row has top-k) is for :func:`bisect_threshold`.
     """
+    scaled = scale_logits(logits, temperature)
     ordered = torch.sort(scaled, dim=-1, descending=True).values
     rank = torch.arange(scaled.shape[-1], device=scaled.device)
     ordered = ordered.masked_fill(rank >= top_k, float("-inf"))
@@ -188,7 +203,11 @@ _BISECTIONS = 31  # ceil(log2(_INF_BITS)): the bracket [0, +inf bits) shrinks to
 
 
 def bisect_threshold(
-    scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, with_top_k: bool = True
+    logits: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    with_top_k: bool = True,
+    temperature: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`filter_threshold` without a sort: the same kept set found by bisection.
 
@@ -199,6 +218,7 @@ def bisect_threshold(
     halving is one pass over ``(B, V)`` (held in L2), against a sort of every row. Sums in another order
     than a cumulative sum can move a token sitting exactly at the edge of the nucleus, nothing else.
     """
+    scaled = scale_logits(logits, temperature)
     probs = scaled.softmax(dim=-1)
     bits = probs.view(torch.int32)
     B = scaled.shape[0]
@@ -221,22 +241,24 @@ def bisect_threshold(
 
 
 def gumbel_argmax(
-    scores: torch.Tensor,
-    sampled: torch.Tensor | None,
+    logits: torch.Tensor,
+    temperature: torch.Tensor | None,
     threshold: torch.Tensor | None,
     seed: torch.Tensor,
     counter: torch.Tensor,
 ) -> torch.Tensor:
-    """The token ``(B,)`` of each row of ``scores`` ``(B, V)``: with ``sampled`` None, the argmax; else rows where
-    ``sampled`` ``(B, 1)`` is True draw ``argmax_i (scores_i + g_i)`` over ``scores_i >= threshold`` (``(B, 1)``;
-    None: every token), Gumbel noise ``g`` from ``seed`` and ``counter`` ``(B,)`` (:func:`uniform_noise`), and the
-    other rows take their argmax (the threshold always keeps a row's maximum, so it changes nothing there)."""
-    if sampled is None:
-        return scores.argmax(dim=-1)
+    """The token ``(B,)`` of each row of ``logits`` ``(B, V)``: with ``temperature`` None, the argmax; else rows with
+    ``temperature`` ``(B, 1)`` > 0 draw ``argmax_i (x_i + g_i)`` over ``x_i >= threshold`` (``(B, 1)``; None: every
+    token), ``x`` the scaled logits (:func:`scale_logits`), Gumbel noise ``g`` from ``seed`` and ``counter`` ``(B,)``
+    (:func:`uniform_noise`), and the others (greedy) take their argmax (a threshold always keeps a row's maximum,
+    so it changes nothing there)."""
+    if temperature is None:
+        return logits.argmax(dim=-1)
+    x = scale_logits(logits, temperature)
     if threshold is not None:
-        scores = scores.masked_fill(scores < threshold, float("-inf"))
-    gumbel = -torch.log(-torch.log(uniform_noise(seed, counter, scores.shape[-1])))
-    return torch.where(sampled, scores + gumbel, scores).argmax(dim=-1)
+        x = x.masked_fill(x < threshold, float("-inf"))
+    gumbel = -torch.log(-torch.log(uniform_noise(seed, counter, x.shape[-1])))
+    return torch.where(temperature > 0, x + gumbel, x).argmax(dim=-1)
 
 
 def choose_tokens(
@@ -255,7 +277,7 @@ def choose_tokens(
     draw: Callable[..., torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The next token of each row ``(B,)`` and (``how.logprobs``) its log-probability under the unprocessed
-    model distribution ``log_softmax(logits)``, from float32 ``logits`` ``(B, V)``.
+    model distribution ``log_softmax(logits)``, from ``logits`` ``(B, V)`` (any float dtype, processed in float32).
 
     Per-row settings ``(B, 1)``: ``temperature`` (0: greedy), ``top_k`` (int64, V for none), ``top_p`` (1 for
     none), ``penalty`` (1 for none) with ``seen`` ``(B, V)`` bool; noise from ``seed`` and ``counter`` ``(B,)``
@@ -271,17 +293,15 @@ def choose_tokens(
     if how.factual and nucleus is not None:
         top_p = factual_top_p(top_p, *nucleus)
     if how.penalty and seen is not None:
-        logits = apply_repetition_penalty(logits, seen, penalty)
+        logits = apply_repetition_penalty(logits.float(), seen, penalty)
     if how.sample:
-        greedy = temperature <= 0
-        scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature)
-        thr = threshold(scaled, top_k, top_p, how.top_k) if how.filter else None
-        token = draw(scaled, ~greedy, thr, seed, counter)
+        thr = threshold(logits, top_k, top_p, how.top_k, temperature=temperature) if how.filter else None
+        token = draw(logits, temperature, thr, seed, counter)
     else:
         token = draw(logits, None, None, seed, counter)
     logprob = None
     if how.logprobs:
-        logprob = raw.log_softmax(dim=-1).gather(-1, token[:, None])[:, 0]
+        logprob = raw.float().log_softmax(dim=-1).gather(-1, token[:, None])[:, 0]
     return token, logprob
 
 

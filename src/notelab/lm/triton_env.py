@@ -1,0 +1,36 @@
+"""Triton where it is installed, and whether its kernels run through its interpreter: what the kernel modules
+(``notelab.lm.chain``, ``notelab.lm.nucleus``, ``notelab.lm.attend``) share.
+
+``TRITON_INTERPRET=1`` must be set before triton is first imported (``triton.jit`` reads it then), so it is read
+once, here, when the first kernel module is imported; the tests of the kernels run on CPU that way.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:  # triton is optional: without it the kernel paths say why they cannot run and the torch functions run
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the environment
+    triton = None
+    tl = None
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def pow2(n: int) -> int:
+    """The smallest power of two >= ``n`` (1 for ``n <= 1``)."""
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def kernels_unsupported(t: torch.Tensor) -> str:
+    """Why Triton kernels cannot run on tensor ``t`` ("" when they can): triton missing, or ``t`` not on a CUDA
+    device and the interpreter off."""
+    if triton is None:
+        return "triton is not installed"
+    if not (t.is_cuda or INTERPRET):
+        return "the tensors are not on a CUDA device (and TRITON_INTERPRET is not set)"
+    return ""
