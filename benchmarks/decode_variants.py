@@ -43,6 +43,7 @@ import torch
 
 from decode_defaults import SAMPLED, Bench, Phases, agreement, timed
 from notelab.lm import Llama, LlamaConfig, generate
+from notelab.lm.attend import rope_attention
 from notelab.lm.engine import Engine, SamplingParams, rotated_attention
 from notelab.lm.nucleus import pivot_threshold
 from notelab.lm.sampling import bisect_threshold, filter_threshold, gumbel_argmax
@@ -52,11 +53,11 @@ VARIANTS: dict[str, dict] = {
     "default": {},
     "torch parts": TORCH,
     "attention=torch": dict(attention=rotated_attention),
+    "attention block 64": dict(attention=partial(rope_attention, block=64)),
     "draw=torch": dict(draw=gumbel_argmax),
     "threshold=bisect": dict(threshold=bisect_threshold),
     "threshold=sort": dict(threshold=filter_threshold),
-    "threshold=pivot s=2": dict(threshold=partial(pivot_threshold, split_bits=2)),
-    "threshold=pivot s=4": dict(threshold=partial(pivot_threshold, split_bits=4)),
+    "threshold=pivot s=1": dict(threshold=partial(pivot_threshold, split_bits=1)),
     # inductor's Triton matmul templates benchmarked against cuBLAS per shape, pointwise epilogues fused into them
     "max-autotune": dict(
         compiler=partial(torch.compile, fullgraph=True, dynamic=False, mode="max-autotune-no-cudagraphs")

@@ -11,7 +11,7 @@ logits of a row and ``m`` their maximum:
 
     key(x)  an int32 ordered as the float32 x is (x >= 0: its bits; x < 0: its bits with the 31 low ones
             flipped), so the bracket is an interval of integers, at most 2^32 wide
-    stats   per chunk of a row, the maximum and minimum of x                          one launch
+    stats   per chunk of a row, the maximum and minimum of x (and x itself, float32)   one launch
     top-k   t_k = the largest t with #{i: key(x_i) >= t} >= k                        ceil(32 / s) launches
     top-p   t_p = the largest t >= t_k with  sum_{key(x_i) >= t} e^(x_i - m)  >=  p sum_{key(x_i) >= t_k} e^(x_i - m)
             (the kept mass reaches p of the mass top-k kept; top-p < 1 rows only)   ceil(32 / s) launches
@@ -40,7 +40,7 @@ from notelab.lm.triton_env import INTERPRET as _INTERPRET  # noqa: F401 - the te
 from notelab.lm.triton_env import kernels_unsupported, tl, triton
 from notelab.lm.triton_env import pow2 as _pow2
 
-SPLIT_BITS = 3  # s: each pass splits the bracket into 2^s parts
+SPLIT_BITS = 2  # s (1 or 2): each pass splits the bracket into 2^s parts
 PROGRAMS = 512  # programs a pass aims at, all rows together
 BLOCK = 1024  # elements a program loads at once
 MAX_CHUNKS = 64  # chunks of a row at most (each program reads every chunk's sums of the previous pass)
@@ -82,9 +82,11 @@ if triton is not None:
 
     @triton.jit
     def _stats_kernel(  # noqa: ANN202
-        x_ptr, stride, V, temp_ptr, mx_ptr, mn_ptr, C,  # noqa: ANN001
+        x_ptr, stride, V, temp_ptr, mx_ptr, mn_ptr, scaled_ptr, C,  # noqa: ANN001
         SCALE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
     ):  # fmt: skip
+        """Per chunk, the max and min of the scaled logits; with SCALE, the scaled logits themselves into
+        ``scaled_ptr`` ``(B, V)`` float32, which the passes then read (one division an element, not one a pass)."""
         c, b = tl.program_id(0), tl.program_id(1)
         row = x_ptr + b.to(tl.int64) * stride
         t = _temperature(temp_ptr, b, SCALE)
@@ -94,6 +96,8 @@ if triton is not None:
             offs = c * CHUNK + start + tl.arange(0, BLOCK)
             inside = offs < V
             v = _scaled(row, offs, inside, t, SCALE)
+            if SCALE:
+                tl.store(scaled_ptr + b.to(tl.int64) * V + offs, v, mask=inside)
             hi = tl.maximum(hi, v)
             lo = tl.minimum(lo, tl.where(inside, v, float("inf")))
         tl.store(mx_ptr + b * C + c, tl.max(hi, 0))
@@ -139,11 +143,17 @@ if triton is not None:
             t_k = tl.load(br_ptr + (first_p * B + b) * 2)
             t = tl.where(tl.load(p_ptr + b) < 1.0, lo, t_k).to(tl.int32)
             tl.store(thr_ptr + b, tl.where(t >= 0, t, t ^ 0x7FFFFFFF).to(tl.float32, bitcast=True))
-        else:
-            piv = (lo + (((hi - lo) * js) >> S)).to(tl.int32)
+        else:  # one float32 sum a lane per pivot (at most 4), added over the lanes once at the end
+            width = hi - lo
+            p1 = (lo + ((width * 1) >> S)).to(tl.int32)
+            p2 = (lo + ((width * 2) >> S)).to(tl.int32)
+            p3 = (lo + ((width * 3) >> S)).to(tl.int32)
             row = x_ptr + b.to(tl.int64) * stride
             t = _temperature(temp_ptr, b, SCALE)
-            acc = tl.zeros([BLOCK, KP], tl.float32)  # summed over the block's axis once, at the end
+            a0 = tl.zeros([BLOCK], tl.float32)
+            a1 = tl.zeros([BLOCK], tl.float32)
+            a2 = tl.zeros([BLOCK], tl.float32)
+            a3 = tl.zeros([BLOCK], tl.float32)
             for start in range(0, CHUNK, BLOCK):
                 offs = c * CHUNK + start + tl.arange(0, BLOCK)
                 inside = offs < V
@@ -152,8 +162,18 @@ if triton is not None:
                     w = tl.where(inside, 1.0, 0.0)
                 else:
                     w = tl.exp(v - m)  # 0 outside the row (-inf)
-                acc += tl.where(_key(v)[:, None] >= piv[None, :], w[:, None], 0.0)
-            tl.store(part_ptr + ((r * B + b) * C + c) * KP + js, tl.sum(acc, 0))
+                key = _key(v)
+                a0 += tl.where(key >= lo.to(tl.int32), w, 0.0)
+                a1 += tl.where(key >= p1, w, 0.0)
+                if S == 2:
+                    a2 += tl.where(key >= p2, w, 0.0)
+                    a3 += tl.where(key >= p3, w, 0.0)
+            cell = part_ptr + ((r * B + b) * C + c) * KP
+            tl.store(cell, tl.sum(a0, 0))
+            tl.store(cell + 1, tl.sum(a1, 0))
+            if S == 2:
+                tl.store(cell + 2, tl.sum(a2, 0))
+                tl.store(cell + 3, tl.sum(a3, 0))
 
     @triton.jit
     def _hash32(x):  # noqa: ANN001, ANN202
@@ -250,14 +270,20 @@ if triton is not None:
         br = torch.empty((total + 1) * B * 2, dtype=torch.int64, device=dev)
         part = torch.empty(total * B * C << split_bits, dtype=f32, device=dev)
         thr = torch.empty(B, dtype=f32, device=dev)
-        sizes = dict(SCALE=scale, CHUNK=chunk, BLOCK=BLOCK)
-        torch.library.wrap_triton(_stats_kernel)[(C, B)](x, x.stride(0), V, temperature, mx, mn, C, **sizes)
+        scaled = torch.empty(B, V if scale else 0, dtype=f32, device=dev)
+        sizes = dict(CHUNK=chunk, BLOCK=BLOCK)
+        torch.library.wrap_triton(_stats_kernel)[(C, B)](
+            x, x.stride(0), V, temperature, mx, mn, scaled, C, SCALE=scale, **sizes
+        )
+        if scale:  # the passes read the scaled logits
+            x = scaled
         for r in range(total + 1):
             final = r == total
             prev = 0 if r == 0 else (1 if r - 1 < nk else 2)
             torch.library.wrap_triton(_pass_kernel)[(1 if final else C, B)](
                 x, x.stride(0), V, temperature, mx, mn, br, part, top_k, top_p, thr, B, C, r, nk,
-                PREV=prev, MODE=1 if r < nk else 2, FINAL=final, S=split_bits, CP2=max(2, _pow2(C)), **sizes,
+                PREV=prev, MODE=1 if r < nk else 2, FINAL=final, SCALE=False, S=split_bits, CP2=max(2, _pow2(C)),
+                **sizes,
             )  # fmt: skip
         return thr
 
@@ -275,6 +301,8 @@ def pivot_threshold(
     (``notelab.lm.sampling.scale_logits`` of ``logits`` ``(B, V)``, any float dtype and row stride, and
     ``temperature`` ``(B, 1)``; None: ``logits`` are scaled already). ``top_k`` ``(B, 1)`` int64 (V: none),
     ``top_p`` ``(B, 1)`` (>= 1: none). CUDA, or Triton's interpreter (:func:`pivot_unsupported`)."""
+    if split_bits not in (1, 2):
+        raise ValueError(f"pivot_threshold: expected split_bits 1 or 2, got {split_bits}")
     why = pivot_unsupported(logits)
     if why:
         raise RuntimeError(f"pivot_threshold: {why}")
