@@ -28,7 +28,8 @@ script on CPU. Earlier candidates measured by this script and removed (SDPA, ind
 Triton attention a program per row and KV head, the chain's split-key attention kernel; a batched Triton decode
 step, ``notelab.lm.chain_rows``; radix selection for the top-p threshold; the products computed as the
 transposed problem or with rows padded to 16; programmatic dependent launch for inductor's kernels; cuBLASLt
-products; inductor's coordinate-descent tuning, combo kernels and unsplit reductions) are in
+products; inductor's coordinate-descent tuning, combo kernels and unsplit reductions; attention blocks of 64
+keys, equal to 32) are in
 benchmarks/RESULTS.md; ``benchmarks/skinny_products.py`` times the products alone, every way.
 """
 
@@ -43,7 +44,6 @@ import torch
 
 from decode_defaults import SAMPLED, Bench, Phases, agreement, timed
 from notelab.lm import Llama, LlamaConfig, generate
-from notelab.lm.attend import rope_attention
 from notelab.lm.engine import Engine, SamplingParams, rotated_attention
 from notelab.lm.nucleus import pivot_threshold
 from notelab.lm.sampling import bisect_threshold, filter_threshold, gumbel_argmax
@@ -53,7 +53,6 @@ VARIANTS: dict[str, dict] = {
     "default": {},
     "torch parts": TORCH,
     "attention=torch": dict(attention=rotated_attention),
-    "attention block 64": dict(attention=partial(rope_attention, block=64)),
     "draw=torch": dict(draw=gumbel_argmax),
     "threshold=bisect": dict(threshold=bisect_threshold),
     "threshold=sort": dict(threshold=filter_threshold),

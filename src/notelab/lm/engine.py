@@ -42,6 +42,7 @@ from notelab.lm.sampling import (
     FactualNucleus,
     Sampler,
     advance_sentence,
+    bisect_threshold,
     choose_tokens,
     filter_threshold,
     gumbel_argmax,
@@ -299,8 +300,9 @@ class Engine:
     ``draw`` (how the token is taken; both ``notelab.lm.sampling.choose_tokens``), the stacked step's
     ``attention`` (:func:`stacked_forward`) and ``compiler`` (how the step is compiled on CUDA). Defaults: on
     CUDA with Triton, the kernels of ``notelab.lm.nucleus`` (``pivot_threshold``, ``draw_tokens``) and
-    ``notelab.lm.attend.rope_attention``; elsewhere the torch functions (a sort, ``gumbel_argmax``,
-    ``rotated_attention``), which are also the reference the kernels are tested against.
+    ``notelab.lm.attend.rope_attention``; elsewhere the torch functions (a sort, or bisection on CUDA without
+    Triton; ``gumbel_argmax``; ``rotated_attention``), which are also the reference the kernels are tested
+    against.
     """
 
     def __init__(
@@ -330,7 +332,8 @@ class Engine:
         cuda = dev.type == "cuda"
         why = pivot_unsupported(w) if cuda else ""  # on CUDA: the Triton kernels, unless they cannot run
         kernels = cuda and not why
-        self.threshold = threshold or (pivot_threshold if kernels else filter_threshold)
+        # top-p on CUDA: the pivot search (measured faster than bisection, bisection than a sort: RESULTS.md)
+        self.threshold = threshold or (pivot_threshold if kernels else bisect_threshold if cuda else filter_threshold)
         self.draw = draw or (draw_tokens if kernels else gumbel_argmax)
         self.compiler = compiler
         self.vocab = c.vocab_size
