@@ -163,8 +163,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask:
     (Vaswani et al. 2017, eq. 1), the ``Hq / Hkv`` query heads of a group as the rows of one product in the
     cache's dtype, the softmax in float32. ``q`` ``(B, Hq, 1, D)``, ``k``, ``v`` ``(B, Hkv, L, D)``, ``mask`` bool
     broadcastable to ``(B, 1, 1, L)``. In the compiled batched step on an H200 (Llama-3.2-1B shape, batch 8) it
-    beat SDPA (cuDNN), inductor's sums of products and a Triton kernel reading only each row's visible keys
-    (benchmarks/RESULTS.md)."""
+    beat SDPA (cuDNN), inductor's sums of products and a Triton kernel reading only each row's visible keys; the
+    Triton kernels of ``notelab.lm.attend`` beat it in turn (benchmarks/RESULTS.md) and replace it on CUDA."""
     B, Hq, _, D = q.shape
     Hkv, L = k.shape[1], k.shape[2]
     qg = q.reshape(B, Hkv, Hq // Hkv, D)
