@@ -44,12 +44,13 @@ import torch
 
 from decode_defaults import SAMPLED, Bench, Phases, agreement, timed
 from notelab.lm import Llama, LlamaConfig, generate
+from notelab.lm.attend import rope_attention
 from notelab.lm.engine import Engine, SamplingParams, rotated_attention
 from notelab.lm.nucleus import pivot_threshold
 from notelab.lm.sampling import bisect_threshold, filter_threshold, gumbel_argmax
 
 TORCH = dict(threshold=bisect_threshold, draw=gumbel_argmax, attention=rotated_attention)
-VARIANTS: dict[str, dict] = {
+VARIANTS: dict[str, dict | Callable[[int, Llama], dict]] = {  # a callable: the parts for (batch, model)
     "default": {},
     "torch parts": TORCH,
     "attention=torch": dict(attention=rotated_attention),
@@ -57,12 +58,22 @@ VARIANTS: dict[str, dict] = {
     "threshold=bisect": dict(threshold=bisect_threshold),
     "threshold=sort": dict(threshold=filter_threshold),
     "threshold=pivot s=1": dict(threshold=partial(pivot_threshold, split_bits=1)),
+    # more, shorter programs a pass (one block of 1,024 logits each): the passes at 32 rows wait on their loads
+    "threshold=pivot 4096 programs": dict(threshold=partial(pivot_threshold, programs=4096, max_chunks=128)),
+    # the last split of a (KV head, row) combines the others: no combine launch (counters made per batch)
+    "attention last split combines": lambda b, m: dict(attention=partial(rope_attention, counts=counters(b, m))),
     # inductor's Triton matmul templates benchmarked against cuBLAS per shape, pointwise epilogues fused into them
     "max-autotune": dict(
         compiler=partial(torch.compile, fullgraph=True, dynamic=False, mode="max-autotune-no-cudagraphs")
     ),
 }
 SAMPLED_ONLY = ("threshold=", "draw=")  # variants that change only sampled steps
+
+
+def counters(batch: int, model: Llama) -> torch.Tensor:
+    """Zeroed int32 counters for ``rope_attention(counts=...)``: one a (row, KV head)."""
+    dev = model.embed_tokens.weight.device
+    return torch.zeros(batch * model.config.n_kv_heads, dtype=torch.int32, device=dev)
 
 
 def run_engine(engine: Engine, prompts: list[list[int]], n: int, sampled: bool) -> list[list[int]]:
@@ -110,17 +121,22 @@ def main(argv: list[str] | None = None) -> int:
         ref = generate(small, prompts, 16, path="reference")
         ref_s = generate(small, prompts, 16, path="reference", **SAMPLED)
         res = {}
-        for name in ("default", "threshold=bisect", "threshold=sort", "torch parts"):
-            eng = Engine(small, len(prompts), 32, stacked=True, **VARIANTS[name])
+        names = ("default", "threshold=bisect", "threshold=sort", "torch parts", "threshold=pivot 4096 programs")
+        for name in (*names, "attention last split combines"):
+            parts = VARIANTS[name]
+            parts = parts(len(prompts), small) if callable(parts) else parts
+            eng = Engine(small, len(prompts), 32, stacked=True, **parts)
             res[f"{name} sampled == reference"] = run_engine(eng, prompts, 16, True) == ref_s
-            if name in ("default", "torch parts"):
+            if name in ("default", "torch parts", "attention last split combines"):
                 res[f"{name} greedy == reference"] = run_engine(eng, prompts, 16, False) == ref
         return res
 
     def variant(batch: int, name: str, sampled: bool) -> Callable[[], dict]:
         def run() -> dict:
             n, prompts = args.new_tokens, bench.prompts[:batch]
-            eng = Engine(bench.model, batch, args.prompt + n, **VARIANTS[name])
+            parts = VARIANTS[name]
+            parts = parts(batch, bench.model) if callable(parts) else parts
+            eng = Engine(bench.model, batch, args.prompt + n, **parts)
             warm_s, _ = timed(device, lambda: run_engine(eng, prompts, n, sampled))
             dt, out = timed(device, lambda: run_engine(eng, prompts, n, sampled))
             res = {**bench.figures(batch, dt, out), "warmup_s": warm_s}

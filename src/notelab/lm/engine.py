@@ -178,16 +178,18 @@ def rotated_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
+    cache: KVCache,
     pos: torch.Tensor,
     rope: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> torch.Tensor:
-    """The stacked step's attention in torch: RoPE of ``q`` ``(B, Hq, 1, D)`` by ``rope`` (cos, sin of the rows'
-    slots; None: none), then :func:`decode_attention` over the cache ``k``, ``v`` ``(B, Hkv, L, D)``, row ``b``
-    seeing keys ``0..pos[b]``."""
+    """The stacked step's attention in torch, for the new token of each row: RoPE of ``q`` ``(B, Hq, 1, D)`` and ``k``
+    ``(B, Hkv, 1, D)`` by ``rope`` (cos, sin of the rows' slots ``pos``; None: none), ``k``, ``v`` written into
+    ``cache`` at ``pos[b]``, then :func:`decode_attention` over it, row ``b`` seeing keys ``0..pos[b]``."""
     if rope is not None:
-        q = apply_rope(q, *rope)
-    mask = (torch.arange(k.shape[2], device=k.device) <= pos[:, None]).view(-1, 1, 1, k.shape[2])
-    return decode_attention(q, k.to(q.dtype), v.to(q.dtype), mask=mask)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    keys, values = cache.write(pos[:, None], k, v)
+    mask = (torch.arange(keys.shape[2], device=keys.device) <= pos[:, None]).view(-1, 1, 1, keys.shape[2])
+    return decode_attention(q, keys.to(q.dtype), values.to(q.dtype), mask=mask)
 
 
 def compile_step(fn: Callable) -> Callable:
@@ -207,8 +209,8 @@ def stacked_forward(
     the stacked ``[W_q; W_k; W_v]`` and ``[W_gate; W_up]`` of ``Llama.fused_decode_weights``: the same
     arithmetic as the layers' own projections, in two kernels instead of five (a decode step is bound by
     its kernels' count and their weight reads, not by arithmetic); attention by :func:`decode_attention`.
-    ``attention(q, k, v, pos, rope)``: attention of row b's queries (before RoPE) over cache keys ``0..pos[b]``
-    (None: :func:`rotated_attention`), e.g. ``notelab.lm.attend.rope_attention``."""
+    ``attention(q, k, v, cache, pos, rope)``: the new token's attention, its key and value written into the layer's
+    cache at ``pos[b]`` (None: :func:`rotated_attention`), e.g. ``notelab.lm.attend.rope_attention``."""
     B = tok.shape[0]
     slots = pos[:, None]
     x = model.embed_tokens(tok)
@@ -227,10 +229,7 @@ def stacked_forward(
         q = q.view(B, 1, a.n_heads, a.head_dim).transpose(1, 2)
         k = k.view(B, 1, a.n_kv_heads, a.head_dim).transpose(1, 2)
         v = v.view(B, 1, a.n_kv_heads, a.head_dim).transpose(1, 2)
-        if rope is not None:
-            k = apply_rope(k, *rope)
-        k, v = cache[i].write(slots, k, v)
-        y = attention(q, k, v, pos, rope)
+        y = attention(q, k, v, cache[i], pos, rope)
         x = x + a.o_proj(y.transpose(1, 2).reshape(B, 1, hq))
         h = layer.post_attention_layernorm(x)
         if w_gate_up is None:

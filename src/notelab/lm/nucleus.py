@@ -51,9 +51,9 @@ def pivot_unsupported(x: torch.Tensor) -> str:
     return kernels_unsupported(x)
 
 
-def _chunks(B: int, V: int) -> tuple[int, int]:
-    """Elements a program covers and chunks a row: about ``PROGRAMS`` programs, at most ``MAX_CHUNKS`` a row."""
-    chunk = max(_pow2(-(-V * B // PROGRAMS)), _pow2(-(-V // MAX_CHUNKS)), BLOCK)
+def _chunks(B: int, V: int, programs: int = PROGRAMS, max_chunks: int = MAX_CHUNKS) -> tuple[int, int]:
+    """Elements a program covers and chunks a row: about ``programs`` programs, at most ``max_chunks`` a row."""
+    chunk = max(_pow2(-(-V * B // programs)), _pow2(-(-V // max_chunks)), BLOCK)
     return chunk, -(-V // chunk)
 
 
@@ -258,10 +258,12 @@ if triton is not None:
         with_top_k: bool,
         scale: bool,
         split_bits: int,
+        programs: int,
+        max_chunks: int,
     ) -> torch.Tensor:
         """:func:`pivot_threshold` as an operator inductor compiles into its graph (the kernels launched as is)."""
         B, V = x.shape
-        chunk, C = _chunks(B, V)
+        chunk, C = _chunks(B, V, programs, max_chunks)
         passes = -(-32 // split_bits)
         nk = passes if with_top_k else 0
         total = nk + passes
@@ -295,12 +297,15 @@ def pivot_threshold(
     with_top_k: bool = True,
     temperature: torch.Tensor | None = None,
     split_bits: int = SPLIT_BITS,
+    programs: int = PROGRAMS,
+    max_chunks: int = MAX_CHUNKS,
 ) -> torch.Tensor:
     """``notelab.lm.sampling.bisect_threshold`` by the pivot search above (``split_bits`` = s): per row ``(B, 1)``
     a threshold such that ``x >= threshold`` is the set top-k then top-p keep, ``x`` the scaled logits
     (``notelab.lm.sampling.scale_logits`` of ``logits`` ``(B, V)``, any float dtype and row stride, and
     ``temperature`` ``(B, 1)``; None: ``logits`` are scaled already). ``top_k`` ``(B, 1)`` int64 (V: none),
-    ``top_p`` ``(B, 1)`` (>= 1: none). CUDA, or Triton's interpreter (:func:`pivot_unsupported`)."""
+    ``top_p`` ``(B, 1)`` (>= 1: none); about ``programs`` programs a pass, at most ``max_chunks`` a row. CUDA,
+    or Triton's interpreter (:func:`pivot_unsupported`)."""
     if split_bits not in (1, 2):
         raise ValueError(f"pivot_threshold: expected split_bits 1 or 2, got {split_bits}")
     why = pivot_unsupported(logits)
@@ -311,7 +316,8 @@ def pivot_threshold(
     k = top_k.reshape(B).to(torch.int64).contiguous()
     p = top_p.reshape(B).to(torch.float32).contiguous()
     t = _per_row(temperature, B, x.device)
-    return torch.ops.notelab.pivot_threshold(x, t, k, p, with_top_k, temperature is not None, split_bits)[:, None]
+    scaled = temperature is not None
+    return torch.ops.notelab.pivot_threshold(x, t, k, p, with_top_k, scaled, split_bits, programs, max_chunks)[:, None]
 
 
 def draw_tokens(
