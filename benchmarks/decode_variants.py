@@ -60,6 +60,10 @@ VARIANTS: dict[str, dict | Callable[[int, Llama], dict]] = {  # a callable: the 
     "threshold=pivot s=1": dict(threshold=partial(pivot_threshold, split_bits=1)),
     # more, shorter programs a pass (one block of 1,024 logits each): the passes at 32 rows wait on their loads
     "threshold=pivot 4096 programs": dict(threshold=partial(pivot_threshold, programs=4096, max_chunks=128)),
+    # eight parts a pass (11 passes), with more programs: fewer launches if the passes wait on loads
+    "threshold=pivot s=3 4096 programs": dict(
+        threshold=partial(pivot_threshold, split_bits=3, programs=4096, max_chunks=128)
+    ),
     # the last split of a (KV head, row) combines the others: no combine launch (counters made per batch)
     "attention last split combines": lambda b, m: dict(attention=partial(rope_attention, counts=counters(b, m))),
     # inductor's Triton matmul templates benchmarked against cuBLAS per shape, pointwise epilogues fused into them

@@ -40,7 +40,7 @@ from notelab.lm.triton_env import INTERPRET as _INTERPRET  # noqa: F401 - the te
 from notelab.lm.triton_env import kernels_unsupported, tl, triton
 from notelab.lm.triton_env import pow2 as _pow2
 
-SPLIT_BITS = 2  # s (1 or 2): each pass splits the bracket into 2^s parts
+SPLIT_BITS = 2  # s (1, 2 or 3): each pass splits the bracket into 2^s parts
 PROGRAMS = 512  # programs a pass aims at, all rows together
 BLOCK = 1024  # elements a program loads at once
 MAX_CHUNKS = 64  # chunks of a row at most (each program reads every chunk's sums of the previous pass)
@@ -143,17 +143,25 @@ if triton is not None:
             t_k = tl.load(br_ptr + (first_p * B + b) * 2)
             t = tl.where(tl.load(p_ptr + b) < 1.0, lo, t_k).to(tl.int32)
             tl.store(thr_ptr + b, tl.where(t >= 0, t, t ^ 0x7FFFFFFF).to(tl.float32, bitcast=True))
-        else:  # one float32 sum a lane per pivot (at most 4), added over the lanes once at the end
+        else:  # one float32 sum a lane per pivot (at most 8), added over the lanes once at the end
             width = hi - lo
             p1 = (lo + ((width * 1) >> S)).to(tl.int32)
             p2 = (lo + ((width * 2) >> S)).to(tl.int32)
             p3 = (lo + ((width * 3) >> S)).to(tl.int32)
+            p4 = (lo + ((width * 4) >> S)).to(tl.int32)
+            p5 = (lo + ((width * 5) >> S)).to(tl.int32)
+            p6 = (lo + ((width * 6) >> S)).to(tl.int32)
+            p7 = (lo + ((width * 7) >> S)).to(tl.int32)
             row = x_ptr + b.to(tl.int64) * stride
             t = _temperature(temp_ptr, b, SCALE)
             a0 = tl.zeros([BLOCK], tl.float32)
             a1 = tl.zeros([BLOCK], tl.float32)
             a2 = tl.zeros([BLOCK], tl.float32)
             a3 = tl.zeros([BLOCK], tl.float32)
+            a4 = tl.zeros([BLOCK], tl.float32)
+            a5 = tl.zeros([BLOCK], tl.float32)
+            a6 = tl.zeros([BLOCK], tl.float32)
+            a7 = tl.zeros([BLOCK], tl.float32)
             for start in range(0, CHUNK, BLOCK):
                 offs = c * CHUNK + start + tl.arange(0, BLOCK)
                 inside = offs < V
@@ -165,15 +173,25 @@ if triton is not None:
                 key = _key(v)
                 a0 += tl.where(key >= lo.to(tl.int32), w, 0.0)
                 a1 += tl.where(key >= p1, w, 0.0)
-                if S == 2:
+                if S >= 2:
                     a2 += tl.where(key >= p2, w, 0.0)
                     a3 += tl.where(key >= p3, w, 0.0)
+                if S == 3:
+                    a4 += tl.where(key >= p4, w, 0.0)
+                    a5 += tl.where(key >= p5, w, 0.0)
+                    a6 += tl.where(key >= p6, w, 0.0)
+                    a7 += tl.where(key >= p7, w, 0.0)
             cell = part_ptr + ((r * B + b) * C + c) * KP
             tl.store(cell, tl.sum(a0, 0))
             tl.store(cell + 1, tl.sum(a1, 0))
-            if S == 2:
+            if S >= 2:
                 tl.store(cell + 2, tl.sum(a2, 0))
                 tl.store(cell + 3, tl.sum(a3, 0))
+            if S == 3:
+                tl.store(cell + 4, tl.sum(a4, 0))
+                tl.store(cell + 5, tl.sum(a5, 0))
+                tl.store(cell + 6, tl.sum(a6, 0))
+                tl.store(cell + 7, tl.sum(a7, 0))
 
     @triton.jit
     def _hash32(x):  # noqa: ANN001, ANN202
@@ -306,8 +324,8 @@ def pivot_threshold(
     ``temperature`` ``(B, 1)``; None: ``logits`` are scaled already). ``top_k`` ``(B, 1)`` int64 (V: none),
     ``top_p`` ``(B, 1)`` (>= 1: none); about ``programs`` programs a pass, at most ``max_chunks`` a row. CUDA,
     or Triton's interpreter (:func:`pivot_unsupported`)."""
-    if split_bits not in (1, 2):
-        raise ValueError(f"pivot_threshold: expected split_bits 1 or 2, got {split_bits}")
+    if split_bits not in (1, 2, 3):
+        raise ValueError(f"pivot_threshold: expected split_bits 1, 2 or 3, got {split_bits}")
     why = pivot_unsupported(logits)
     if why:
         raise RuntimeError(f"pivot_threshold: {why}")
