@@ -4,7 +4,7 @@ imported triton first); the ``gpu`` test runs the compiled kernels."""
 
 import pytest
 import torch
-from triton_interpreter import GPU, import_interpreted, run_file_in_child
+from triton_interpreter import GPU, import_interpreted, run_file_in_child, use_interpreter
 
 from notelab.core.attention import KVCache
 from notelab.core.rope import rope_cos_sin, rope_inv_freq
@@ -15,10 +15,7 @@ attend, IN_PROCESS = import_interpreted("notelab.lm.attend")
 
 @pytest.fixture
 def interp(monkeypatch):
-    pytest.importorskip("triton")
-    if not IN_PROCESS:
-        pytest.skip("triton was imported without TRITON_INTERPRET=1 first: test_attend_tests_in_a_fresh_process")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    use_interpreter(IN_PROCESS, monkeypatch)
 
 
 def case(B=4, Hq=8, Hkv=2, L=37, D=16, dtype=torch.float32, dev="cpu"):

@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 from triton_interpreter import GPU as _GPU
-from triton_interpreter import import_interpreted, run_file_in_child
+from triton_interpreter import import_interpreted, run_file_in_child, use_interpreter
 from triton_interpreter import small_llama as model_of
 
 from notelab.lm import Llama, generate
@@ -28,10 +28,7 @@ except ImportError:
 
 @pytest.fixture
 def interp(monkeypatch):
-    pytest.importorskip("triton")
-    if not IN_PROCESS:
-        pytest.skip("triton was imported without TRITON_INTERPRET=1 first: test_chain_tests_in_a_fresh_process")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    use_interpreter(IN_PROCESS, monkeypatch)
 
 
 def chain_after_prompt(model: Llama, prompt: torch.Tensor, total: int, **kw) -> DecodeChain:

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from triton_interpreter import GPU, import_interpreted, run_file_in_child
+from triton_interpreter import GPU, import_interpreted, run_file_in_child, use_interpreter
 from triton_interpreter import small_llama as model_of
 
 from notelab.lm import generate
@@ -19,10 +19,7 @@ nucleus, IN_PROCESS = import_interpreted("notelab.lm.nucleus")
 
 @pytest.fixture
 def interp(monkeypatch):
-    pytest.importorskip("triton")
-    if not IN_PROCESS:
-        pytest.skip("triton was imported without TRITON_INTERPRET=1 first: test_nucleus_tests_in_a_fresh_process")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    use_interpreter(IN_PROCESS, monkeypatch)
 
 
 def case(V: int, dev: str = "cpu") -> tuple[torch.Tensor, ...]:

@@ -48,6 +48,15 @@ def import_interpreted(name: str) -> tuple[ModuleType, bool]:
     return module, in_process
 
 
+def use_interpreter(in_process: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """For a kernel test on CPU: skip where this process cannot interpret (``run_file_in_child`` runs the file
+    then), else keep TRITON_INTERPRET=1 set for the test."""
+    pytest.importorskip("triton")
+    if not in_process:
+        pytest.skip("triton was imported without TRITON_INTERPRET=1 first: the file runs in a fresh process")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
 def run_file_in_child(test_file: str, in_process: bool, skipped: int) -> None:
     """Run ``test_file`` under the interpreter in a child process (CPU-only machines where this process cannot
     interpret); the child must pass with exactly ``skipped`` skips (this test and the GPU ones)."""
