@@ -53,27 +53,20 @@ if triton is not None:
         return (xc + (sign * xb * sn).to(dt).to(tl.float32)).to(dt)
 
     @triton.jit
-    def _combine(pos_ptr, part_ptr, ml_ptr, y_ptr, g, b, nkv, CG: tl.constexpr,  # noqa: ANN001, ANN202
+    def _combine(pos_ptr, part_ptr, ml_ptr, y_ptr, g, b, nkv,  # noqa: ANN001, ANN202
                  HD: tl.constexpr, G: tl.constexpr, GQ: tl.constexpr, NSPLIT: tl.constexpr, NSP2: tl.constexpr,
                  BLOCK_S: tl.constexpr):  # fmt: skip
         """y_h = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s over the row's splits, M = max_s m_s (flash-decoding's
-        combination), written where o_proj reads head h. ``CG``: read the partials past the caches (another
-        program of the same launch wrote them)."""
+        combination), written where o_proj reads head h."""
         n = tl.load(pos_ptr + b).to(tl.int32) + 1
         sp = tl.arange(0, NSP2)
         used = sp * BLOCK_S < n  # the splits that held keys of this row
         i = tl.arange(0, GQ)
         d = tl.arange(0, HD)
         cells = ((b * nkv + g) * NSPLIT + sp)[:, None] * GQ + i[None, :]  # (NSP2, GQ)
-        if CG:
-            ms = tl.load(ml_ptr + cells * 2, mask=used[:, None], other=float("-inf"), cache_modifier=".cg")
-            ls = tl.load(ml_ptr + cells * 2 + 1, mask=used[:, None], other=0.0, cache_modifier=".cg")
-            parts = tl.load(part_ptr + cells[:, :, None] * HD + d[None, None, :], mask=used[:, None, None], other=0.0,
-                            cache_modifier=".cg")  # fmt: skip
-        else:
-            ms = tl.load(ml_ptr + cells * 2, mask=used[:, None], other=float("-inf"))
-            ls = tl.load(ml_ptr + cells * 2 + 1, mask=used[:, None], other=0.0)
-            parts = tl.load(part_ptr + cells[:, :, None] * HD + d[None, None, :], mask=used[:, None, None], other=0.0)
+        ms = tl.load(ml_ptr + cells * 2, mask=used[:, None], other=float("-inf"))
+        ls = tl.load(ml_ptr + cells * 2 + 1, mask=used[:, None], other=0.0)
+        parts = tl.load(part_ptr + cells[:, :, None] * HD + d[None, None, :], mask=used[:, None, None], other=0.0)
         top = tl.max(ms, axis=0)  # split 0 always holds key 0: finite
         w = tl.where(used[:, None], tl.exp(ms - top[None, :]), 0.0)
         y = tl.sum(w[:, :, None] * parts, axis=0) / tl.sum(w * ls, axis=0)[:, None]  # (GQ, HD)
@@ -83,14 +76,14 @@ if triton is not None:
     @triton.jit
     def _split_kernel(  # noqa: ANN202
         q_ptr, sqb, sqh, kn_ptr, skb, skh, vn_ptr, svb, svh, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr,  # noqa: ANN001
-        part_ptr, ml_ptr, count_ptr, y_ptr, S, scale,  # noqa: ANN001
+        part_ptr, ml_ptr, S, scale,  # noqa: ANN001
         HD: tl.constexpr, G: tl.constexpr, GQ: tl.constexpr, GP: tl.constexpr, NSPLIT: tl.constexpr,
-        NSP2: tl.constexpr, BLOCK_S: tl.constexpr, ROPE: tl.constexpr, IEEE: tl.constexpr, LAST: tl.constexpr,
+        NSP2: tl.constexpr, BLOCK_S: tl.constexpr, ROPE: tl.constexpr, IEEE: tl.constexpr,
     ):  # fmt: skip
         """Program (split s, KV head g, row b): the G query heads of g over keys [s BLOCK_S, (s + 1) BLOCK_S) of
         the row's 0..p_b; its partial (max m, sum l of e^(score - m), sum of e^(score - m) v) per head. The program
         whose block holds p_b rotates the new key, writes the new key and value into the cache at p_b and uses
-        them there (no other program reads slot p_b). ``LAST``: the last split of (g, b) to finish combines."""
+        them there (no other program reads slot p_b)."""
         s, g, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         n = tl.load(pos_ptr + b).to(tl.int32) + 1  # keys 0..p_b
         start = s * BLOCK_S
@@ -146,12 +139,6 @@ if triton is not None:
             tl.store(part_ptr + cell[:, None] * HD + d[None, :], acc, mask=kept[:, None])
             tl.store(ml_ptr + cell * 2, m, mask=kept)
             tl.store(ml_ptr + cell * 2 + 1, tl.sum(p, axis=1), mask=kept)
-            if LAST:
-                tl.debug_barrier()  # every thread's partial is written before the counter says so
-                done = tl.atomic_add(count_ptr + b * nkv + g, 1, sem="acq_rel")
-                if done == tl.cdiv(n, BLOCK_S) - 1:  # the last of the row's splits combines, then resets
-                    _combine(pos_ptr, part_ptr, ml_ptr, y_ptr, g, b, nkv, True, HD, G, GQ, NSPLIT, NSP2, BLOCK_S)
-                    tl.atomic_xchg(count_ptr + b * nkv + g, 0)
 
     @triton.jit
     def _combine_kernel(  # noqa: ANN202
@@ -160,9 +147,9 @@ if triton is not None:
         BLOCK_S: tl.constexpr,
     ):  # fmt: skip
         g, b = tl.program_id(0), tl.program_id(1)
-        _combine(pos_ptr, part_ptr, ml_ptr, y_ptr, g, b, tl.num_programs(0), False, HD, G, GQ, NSPLIT, NSP2, BLOCK_S)
+        _combine(pos_ptr, part_ptr, ml_ptr, y_ptr, g, b, tl.num_programs(0), HD, G, GQ, NSPLIT, NSP2, BLOCK_S)
 
-    @torch.library.triton_op("notelab::rope_attention", mutates_args=("k", "v", "counts"))
+    @torch.library.triton_op("notelab::rope_attention", mutates_args=("k", "v"))
     def _rope_attention(
         q: torch.Tensor,
         k_new: torch.Tensor,
@@ -172,9 +159,7 @@ if triton is not None:
         pos: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        counts: torch.Tensor,
         rope: bool,
-        last: bool,
         block: int,
     ) -> torch.Tensor:
         """:func:`rope_attention` as an operator inductor compiles into its graph (the kernels launched as is)."""
@@ -189,11 +174,10 @@ if triton is not None:
         sizes = dict(HD=hd, G=G, GQ=gq, NSPLIT=nsplit, NSP2=_pow2(nsplit), BLOCK_S=block)
         torch.library.wrap_triton(_split_kernel)[(nsplit, nkv, B)](
             q, q.stride(0), q.stride(1), k_new, k_new.stride(0), k_new.stride(1), v_new, v_new.stride(0),
-            v_new.stride(1), k, v, cos, sin, pos, part, ml, counts, y, S, hd**-0.5,
-            GP=max(16, gq), ROPE=rope, IEEE=k.dtype == torch.float32 or _INTERPRET, LAST=last, **sizes,
+            v_new.stride(1), k, v, cos, sin, pos, part, ml, S, hd**-0.5,
+            GP=max(16, gq), ROPE=rope, IEEE=k.dtype == torch.float32 or _INTERPRET, **sizes,
         )  # fmt: skip
-        if not last:
-            torch.library.wrap_triton(_combine_kernel)[(nkv, B)](pos, part, ml, y, **sizes)
+        torch.library.wrap_triton(_combine_kernel)[(nkv, B)](pos, part, ml, y, **sizes)
         return y
 
 
@@ -205,15 +189,13 @@ def rope_attention(
     pos: torch.Tensor,
     rope: tuple[torch.Tensor, torch.Tensor] | None,
     block: int = BLOCK_KEYS,
-    counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of the new token of each row: ``q`` ``(B, Hq, 1, D)``, ``k``, ``v`` ``(B, Hkv, 1, D)`` before RoPE,
     rotated by ``rope`` = (cos, sin) ``(B, 1, 1, D)`` tables of the rows' slots ``pos`` (None: no rotation); the
     new key and value written into ``cache`` (``KVCache``, ``(B, Hkv, S, D)``) at ``pos[b]``, row ``b`` reading
     keys ``0..pos[b]``; returns ``(B, Hq, 1, D)``, as the engine's torch attention (``rotated_attention``) does.
-    ``block``: keys a program reads (at least 16); ``counts``: a zeroed int32 buffer of ``B * Hkv`` counters
-    (left zeroed) for the last split of a (KV head, row) to combine the others, without a combine launch. The
-    engine's attention on CUDA (``Engine(attention=...)``); see :func:`attend_unsupported`."""
+    ``block``: keys a program reads (at least 16). The engine's attention on CUDA (``Engine(attention=...)``);
+    see :func:`attend_unsupported`."""
     B, nq, _, hd = q.shape
     why = attend_unsupported(q, hd)
     if why:
@@ -224,10 +206,7 @@ def rope_attention(
         cos = sin = torch.empty(0, dtype=torch.float32, device=q.device)
     else:
         cos, sin = (t.reshape(B, hd).float().contiguous() for t in rope)
-    last = counts is not None
-    if counts is None:
-        counts = torch.empty(0, dtype=torch.int32, device=q.device)
     y = torch.ops.notelab.rope_attention(
-        q, k, v, cache.k, cache.v, pos, cos, sin, counts, rope is not None, last, max(16, block)
-    )
+        q, k, v, cache.k, cache.v, pos, cos, sin, rope is not None, max(16, block)
+    )  # fmt: skip
     return y.view(B, nq, 1, hd)
