@@ -44,7 +44,7 @@ import torch
 
 from decode_defaults import SAMPLED, Bench, Phases, agreement, timed
 from notelab.lm import Llama, LlamaConfig, generate
-from notelab.lm.engine import Engine, SamplingParams, rotated_attention
+from notelab.lm.engine import FOLDED, Engine, SamplingParams, rotated_attention
 from notelab.lm.nucleus import pivot_threshold
 from notelab.lm.sampling import bisect_threshold, filter_threshold, gumbel_argmax
 
@@ -60,6 +60,9 @@ VARIANTS: dict[str, dict | Callable[[int, Llama], dict]] = {  # a callable: the 
     # eight / sixteen parts a pass: 6 / 4 passes over bf16 logits (16-bit keys), against the default's 8
     "threshold=pivot s=3": dict(threshold=partial(pivot_threshold, split_bits=3)),
     "threshold=pivot s=4": dict(threshold=partial(pivot_threshold, split_bits=4)),
+    # the RMSNorms folded into the projections, residual additions inside the products (notelab.lm.folded)
+    "layers=folded": dict(layers=FOLDED),
+    "layers=folded, threshold=pivot s=4": dict(layers=FOLDED, threshold=partial(pivot_threshold, split_bits=4)),
     # inductor's Triton matmul templates benchmarked against cuBLAS per shape, pointwise epilogues fused into them
     "max-autotune": dict(
         compiler=partial(torch.compile, fullgraph=True, dynamic=False, mode="max-autotune-no-cudagraphs")
@@ -113,12 +116,13 @@ def main(argv: list[str] | None = None) -> int:
         ref = generate(small, prompts, 16, path="reference")
         ref_s = generate(small, prompts, 16, path="reference", **SAMPLED)
         res = {}
-        for name in ("default", "threshold=bisect", "threshold=sort", "torch parts", "threshold=pivot s=4"):
+        names = ("default", "threshold=bisect", "threshold=sort", "torch parts", "threshold=pivot s=4", "layers=folded")
+        for name in names:
             parts = VARIANTS[name]
             parts = parts(len(prompts), small) if callable(parts) else parts
             eng = Engine(small, len(prompts), 32, stacked=True, **parts)
             res[f"{name} sampled == reference"] = run_engine(eng, prompts, 16, True) == ref_s
-            if name in ("default", "torch parts"):
+            if name in ("default", "torch parts", "layers=folded"):
                 res[f"{name} greedy == reference"] = run_engine(eng, prompts, 16, False) == ref
         return res
 

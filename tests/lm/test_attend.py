@@ -54,6 +54,12 @@ def check(dev: str, heads=(8, 2), block=16, D=16) -> None:
     other.v[0, :, 1:] -= 3.0
     want = attend.rope_attention(q, k, v, copy_of(cache), pos, rope, block)[0]
     assert torch.equal(attend.rope_attention(q, k, v, other, pos, rope, block)[0], want)
+    x = torch.randn(q.shape[0], 48, generator=torch.Generator().manual_seed(1)).to(dev) * 3.0  # dim 48: masked
+    ours, ref = copy_of(cache), copy_of(cache)
+    got = attend.rope_attention(q, k, v, ours, pos, rope, block, norm=(x, 1e-5))  # RMSNorm's factor folded in
+    torch.testing.assert_close(got, rotated_attention(q, k, v, ref, pos, rope, (x, 1e-5)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.k, ref.k, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.v, ref.v, rtol=1e-6, atol=1e-6)
     q, k, v, cache, pos, rope = case(Hq=heads[0], Hkv=heads[1], D=D, dtype=torch.bfloat16, dev=dev)
     ours, ref = copy_of(cache), KVCache(*cache.k.shape[:2], cache.max_len, D, device=dev)
     ref.k.copy_(cache.k)
@@ -68,7 +74,7 @@ def check(dev: str, heads=(8, 2), block=16, D=16) -> None:
 def test_rope_attention_equals_the_torch_attention(interp, heads, block):
     """Rows see keys 0..pos only; the new keys (rotated) and values land in the cache as the torch step writes
     them; RoPE or none; groups of 4, 1 and 3 query heads (3: padded); blocks of keys shorter than most rows, or
-    as long; float32 (to 1e-5) and
+    as long; the RMSNorm factor of the residual rows applied first or not; float32 (to 1e-5) and
     bf16 (within a few roundings)."""
     check("cpu", heads, block)
 

@@ -44,12 +44,14 @@ def attend_unsupported(q: torch.Tensor, head_dim: int) -> str:
 if triton is not None:
 
     @triton.jit
-    def _rope_rows(xa, x_ptrs_b, mask, d, c, sn, HALF: tl.constexpr, HD: tl.constexpr, dt: tl.constexpr):  # noqa: ANN001, ANN202
-        """Rows ``xa`` (loaded at ``d``) rotated: x cos + rotate_half(x) sin, rotate_half(x) = [-x2, x1], rounded
-        as ``notelab.core.rope.apply_rope`` rounds in ``dt``; ``x_ptrs_b`` the rows' pointers (for x2 / x1)."""
-        xb = tl.load(x_ptrs_b + ((d + HALF) % HD)[None, :], mask=mask, other=0.0).to(tl.float32)
+    def _rope_rows(xa, x_ptrs_b, mask, d, c, sn, r, HALF: tl.constexpr, HD: tl.constexpr, dt: tl.constexpr):  # noqa: ANN001, ANN202
+        """Rows ``xa`` (loaded at ``d``) times ``r`` (rounded to ``dt``), rotated: x cos + rotate_half(x) sin,
+        rotate_half(x) = [-x2, x1], rounded as ``notelab.core.rope.apply_rope`` rounds in ``dt``; ``x_ptrs_b`` the
+        rows' pointers (for x2 / x1)."""
+        xb = tl.load(x_ptrs_b + ((d + HALF) % HD)[None, :], mask=mask, other=0.0)
+        xb = (xb.to(tl.float32) * r).to(dt).to(tl.float32)
         sign = tl.where(d < HALF, -1.0, 1.0)[None, :]
-        xc = (xa.to(tl.float32) * c).to(dt).to(tl.float32)
+        xc = ((xa.to(tl.float32) * r).to(dt).to(tl.float32) * c).to(dt).to(tl.float32)
         return (xc + (sign * xb * sn).to(dt).to(tl.float32)).to(dt)
 
     @triton.jit
@@ -76,14 +78,17 @@ if triton is not None:
     @triton.jit
     def _split_kernel(  # noqa: ANN202
         q_ptr, sqb, sqh, kn_ptr, skb, skh, vn_ptr, svb, svh, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr,  # noqa: ANN001
-        part_ptr, ml_ptr, S, scale,  # noqa: ANN001
+        part_ptr, ml_ptr, x_ptr, sxb, D, eps, S, scale,  # noqa: ANN001
         HD: tl.constexpr, G: tl.constexpr, GQ: tl.constexpr, GP: tl.constexpr, NSPLIT: tl.constexpr,
-        NSP2: tl.constexpr, BLOCK_S: tl.constexpr, ROPE: tl.constexpr, IEEE: tl.constexpr,
+        NSP2: tl.constexpr, BLOCK_S: tl.constexpr, ROPE: tl.constexpr, IEEE: tl.constexpr, NORM: tl.constexpr,
+        DP2: tl.constexpr,
     ):  # fmt: skip
         """Program (split s, KV head g, row b): the G query heads of g over keys [s BLOCK_S, (s + 1) BLOCK_S) of
         the row's 0..p_b; its partial (max m, sum l of e^(score - m), sum of e^(score - m) v) per head. The program
         whose block holds p_b rotates the new key, writes the new key and value into the cache at p_b and uses
-        them there (no other program reads slot p_b)."""
+        them there (no other program reads slot p_b). ``NORM``: q, k, v are projections of the un-normalised
+        residual row ``x_b`` (the RMSNorm's gain folded into the weights): times r_b = 1 / sqrt(mean(x_b^2) + eps)
+        first (``notelab.lm.folded``)."""
         s, g, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         n = tl.load(pos_ptr + b).to(tl.int32) + 1  # keys 0..p_b
         start = s * BLOCK_S
@@ -94,15 +99,20 @@ if triton is not None:
             i = tl.arange(0, GP)
             d = tl.arange(0, HD)
             in_group = i < G
+            r = 1.0
+            if NORM:
+                dm = tl.arange(0, DP2)
+                xr = tl.load(x_ptr + b.to(tl.int64) * sxb + dm, mask=dm < D, other=0.0).to(tl.float32)
+                r = tl.math.rsqrt(tl.sum(xr * xr, 0) / D + eps)
             if ROPE:
                 c = tl.load(cos_ptr + b * HD + d).to(dt).to(tl.float32)[None, :]
                 sn = tl.load(sin_ptr + b * HD + d).to(dt).to(tl.float32)[None, :]
             qrow = q_ptr + b.to(tl.int64) * sqb + (g * G + i)[:, None] * sqh
             qa = tl.load(qrow + d[None, :], mask=in_group[:, None], other=0.0)
             if ROPE:
-                q = _rope_rows(qa, qrow, in_group[:, None], d, c, sn, HALF, HD, dt)
+                q = _rope_rows(qa, qrow, in_group[:, None], d, c, sn, r, HALF, HD, dt)
             else:
-                q = qa.to(dt)
+                q = (qa.to(tl.float32) * r).to(dt)
             keys = start + tl.arange(0, BLOCK_S)
             live = keys < n
             base = (b.to(tl.int64) * nkv + g) * S * HD
@@ -113,10 +123,10 @@ if triton is not None:
                 krow = kn_ptr + b.to(tl.int64) * skb + g * skh + tl.zeros([1], tl.int32)[:, None]
                 ka = tl.load(krow + d[None, :])
                 if ROPE:
-                    kn = _rope_rows(ka, krow, d[None, :] < HD, d, c, sn, HALF, HD, dt)  # (1, HD)
+                    kn = _rope_rows(ka, krow, d[None, :] < HD, d, c, sn, r, HALF, HD, dt)  # (1, HD)
                 else:
-                    kn = ka.to(dt)
-                vn = tl.load(vn_ptr + b.to(tl.int64) * svb + g * svh + d).to(dt)
+                    kn = (ka.to(tl.float32) * r).to(dt)
+                vn = (tl.load(vn_ptr + b.to(tl.int64) * svb + g * svh + d).to(tl.float32) * r).to(dt)
                 tl.store(k_ptr + base + slot * HD + d[None, :], kn)
                 tl.store(v_ptr + base + slot * HD + d, vn)
                 at = keys == slot
@@ -159,7 +169,10 @@ if triton is not None:
         pos: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
+        x: torch.Tensor,
+        eps: float,
         rope: bool,
+        norm: bool,
         block: int,
     ) -> torch.Tensor:
         """:func:`rope_attention` as an operator inductor compiles into its graph (the kernels launched as is)."""
@@ -174,8 +187,9 @@ if triton is not None:
         sizes = dict(HD=hd, G=G, GQ=gq, NSPLIT=nsplit, NSP2=_pow2(nsplit), BLOCK_S=block)
         torch.library.wrap_triton(_split_kernel)[(nsplit, nkv, B)](
             q, q.stride(0), q.stride(1), k_new, k_new.stride(0), k_new.stride(1), v_new, v_new.stride(0),
-            v_new.stride(1), k, v, cos, sin, pos, part, ml, S, hd**-0.5,
-            GP=max(16, gq), ROPE=rope, IEEE=k.dtype == torch.float32 or _INTERPRET, **sizes,
+            v_new.stride(1), k, v, cos, sin, pos, part, ml, x, x.stride(0), x.shape[-1], eps, S, hd**-0.5,
+            GP=max(16, gq), ROPE=rope, IEEE=k.dtype == torch.float32 or _INTERPRET, NORM=norm,
+            DP2=max(2, _pow2(x.shape[-1])), **sizes,
         )  # fmt: skip
         torch.library.wrap_triton(_combine_kernel)[(nkv, B)](pos, part, ml, y, **sizes)
         return y
@@ -189,11 +203,14 @@ def rope_attention(
     pos: torch.Tensor,
     rope: tuple[torch.Tensor, torch.Tensor] | None,
     block: int = BLOCK_KEYS,
+    norm: tuple[torch.Tensor, float] | None = None,
 ) -> torch.Tensor:
     """Attention of the new token of each row: ``q`` ``(B, Hq, 1, D)``, ``k``, ``v`` ``(B, Hkv, 1, D)`` before RoPE,
     rotated by ``rope`` = (cos, sin) ``(B, 1, 1, D)`` tables of the rows' slots ``pos`` (None: no rotation); the
     new key and value written into ``cache`` (``KVCache``, ``(B, Hkv, S, D)``) at ``pos[b]``, row ``b`` reading
     keys ``0..pos[b]``; returns ``(B, Hq, 1, D)``, as the engine's torch attention (``rotated_attention``) does.
+    ``norm`` = (x ``(B, dim)``, eps): q, k, v are projections of the residual rows x before their RMSNorm, its gain
+    folded into the weights (``notelab.lm.folded``): scaled by 1 / sqrt(mean(x^2) + eps) first (None: as given).
     ``block``: keys a program reads (at least 16). The engine's attention on CUDA (``Engine(attention=...)``);
     see :func:`attend_unsupported`."""
     B, nq, _, hd = q.shape
@@ -206,7 +223,12 @@ def rope_attention(
         cos = sin = torch.empty(0, dtype=torch.float32, device=q.device)
     else:
         cos, sin = (t.reshape(B, hd).float().contiguous() for t in rope)
+    if norm is None:
+        x, eps = torch.empty(1, 1, dtype=dt, device=q.device), 0.0
+    else:
+        x, eps = norm[0].reshape(B, -1), norm[1]
+        x = x if x.stride(-1) == 1 else x.contiguous()
     y = torch.ops.notelab.rope_attention(
-        q, k, v, cache.k, cache.v, pos, cos, sin, rope is not None, max(16, block)
+        q, k, v, cache.k, cache.v, pos, cos, sin, x, float(eps), rope is not None, norm is not None, max(16, block)
     )  # fmt: skip
     return y.view(B, nq, 1, hd)

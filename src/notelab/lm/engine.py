@@ -34,8 +34,10 @@ from torch import nn
 
 from notelab.core.attention import KVCache
 from notelab.core.errors import ConfigError, ShapeError
+from notelab.core.norms import rms_scale
 from notelab.core.rope import apply_rope, rope_cos_sin
 from notelab.lm.attend import attend_unsupported, rope_attention
+from notelab.lm.folded import folded_forward, folded_unsupported, folded_weights
 from notelab.lm.model import FusedWeights, Llama
 from notelab.lm.nucleus import draw_tokens, pivot_threshold, pivot_unsupported
 from notelab.lm.sampling import (
@@ -181,10 +183,16 @@ def rotated_attention(
     cache: KVCache,
     pos: torch.Tensor,
     rope: tuple[torch.Tensor, torch.Tensor] | None,
+    norm: tuple[torch.Tensor, float] | None = None,
 ) -> torch.Tensor:
     """The stacked step's attention in torch, for the new token of each row: RoPE of ``q`` ``(B, Hq, 1, D)`` and ``k``
     ``(B, Hkv, 1, D)`` by ``rope`` (cos, sin of the rows' slots ``pos``; None: none), ``k``, ``v`` written into
-    ``cache`` at ``pos[b]``, then :func:`decode_attention` over it, row ``b`` seeing keys ``0..pos[b]``."""
+    ``cache`` at ``pos[b]``, then :func:`decode_attention` over it, row ``b`` seeing keys ``0..pos[b]``. ``norm`` =
+    (x ``(B, dim)``, eps): q, k, v first scaled by the RMSNorm statistic of the residual rows x, 1 / sqrt(mean(x^2)
+    + eps) (its gain folded into the weights: ``notelab.lm.folded``)."""
+    if norm is not None:
+        r = rms_scale(*norm).view(-1, 1, 1, 1)
+        q, k, v = ((t.float() * r).to(t.dtype) for t in (q, k, v))
     if rope is not None:
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     keys, values = cache.write(pos[:, None], k, v)
@@ -240,6 +248,21 @@ def stacked_forward(
     return model.lm_head(model.norm(x))
 
 
+@dataclass(frozen=True)
+class StackedLayers:
+    """How the stacked decode step runs the layers: ``weights(model, out=None)`` the weight copies it multiplies by
+    (``out``, an earlier result, refilled in place), ``forward(model, weights, tok, pos, cache, attention)`` the
+    logits ``(B, 1, V)`` over them, ``unsupported(model)`` why it cannot run a model ("" when it can)."""
+
+    weights: Callable[..., FusedWeights]
+    forward: Callable[..., torch.Tensor]
+    unsupported: Callable[[Llama], str]
+
+
+STACKED = StackedLayers(Llama.fused_decode_weights, stacked_forward, Llama.unplain_reason)
+FOLDED = StackedLayers(folded_weights, folded_forward, folded_unsupported)  # the RMSNorms folded: notelab.lm.folded
+
+
 def _decode_step(
     model: Llama,
     fused: FusedWeights | None,
@@ -257,15 +280,17 @@ def _decode_step(
     threshold: Callable[..., torch.Tensor] = filter_threshold,
     draw: Callable[..., torch.Tensor] | None = None,
     attention: Callable[..., torch.Tensor] | None = None,
+    forward: Callable[..., torch.Tensor] = stacked_forward,
 ) -> None:
     """One token for every row, in place: ``tok`` ``(B, 1)`` at cache slots ``pos`` ``(B,)`` -> next tokens in
     ``tok`` and ``out``; active rows advance ``pos`` and ``count`` (``threshold``, ``draw``: see
-    ``notelab.lm.sampling.choose_tokens``; ``attention``: the stacked step's, see :func:`stacked_forward`). Fixed
+    ``notelab.lm.sampling.choose_tokens``; ``attention``, ``forward``: the stacked step's, see
+    :class:`StackedLayers`). Fixed
     buffers only (capturable)."""
     if fused is None:
         logits = model._forward(tok, pos, None, None, cache, 1)[:, -1]
     else:
-        logits = stacked_forward(model, fused, tok, pos, cache, attention)[:, -1]
+        logits = forward(model, fused, tok, pos, cache, attention or rotated_attention)[:, -1]
     temperature, top_k, top_p, penalty, seed = settings
     decay, floor, since, ends = nucleus
     nxt, logprob = choose_tokens(
@@ -297,7 +322,8 @@ class Engine:
     CUDA) multiplies by stacked projection copies (``stacked_forward``); call ``refresh_weights`` after changing
     the model's weights in place. Injectable parts: ``threshold`` (how top-k / top-p find their threshold) and
     ``draw`` (how the token is taken; both ``notelab.lm.sampling.choose_tokens``), the stacked step's
-    ``attention`` (:func:`stacked_forward`) and ``compiler`` (how the step is compiled on CUDA). Defaults: on
+    ``attention`` (:func:`stacked_forward`) and ``layers`` (:class:`StackedLayers`: ``STACKED``, or ``FOLDED``,
+    the RMSNorms folded into the projections) and ``compiler`` (how the step is compiled on CUDA). Defaults: on
     CUDA with Triton, the kernels of ``notelab.lm.nucleus`` (``pivot_threshold``, ``draw_tokens``) and
     ``notelab.lm.attend.rope_attention``; elsewhere the torch functions (a sort, or bisection on CUDA without
     Triton; ``gumbel_argmax``; ``rotated_attention``), which are also the reference the kernels are tested
@@ -315,6 +341,7 @@ class Engine:
         threshold: Callable[..., torch.Tensor] | None = None,
         draw: Callable[..., torch.Tensor] | None = None,
         attention: Callable[..., torch.Tensor] | None = None,
+        layers: StackedLayers | None = None,
         compiler: Callable[[Callable], Callable] = compile_step,
     ) -> None:
         c = model.config
@@ -340,10 +367,11 @@ class Engine:
         self.cache = model.make_cache(B, max_len, dtype=dtype)
         # Stacked projections (extra memory: those weights once more) where they pay: the compiled CUDA step.
         stack = (dev.type == "cuda" or attention is not None) if stacked is None else stacked
-        if stack and model.unplain_reason():  # stacked copies would skip an adapter: the layers' own forward runs
-            warnings.warn(f"Engine: stacked projections off ({model.unplain_reason()})", RuntimeWarning, 2)
+        self.layers = layers or STACKED
+        if stack and self.layers.unsupported(model):  # e.g. copies would skip an adapter: the layers' own forward
+            warnings.warn(f"Engine: stacked projections off ({self.layers.unsupported(model)})", RuntimeWarning, 2)
             stack = False
-        self.fused = model.fused_decode_weights() if stack else None
+        self.fused = self.layers.weights(model) if stack else None
         if attention is not None and self.fused is None:
             raise ConfigError("Engine: an injected attention is part of the stacked step, which is off here")
         if attention is None and kernels and self.fused is not None:
@@ -547,7 +575,7 @@ class Engine:
     def refresh_weights(self) -> None:
         """Copy the model's current weights into the stacked ones (in place: the captured graphs read them)."""
         if self.fused is not None:
-            self.model.fused_decode_weights(out=self.fused)
+            self.layers.weights(self.model, out=self.fused)
 
     def _buffers(self) -> tuple:
         return (self.fused, self.cache, self.tok, self.pos, self.active, self.count, self.seen, self.settings,
@@ -555,7 +583,8 @@ class Engine:
 
     def _step_fn(self, compiled: bool) -> Callable[..., None]:
         """The step function: compiled by ``compiler`` when ``compiled``."""
-        step = partial(_decode_step, threshold=self.threshold, draw=self.draw, attention=self.attention)
+        parts = dict(threshold=self.threshold, draw=self.draw, attention=self.attention, forward=self.layers.forward)
+        step = partial(_decode_step, **parts)
         return self.compiler(step) if compiled else step
 
     def _run(self, how: Sampler) -> None:
