@@ -325,10 +325,9 @@ class Engine:
     ``attention`` (:func:`stacked_forward`) and ``layers`` (:class:`StackedLayers`: ``STACKED``, or ``FOLDED``,
     the RMSNorms folded into the projections) and ``compiler`` (how the step is compiled on CUDA). Defaults: on
     CUDA with Triton, the kernels of ``notelab.lm.nucleus`` (``pivot_threshold``, ``draw_tokens``) and
-    ``notelab.lm.attend.rope_attention``; elsewhere the torch functions (a sort, or bisection on CUDA without
-    Triton; ``gumbel_argmax``; ``rotated_attention``), which are also the reference the kernels are tested
-    against.
-    """
+    ``notelab.lm.attend.rope_attention``, and ``FOLDED`` where the model allows it; elsewhere the torch
+    functions (a sort, or bisection on CUDA without Triton; ``gumbel_argmax``; ``rotated_attention``), which are
+    also the reference the kernels are tested against, and ``STACKED``."""
 
     def __init__(
         self,
@@ -367,7 +366,8 @@ class Engine:
         self.cache = model.make_cache(B, max_len, dtype=dtype)
         # Stacked projections (extra memory: those weights once more) where they pay: the compiled CUDA step.
         stack = (dev.type == "cuda" or attention is not None) if stacked is None else stacked
-        self.layers = layers or STACKED
+        # on CUDA the RMSNorms folded into the projections (fewer kernels a layer: measured faster, RESULTS.md)
+        self.layers = layers or (FOLDED if cuda and not folded_unsupported(model) else STACKED)
         if stack and self.layers.unsupported(model):  # e.g. copies would skip an adapter: the layers' own forward
             warnings.warn(f"Engine: stacked projections off ({self.layers.unsupported(model)})", RuntimeWarning, 2)
             stack = False
