@@ -7,7 +7,8 @@ in a CUDA graph) built with injected parts (``VARIANTS``): how top-k / top-p fin
 (``threshold``: the pivot search of ``notelab.lm.nucleus``, the default on CUDA; bisection; a sort), how the
 token is taken (``draw``: the split kernels of ``notelab.lm.nucleus``, the default; torch's
 ``gumbel_argmax``), the stacked step's attention (``attention``: ``notelab.lm.attend.rope_attention``, the
-default; torch's ``rotated_attention``), and how the step is compiled (``compiler``: inductor's default;
+default; torch's ``rotated_attention``), how the layers run (``layers``: ``FOLDED``, the RMSNorms folded into
+the projections, the default; ``STACKED``) and how the step is compiled (``compiler``: inductor's default;
 max-autotune). "torch parts" is the step as it was before the kernels (bisection, ``gumbel_argmax``,
 ``rotated_attention``). Llama-3.2-1B shape, random weights, bf16, P-token prompts, N new tokens, no stop
 tokens; tokens/s of the second run (the first compiles and captures) and % of the batch roofline B x copy
@@ -26,10 +27,11 @@ bandwidth / (weight bytes + KV bytes a step reads at the mean context P + (N - 1
 ``--only REGEX``: only the phases whose names match. ``--tiny``: a small model and sizes, a smoke test of the
 script on CPU. Earlier candidates measured by this script and removed (SDPA, inductor's sums of products, a
 Triton attention a program per row and KV head, the chain's split-key attention kernel; a batched Triton decode
-step, ``notelab.lm.chain_rows``; radix selection for the top-p threshold; the products computed as the
-transposed problem or with rows padded to 16; programmatic dependent launch for inductor's kernels; cuBLASLt
-products; inductor's coordinate-descent tuning, combo kernels and unsplit reductions; attention blocks of 64
-keys, equal to 32) are in
+step, ``notelab.lm.chain_rows``; radix selection for the top-p threshold; the pivot search over float32 keys,
+with 4,096 programs, with s = 3; the last split of the attention combining the others; the products computed
+as the transposed problem or with rows padded to 16; programmatic dependent launch for inductor's kernels;
+cuBLASLt products; inductor's coordinate-descent tuning, combo kernels and unsplit reductions; attention blocks
+of 64 keys, equal to 32) are in
 benchmarks/RESULTS.md; ``benchmarks/skinny_products.py`` times the products alone, every way.
 """
 
@@ -44,12 +46,12 @@ import torch
 
 from decode_defaults import SAMPLED, Bench, Phases, agreement, timed
 from notelab.lm import Llama, LlamaConfig, generate
-from notelab.lm.engine import Engine, SamplingParams, rotated_attention
+from notelab.lm.engine import STACKED, Engine, SamplingParams, rotated_attention
 from notelab.lm.nucleus import pivot_threshold
 from notelab.lm.sampling import bisect_threshold, filter_threshold, gumbel_argmax
 
 TORCH = dict(threshold=bisect_threshold, draw=gumbel_argmax, attention=rotated_attention)
-VARIANTS: dict[str, dict] = {
+VARIANTS: dict[str, dict | Callable[[int, Llama], dict]] = {  # a callable: the parts for (batch, model)
     "default": {},
     "torch parts": TORCH,
     "attention=torch": dict(attention=rotated_attention),
@@ -57,6 +59,14 @@ VARIANTS: dict[str, dict] = {
     "threshold=bisect": dict(threshold=bisect_threshold),
     "threshold=sort": dict(threshold=filter_threshold),
     "threshold=pivot s=1": dict(threshold=partial(pivot_threshold, split_bits=1)),
+    # eight / sixteen parts a pass: 6 / 4 passes over bf16 logits (16-bit keys), against the default's 8
+    "threshold=pivot s=3": dict(threshold=partial(pivot_threshold, split_bits=3)),
+    "threshold=pivot s=4": dict(threshold=partial(pivot_threshold, split_bits=4)),
+    # fewer, longer programs a pass / more, shorter ones (the default aims at 512)
+    "threshold=pivot 256 programs": dict(threshold=partial(pivot_threshold, programs=256)),
+    "threshold=pivot 2048 programs": dict(threshold=partial(pivot_threshold, programs=2048, max_chunks=128)),
+    # the step before the RMSNorms were folded into the projections (notelab.lm.folded): RMSNorm and residual kernels
+    "layers=stacked": dict(layers=STACKED),
     # inductor's Triton matmul templates benchmarked against cuBLAS per shape, pointwise epilogues fused into them
     "max-autotune": dict(
         compiler=partial(torch.compile, fullgraph=True, dynamic=False, mode="max-autotune-no-cudagraphs")
@@ -110,17 +120,21 @@ def main(argv: list[str] | None = None) -> int:
         ref = generate(small, prompts, 16, path="reference")
         ref_s = generate(small, prompts, 16, path="reference", **SAMPLED)
         res = {}
-        for name in ("default", "threshold=bisect", "threshold=sort", "torch parts"):
-            eng = Engine(small, len(prompts), 32, stacked=True, **VARIANTS[name])
+        for name in ("default", "threshold=bisect", "threshold=sort", "torch parts", "layers=stacked"):
+            parts = VARIANTS[name]
+            parts = parts(len(prompts), small) if callable(parts) else parts
+            eng = Engine(small, len(prompts), 32, stacked=True, **parts)
             res[f"{name} sampled == reference"] = run_engine(eng, prompts, 16, True) == ref_s
-            if name in ("default", "torch parts"):
+            if name in ("default", "torch parts", "layers=stacked"):
                 res[f"{name} greedy == reference"] = run_engine(eng, prompts, 16, False) == ref
         return res
 
     def variant(batch: int, name: str, sampled: bool) -> Callable[[], dict]:
         def run() -> dict:
             n, prompts = args.new_tokens, bench.prompts[:batch]
-            eng = Engine(bench.model, batch, args.prompt + n, **VARIANTS[name])
+            parts = VARIANTS[name]
+            parts = parts(batch, bench.model) if callable(parts) else parts
+            eng = Engine(bench.model, batch, args.prompt + n, **parts)
             warm_s, _ = timed(device, lambda: run_engine(eng, prompts, n, sampled))
             dt, out = timed(device, lambda: run_engine(eng, prompts, n, sampled))
             res = {**bench.figures(batch, dt, out), "warmup_s": warm_s}

@@ -167,9 +167,9 @@ def test_an_injected_attention_computes_the_stacked_steps_attention():
     model = model_of()
     calls = []
 
-    def counted(q, k, v, pos, rope):
+    def counted(q, k, v, cache, pos, rope):
         calls.append(q.shape)
-        return rotated_attention(q, k, v, pos, rope)
+        return rotated_attention(q, k, v, cache, pos, rope)
 
     prompts = [[5, 6, 7], list(range(1, 12))]
     engine = Engine(model, max_batch=2, stacked=True, attention=counted)

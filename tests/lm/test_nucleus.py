@@ -92,7 +92,7 @@ def check_engine(dev: str, **parts) -> None:
         assert engine_tokens(model, prompts, kw, **parts) == want, kw
 
 
-@pytest.mark.parametrize("split_bits", [1, 2])
+@pytest.mark.parametrize("split_bits", [1, 2, 3, 4])
 @pytest.mark.parametrize("V", [101, 3000])
 def test_pivot_threshold_keeps_the_sorts_set(interp, split_bits, V):
     """Top-p alone, top-k alone, both and neither, greedy and scaled rows, float32 and bf16 logits: the kept set

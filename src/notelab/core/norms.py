@@ -14,10 +14,15 @@ import torch
 from torch import nn
 
 
+def rms_scale(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """``1 / sqrt(mean(x^2) + eps)`` over the last axis, float32 ``(..., 1)``: the factor RMSNorm multiplies by."""
+    return torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``x / sqrt(mean(x^2) + eps) * weight`` over the last axis, the statistic in float32."""
     xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    xf = xf * rms_scale(xf, eps)
     return weight * xf.to(x.dtype)
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from notelab.core.attention import KVCache
 from notelab.lm.triton_env import INTERPRET as _INTERPRET
 from notelab.lm.triton_env import kernels_unsupported, tl, triton
 from notelab.lm.triton_env import pow2 as _pow2
@@ -43,13 +44,51 @@ def attend_unsupported(q: torch.Tensor, head_dim: int) -> str:
 if triton is not None:
 
     @triton.jit
+    def _rope_rows(xa, x_ptrs_b, mask, d, c, sn, r, HALF: tl.constexpr, HD: tl.constexpr, dt: tl.constexpr):  # noqa: ANN001, ANN202
+        """Rows ``xa`` (loaded at ``d``) times ``r`` (rounded to ``dt``), rotated: x cos + rotate_half(x) sin,
+        rotate_half(x) = [-x2, x1], rounded as ``notelab.core.rope.apply_rope`` rounds in ``dt``; ``x_ptrs_b`` the
+        rows' pointers (for x2 / x1)."""
+        xb = tl.load(x_ptrs_b + ((d + HALF) % HD)[None, :], mask=mask, other=0.0)
+        xb = (xb.to(tl.float32) * r).to(dt).to(tl.float32)
+        sign = tl.where(d < HALF, -1.0, 1.0)[None, :]
+        xc = ((xa.to(tl.float32) * r).to(dt).to(tl.float32) * c).to(dt).to(tl.float32)
+        return (xc + (sign * xb * sn).to(dt).to(tl.float32)).to(dt)
+
+    @triton.jit
+    def _combine(pos_ptr, part_ptr, ml_ptr, y_ptr, g, b, nkv,  # noqa: ANN001, ANN202
+                 HD: tl.constexpr, G: tl.constexpr, GQ: tl.constexpr, NSPLIT: tl.constexpr, NSP2: tl.constexpr,
+                 BLOCK_S: tl.constexpr):  # fmt: skip
+        """y_h = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s over the row's splits, M = max_s m_s (flash-decoding's
+        combination), written where o_proj reads head h."""
+        n = tl.load(pos_ptr + b).to(tl.int32) + 1
+        sp = tl.arange(0, NSP2)
+        used = sp * BLOCK_S < n  # the splits that held keys of this row
+        i = tl.arange(0, GQ)
+        d = tl.arange(0, HD)
+        cells = ((b * nkv + g) * NSPLIT + sp)[:, None] * GQ + i[None, :]  # (NSP2, GQ)
+        ms = tl.load(ml_ptr + cells * 2, mask=used[:, None], other=float("-inf"))
+        ls = tl.load(ml_ptr + cells * 2 + 1, mask=used[:, None], other=0.0)
+        parts = tl.load(part_ptr + cells[:, :, None] * HD + d[None, None, :], mask=used[:, None, None], other=0.0)
+        top = tl.max(ms, axis=0)  # split 0 always holds key 0: finite
+        w = tl.where(used[:, None], tl.exp(ms - top[None, :]), 0.0)
+        y = tl.sum(w[:, :, None] * parts, axis=0) / tl.sum(w * ls, axis=0)[:, None]  # (GQ, HD)
+        yrow = y_ptr + b.to(tl.int64) * (nkv * G * HD) + (g * G + i)[:, None] * HD + d[None, :]
+        tl.store(yrow, y.to(y_ptr.dtype.element_ty), mask=(i < G)[:, None])
+
+    @triton.jit
     def _split_kernel(  # noqa: ANN202
-        q_ptr, sqb, sqh, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, part_ptr, ml_ptr, S, scale,  # noqa: ANN001
+        q_ptr, sqb, sqh, kn_ptr, skb, skh, vn_ptr, svb, svh, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr,  # noqa: ANN001
+        part_ptr, ml_ptr, x_ptr, sxb, D, eps, S, scale,  # noqa: ANN001
         HD: tl.constexpr, G: tl.constexpr, GQ: tl.constexpr, GP: tl.constexpr, NSPLIT: tl.constexpr,
-        BLOCK_S: tl.constexpr, ROPE: tl.constexpr, IEEE: tl.constexpr,
+        NSP2: tl.constexpr, BLOCK_S: tl.constexpr, ROPE: tl.constexpr, IEEE: tl.constexpr, NORM: tl.constexpr,
+        DP2: tl.constexpr,
     ):  # fmt: skip
         """Program (split s, KV head g, row b): the G query heads of g over keys [s BLOCK_S, (s + 1) BLOCK_S) of
-        the row's 0..p_b; its partial (max m, sum l of e^(score - m), sum of e^(score - m) v) per head."""
+        the row's 0..p_b; its partial (max m, sum l of e^(score - m), sum of e^(score - m) v) per head. The program
+        whose block holds p_b rotates the new key, writes the new key and value into the cache at p_b and uses
+        them there (no other program reads slot p_b). ``NORM``: q, k, v are projections of the un-normalised
+        residual row ``x_b`` (the RMSNorm's gain folded into the weights): times r_b = 1 / sqrt(mean(x_b^2) + eps)
+        first (``notelab.lm.folded``)."""
         s, g, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         n = tl.load(pos_ptr + b).to(tl.int32) + 1  # keys 0..p_b
         start = s * BLOCK_S
@@ -60,22 +99,39 @@ if triton is not None:
             i = tl.arange(0, GP)
             d = tl.arange(0, HD)
             in_group = i < G
-            qrow = q_ptr + b.to(tl.int64) * sqb + (g * G + i)[:, None] * sqh
-            qa = tl.load(qrow + d[None, :], mask=in_group[:, None], other=0.0)
-            if ROPE:  # x cos + rotate_half(x) sin, rotate_half(x) = [-x2, x1], rounded as apply_rope rounds
-                qb = tl.load(qrow + ((d + HALF) % HD)[None, :], mask=in_group[:, None], other=0.0).to(tl.float32)
-                sign = tl.where(d < HALF, -1.0, 1.0)[None, :]
+            r = 1.0
+            if NORM:
+                dm = tl.arange(0, DP2)
+                xr = tl.load(x_ptr + b.to(tl.int64) * sxb + dm, mask=dm < D, other=0.0).to(tl.float32)
+                r = tl.math.rsqrt(tl.sum(xr * xr, 0) / D + eps)
+            if ROPE:
                 c = tl.load(cos_ptr + b * HD + d).to(dt).to(tl.float32)[None, :]
                 sn = tl.load(sin_ptr + b * HD + d).to(dt).to(tl.float32)[None, :]
-                qc = (qa.to(tl.float32) * c).to(dt).to(tl.float32)
-                q = (qc + (sign * qb * sn).to(dt).to(tl.float32)).to(dt)
+            qrow = q_ptr + b.to(tl.int64) * sqb + (g * G + i)[:, None] * sqh
+            qa = tl.load(qrow + d[None, :], mask=in_group[:, None], other=0.0)
+            if ROPE:
+                q = _rope_rows(qa, qrow, in_group[:, None], d, c, sn, r, HALF, HD, dt)
             else:
-                q = qa.to(dt)
+                q = (qa.to(tl.float32) * r).to(dt)
             keys = start + tl.arange(0, BLOCK_S)
             live = keys < n
             base = (b.to(tl.int64) * nkv + g) * S * HD
             kt = tl.load(k_ptr + base + keys[None, :] * HD + d[:, None], mask=live[None, :], other=0.0)  # (HD, BS)
             vv = tl.load(v_ptr + base + keys[:, None] * HD + d[None, :], mask=live[:, None], other=0.0)  # (BS, HD)
+            slot = n - 1
+            if slot < start + BLOCK_S:  # this block holds the new token's slot
+                krow = kn_ptr + b.to(tl.int64) * skb + g * skh + tl.zeros([1], tl.int32)[:, None]
+                ka = tl.load(krow + d[None, :])
+                if ROPE:
+                    kn = _rope_rows(ka, krow, d[None, :] < HD, d, c, sn, r, HALF, HD, dt)  # (1, HD)
+                else:
+                    kn = (ka.to(tl.float32) * r).to(dt)
+                vn = (tl.load(vn_ptr + b.to(tl.int64) * svb + g * svh + d).to(tl.float32) * r).to(dt)
+                tl.store(k_ptr + base + slot * HD + d[None, :], kn)
+                tl.store(v_ptr + base + slot * HD + d, vn)
+                at = keys == slot
+                kt = tl.where(at[None, :], tl.trans(kn), kt)
+                vv = tl.where(at[:, None], vn[None, :], vv)
             if IEEE:  # float32 operands (exact for bf16 ones): float32 models, and the interpreter (no bf16 dot)
                 sc = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision="ieee")
             else:
@@ -97,37 +153,26 @@ if triton is not None:
     @triton.jit
     def _combine_kernel(  # noqa: ANN202
         pos_ptr, part_ptr, ml_ptr, y_ptr,  # noqa: ANN001
-        HD: tl.constexpr, G: tl.constexpr, GQ: tl.constexpr, GP: tl.constexpr, NSPLIT: tl.constexpr,
-        NSP2: tl.constexpr, BLOCK_S: tl.constexpr,
+        HD: tl.constexpr, G: tl.constexpr, GQ: tl.constexpr, NSPLIT: tl.constexpr, NSP2: tl.constexpr,
+        BLOCK_S: tl.constexpr,
     ):  # fmt: skip
-        """Program (KV head g, row b): y_h = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s over the row's splits,
-        M = max_s m_s (flash-decoding's combination), written where o_proj reads head h."""
         g, b = tl.program_id(0), tl.program_id(1)
-        nkv = tl.num_programs(0)
-        n = tl.load(pos_ptr + b).to(tl.int32) + 1
-        sp = tl.arange(0, NSP2)
-        used = sp * BLOCK_S < n  # the splits that held keys of this row
-        i = tl.arange(0, GQ)
-        d = tl.arange(0, HD)
-        cells = ((b * nkv + g) * NSPLIT + sp)[:, None] * GQ + i[None, :]  # (NSP2, GQ)
-        ms = tl.load(ml_ptr + cells * 2, mask=used[:, None], other=float("-inf"))
-        ls = tl.load(ml_ptr + cells * 2 + 1, mask=used[:, None], other=0.0)
-        top = tl.max(ms, axis=0)  # split 0 always holds key 0: finite
-        w = tl.where(used[:, None], tl.exp(ms - top[None, :]), 0.0)
-        parts = tl.load(part_ptr + cells[:, :, None] * HD + d[None, None, :], mask=used[:, None, None], other=0.0)
-        y = tl.sum(w[:, :, None] * parts, axis=0) / tl.sum(w * ls, axis=0)[:, None]  # (GQ, HD)
-        yrow = y_ptr + b.to(tl.int64) * (nkv * G * HD) + (g * G + i)[:, None] * HD + d[None, :]
-        tl.store(yrow, y.to(y_ptr.dtype.element_ty), mask=(i < G)[:, None])
+        _combine(pos_ptr, part_ptr, ml_ptr, y_ptr, g, b, tl.num_programs(0), HD, G, GQ, NSPLIT, NSP2, BLOCK_S)
 
-    @torch.library.triton_op("notelab::rope_attention", mutates_args=())
+    @torch.library.triton_op("notelab::rope_attention", mutates_args=("k", "v"))
     def _rope_attention(
         q: torch.Tensor,
+        k_new: torch.Tensor,
+        v_new: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
         pos: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
+        x: torch.Tensor,
+        eps: float,
         rope: bool,
+        norm: bool,
         block: int,
     ) -> torch.Tensor:
         """:func:`rope_attention` as an operator inductor compiles into its graph (the kernels launched as is)."""
@@ -139,13 +184,14 @@ if triton is not None:
         part = torch.empty(B * nkv * nsplit * gq * hd, **f32)
         ml = torch.empty(B * nkv * nsplit * gq * 2, **f32)
         y = torch.empty(B, nq * hd, dtype=q.dtype, device=q.device)
-        # tensor-core products take >= 16 rows: the group's heads padded with zero rows
-        sizes = dict(HD=hd, G=G, GQ=gq, GP=max(16, gq), NSPLIT=nsplit, BLOCK_S=block)
+        sizes = dict(HD=hd, G=G, GQ=gq, NSPLIT=nsplit, NSP2=_pow2(nsplit), BLOCK_S=block)
         torch.library.wrap_triton(_split_kernel)[(nsplit, nkv, B)](
-            q, q.stride(0), q.stride(1), k, v, cos, sin, pos, part, ml, S, hd**-0.5,
-            ROPE=rope, IEEE=k.dtype == torch.float32 or _INTERPRET, **sizes,
+            q, q.stride(0), q.stride(1), k_new, k_new.stride(0), k_new.stride(1), v_new, v_new.stride(0),
+            v_new.stride(1), k, v, cos, sin, pos, part, ml, x, x.stride(0), x.shape[-1], eps, S, hd**-0.5,
+            GP=max(16, gq), ROPE=rope, IEEE=k.dtype == torch.float32 or _INTERPRET, NORM=norm,
+            DP2=max(2, _pow2(x.shape[-1])), **sizes,
         )  # fmt: skip
-        torch.library.wrap_triton(_combine_kernel)[(nkv, B)](pos, part, ml, y, NSP2=_pow2(nsplit), **sizes)
+        torch.library.wrap_triton(_combine_kernel)[(nkv, B)](pos, part, ml, y, **sizes)
         return y
 
 
@@ -153,25 +199,36 @@ def rope_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
+    cache: KVCache,
     pos: torch.Tensor,
     rope: tuple[torch.Tensor, torch.Tensor] | None,
     block: int = BLOCK_KEYS,
+    norm: tuple[torch.Tensor, float] | None = None,
 ) -> torch.Tensor:
-    """Attention of ``q`` ``(B, Hq, 1, D)`` (before RoPE) over the cache ``k``, ``v`` ``(B, Hkv, S, D)``, row ``b``
-    reading keys ``0..pos[b]``, RoPE of q by ``rope`` = (cos, sin) ``(B, 1, 1, D)`` tables of the rows' slots
-    (None: no rotation); returns ``(B, Hq, 1, D)``, as the engine's torch attention (``rotated_attention``)
-    does; ``block``: keys a program reads (at least 16). The engine's attention on CUDA
-    (``Engine(attention=...)``); see :func:`attend_unsupported`."""
+    """Attention of the new token of each row: ``q`` ``(B, Hq, 1, D)``, ``k``, ``v`` ``(B, Hkv, 1, D)`` before RoPE,
+    rotated by ``rope`` = (cos, sin) ``(B, 1, 1, D)`` tables of the rows' slots ``pos`` (None: no rotation); the
+    new key and value written into ``cache`` (``KVCache``, ``(B, Hkv, S, D)``) at ``pos[b]``, row ``b`` reading
+    keys ``0..pos[b]``; returns ``(B, Hq, 1, D)``, as the engine's torch attention (``rotated_attention``) does.
+    ``norm`` = (x ``(B, dim)``, eps): q, k, v are projections of the residual rows x before their RMSNorm, its gain
+    folded into the weights (``notelab.lm.folded``): scaled by 1 / sqrt(mean(x^2) + eps) first (None: as given).
+    ``block``: keys a program reads (at least 16). The engine's attention on CUDA (``Engine(attention=...)``);
+    see :func:`attend_unsupported`."""
     B, nq, _, hd = q.shape
     why = attend_unsupported(q, hd)
     if why:
         raise RuntimeError(f"rope_attention: {why}")
-    if q.stride(-1) != 1:
-        q = q.contiguous()
+    dt = cache.k.dtype
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q.to(dt), k.to(dt), v.to(dt)))
     if rope is None:
         cos = sin = torch.empty(0, dtype=torch.float32, device=q.device)
     else:
         cos, sin = (t.reshape(B, hd).float().contiguous() for t in rope)
-    k, v = k.contiguous(), v.to(k.dtype).contiguous()
-    y = torch.ops.notelab.rope_attention(q.to(k.dtype), k, v, pos, cos, sin, rope is not None, max(16, block))
-    return y.view(B, nq, 1, hd).to(q.dtype)
+    if norm is None:
+        x, eps = torch.empty(1, 1, dtype=dt, device=q.device), 0.0
+    else:
+        x, eps = norm[0].reshape(B, -1), norm[1]
+        x = x if x.stride(-1) == 1 else x.contiguous()
+    y = torch.ops.notelab.rope_attention(
+        q, k, v, cache.k, cache.v, pos, cos, sin, x, float(eps), rope is not None, norm is not None, max(16, block)
+    )  # fmt: skip
+    return y.view(B, nq, 1, hd)

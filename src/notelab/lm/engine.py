@@ -34,8 +34,10 @@ from torch import nn
 
 from notelab.core.attention import KVCache
 from notelab.core.errors import ConfigError, ShapeError
+from notelab.core.norms import rms_scale
 from notelab.core.rope import apply_rope, rope_cos_sin
 from notelab.lm.attend import attend_unsupported, rope_attention
+from notelab.lm.folded import folded_forward, folded_unsupported, folded_weights
 from notelab.lm.model import FusedWeights, Llama
 from notelab.lm.nucleus import draw_tokens, pivot_threshold, pivot_unsupported
 from notelab.lm.sampling import (
@@ -178,16 +180,24 @@ def rotated_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
+    cache: KVCache,
     pos: torch.Tensor,
     rope: tuple[torch.Tensor, torch.Tensor] | None,
+    norm: tuple[torch.Tensor, float] | None = None,
 ) -> torch.Tensor:
-    """The stacked step's attention in torch: RoPE of ``q`` ``(B, Hq, 1, D)`` by ``rope`` (cos, sin of the rows'
-    slots; None: none), then :func:`decode_attention` over the cache ``k``, ``v`` ``(B, Hkv, L, D)``, row ``b``
-    seeing keys ``0..pos[b]``."""
+    """The stacked step's attention in torch, for the new token of each row: RoPE of ``q`` ``(B, Hq, 1, D)`` and ``k``
+    ``(B, Hkv, 1, D)`` by ``rope`` (cos, sin of the rows' slots ``pos``; None: none), ``k``, ``v`` written into
+    ``cache`` at ``pos[b]``, then :func:`decode_attention` over it, row ``b`` seeing keys ``0..pos[b]``. ``norm`` =
+    (x ``(B, dim)``, eps): q, k, v first scaled by the RMSNorm statistic of the residual rows x, 1 / sqrt(mean(x^2)
+    + eps) (its gain folded into the weights: ``notelab.lm.folded``)."""
+    if norm is not None:
+        r = rms_scale(*norm).view(-1, 1, 1, 1)
+        q, k, v = ((t.float() * r).to(t.dtype) for t in (q, k, v))
     if rope is not None:
-        q = apply_rope(q, *rope)
-    mask = (torch.arange(k.shape[2], device=k.device) <= pos[:, None]).view(-1, 1, 1, k.shape[2])
-    return decode_attention(q, k.to(q.dtype), v.to(q.dtype), mask=mask)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    keys, values = cache.write(pos[:, None], k, v)
+    mask = (torch.arange(keys.shape[2], device=keys.device) <= pos[:, None]).view(-1, 1, 1, keys.shape[2])
+    return decode_attention(q, keys.to(q.dtype), values.to(q.dtype), mask=mask)
 
 
 def compile_step(fn: Callable) -> Callable:
@@ -207,8 +217,8 @@ def stacked_forward(
     the stacked ``[W_q; W_k; W_v]`` and ``[W_gate; W_up]`` of ``Llama.fused_decode_weights``: the same
     arithmetic as the layers' own projections, in two kernels instead of five (a decode step is bound by
     its kernels' count and their weight reads, not by arithmetic); attention by :func:`decode_attention`.
-    ``attention(q, k, v, pos, rope)``: attention of row b's queries (before RoPE) over cache keys ``0..pos[b]``
-    (None: :func:`rotated_attention`), e.g. ``notelab.lm.attend.rope_attention``."""
+    ``attention(q, k, v, cache, pos, rope)``: the new token's attention, its key and value written into the layer's
+    cache at ``pos[b]`` (None: :func:`rotated_attention`), e.g. ``notelab.lm.attend.rope_attention``."""
     B = tok.shape[0]
     slots = pos[:, None]
     x = model.embed_tokens(tok)
@@ -227,10 +237,7 @@ def stacked_forward(
         q = q.view(B, 1, a.n_heads, a.head_dim).transpose(1, 2)
         k = k.view(B, 1, a.n_kv_heads, a.head_dim).transpose(1, 2)
         v = v.view(B, 1, a.n_kv_heads, a.head_dim).transpose(1, 2)
-        if rope is not None:
-            k = apply_rope(k, *rope)
-        k, v = cache[i].write(slots, k, v)
-        y = attention(q, k, v, pos, rope)
+        y = attention(q, k, v, cache[i], pos, rope)
         x = x + a.o_proj(y.transpose(1, 2).reshape(B, 1, hq))
         h = layer.post_attention_layernorm(x)
         if w_gate_up is None:
@@ -239,6 +246,21 @@ def stacked_forward(
             gate, up = F.linear(h, w_gate_up).chunk(2, dim=-1)
             x = x + layer.mlp.down_proj(F.silu(gate) * up)
     return model.lm_head(model.norm(x))
+
+
+@dataclass(frozen=True)
+class StackedLayers:
+    """How the stacked decode step runs the layers: ``weights(model, out=None)`` the weight copies it multiplies by
+    (``out``, an earlier result, refilled in place), ``forward(model, weights, tok, pos, cache, attention)`` the
+    logits ``(B, 1, V)`` over them, ``unsupported(model)`` why it cannot run a model ("" when it can)."""
+
+    weights: Callable[..., FusedWeights]
+    forward: Callable[..., torch.Tensor]
+    unsupported: Callable[[Llama], str]
+
+
+STACKED = StackedLayers(Llama.fused_decode_weights, stacked_forward, Llama.unplain_reason)
+FOLDED = StackedLayers(folded_weights, folded_forward, folded_unsupported)  # the RMSNorms folded: notelab.lm.folded
 
 
 def _decode_step(
@@ -258,15 +280,17 @@ def _decode_step(
     threshold: Callable[..., torch.Tensor] = filter_threshold,
     draw: Callable[..., torch.Tensor] | None = None,
     attention: Callable[..., torch.Tensor] | None = None,
+    forward: Callable[..., torch.Tensor] = stacked_forward,
 ) -> None:
     """One token for every row, in place: ``tok`` ``(B, 1)`` at cache slots ``pos`` ``(B,)`` -> next tokens in
     ``tok`` and ``out``; active rows advance ``pos`` and ``count`` (``threshold``, ``draw``: see
-    ``notelab.lm.sampling.choose_tokens``; ``attention``: the stacked step's, see :func:`stacked_forward`). Fixed
+    ``notelab.lm.sampling.choose_tokens``; ``attention``, ``forward``: the stacked step's, see
+    :class:`StackedLayers`). Fixed
     buffers only (capturable)."""
     if fused is None:
         logits = model._forward(tok, pos, None, None, cache, 1)[:, -1]
     else:
-        logits = stacked_forward(model, fused, tok, pos, cache, attention)[:, -1]
+        logits = forward(model, fused, tok, pos, cache, attention or rotated_attention)[:, -1]
     temperature, top_k, top_p, penalty, seed = settings
     decay, floor, since, ends = nucleus
     nxt, logprob = choose_tokens(
@@ -298,12 +322,12 @@ class Engine:
     CUDA) multiplies by stacked projection copies (``stacked_forward``); call ``refresh_weights`` after changing
     the model's weights in place. Injectable parts: ``threshold`` (how top-k / top-p find their threshold) and
     ``draw`` (how the token is taken; both ``notelab.lm.sampling.choose_tokens``), the stacked step's
-    ``attention`` (:func:`stacked_forward`) and ``compiler`` (how the step is compiled on CUDA). Defaults: on
+    ``attention`` (:func:`stacked_forward`) and ``layers`` (:class:`StackedLayers`: ``STACKED``, or ``FOLDED``,
+    the RMSNorms folded into the projections) and ``compiler`` (how the step is compiled on CUDA). Defaults: on
     CUDA with Triton, the kernels of ``notelab.lm.nucleus`` (``pivot_threshold``, ``draw_tokens``) and
-    ``notelab.lm.attend.rope_attention``; elsewhere the torch functions (a sort, or bisection on CUDA without
-    Triton; ``gumbel_argmax``; ``rotated_attention``), which are also the reference the kernels are tested
-    against.
-    """
+    ``notelab.lm.attend.rope_attention``, and ``FOLDED`` where the model allows it; elsewhere the torch
+    functions (a sort, or bisection on CUDA without Triton; ``gumbel_argmax``; ``rotated_attention``), which are
+    also the reference the kernels are tested against, and ``STACKED``."""
 
     def __init__(
         self,
@@ -316,6 +340,7 @@ class Engine:
         threshold: Callable[..., torch.Tensor] | None = None,
         draw: Callable[..., torch.Tensor] | None = None,
         attention: Callable[..., torch.Tensor] | None = None,
+        layers: StackedLayers | None = None,
         compiler: Callable[[Callable], Callable] = compile_step,
     ) -> None:
         c = model.config
@@ -341,10 +366,12 @@ class Engine:
         self.cache = model.make_cache(B, max_len, dtype=dtype)
         # Stacked projections (extra memory: those weights once more) where they pay: the compiled CUDA step.
         stack = (dev.type == "cuda" or attention is not None) if stacked is None else stacked
-        if stack and model.unplain_reason():  # stacked copies would skip an adapter: the layers' own forward runs
-            warnings.warn(f"Engine: stacked projections off ({model.unplain_reason()})", RuntimeWarning, 2)
+        # on CUDA the RMSNorms folded into the projections (fewer kernels a layer: measured faster, RESULTS.md)
+        self.layers = layers or (FOLDED if cuda and not folded_unsupported(model) else STACKED)
+        if stack and self.layers.unsupported(model):  # e.g. copies would skip an adapter: the layers' own forward
+            warnings.warn(f"Engine: stacked projections off ({self.layers.unsupported(model)})", RuntimeWarning, 2)
             stack = False
-        self.fused = model.fused_decode_weights() if stack else None
+        self.fused = self.layers.weights(model) if stack else None
         if attention is not None and self.fused is None:
             raise ConfigError("Engine: an injected attention is part of the stacked step, which is off here")
         if attention is None and kernels and self.fused is not None:
@@ -548,7 +575,7 @@ class Engine:
     def refresh_weights(self) -> None:
         """Copy the model's current weights into the stacked ones (in place: the captured graphs read them)."""
         if self.fused is not None:
-            self.model.fused_decode_weights(out=self.fused)
+            self.layers.weights(self.model, out=self.fused)
 
     def _buffers(self) -> tuple:
         return (self.fused, self.cache, self.tok, self.pos, self.active, self.count, self.seen, self.settings,
@@ -556,7 +583,8 @@ class Engine:
 
     def _step_fn(self, compiled: bool) -> Callable[..., None]:
         """The step function: compiled by ``compiler`` when ``compiled``."""
-        step = partial(_decode_step, threshold=self.threshold, draw=self.draw, attention=self.attention)
+        parts = dict(threshold=self.threshold, draw=self.draw, attention=self.attention, forward=self.layers.forward)
+        step = partial(_decode_step, **parts)
         return self.compiler(step) if compiled else step
 
     def _run(self, how: Sampler) -> None:

@@ -5,17 +5,19 @@ Threshold.
 
 ``notelab.lm.sampling.bisect_threshold`` halves a bracket around the threshold 31 times, each halving one
 pass over the rows (two kernels in the compiled decode step). Here each pass splits the bracket into
-``2^s`` parts at once: its programs sum their chunk of a row at ``2^s - 1`` pivots in one go, so
-``ceil(32 / s)`` passes end where 31 halvings do, each pass one launch. With ``x`` the temperature-scaled
-logits of a row and ``m`` their maximum:
+``2^s`` parts at once: its programs sum their chunk of a row at ``2^s - 1`` pivots in one go. The search
+runs over keys of the logits as given, ``z`` (temperature scaling is monotone, so it keeps their order):
+bf16 / fp16 logits take only 2^16 values, so ``ceil(16 / s)`` passes end it (8 at s = 2, against 16 over
+float32 keys: measured 49.0% against 44.4% of the batch-8 roofline, benchmarks/RESULTS.md). With ``x = z / T``
+the scaled logits of a row and ``m`` their maximum:
 
-    key(x)  an int32 ordered as the float32 x is (x >= 0: its bits; x < 0: its bits with the 31 low ones
-            flipped), so the bracket is an interval of integers, at most 2^32 wide
-    stats   per chunk of a row, the maximum and minimum of x (and x itself, float32)   one launch
-    top-k   t_k = the largest t with #{i: key(x_i) >= t} >= k                        ceil(32 / s) launches
-    top-p   t_p = the largest t >= t_k with  sum_{key(x_i) >= t} e^(x_i - m)  >=  p sum_{key(x_i) >= t_k} e^(x_i - m)
-            (the kept mass reaches p of the mass top-k kept; top-p < 1 rows only)   ceil(32 / s) launches
-    final   the threshold as a float32 ``thr``: x_i >= thr exactly when key(x_i) >= t    one launch
+    key(z)  an int ordered as z is (z >= 0: its bits; z < 0: its bits with the low ones flipped); a 16-bit
+            key for bf16 / fp16, else a 32-bit key of the float32 x; the bracket is an interval of integers
+    stats   per chunk of a row, the maximum and minimum of z                         one launch
+    top-k   t_k = the largest t with #{i: key_i >= t} >= k                           ceil(bits / s) launches
+    top-p   t_p = the largest t >= t_k with  sum_{key_i >= t} e^(x_i - m)  >=  p sum_{key_i >= t_k} e^(x_i - m)
+            (the kept mass reaches p of the mass top-k kept; top-p < 1 rows only)   ceil(bits / s) launches
+    final   the threshold as a float32 ``thr`` over x: x_i >= thr exactly when key_i >= t     one launch
 
 A pass's programs first read the previous pass's per-chunk sums and narrow the bracket (every program of a
 row adds the same numbers in the same order, so they agree), then sum their chunk at the new pivots. A sum
@@ -40,7 +42,7 @@ from notelab.lm.triton_env import INTERPRET as _INTERPRET  # noqa: F401 - the te
 from notelab.lm.triton_env import kernels_unsupported, tl, triton
 from notelab.lm.triton_env import pow2 as _pow2
 
-SPLIT_BITS = 2  # s (1 or 2): each pass splits the bracket into 2^s parts
+SPLIT_BITS = 2  # s (1 to 4): each pass splits the bracket into 2^s parts
 PROGRAMS = 512  # programs a pass aims at, all rows together
 BLOCK = 1024  # elements a program loads at once
 MAX_CHUNKS = 64  # chunks of a row at most (each program reads every chunk's sums of the previous pass)
@@ -51,9 +53,9 @@ def pivot_unsupported(x: torch.Tensor) -> str:
     return kernels_unsupported(x)
 
 
-def _chunks(B: int, V: int) -> tuple[int, int]:
-    """Elements a program covers and chunks a row: about ``PROGRAMS`` programs, at most ``MAX_CHUNKS`` a row."""
-    chunk = max(_pow2(-(-V * B // PROGRAMS)), _pow2(-(-V // MAX_CHUNKS)), BLOCK)
+def _chunks(B: int, V: int, programs: int = PROGRAMS, max_chunks: int = MAX_CHUNKS) -> tuple[int, int]:
+    """Elements a program covers and chunks a row: about ``programs`` programs, at most ``max_chunks`` a row."""
+    chunk = max(_pow2(-(-V * B // programs)), _pow2(-(-V // max_chunks)), BLOCK)
     return chunk, -(-V // chunk)
 
 
@@ -81,27 +83,43 @@ if triton is not None:
         return 1.0
 
     @triton.jit
+    def _key16(r):  # noqa: ANN001, ANN202
+        """The 16-bit float ``r`` (bf16 or fp16) as an int32 ordered as its values are."""
+        bits = r.to(tl.int16, bitcast=True).to(tl.int32)
+        return tl.where(bits >= 0, bits, bits ^ 0x7FFF)
+
+    @triton.jit
     def _stats_kernel(  # noqa: ANN202
-        x_ptr, stride, V, temp_ptr, mx_ptr, mn_ptr, scaled_ptr, C,  # noqa: ANN001
-        SCALE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+        x_ptr, stride, V, mx_ptr, mn_ptr, C, CHUNK: tl.constexpr, BLOCK: tl.constexpr,  # noqa: ANN001
     ):  # fmt: skip
-        """Per chunk, the max and min of the scaled logits; with SCALE, the scaled logits themselves into
-        ``scaled_ptr`` ``(B, V)`` float32, which the passes then read (one division an element, not one a pass)."""
+        """Per chunk, the max and min of the logits as read (float32: exact for bf16 and fp16)."""
         c, b = tl.program_id(0), tl.program_id(1)
         row = x_ptr + b.to(tl.int64) * stride
-        t = _temperature(temp_ptr, b, SCALE)
         hi = tl.full([BLOCK], float("-inf"), tl.float32)
         lo = tl.full([BLOCK], float("inf"), tl.float32)
         for start in range(0, CHUNK, BLOCK):
             offs = c * CHUNK + start + tl.arange(0, BLOCK)
             inside = offs < V
-            v = _scaled(row, offs, inside, t, SCALE)
-            if SCALE:
-                tl.store(scaled_ptr + b.to(tl.int64) * V + offs, v, mask=inside)
+            v = tl.load(row + offs, mask=inside, other=float("-inf")).to(tl.float32)
             hi = tl.maximum(hi, v)
             lo = tl.minimum(lo, tl.where(inside, v, float("inf")))
         tl.store(mx_ptr + b * C + c, tl.max(hi, 0))
         tl.store(mn_ptr + b * C + c, tl.min(lo, 0))
+
+    @triton.jit
+    def _above(acc, key, lo, width, J: tl.constexpr, S: tl.constexpr, w):  # noqa: ANN001, ANN202
+        """``acc`` plus ``w`` where ``key`` reaches pivot J of 2^S over the bracket [lo, lo + width)."""
+        return acc + tl.where(key >= (lo + ((width * J) >> S)).to(tl.int32), w, 0.0)
+
+    @triton.jit
+    def _bound_key(v, x_ptr, t, SCALE: tl.constexpr, KEY16: tl.constexpr):  # noqa: ANN001, ANN202
+        """The key of a float32 bound ``v`` of the logits as read (16-bit keys: of the value itself; 32-bit keys:
+        of the value scaled)."""
+        if KEY16:
+            return _key16(v.to(x_ptr.dtype.element_ty))
+        if SCALE:
+            v = tl.math.div_rn(v, t)
+        return _key(v)
 
     @triton.jit
     def _pass_kernel(  # noqa: ANN202
@@ -109,17 +127,21 @@ if triton is not None:
         PREV: tl.constexpr,  # 0: first pass; 1: the previous pass counted (top-k); 2: it summed masses (top-p)
         MODE: tl.constexpr,  # 1: count; 2: sum masses
         FINAL: tl.constexpr,  # only narrow the bracket and write the threshold
-        SCALE: tl.constexpr, S: tl.constexpr, CP2: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+        SCALE: tl.constexpr, KEY16: tl.constexpr, S: tl.constexpr, CP2: tl.constexpr, CHUNK: tl.constexpr,
+        BLOCK: tl.constexpr,
     ):  # fmt: skip
         KP: tl.constexpr = 1 << S  # columns: the bracket's low end, then 2^S - 1 pivots
         c, b = tl.program_id(0), tl.program_id(1)
         cs = tl.arange(0, CP2)
         have = cs < C
         js = tl.arange(0, KP)
-        m = tl.max(tl.load(mx_ptr + b * C + cs, mask=have, other=float("-inf")), 0)
-        top = _key(m).to(tl.int64) + 1  # above every key of the row
+        t = _temperature(temp_ptr, b, SCALE)
+        mraw = tl.max(tl.load(mx_ptr + b * C + cs, mask=have, other=float("-inf")), 0)
+        c2 = 1.4426950408889634 / t  # e^((x - max) / t) = 2^((x - max) c2)
+        top = _bound_key(mraw, x_ptr, t, SCALE, KEY16).to(tl.int64) + 1  # above every key of the row
         if PREV == 0:
-            lo = _key(tl.min(tl.load(mn_ptr + b * C + cs, mask=have, other=float("inf")), 0)).to(tl.int64)
+            mnraw = tl.min(tl.load(mn_ptr + b * C + cs, mask=have, other=float("inf")), 0)
+            lo = _bound_key(mnraw, x_ptr, t, SCALE, KEY16).to(tl.int64)
             hi = top
         else:
             lo = tl.load(br_ptr + ((r - 1) * B + b) * 2)
@@ -141,39 +163,89 @@ if triton is not None:
             tl.store(br_ptr + (r * B + b) * 2 + 1, hi)
         if FINAL:
             t_k = tl.load(br_ptr + (first_p * B + b) * 2)
-            t = tl.where(tl.load(p_ptr + b) < 1.0, lo, t_k).to(tl.int32)
-            tl.store(thr_ptr + b, tl.where(t >= 0, t, t ^ 0x7FFFFFFF).to(tl.float32, bitcast=True))
-        else:  # one float32 sum a lane per pivot (at most 4), added over the lanes once at the end
+            kt = tl.where(tl.load(p_ptr + b) < 1.0, lo, t_k).to(tl.int32)
+            if KEY16:  # the 16-bit value of the key, scaled as the logits are
+                bits = tl.where(kt >= 0, kt, kt ^ 0x7FFF).to(tl.int16)
+                thr = bits.to(x_ptr.dtype.element_ty, bitcast=True).to(tl.float32)
+                if SCALE:
+                    thr = tl.math.div_rn(thr, t)
+            else:
+                thr = tl.where(kt >= 0, kt, kt ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
+            tl.store(thr_ptr + b, thr)
+        else:  # one float32 sum a lane per pivot (at most 16), added over the lanes once at the end
             width = hi - lo
-            p1 = (lo + ((width * 1) >> S)).to(tl.int32)
-            p2 = (lo + ((width * 2) >> S)).to(tl.int32)
-            p3 = (lo + ((width * 3) >> S)).to(tl.int32)
+            lo32 = lo.to(tl.int32)
             row = x_ptr + b.to(tl.int64) * stride
-            t = _temperature(temp_ptr, b, SCALE)
             a0 = tl.zeros([BLOCK], tl.float32)
             a1 = tl.zeros([BLOCK], tl.float32)
             a2 = tl.zeros([BLOCK], tl.float32)
             a3 = tl.zeros([BLOCK], tl.float32)
+            a4 = tl.zeros([BLOCK], tl.float32)
+            a5 = tl.zeros([BLOCK], tl.float32)
+            a6 = tl.zeros([BLOCK], tl.float32)
+            a7 = tl.zeros([BLOCK], tl.float32)
+            a8 = tl.zeros([BLOCK], tl.float32)
+            a9 = tl.zeros([BLOCK], tl.float32)
+            a10 = tl.zeros([BLOCK], tl.float32)
+            a11 = tl.zeros([BLOCK], tl.float32)
+            a12 = tl.zeros([BLOCK], tl.float32)
+            a13 = tl.zeros([BLOCK], tl.float32)
+            a14 = tl.zeros([BLOCK], tl.float32)
+            a15 = tl.zeros([BLOCK], tl.float32)
             for start in range(0, CHUNK, BLOCK):
                 offs = c * CHUNK + start + tl.arange(0, BLOCK)
                 inside = offs < V
-                v = _scaled(row, offs, inside, t, SCALE)
+                raw = tl.load(row + offs, mask=inside, other=float("-inf"))
                 if MODE == 1:
                     w = tl.where(inside, 1.0, 0.0)
                 else:
-                    w = tl.exp(v - m)  # 0 outside the row (-inf)
-                key = _key(v)
-                a0 += tl.where(key >= lo.to(tl.int32), w, 0.0)
-                a1 += tl.where(key >= p1, w, 0.0)
-                if S == 2:
-                    a2 += tl.where(key >= p2, w, 0.0)
-                    a3 += tl.where(key >= p3, w, 0.0)
+                    w = tl.exp2((raw.to(tl.float32) - mraw) * c2)  # 0 outside the row (-inf)
+                if KEY16:
+                    key = _key16(raw)
+                else:
+                    v = raw.to(tl.float32)
+                    if SCALE:
+                        v = tl.math.div_rn(v, t)
+                    key = _key(v)
+                a0 += tl.where(key >= lo32, w, 0.0)
+                a1 = _above(a1, key, lo, width, 1, S, w)
+                if S >= 2:
+                    a2 = _above(a2, key, lo, width, 2, S, w)
+                    a3 = _above(a3, key, lo, width, 3, S, w)
+                if S >= 3:
+                    a4 = _above(a4, key, lo, width, 4, S, w)
+                    a5 = _above(a5, key, lo, width, 5, S, w)
+                    a6 = _above(a6, key, lo, width, 6, S, w)
+                    a7 = _above(a7, key, lo, width, 7, S, w)
+                if S == 4:
+                    a8 = _above(a8, key, lo, width, 8, S, w)
+                    a9 = _above(a9, key, lo, width, 9, S, w)
+                    a10 = _above(a10, key, lo, width, 10, S, w)
+                    a11 = _above(a11, key, lo, width, 11, S, w)
+                    a12 = _above(a12, key, lo, width, 12, S, w)
+                    a13 = _above(a13, key, lo, width, 13, S, w)
+                    a14 = _above(a14, key, lo, width, 14, S, w)
+                    a15 = _above(a15, key, lo, width, 15, S, w)
             cell = part_ptr + ((r * B + b) * C + c) * KP
             tl.store(cell, tl.sum(a0, 0))
             tl.store(cell + 1, tl.sum(a1, 0))
-            if S == 2:
+            if S >= 2:
                 tl.store(cell + 2, tl.sum(a2, 0))
                 tl.store(cell + 3, tl.sum(a3, 0))
+            if S >= 3:
+                tl.store(cell + 4, tl.sum(a4, 0))
+                tl.store(cell + 5, tl.sum(a5, 0))
+                tl.store(cell + 6, tl.sum(a6, 0))
+                tl.store(cell + 7, tl.sum(a7, 0))
+            if S == 4:
+                tl.store(cell + 8, tl.sum(a8, 0))
+                tl.store(cell + 9, tl.sum(a9, 0))
+                tl.store(cell + 10, tl.sum(a10, 0))
+                tl.store(cell + 11, tl.sum(a11, 0))
+                tl.store(cell + 12, tl.sum(a12, 0))
+                tl.store(cell + 13, tl.sum(a13, 0))
+                tl.store(cell + 14, tl.sum(a14, 0))
+                tl.store(cell + 15, tl.sum(a15, 0))
 
     @triton.jit
     def _hash32(x):  # noqa: ANN001, ANN202
@@ -258,11 +330,14 @@ if triton is not None:
         with_top_k: bool,
         scale: bool,
         split_bits: int,
+        programs: int,
+        max_chunks: int,
     ) -> torch.Tensor:
         """:func:`pivot_threshold` as an operator inductor compiles into its graph (the kernels launched as is)."""
         B, V = x.shape
-        chunk, C = _chunks(B, V)
-        passes = -(-32 // split_bits)
+        chunk, C = _chunks(B, V, programs, max_chunks)
+        key16 = x.element_size() == 2  # bf16 / fp16 logits: the search runs over their 2^16 values
+        passes = -(-(16 if key16 else 32) // split_bits)
         nk = passes if with_top_k else 0
         total = nk + passes
         f32, dev = torch.float32, x.device
@@ -270,20 +345,14 @@ if triton is not None:
         br = torch.empty((total + 1) * B * 2, dtype=torch.int64, device=dev)
         part = torch.empty(total * B * C << split_bits, dtype=f32, device=dev)
         thr = torch.empty(B, dtype=f32, device=dev)
-        scaled = torch.empty(B, V if scale else 0, dtype=f32, device=dev)
-        sizes = dict(CHUNK=chunk, BLOCK=BLOCK)
-        torch.library.wrap_triton(_stats_kernel)[(C, B)](
-            x, x.stride(0), V, temperature, mx, mn, scaled, C, SCALE=scale, **sizes
-        )
-        if scale:  # the passes read the scaled logits
-            x = scaled
+        torch.library.wrap_triton(_stats_kernel)[(C, B)](x, x.stride(0), V, mx, mn, C, CHUNK=chunk, BLOCK=BLOCK)
         for r in range(total + 1):
             final = r == total
             prev = 0 if r == 0 else (1 if r - 1 < nk else 2)
             torch.library.wrap_triton(_pass_kernel)[(1 if final else C, B)](
                 x, x.stride(0), V, temperature, mx, mn, br, part, top_k, top_p, thr, B, C, r, nk,
-                PREV=prev, MODE=1 if r < nk else 2, FINAL=final, SCALE=False, S=split_bits, CP2=max(2, _pow2(C)),
-                **sizes,
+                PREV=prev, MODE=1 if r < nk else 2, FINAL=final, SCALE=scale, KEY16=key16, S=split_bits,
+                CP2=max(2, _pow2(C)), CHUNK=chunk, BLOCK=min(chunk, BLOCK >> max(0, split_bits - 2)),
             )  # fmt: skip
         return thr
 
@@ -295,14 +364,17 @@ def pivot_threshold(
     with_top_k: bool = True,
     temperature: torch.Tensor | None = None,
     split_bits: int = SPLIT_BITS,
+    programs: int = PROGRAMS,
+    max_chunks: int = MAX_CHUNKS,
 ) -> torch.Tensor:
     """``notelab.lm.sampling.bisect_threshold`` by the pivot search above (``split_bits`` = s): per row ``(B, 1)``
     a threshold such that ``x >= threshold`` is the set top-k then top-p keep, ``x`` the scaled logits
     (``notelab.lm.sampling.scale_logits`` of ``logits`` ``(B, V)``, any float dtype and row stride, and
     ``temperature`` ``(B, 1)``; None: ``logits`` are scaled already). ``top_k`` ``(B, 1)`` int64 (V: none),
-    ``top_p`` ``(B, 1)`` (>= 1: none). CUDA, or Triton's interpreter (:func:`pivot_unsupported`)."""
-    if split_bits not in (1, 2):
-        raise ValueError(f"pivot_threshold: expected split_bits 1 or 2, got {split_bits}")
+    ``top_p`` ``(B, 1)`` (>= 1: none); about ``programs`` programs a pass, at most ``max_chunks`` a row. CUDA,
+    or Triton's interpreter (:func:`pivot_unsupported`)."""
+    if split_bits not in (1, 2, 3, 4):
+        raise ValueError(f"pivot_threshold: expected split_bits 1, 2, 3 or 4, got {split_bits}")
     why = pivot_unsupported(logits)
     if why:
         raise RuntimeError(f"pivot_threshold: {why}")
@@ -311,7 +383,8 @@ def pivot_threshold(
     k = top_k.reshape(B).to(torch.int64).contiguous()
     p = top_p.reshape(B).to(torch.float32).contiguous()
     t = _per_row(temperature, B, x.device)
-    return torch.ops.notelab.pivot_threshold(x, t, k, p, with_top_k, temperature is not None, split_bits)[:, None]
+    scaled = temperature is not None
+    return torch.ops.notelab.pivot_threshold(x, t, k, p, with_top_k, scaled, split_bits, programs, max_chunks)[:, None]
 
 
 def draw_tokens(

@@ -1,0 +1,151 @@
+"""The batched decode step with each RMSNorm folded into the projection after it: fewer kernels a layer.
+
+A Llama layer computes ``h = RMSNorm(x) = r(x) x * g`` with ``r(x) = 1 / sqrt(mean(x^2) + eps)`` a number per row
+(Zhang & Sennrich 2019), then ``h W^T``. Since ``r`` is a scalar per row and ``g`` a gain per input column,
+
+    RMSNorm(x) W^T = r(x) (x (W diag g)^T),
+
+so with ``W' = W diag g`` stored once (the stacked copies the engine keeps anyway) the product reads the residual
+row ``x`` itself, and ``r(x)`` is applied by whatever reads the product's output: the attention kernel for
+``[q; k; v]`` (``notelab.lm.attend.rope_attention(norm=...)``), :func:`gated_silu` for ``[gate; up]``. The
+residual additions become the products' own accumulation (``x <- x + y W_o^T``, ``x <- x + a W_down^T``: one
+cuBLAS call each, :func:`add_linear_`). A layer is then [q; k; v], attention (two kernels), o, [gate; up], SiLU
+product, down: no RMSNorm kernels and no residual additions (the torch step of ``notelab.lm.engine`` has both
+twice a layer, each a launch at batch 8-32, where a decode step is bound by launches and weight reads). The
+products round where the unfolded ones round: ``x W'^T`` to the activation dtype, then ``r`` times it again;
+the same arithmetic up to those roundings (``tests/lm/test_folded.py`` checks the tokens in float32).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from notelab.core.norms import RMSNorm, rms_scale
+from notelab.core.rope import rope_cos_sin
+from notelab.lm.model import FusedWeights, Llama
+from notelab.lm.triton_env import INTERPRET as _INTERPRET  # noqa: F401 - the tests read it here
+from notelab.lm.triton_env import kernels_unsupported, tl, triton
+from notelab.lm.triton_env import pow2 as _pow2
+
+BLOCK = 1024  # outputs of the SiLU product a program writes
+
+
+def folded_unsupported(model: Llama) -> str:
+    """Why :func:`folded_forward` cannot run ``model`` ("" when it can): RMSNorms, bias-free SwiGLU and projections."""
+    for i, layer in enumerate(model.layers):
+        a, m = layer.self_attn, layer.mlp
+        norms = (layer.input_layernorm, layer.post_attention_layernorm)
+        if not all(type(n) is RMSNorm for n in norms):
+            return f"layers.{i}: the norms are not RMSNorm"
+        if not hasattr(m, "gate_proj"):
+            return f"layers.{i}.mlp is not a SwiGLU"
+        linears = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj)
+        if any(getattr(p, "bias", None) is not None for p in linears):
+            return f"layers.{i}: a projection has a bias"
+    return model.unplain_reason()
+
+
+@torch.no_grad()
+def folded_weights(model: Llama, out: FusedWeights | None = None) -> FusedWeights:
+    """Per layer ``[W_q; W_k; W_v] diag g_in`` and ``[W_gate; W_up] diag g_post`` (g the RMSNorms' gains), rounded
+    to the weights' dtype; ``out`` (an earlier result) is refilled in place (captured graphs read it)."""
+    stacked = model.fused_decode_weights(out)
+    for layer, (w_qkv, w_gate_up) in zip(model.layers, stacked, strict=True):
+        for w, norm in ((w_qkv, layer.input_layernorm), (w_gate_up, layer.post_attention_layernorm)):
+            w.copy_(w.float() * norm.weight.float())
+    return stacked
+
+
+@torch.library.custom_op("notelab::add_linear_", mutates_args=("x",))
+def add_linear_(x: torch.Tensor, a: torch.Tensor, w: torch.Tensor) -> None:
+    """``x <- x + a w^T`` in place, one product accumulating into ``x`` (cuBLAS's beta = 1 on CUDA)."""
+    x.addmm_(a, w.t())
+
+
+@add_linear_.register_fake
+def _(x: torch.Tensor, a: torch.Tensor, w: torch.Tensor) -> None:
+    return None
+
+
+def gated_silu_torch(gate_up: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """``silu(r gate) * (r up)`` with ``[gate; up] = gate_up`` ``(B, 2I)`` and r = 1 / sqrt(mean(x^2) + eps) of the
+    rows ``x`` ``(B, dim)``; each factor rounded to the input dtype as the unfolded layer rounds it."""
+    r = rms_scale(x, eps)
+    gate, up = (gate_up.float() * r).to(gate_up.dtype).chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+if triton is not None:
+
+    @triton.jit
+    def _gated_silu_kernel(gu_ptr, sgu, x_ptr, sx, out_ptr, I, D, eps, DP2: tl.constexpr, BLOCK: tl.constexpr):  # noqa: ANN001, ANN202
+        c, b = tl.program_id(0), tl.program_id(1)
+        d = tl.arange(0, DP2)
+        xr = tl.load(x_ptr + b.to(tl.int64) * sx + d, mask=d < D, other=0.0).to(tl.float32)
+        r = tl.math.rsqrt(tl.sum(xr * xr, 0) / D + eps)
+        offs = c * BLOCK + tl.arange(0, BLOCK)
+        inside = offs < I
+        row = gu_ptr + b.to(tl.int64) * sgu
+        gate = tl.load(row + offs, mask=inside, other=0.0)
+        dt = gate.dtype
+        gate = (gate.to(tl.float32) * r).to(dt).to(tl.float32)
+        up = (tl.load(row + I + offs, mask=inside, other=0.0).to(tl.float32) * r).to(dt).to(tl.float32)
+        act = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32)  # F.silu, rounded
+        tl.store(out_ptr + b.to(tl.int64) * I + offs, (act * up).to(dt), mask=inside)
+
+    @torch.library.triton_op("notelab::gated_silu", mutates_args=())
+    def _gated_silu(gate_up: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+        B, I2 = gate_up.shape
+        out = torch.empty(B, I2 // 2, dtype=gate_up.dtype, device=gate_up.device)
+        torch.library.wrap_triton(_gated_silu_kernel)[(-(-(I2 // 2) // BLOCK), B)](
+            gate_up, gate_up.stride(0), x, x.stride(0), out, I2 // 2, x.shape[1], eps,
+            DP2=max(2, _pow2(x.shape[1])), BLOCK=BLOCK,
+        )  # fmt: skip
+        return out
+
+
+def gated_silu(gate_up: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """:func:`gated_silu_torch` in one Triton kernel where the kernels run (CUDA, or Triton's interpreter), else
+    the torch function."""
+    if kernels_unsupported(gate_up):
+        return gated_silu_torch(gate_up, x, eps)
+    rows = (t if t.stride(-1) == 1 else t.contiguous() for t in (gate_up, x))
+    return torch.ops.notelab.gated_silu(*rows, float(eps))
+
+
+def folded_forward(
+    model: Llama,
+    folded: FusedWeights,
+    tok: torch.Tensor,
+    pos: torch.Tensor,
+    cache: nn.ModuleList,
+    attention: Callable[..., torch.Tensor],
+) -> torch.Tensor:
+    """``Llama._forward`` for one token a row (``tok`` ``(B, 1)`` at cache slots ``pos`` ``(B,)``) over the folded
+    weights of :func:`folded_weights`: logits ``(B, 1, V)``. ``attention(q, k, v, cache, pos, rope, norm=(x, eps))``
+    as ``notelab.lm.engine.rotated_attention``."""
+    B = tok.shape[0]
+    slots = pos[:, None]
+    x = model.embed_tokens(tok).reshape(B, -1)
+    rope = None
+    if model.embed_positions is not None:
+        x = x + model.embed_positions(slots).reshape(B, -1)
+    else:
+        cos, sin = rope_cos_sin(slots, model.inv_freq)
+        rope = (cos[:, None], sin[:, None])
+    for i, (layer, (w_qkv, w_gate_up)) in enumerate(zip(model.layers, folded, strict=True)):
+        a = layer.self_attn
+        hq, hkv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+        q, k, v = F.linear(x, w_qkv).split([hq, hkv, hkv], dim=-1)
+        q = q.view(B, 1, a.n_heads, a.head_dim).transpose(1, 2)
+        k = k.view(B, 1, a.n_kv_heads, a.head_dim).transpose(1, 2)
+        v = v.view(B, 1, a.n_kv_heads, a.head_dim).transpose(1, 2)
+        y = attention(q, k, v, cache[i], pos, rope, norm=(x, layer.input_layernorm.eps))
+        add_linear_(x, y.transpose(1, 2).reshape(B, hq), a.o_proj.weight)
+        act = gated_silu(F.linear(x, w_gate_up), x, layer.post_attention_layernorm.eps)
+        add_linear_(x, act, layer.mlp.down_proj.weight)
+    return model.lm_head(model.norm(x))[:, None]
