@@ -3,18 +3,16 @@ stacked step (float32), the engine's tokens against the reference loop's, the Si
 torch function on CPU through Triton's interpreter (``triton_interpreter``: a child process where another module
 imported triton first); the ``gpu`` test runs the compiled, captured step."""
 
-import warnings
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from triton_interpreter import GPU, import_interpreted, run_file_in_child, use_interpreter
+from triton_interpreter import GPU, engine_tokens, import_interpreted, run_file_in_child, use_interpreter
 from triton_interpreter import small_llama as model_of
 
 from notelab.core.norms import rms_norm
 from notelab.lm import generate
-from notelab.lm.engine import FOLDED, Engine, SamplingParams, rotated_attention, stacked_forward
+from notelab.lm.engine import FOLDED, Engine, rotated_attention, stacked_forward
 
 folded, IN_PROCESS = import_interpreted("notelab.lm.folded")
 
@@ -66,26 +64,13 @@ def test_folded_forward_equals_the_stacked_forward():
         torch.testing.assert_close(a.v, b.v, rtol=1e-5, atol=1e-5)
 
 
-def engine_tokens(model, prompts, kw, **parts) -> list[list[int]]:  # noqa: ANN001
-    engine = Engine(model, max_batch=len(prompts), stacked=True, layers=FOLDED, **parts)
-    ids = {engine.add(p, SamplingParams(10, seed=3 + b, **kw)): b for b, p in enumerate(prompts)}
-    got = [[] for _ in prompts]
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)  # on a GPU: a compile failure (eager fallback) fails
-        while engine.has_work():
-            for e in engine.step():
-                if e.token is not None:
-                    got[ids[e.request_id]].append(e.token)
-    return got
-
-
 def check_engine(dev: str, **parts) -> None:
     """The folded engine's greedy and sampled (top-p) tokens equal the reference loop's (float32)."""
     model = with_gains(model_of(device=dev))
     prompts = [[5, 6, 7], list(range(1, 12)), [9, 9, 4]]
     for kw in (dict(temperature=0.9, top_p=0.8), {}):
         want = [generate(model, [p], 10, path="reference", seed=3 + b, **kw)[0] for b, p in enumerate(prompts)]
-        assert engine_tokens(model, prompts, kw, **parts) == want, kw
+        assert engine_tokens(model, prompts, kw, layers=FOLDED, **parts) == want, kw
 
 
 def test_engine_with_folded_norms_gives_the_reference_tokens():

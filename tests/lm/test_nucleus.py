@@ -3,15 +3,12 @@ torch functions (the sort, bisection, ``gumbel_argmax``), on CPU through Triton'
 a child process where another module imported triton first); the ``gpu`` tests run the compiled kernels, also
 inside the engine's compiled, captured step."""
 
-import warnings
-
 import pytest
 import torch
-from triton_interpreter import GPU, import_interpreted, run_file_in_child, use_interpreter
+from triton_interpreter import GPU, engine_tokens, import_interpreted, run_file_in_child, use_interpreter
 from triton_interpreter import small_llama as model_of
 
 from notelab.lm import generate
-from notelab.lm.engine import Engine, SamplingParams
 from notelab.lm.sampling import bisect_threshold, filter_threshold, gumbel_argmax
 
 nucleus, IN_PROCESS = import_interpreted("notelab.lm.nucleus")
@@ -65,19 +62,6 @@ def check_draws(V: int, dev: str) -> None:
     assert nucleus.draw_tokens(x, None, None, seed, counter)[3] == 7
     draws = {int(nucleus.draw_tokens(x, temperature, None, seed, counter + i)[1]) for i in range(6)}
     assert len(draws) > 1  # the noise moves with the counter
-
-
-def engine_tokens(model, prompts, kw, **parts) -> list[list[int]]:  # noqa: ANN001
-    engine = Engine(model, max_batch=len(prompts), stacked=True, **parts)
-    ids = {engine.add(p, SamplingParams(10, seed=3 + b, **kw)): b for b, p in enumerate(prompts)}
-    got = [[] for _ in prompts]
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)  # on a GPU: a compile failure (eager fallback) fails
-        while engine.has_work():
-            for e in engine.step():
-                if e.token is not None:
-                    got[ids[e.request_id]].append(e.token)
-    return got
 
 
 SETTINGS = (dict(temperature=0.9, top_p=0.8), dict(temperature=0.9, top_k=5, top_p=0.9), {})

@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from types import ModuleType
 
@@ -85,3 +86,20 @@ def small_llama(dtype: torch.dtype = torch.float32, device: str = "cpu", **kw) -
         for p in model.parameters():
             p.normal_(0, 0.2)
     return model.to(device=device, dtype=dtype)
+
+
+def engine_tokens(model: Llama, prompts: list[list[int]], kw: dict, **parts) -> list[list[int]]:
+    """10 new tokens a prompt from an engine built with ``parts`` (row b seeded 3 + b, sampling settings ``kw``); a
+    RuntimeWarning (on a GPU: a compile failure and the eager fallback) fails the test."""
+    from notelab.lm.engine import Engine, SamplingParams
+
+    engine = Engine(model, max_batch=len(prompts), stacked=True, **parts)
+    ids = {engine.add(p, SamplingParams(10, seed=3 + b, **kw)): b for b, p in enumerate(prompts)}
+    got: list[list[int]] = [[] for _ in prompts]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        while engine.has_work():
+            for e in engine.step():
+                if e.token is not None:
+                    got[ids[e.request_id]].append(e.token)
+    return got
