@@ -12,7 +12,7 @@ from triton_interpreter import small_llama as model_of
 
 from notelab.core.norms import rms_norm
 from notelab.lm import generate
-from notelab.lm.engine import FOLDED, Engine, rotated_attention, stacked_forward
+from notelab.lm.engine import FOLDED, STACKED, Engine, rotated_attention, stacked_forward
 
 folded, IN_PROCESS = import_interpreted("notelab.lm.folded")
 
@@ -75,6 +75,15 @@ def check_engine(dev: str, **parts) -> None:
 
 def test_engine_with_folded_norms_gives_the_reference_tokens():
     check_engine("cpu")
+
+
+def test_folded_engine_under_autocast():
+    """float32 weights under bf16 autocast (the products in bf16, the residual rows float32): the stacked step's
+    greedy tokens."""
+    model = with_gains(model_of())
+    prompts = [[5, 6, 7], list(range(1, 12)), [9, 9, 4]]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert engine_tokens(model, prompts, {}, layers=FOLDED) == engine_tokens(model, prompts, {}, layers=STACKED)
 
 
 def test_folded_says_why_it_cannot_run():

@@ -145,7 +145,8 @@ def folded_forward(
         k = k.view(B, 1, a.n_kv_heads, a.head_dim).transpose(1, 2)
         v = v.view(B, 1, a.n_kv_heads, a.head_dim).transpose(1, 2)
         y = attention(q, k, v, cache[i], pos, rope, norm=(x, layer.input_layernorm.eps))
-        add_linear_(x, y.transpose(1, 2).reshape(B, hq), a.o_proj.weight)
+        # (under autocast the products' outputs are of its dtype: the residual rows keep theirs)
+        add_linear_(x, y.transpose(1, 2).reshape(B, hq).to(x.dtype), a.o_proj.weight.to(x.dtype))
         act = gated_silu(F.linear(x, w_gate_up), x, layer.post_attention_layernorm.eps)
-        add_linear_(x, act, layer.mlp.down_proj.weight)
+        add_linear_(x, act.to(x.dtype), layer.mlp.down_proj.weight.to(x.dtype))
     return model.lm_head(model.norm(x))[:, None]
