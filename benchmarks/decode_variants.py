@@ -46,6 +46,7 @@ import torch
 
 from decode_defaults import SAMPLED, Bench, Phases, agreement, timed
 from notelab.lm import Llama, LlamaConfig, generate
+from notelab.lm.attend import rope_attention
 from notelab.lm.engine import STACKED, Engine, SamplingParams, rotated_attention
 from notelab.lm.nucleus import pivot_threshold
 from notelab.lm.sampling import bisect_threshold, filter_threshold, gumbel_argmax
@@ -55,6 +56,8 @@ VARIANTS: dict[str, dict | Callable[[int, Llama], dict]] = {  # a callable: the 
     "default": {},
     "torch parts": TORCH,
     "attention=torch": dict(attention=rotated_attention),
+    # half the programs, each computing the row's RMSNorm factor once for 64 keys (the folded step)
+    "attention blocks of 64": dict(attention=partial(rope_attention, block=64)),
     "draw=torch": dict(draw=gumbel_argmax),
     "threshold=bisect": dict(threshold=bisect_threshold),
     "threshold=sort": dict(threshold=filter_threshold),
