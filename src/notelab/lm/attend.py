@@ -55,27 +55,6 @@ if triton is not None:
         return (xc + (sign * xb * sn).to(dt).to(tl.float32)).to(dt)
 
     @triton.jit
-    def _combine(pos_ptr, part_ptr, ml_ptr, y_ptr, g, b, nkv,  # noqa: ANN001, ANN202
-                 HD: tl.constexpr, G: tl.constexpr, GQ: tl.constexpr, NSPLIT: tl.constexpr, NSP2: tl.constexpr,
-                 BLOCK_S: tl.constexpr):  # fmt: skip
-        """y_h = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s over the row's splits, M = max_s m_s (flash-decoding's
-        combination), written where o_proj reads head h."""
-        n = tl.load(pos_ptr + b).to(tl.int32) + 1
-        sp = tl.arange(0, NSP2)
-        used = sp * BLOCK_S < n  # the splits that held keys of this row
-        i = tl.arange(0, GQ)
-        d = tl.arange(0, HD)
-        cells = ((b * nkv + g) * NSPLIT + sp)[:, None] * GQ + i[None, :]  # (NSP2, GQ)
-        ms = tl.load(ml_ptr + cells * 2, mask=used[:, None], other=float("-inf"))
-        ls = tl.load(ml_ptr + cells * 2 + 1, mask=used[:, None], other=0.0)
-        parts = tl.load(part_ptr + cells[:, :, None] * HD + d[None, None, :], mask=used[:, None, None], other=0.0)
-        top = tl.max(ms, axis=0)  # split 0 always holds key 0: finite
-        w = tl.where(used[:, None], tl.exp(ms - top[None, :]), 0.0)
-        y = tl.sum(w[:, :, None] * parts, axis=0) / tl.sum(w * ls, axis=0)[:, None]  # (GQ, HD)
-        yrow = y_ptr + b.to(tl.int64) * (nkv * G * HD) + (g * G + i)[:, None] * HD + d[None, :]
-        tl.store(yrow, y.to(y_ptr.dtype.element_ty), mask=(i < G)[:, None])
-
-    @triton.jit
     def _split_kernel(  # noqa: ANN202
         q_ptr, sqb, sqh, kn_ptr, skb, skh, vn_ptr, svb, svh, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr,  # noqa: ANN001
         part_ptr, ml_ptr, x_ptr, sxb, D, eps, S, scale,  # noqa: ANN001
@@ -156,8 +135,24 @@ if triton is not None:
         HD: tl.constexpr, G: tl.constexpr, GQ: tl.constexpr, NSPLIT: tl.constexpr, NSP2: tl.constexpr,
         BLOCK_S: tl.constexpr,
     ):  # fmt: skip
+        """Program (KV head g, row b): y_h = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s over the row's splits,
+        M = max_s m_s (flash-decoding's combination), written where o_proj reads head h."""
         g, b = tl.program_id(0), tl.program_id(1)
-        _combine(pos_ptr, part_ptr, ml_ptr, y_ptr, g, b, tl.num_programs(0), HD, G, GQ, NSPLIT, NSP2, BLOCK_S)
+        nkv = tl.num_programs(0)
+        n = tl.load(pos_ptr + b).to(tl.int32) + 1
+        sp = tl.arange(0, NSP2)
+        used = sp * BLOCK_S < n  # the splits that held keys of this row
+        i = tl.arange(0, GQ)
+        d = tl.arange(0, HD)
+        cells = ((b * nkv + g) * NSPLIT + sp)[:, None] * GQ + i[None, :]  # (NSP2, GQ)
+        ms = tl.load(ml_ptr + cells * 2, mask=used[:, None], other=float("-inf"))
+        ls = tl.load(ml_ptr + cells * 2 + 1, mask=used[:, None], other=0.0)
+        parts = tl.load(part_ptr + cells[:, :, None] * HD + d[None, None, :], mask=used[:, None, None], other=0.0)
+        top = tl.max(ms, axis=0)  # split 0 always holds key 0: finite
+        w = tl.where(used[:, None], tl.exp(ms - top[None, :]), 0.0)
+        y = tl.sum(w[:, :, None] * parts, axis=0) / tl.sum(w * ls, axis=0)[:, None]  # (GQ, HD)
+        yrow = y_ptr + b.to(tl.int64) * (nkv * G * HD) + (g * G + i)[:, None] * HD + d[None, :]
+        tl.store(yrow, y.to(y_ptr.dtype.element_ty), mask=(i < G)[:, None])
 
     @torch.library.triton_op("notelab::rope_attention", mutates_args=("k", "v"))
     def _rope_attention(

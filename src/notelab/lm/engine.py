@@ -35,10 +35,10 @@ from torch import nn
 from notelab.core.attention import KVCache
 from notelab.core.errors import ConfigError, ShapeError
 from notelab.core.norms import rms_scale
-from notelab.core.rope import apply_rope, rope_cos_sin
+from notelab.core.rope import apply_rope
 from notelab.lm.attend import attend_unsupported, rope_attention
 from notelab.lm.folded import folded_forward, folded_unsupported, folded_weights
-from notelab.lm.model import FusedWeights, Llama
+from notelab.lm.model import FusedWeights, Llama, decode_inputs, split_qkv
 from notelab.lm.nucleus import draw_tokens, pivot_threshold, pivot_unsupported
 from notelab.lm.sampling import (
     FactualNucleus,
@@ -220,25 +220,14 @@ def stacked_forward(
     ``attention(q, k, v, cache, pos, rope)``: the new token's attention, its key and value written into the layer's
     cache at ``pos[b]`` (None: :func:`rotated_attention`), e.g. ``notelab.lm.attend.rope_attention``."""
     B = tok.shape[0]
-    slots = pos[:, None]
-    x = model.embed_tokens(tok)
-    rope = None
-    if model.embed_positions is not None:
-        x = x + model.embed_positions(slots)
-    else:
-        cos, sin = rope_cos_sin(slots, model.inv_freq)
-        rope = (cos[:, None], sin[:, None])
+    x, rope = decode_inputs(model, tok, pos)
     attention = attention or rotated_attention
     for i, layer in enumerate(model.layers):
         a = layer.self_attn
         w_qkv, w_gate_up = fused[i]
-        hq, hkv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
-        q, k, v = F.linear(layer.input_layernorm(x), w_qkv).split([hq, hkv, hkv], dim=-1)
-        q = q.view(B, 1, a.n_heads, a.head_dim).transpose(1, 2)
-        k = k.view(B, 1, a.n_kv_heads, a.head_dim).transpose(1, 2)
-        v = v.view(B, 1, a.n_kv_heads, a.head_dim).transpose(1, 2)
+        q, k, v = split_qkv(F.linear(layer.input_layernorm(x), w_qkv), a)
         y = attention(q, k, v, cache[i], pos, rope)
-        x = x + a.o_proj(y.transpose(1, 2).reshape(B, 1, hq))
+        x = x + a.o_proj(y.transpose(1, 2).reshape(B, 1, -1))
         h = layer.post_attention_layernorm(x)
         if w_gate_up is None:
             x = x + layer.mlp(h)
@@ -368,8 +357,9 @@ class Engine:
         stack = (dev.type == "cuda" or attention is not None) if stacked is None else stacked
         # on CUDA the RMSNorms folded into the projections (fewer kernels a layer: measured faster, RESULTS.md)
         self.layers = layers or (FOLDED if cuda and not folded_unsupported(model) else STACKED)
-        if stack and self.layers.unsupported(model):  # e.g. copies would skip an adapter: the layers' own forward
-            warnings.warn(f"Engine: stacked projections off ({self.layers.unsupported(model)})", RuntimeWarning, 2)
+        off = self.layers.unsupported(model) if stack else ""
+        if off:  # e.g. copies would skip an adapter: the layers' own forward runs
+            warnings.warn(f"Engine: stacked projections off ({off})", RuntimeWarning, 2)
             stack = False
         self.fused = self.layers.weights(model) if stack else None
         if attention is not None and self.fused is None:

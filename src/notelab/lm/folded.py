@@ -25,8 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from notelab.core.norms import RMSNorm, rms_scale
-from notelab.core.rope import rope_cos_sin
-from notelab.lm.model import FusedWeights, Llama
+from notelab.lm.model import FusedWeights, Llama, decode_inputs, split_qkv
 from notelab.lm.triton_env import INTERPRET as _INTERPRET  # noqa: F401 - the tests read it here
 from notelab.lm.triton_env import kernels_unsupported, tl, triton
 from notelab.lm.triton_env import pow2 as _pow2
@@ -129,24 +128,14 @@ def folded_forward(
     weights of :func:`folded_weights`: logits ``(B, 1, V)``. ``attention(q, k, v, cache, pos, rope, norm=(x, eps))``
     as ``notelab.lm.engine.rotated_attention``."""
     B = tok.shape[0]
-    slots = pos[:, None]
-    x = model.embed_tokens(tok).reshape(B, -1)
-    rope = None
-    if model.embed_positions is not None:
-        x = x + model.embed_positions(slots).reshape(B, -1)
-    else:
-        cos, sin = rope_cos_sin(slots, model.inv_freq)
-        rope = (cos[:, None], sin[:, None])
+    x, rope = decode_inputs(model, tok, pos)
+    x = x.reshape(B, -1)  # the residual rows, updated in place by the products
     for i, (layer, (w_qkv, w_gate_up)) in enumerate(zip(model.layers, folded, strict=True)):
         a = layer.self_attn
-        hq, hkv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
-        q, k, v = F.linear(x, w_qkv).split([hq, hkv, hkv], dim=-1)
-        q = q.view(B, 1, a.n_heads, a.head_dim).transpose(1, 2)
-        k = k.view(B, 1, a.n_kv_heads, a.head_dim).transpose(1, 2)
-        v = v.view(B, 1, a.n_kv_heads, a.head_dim).transpose(1, 2)
+        q, k, v = split_qkv(F.linear(x, w_qkv), a)
         y = attention(q, k, v, cache[i], pos, rope, norm=(x, layer.input_layernorm.eps))
         # (under autocast the products' outputs are of its dtype: the residual rows keep theirs)
-        add_linear_(x, y.transpose(1, 2).reshape(B, hq).to(x.dtype), a.o_proj.weight.to(x.dtype))
+        add_linear_(x, y.transpose(1, 2).reshape(B, -1).to(x.dtype), a.o_proj.weight.to(x.dtype))
         act = gated_silu(F.linear(x, w_gate_up), x, layer.post_attention_layernorm.eps)
         add_linear_(x, act.to(x.dtype), layer.mlp.down_proj.weight.to(x.dtype))
     return model.lm_head(model.norm(x))[:, None]

@@ -48,6 +48,25 @@ MLPFactory = Callable[[int, int], nn.Module]  # (dim, hidden) -> module
 FusedWeights = list[tuple[torch.Tensor, torch.Tensor | None]]  # per layer: [q; k; v], [gate; up] or None
 
 
+def decode_inputs(model: Llama, tok: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, tuple | None]:
+    """For the decode steps over stacked weights: the embeddings ``(B, 1, dim)`` of one token a row (``tok``
+    ``(B, 1)`` at slots ``pos`` ``(B,)``) and the RoPE tables (cos, sin) ``(B, 1, 1, D)`` of the slots (None for
+    learned positions, added here)."""
+    slots = pos[:, None]
+    x = model.embed_tokens(tok)
+    if model.embed_positions is not None:
+        return x + model.embed_positions(slots), None
+    cos, sin = rope_cos_sin(slots, model.inv_freq)
+    return x, (cos[:, None], sin[:, None])
+
+
+def split_qkv(qkv: torch.Tensor, attn: Attention) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``[q; k; v]`` of one token a row ``(B, [1,] (Hq + 2 Hkv) D)`` as heads ``(B, H, 1, D)``."""
+    B, D = qkv.shape[0], attn.head_dim
+    q, k, v = qkv.split([attn.n_heads * D, attn.n_kv_heads * D, attn.n_kv_heads * D], dim=-1)
+    return tuple(t.view(B, 1, -1, D).transpose(1, 2) for t in (q, k, v))
+
+
 def block_parts(config: LlamaConfig) -> tuple[NormFactory, MLPFactory]:
     """The norm and MLP constructors named by ``config.norm`` / ``config.mlp`` (the one place they are chosen)."""
     norms: dict[str, NormFactory] = {"rmsnorm": RMSNorm, "layernorm": lambda dim, eps: nn.LayerNorm(dim, eps=eps)}
