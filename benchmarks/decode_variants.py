@@ -16,8 +16,8 @@ bandwidth / (weight bytes + KV bytes a step reads at the mean context P + (N - 1
 ``benchmarks/llama_gpu.py``; tokens compared with the default step's. Phases, each skipped once
 ``--budget-s`` has passed:
 
-  (0) the card's copy bandwidth; the model; with ``--profile``, the default step's kernels at each batch,
-      greedy and sampled (torch.profiler over the captured graph's replays: the kernels by total time, their
+  (0) the card's copy bandwidth; the model; with ``--profile``, the default step's kernels (or those of
+      ``--profile-variants``) at each batch, greedy and sampled (torch.profiler over the captured graph's replays: the kernels by total time, their
       count a step, one step's kernels in order)
   (1) correctness, float32, a small Llama: the default step's greedy and sampled tokens and each threshold's
       sampled tokens equal the reference path's
@@ -47,7 +47,8 @@ import torch
 from decode_defaults import SAMPLED, Bench, Phases, agreement, timed
 from notelab.lm import Llama, LlamaConfig, generate
 from notelab.lm.attend import rope_attention
-from notelab.lm.engine import STACKED, Engine, SamplingParams, rotated_attention
+from notelab.lm.engine import STACKED, Engine, SamplingParams, StackedLayers, rotated_attention
+from notelab.lm.folded import Prefetch, folded_forward, folded_unsupported, folded_weights
 from notelab.lm.nucleus import pivot_threshold
 from notelab.lm.sampling import bisect_threshold, filter_threshold, gumbel_argmax
 
@@ -70,6 +71,14 @@ VARIANTS: dict[str, dict | Callable[[int, Llama], dict]] = {  # a callable: the 
     "threshold=pivot 2048 programs": dict(threshold=partial(pivot_threshold, programs=2048, max_chunks=128)),
     # the step before the RMSNorms were folded into the projections (notelab.lm.folded): RMSNorm and residual kernels
     "layers=stacked": dict(layers=STACKED),
+    # the attention and SiLU kernels ask L2 for the next products' weights (shares of W_o, [W_gate; W_up], W_down,
+    # the next layer's [W_q; W_k; W_v]) while they run
+    **{
+        f"prefetch {o:g} {gu:g} {d:g} {nq:g}": dict(
+            layers=StackedLayers(folded_weights, partial(folded_forward, prefetch=Prefetch(o, gu, d, nq)), folded_unsupported)
+        )
+        for o, gu, d, nq in [(1, 0, 0, 0), (1, 0.25, 0.25, 0), (1, 0.5, 0.5, 0), (1, 0.25, 0.25, 1)]
+    },
     # inductor's Triton matmul templates benchmarked against cuBLAS per shape, pointwise epilogues fused into them
     "max-autotune": dict(
         compiler=partial(torch.compile, fullgraph=True, dynamic=False, mode="max-autotune-no-cudagraphs")
@@ -102,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="write every figure as JSON here")
     p.add_argument("--only", help="run only the phases whose names match this regular expression")
     p.add_argument("--profile", action="store_true", help="profile the default step's kernels (CUDA)")
+    p.add_argument("--profile-variants", nargs="+", default=["default"], help="with --profile: these variants' steps")
     args = p.parse_args(argv)
     if args.tiny:
         args.preset, args.prompt, args.new_tokens, args.batches = "llama3-tiny", 8, 12, [2, 3]
@@ -150,12 +160,14 @@ def main(argv: list[str] | None = None) -> int:
 
         return run
 
-    def profiled(batch: int, sampled: bool) -> Callable[[], dict]:
+    def profiled(batch: int, sampled: bool, name: str) -> Callable[[], dict]:
         def run() -> dict:
             from torch.profiler import ProfilerActivity, profile
 
             n, prompts = 32, bench.prompts[:batch]
-            eng = Engine(bench.model, batch, args.prompt + args.new_tokens)
+            parts = VARIANTS[name]
+            parts = parts(batch, bench.model) if callable(parts) else parts
+            eng = Engine(bench.model, batch, args.prompt + args.new_tokens, **parts)
             run_engine(eng, prompts, n, sampled)
             torch.cuda.synchronize()
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -188,10 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     print(
         "# roofline tokens/s: " + ", ".join(f"B={b}: {bench.roofline(b):.0f}" for b in [1, *args.batches]), flush=True
     )
-    if args.profile and device.type == "cuda":  # first: where the default step's time goes
-        for b in args.batches:
-            for sampled in (False, True):
-                phase(f"profile x{b} {'sampled' if sampled else 'greedy'} (default)", profiled(b, sampled))
+    if args.profile and device.type == "cuda":  # first: where the step's time goes
+        for name in args.profile_variants:
+            for b in args.batches:
+                for sampled in (False, True):
+                    mode = "sampled" if sampled else "greedy"
+                    phase(f"profile x{b} {mode} ({name})", profiled(b, sampled, name))
     phase("correctness float32 (small model)", correctness)
     for b in args.batches:  # the default step's tokens come first: the others are compared with them
         for mode in ("sampled", "greedy"):

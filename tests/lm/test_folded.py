@@ -10,11 +10,23 @@ from torch import nn
 from triton_interpreter import GPU, engine_tokens, import_interpreted, run_file_in_child, use_interpreter
 from triton_interpreter import small_llama as model_of
 
+import os
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+
 from notelab.core.norms import rms_norm
 from notelab.lm import generate
-from notelab.lm.engine import FOLDED, STACKED, Engine, rotated_attention, stacked_forward
+from notelab.lm.engine import FOLDED, STACKED, Engine, StackedLayers, rotated_attention, stacked_forward
 
 folded, IN_PROCESS = import_interpreted("notelab.lm.folded")
+# the folded step whose attention and SiLU kernels ask L2 for the next products' weights
+PREFETCHING = StackedLayers(
+    folded.folded_weights,
+    partial(folded.folded_forward, prefetch=folded.Prefetch(1.0, 0.5, 0.5, 1.0)),
+    folded.folded_unsupported,
+)
 
 
 @pytest.fixture
@@ -64,13 +76,13 @@ def test_folded_forward_equals_the_stacked_forward():
         torch.testing.assert_close(a.v, b.v, rtol=1e-5, atol=1e-5)
 
 
-def check_engine(dev: str, **parts) -> None:
+def check_engine(dev: str, layers: StackedLayers = FOLDED, **parts) -> None:
     """The folded engine's greedy and sampled (top-p) tokens equal the reference loop's (float32)."""
     model = with_gains(model_of(device=dev))
     prompts = [[5, 6, 7], list(range(1, 12)), [9, 9, 4]]
     for kw in (dict(temperature=0.9, top_p=0.8), {}):
         want = [generate(model, [p], 10, path="reference", seed=3 + b, **kw)[0] for b, p in enumerate(prompts)]
-        assert engine_tokens(model, prompts, kw, layers=FOLDED, **parts) == want, kw
+        assert engine_tokens(model, prompts, kw, layers=layers, **parts) == want, kw
 
 
 def test_engine_with_folded_norms_gives_the_reference_tokens():
@@ -112,12 +124,54 @@ def test_engine_with_folded_norms_and_kernels(interp):
     check_engine("cpu", attention=rope_attention, threshold=pivot_threshold, draw=draw_tokens)
 
 
+def test_engine_with_prefetching_kernels(interp):
+    """The prefetch regions reach the kernels' operators (the interpreter runs no PTX: they ask for no lines)."""
+    from notelab.lm.attend import rope_attention
+
+    check_engine("cpu", PREFETCHING, attention=rope_attention)
+
+
+COMPILE_FOR_HOPPER = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from notelab.lm import attend, folded
+ints = {"sgu", "sx", "I", "D", "pa_lines", "pb_lines", "sqb", "sqh", "skb", "skh", "svb", "svh", "sxb", "S"}
+floats = {"eps", "scale"}
+def compile(fn, **constexprs):
+    sig = {n: "i32" if n in ints else "fp32" if n in floats else "*i64" if n == "pos_ptr" else "*bf16"
+           for n in fn.arg_names if n not in constexprs}
+    sig.update({n: "constexpr" for n in constexprs})
+    ptx = triton.compile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+    print(fn.__name__, ptx.count("prefetch.global.L2"))
+compile(folded._gated_silu_kernel, DP2=2048, BLOCK=1024, PREFETCH=True)
+compile(attend._split_kernel, HD=64, G=4, GQ=4, GP=16, NSPLIT=10, NSP2=16, BLOCK_S=32, ROPE=True, IEEE=False,
+        NORM=True, DP2=2048, PREFETCH=True)
+"""
+
+
+def test_prefetching_kernels_compile_for_hopper():
+    """The kernels with their L2 prefetch requests (inline PTX, which the interpreter does not run) compile for
+    sm_90, each with its two regions' ``prefetch.global.L2`` (compiled in a process without the interpreter)."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("the interpreter's child process: compiled by the parent")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    src = str(Path(folded.__file__).parents[2])
+    env["PYTHONPATH"] = src + ":" + env.get("PYTHONPATH", "")
+    done = subprocess.run([sys.executable, "-c", COMPILE_FOR_HOPPER], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["_gated_silu_kernel", "2", "_split_kernel", "2"], done.stdout
+
+
 def test_folded_tests_in_a_fresh_process():
-    run_file_in_child(__file__, IN_PROCESS, skipped=2)  # this test and the GPU test
+    run_file_in_child(__file__, IN_PROCESS, skipped=4)  # this test, the compile test and the GPU tests
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not GPU, reason="needs CUDA (the compiled kernels)")
-def test_folded_engine_on_cuda():
-    """Compiled and captured with the default kernels (no fallback): the reference tokens (float32)."""
-    check_engine("cuda")
+@pytest.mark.parametrize("layers", [FOLDED, PREFETCHING], ids=["folded", "prefetching"])
+def test_folded_engine_on_cuda(layers):
+    """Compiled and captured with the default kernels (no fallback), with and without the L2 prefetch requests:
+    the reference tokens (float32)."""
+    check_engine("cuda", layers)

@@ -21,12 +21,17 @@ few programs walking the whole cache. Without a GPU the kernels run through Trit
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from notelab.core.attention import KVCache
 from notelab.lm.triton_env import INTERPRET as _INTERPRET
-from notelab.lm.triton_env import kernels_unsupported, tl, triton
+from notelab.lm.triton_env import kernels_unsupported, prefetch_lines, tl, triton
 from notelab.lm.triton_env import pow2 as _pow2
+
+if triton is not None:
+    from notelab.lm.triton_env import l2_prefetch
 
 BLOCK_KEYS = 32  # keys a program reads (one block: the keys of a row are split over programs)
 
@@ -57,18 +62,24 @@ if triton is not None:
     @triton.jit
     def _split_kernel(  # noqa: ANN202
         q_ptr, sqb, sqh, kn_ptr, skb, skh, vn_ptr, svb, svh, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr,  # noqa: ANN001
-        part_ptr, ml_ptr, x_ptr, sxb, D, eps, S, scale,  # noqa: ANN001
+        part_ptr, ml_ptr, x_ptr, sxb, D, eps, S, scale, pa_ptr, pa_lines, pb_ptr, pb_lines,  # noqa: ANN001
         HD: tl.constexpr, G: tl.constexpr, GQ: tl.constexpr, GP: tl.constexpr, NSPLIT: tl.constexpr,
         NSP2: tl.constexpr, BLOCK_S: tl.constexpr, ROPE: tl.constexpr, IEEE: tl.constexpr, NORM: tl.constexpr,
-        DP2: tl.constexpr,
+        DP2: tl.constexpr, PREFETCH: tl.constexpr,
     ):  # fmt: skip
         """Program (split s, KV head g, row b): the G query heads of g over keys [s BLOCK_S, (s + 1) BLOCK_S) of
         the row's 0..p_b; its partial (max m, sum l of e^(score - m), sum of e^(score - m) v) per head. The program
         whose block holds p_b rotates the new key, writes the new key and value into the cache at p_b and uses
         them there (no other program reads slot p_b). ``NORM``: q, k, v are projections of the un-normalised
         residual row ``x_b`` (the RMSNorm's gain folded into the weights): times r_b = 1 / sqrt(mean(x_b^2) + eps)
-        first (``notelab.lm.folded``)."""
+        first (``notelab.lm.folded``). ``PREFETCH``: every program (those past p_b too) first asks L2 for its share
+        of two regions of later products' weights (:func:`notelab.lm.triton_env.l2_prefetch`)."""
         s, g, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        if PREFETCH:
+            ns, nkv_ = tl.num_programs(0), tl.num_programs(1)
+            pid, nprog = s + ns * (g + nkv_ * b), ns * nkv_ * tl.num_programs(2)
+            l2_prefetch(pa_ptr, pa_lines, pid, nprog)
+            l2_prefetch(pb_ptr, pb_lines, pid, nprog)
         n = tl.load(pos_ptr + b).to(tl.int32) + 1  # keys 0..p_b
         start = s * BLOCK_S
         if start < n:
@@ -169,6 +180,8 @@ if triton is not None:
         rope: bool,
         norm: bool,
         block: int,
+        prefetch: list[torch.Tensor],
+        prefetch_bytes: list[int],
     ) -> torch.Tensor:
         """:func:`rope_attention` as an operator inductor compiles into its graph (the kernels launched as is)."""
         B, nq, _, hd = q.shape
@@ -180,11 +193,12 @@ if triton is not None:
         ml = torch.empty(B * nkv * nsplit * gq * 2, **f32)
         y = torch.empty(B, nq * hd, dtype=q.dtype, device=q.device)
         sizes = dict(HD=hd, G=G, GQ=gq, NSPLIT=nsplit, NSP2=_pow2(nsplit), BLOCK_S=block)
+        (pa, pb), (na, nb) = prefetch_lines(prefetch, prefetch_bytes, q)
         torch.library.wrap_triton(_split_kernel)[(nsplit, nkv, B)](
             q, q.stride(0), q.stride(1), k_new, k_new.stride(0), k_new.stride(1), v_new, v_new.stride(0),
             v_new.stride(1), k, v, cos, sin, pos, part, ml, x, x.stride(0), x.shape[-1], eps, S, hd**-0.5,
-            GP=max(16, gq), ROPE=rope, IEEE=k.dtype == torch.float32 or _INTERPRET, NORM=norm,
-            DP2=max(2, _pow2(x.shape[-1])), **sizes,
+            pa, na, pb, nb, GP=max(16, gq), ROPE=rope, IEEE=k.dtype == torch.float32 or _INTERPRET, NORM=norm,
+            DP2=max(2, _pow2(x.shape[-1])), PREFETCH=na + nb > 0, **sizes,
         )  # fmt: skip
         torch.library.wrap_triton(_combine_kernel)[(nkv, B)](pos, part, ml, y, **sizes)
         return y
@@ -199,6 +213,7 @@ def rope_attention(
     rope: tuple[torch.Tensor, torch.Tensor] | None,
     block: int = BLOCK_KEYS,
     norm: tuple[torch.Tensor, float] | None = None,
+    prefetch: Sequence[tuple[torch.Tensor, int]] = (),
 ) -> torch.Tensor:
     """Attention of the new token of each row: ``q`` ``(B, Hq, 1, D)``, ``k``, ``v`` ``(B, Hkv, 1, D)`` before RoPE,
     rotated by ``rope`` = (cos, sin) ``(B, 1, 1, D)`` tables of the rows' slots ``pos`` (None: no rotation); the
@@ -206,7 +221,8 @@ def rope_attention(
     keys ``0..pos[b]``; returns ``(B, Hq, 1, D)``, as the engine's torch attention (``rotated_attention``) does.
     ``norm`` = (x ``(B, dim)``, eps): q, k, v are projections of the residual rows x before their RMSNorm, its gain
     folded into the weights (``notelab.lm.folded``): scaled by 1 / sqrt(mean(x^2) + eps) first (None: as given).
-    ``block``: keys a program reads (at least 16). The engine's attention on CUDA (``Engine(attention=...)``);
+    ``block``: keys a program reads (at least 16). ``prefetch``: at most two (tensor, bytes from its start) regions
+    the kernel asks L2 to fetch for the products after it (a hint: the result is the same). The engine's attention on CUDA (``Engine(attention=...)``);
     see :func:`attend_unsupported`."""
     B, nq, _, hd = q.shape
     why = attend_unsupported(q, hd)
@@ -224,6 +240,7 @@ def rope_attention(
         x, eps = norm[0].reshape(B, -1), norm[1]
         x = x if x.stride(-1) == 1 else x.contiguous()
     y = torch.ops.notelab.rope_attention(
-        q, k, v, cache.k, cache.v, pos, cos, sin, x, float(eps), rope is not None, norm is not None, max(16, block)
+        q, k, v, cache.k, cache.v, pos, cos, sin, x, float(eps), rope is not None, norm is not None, max(16, block),
+        [t for t, _ in prefetch], [int(n) for _, n in prefetch],
     )  # fmt: skip
     return y.view(B, nq, 1, hd)

@@ -184,12 +184,14 @@ def rotated_attention(
     pos: torch.Tensor,
     rope: tuple[torch.Tensor, torch.Tensor] | None,
     norm: tuple[torch.Tensor, float] | None = None,
+    prefetch: Sequence[tuple[torch.Tensor, int]] = (),
 ) -> torch.Tensor:
     """The stacked step's attention in torch, for the new token of each row: RoPE of ``q`` ``(B, Hq, 1, D)`` and ``k``
     ``(B, Hkv, 1, D)`` by ``rope`` (cos, sin of the rows' slots ``pos``; None: none), ``k``, ``v`` written into
     ``cache`` at ``pos[b]``, then :func:`decode_attention` over it, row ``b`` seeing keys ``0..pos[b]``. ``norm`` =
     (x ``(B, dim)``, eps): q, k, v first scaled by the RMSNorm statistic of the residual rows x, 1 / sqrt(mean(x^2)
-    + eps) (its gain folded into the weights: ``notelab.lm.folded``)."""
+    + eps) (its gain folded into the weights: ``notelab.lm.folded``). ``prefetch``, the kernels' hint to the L2
+    cache (``notelab.lm.attend.rope_attention``), changes nothing here."""
     if norm is not None:
         r = rms_scale(*norm).view(-1, 1, 1, 1)
         q, k, v = ((t.float() * r).to(t.dtype) for t in (q, k, v))
