@@ -17,8 +17,8 @@ bandwidth / (weight bytes + KV bytes a step reads at the mean context P + (N - 1
 ``--budget-s`` has passed:
 
   (0) the card's copy bandwidth; the model; with ``--profile``, the default step's kernels (or those of
-      ``--profile-variants``) at each batch, greedy and sampled (torch.profiler over the captured graph's replays: the kernels by total time, their
-      count a step, one step's kernels in order)
+      ``--profile-variants``) at each batch, greedy and sampled (torch.profiler over the captured graph's
+      replays: the kernels by total time, their count a step, one step's kernels in order)
   (1) correctness, float32, a small Llama: the default step's greedy and sampled tokens and each threshold's
       sampled tokens equal the reference path's
   (2) at each batch: sampled (temperature 0.8, top-p 0.95, seed 0), then greedy, the default and each variant;
@@ -75,7 +75,9 @@ VARIANTS: dict[str, dict | Callable[[int, Llama], dict]] = {  # a callable: the 
     # the next layer's [W_q; W_k; W_v]) while they run
     **{
         f"prefetch {o:g} {gu:g} {d:g} {nq:g}": dict(
-            layers=StackedLayers(folded_weights, partial(folded_forward, prefetch=Prefetch(o, gu, d, nq)), folded_unsupported)
+            layers=StackedLayers(
+                folded_weights, partial(folded_forward, prefetch=Prefetch(o, gu, d, nq)), folded_unsupported
+            )
         )
         for o, gu, d, nq in [(1, 0, 0, 0), (1, 0.25, 0.25, 0), (1, 0.5, 0.5, 0), (1, 0.25, 0.25, 1)]
     },

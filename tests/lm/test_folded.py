@@ -3,18 +3,18 @@ stacked step (float32), the engine's tokens against the reference loop's, the Si
 torch function on CPU through Triton's interpreter (``triton_interpreter``: a child process where another module
 imported triton first); the ``gpu`` test runs the compiled, captured step."""
 
+import os
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 from triton_interpreter import GPU, engine_tokens, import_interpreted, run_file_in_child, use_interpreter
 from triton_interpreter import small_llama as model_of
-
-import os
-import subprocess
-import sys
-from functools import partial
-from pathlib import Path
 
 from notelab.core.norms import rms_norm
 from notelab.lm import generate
@@ -159,7 +159,9 @@ def test_prefetching_kernels_compile_for_hopper():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     src = str(Path(folded.__file__).parents[2])
     env["PYTHONPATH"] = src + ":" + env.get("PYTHONPATH", "")
-    done = subprocess.run([sys.executable, "-c", COMPILE_FOR_HOPPER], capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", COMPILE_FOR_HOPPER], capture_output=True, text=True, env=env, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["_gated_silu_kernel", "2", "_split_kernel", "2"], done.stdout
 

@@ -222,8 +222,8 @@ def rope_attention(
     ``norm`` = (x ``(B, dim)``, eps): q, k, v are projections of the residual rows x before their RMSNorm, its gain
     folded into the weights (``notelab.lm.folded``): scaled by 1 / sqrt(mean(x^2) + eps) first (None: as given).
     ``block``: keys a program reads (at least 16). ``prefetch``: at most two (tensor, bytes from its start) regions
-    the kernel asks L2 to fetch for the products after it (a hint: the result is the same). The engine's attention on CUDA (``Engine(attention=...)``);
-    see :func:`attend_unsupported`."""
+    the kernel asks L2 to fetch for the products after it (a hint: the result is the same). The engine's attention
+    on CUDA (``Engine(attention=...)``); see :func:`attend_unsupported`."""
     B, nq, _, hd = q.shape
     why = attend_unsupported(q, hd)
     if why:

@@ -44,7 +44,9 @@ def prefetch_lines(tensors: list[torch.Tensor], nbytes: list[int], filler: torch
     """Regions (tensor, bytes from its start) as :func:`l2_prefetch` takes them: two tensors and their counts of
     lines, padded with ``filler`` and no lines; none under the interpreter (it runs no PTX)."""
     if len(tensors) > 2 or len(nbytes) != len(tensors):
-        raise ValueError(f"l2_prefetch: expected at most two regions and a size each, got {len(tensors)}, {len(nbytes)}")
+        raise ValueError(
+            f"l2_prefetch: expected at most two regions and a size each, got {len(tensors)}, {len(nbytes)}"
+        )
     lines = [-(-min(int(n), t.numel() * t.element_size()) // PREFETCH_LINE) for t, n in zip(tensors, nbytes)]
     if INTERPRET:
         lines = [0] * len(tensors)
