@@ -21,7 +21,7 @@ few programs walking the whole cache. Without a GPU the kernels run through Trit
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -165,8 +165,8 @@ if triton is not None:
         yrow = y_ptr + b.to(tl.int64) * (nkv * G * HD) + (g * G + i)[:, None] * HD + d[None, :]
         tl.store(yrow, y.to(y_ptr.dtype.element_ty), mask=(i < G)[:, None])
 
-    @torch.library.triton_op("notelab::rope_attention", mutates_args=("k", "v"))
-    def _rope_attention(
+    def _launch(
+        wrap: Callable,
         q: torch.Tensor,
         k_new: torch.Tensor,
         v_new: torch.Tensor,
@@ -183,7 +183,8 @@ if triton is not None:
         prefetch: list[torch.Tensor],
         prefetch_bytes: list[int],
     ) -> torch.Tensor:
-        """:func:`rope_attention` as an operator inductor compiles into its graph (the kernels launched as is)."""
+        """The two kernels, each launched through ``wrap`` (``torch.library.wrap_triton`` in an operator inductor
+        sees into)."""
         B, nq, _, hd = q.shape
         nkv, S = k.shape[1], k.shape[2]
         G = nq // nkv
@@ -194,14 +195,62 @@ if triton is not None:
         y = torch.empty(B, nq * hd, dtype=q.dtype, device=q.device)
         sizes = dict(HD=hd, G=G, GQ=gq, NSPLIT=nsplit, NSP2=_pow2(nsplit), BLOCK_S=block)
         (pa, pb), (na, nb) = prefetch_lines(prefetch, prefetch_bytes, q)
-        torch.library.wrap_triton(_split_kernel)[(nsplit, nkv, B)](
+        wrap(_split_kernel)[(nsplit, nkv, B)](
             q, q.stride(0), q.stride(1), k_new, k_new.stride(0), k_new.stride(1), v_new, v_new.stride(0),
             v_new.stride(1), k, v, cos, sin, pos, part, ml, x, x.stride(0), x.shape[-1], eps, S, hd**-0.5,
             pa, na, pb, nb, GP=max(16, gq), ROPE=rope, IEEE=k.dtype == torch.float32 or _INTERPRET, NORM=norm,
             DP2=max(2, _pow2(x.shape[-1])), PREFETCH=na + nb > 0, **sizes,
         )  # fmt: skip
-        torch.library.wrap_triton(_combine_kernel)[(nkv, B)](pos, part, ml, y, **sizes)
+        wrap(_combine_kernel)[(nkv, B)](pos, part, ml, y, **sizes)
         return y
+
+    @torch.library.triton_op("notelab::rope_attention", mutates_args=("k", "v"))
+    def _rope_attention(
+        q: torch.Tensor,
+        k_new: torch.Tensor,
+        v_new: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        pos: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        x: torch.Tensor,
+        eps: float,
+        rope: bool,
+        norm: bool,
+        block: int,
+    ) -> torch.Tensor:
+        """:func:`rope_attention` as an operator inductor compiles into its graph (the kernels launched as is)."""
+        args = (q, k_new, v_new, k, v, pos, cos, sin, x, eps, rope, norm, block)
+        return _launch(torch.library.wrap_triton, *args, [], [])
+
+    @torch.library.custom_op("notelab::rope_attention_ahead", mutates_args=("k", "v"))
+    def _rope_attention_ahead(
+        q: torch.Tensor,
+        k_new: torch.Tensor,
+        v_new: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        pos: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        x: torch.Tensor,
+        eps: float,
+        rope: bool,
+        norm: bool,
+        block: int,
+        prefetch: list[torch.Tensor],
+        prefetch_bytes: list[int],
+    ) -> torch.Tensor:
+        """:func:`rope_attention` with L2 prefetch requests, as an operator inductor does not see into: its kernel's
+        inline PTX defeats inductor's reading of which tensors a kernel writes (it would then take every input
+        as written and copy the weights it prefetches, measured slower)."""
+        args = (q, k_new, v_new, k, v, pos, cos, sin, x, eps, rope, norm, block)
+        return _launch(lambda kernel: kernel, *args, prefetch, prefetch_bytes)
+
+    @_rope_attention_ahead.register_fake
+    def _(q: torch.Tensor, *args) -> torch.Tensor:  # noqa: ANN002
+        return q.new_empty(q.shape[0], q.shape[1] * q.shape[3])
 
 
 def rope_attention(
@@ -239,8 +288,9 @@ def rope_attention(
     else:
         x, eps = norm[0].reshape(B, -1), norm[1]
         x = x if x.stride(-1) == 1 else x.contiguous()
-    y = torch.ops.notelab.rope_attention(
-        q, k, v, cache.k, cache.v, pos, cos, sin, x, float(eps), rope is not None, norm is not None, max(16, block),
-        [t for t, _ in prefetch], [int(n) for _, n in prefetch],
-    )  # fmt: skip
+    args = (q, k, v, cache.k, cache.v, pos, cos, sin, x, float(eps), rope is not None, norm is not None, max(16, block))
+    if prefetch:
+        y = torch.ops.notelab.rope_attention_ahead(*args, [t for t, _ in prefetch], [int(n) for _, n in prefetch])
+    else:
+        y = torch.ops.notelab.rope_attention(*args)
     return y.view(B, nq, 1, hd)

@@ -107,18 +107,33 @@ if triton is not None:
         act = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32)  # F.silu, rounded
         tl.store(out_ptr + b.to(tl.int64) * I + offs, (act * up).to(dt), mask=inside)
 
-    @torch.library.triton_op("notelab::gated_silu", mutates_args=())
-    def _gated_silu(
-        gate_up: torch.Tensor, x: torch.Tensor, eps: float, prefetch: list[torch.Tensor], prefetch_bytes: list[int]
+    def _launch_silu(
+        wrap: Callable, gate_up: torch.Tensor, x: torch.Tensor, eps: float, prefetch: list, prefetch_bytes: list[int]
     ) -> torch.Tensor:
         B, I2 = gate_up.shape
         out = torch.empty(B, I2 // 2, dtype=gate_up.dtype, device=gate_up.device)
         (pa, pb), (na, nb) = prefetch_lines(prefetch, prefetch_bytes, gate_up)
-        torch.library.wrap_triton(_gated_silu_kernel)[(-(-(I2 // 2) // BLOCK), B)](
+        wrap(_gated_silu_kernel)[(-(-(I2 // 2) // BLOCK), B)](
             gate_up, gate_up.stride(0), x, x.stride(0), out, I2 // 2, x.shape[1], eps, pa, na, pb, nb,
             DP2=max(2, _pow2(x.shape[1])), BLOCK=BLOCK, PREFETCH=na + nb > 0,
         )  # fmt: skip
         return out
+
+    @torch.library.triton_op("notelab::gated_silu", mutates_args=())
+    def _gated_silu(gate_up: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+        return _launch_silu(torch.library.wrap_triton, gate_up, x, eps, [], [])
+
+    @torch.library.custom_op("notelab::gated_silu_ahead", mutates_args=())
+    def _gated_silu_ahead(
+        gate_up: torch.Tensor, x: torch.Tensor, eps: float, prefetch: list[torch.Tensor], prefetch_bytes: list[int]
+    ) -> torch.Tensor:
+        """With L2 prefetch requests: an operator inductor does not see into (as
+        ``notelab.lm.attend.rope_attention``'s)."""
+        return _launch_silu(lambda kernel: kernel, gate_up, x, eps, prefetch, prefetch_bytes)
+
+    @_gated_silu_ahead.register_fake
+    def _(gate_up: torch.Tensor, *args) -> torch.Tensor:  # noqa: ANN002
+        return gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2)
 
 
 def gated_silu(
@@ -129,8 +144,11 @@ def gated_silu(
     fetch for the products after it (``notelab.lm.triton_env.l2_prefetch``; a hint: the result is the same)."""
     if kernels_unsupported(gate_up):
         return gated_silu_torch(gate_up, x, eps)
-    rows = (t if t.stride(-1) == 1 else t.contiguous() for t in (gate_up, x))
-    return torch.ops.notelab.gated_silu(*rows, float(eps), [t for t, _ in prefetch], [int(n) for _, n in prefetch])
+    rows = [t if t.stride(-1) == 1 else t.contiguous() for t in (gate_up, x)]
+    if prefetch:
+        regions = [t for t, _ in prefetch], [int(n) for _, n in prefetch]
+        return torch.ops.notelab.gated_silu_ahead(*rows, float(eps), *regions)
+    return torch.ops.notelab.gated_silu(*rows, float(eps))
 
 
 @dataclass(frozen=True)
