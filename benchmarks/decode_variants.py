@@ -47,8 +47,7 @@ import torch
 from decode_defaults import SAMPLED, Bench, Phases, agreement, timed
 from notelab.lm import Llama, LlamaConfig, generate
 from notelab.lm.attend import rope_attention
-from notelab.lm.engine import STACKED, Engine, SamplingParams, StackedLayers, rotated_attention
-from notelab.lm.folded import Prefetch, folded_forward, folded_unsupported, folded_weights
+from notelab.lm.engine import STACKED, Engine, SamplingParams, rotated_attention
 from notelab.lm.nucleus import pivot_threshold
 from notelab.lm.sampling import bisect_threshold, filter_threshold, gumbel_argmax
 
@@ -71,16 +70,6 @@ VARIANTS: dict[str, dict | Callable[[int, Llama], dict]] = {  # a callable: the 
     "threshold=pivot 2048 programs": dict(threshold=partial(pivot_threshold, programs=2048, max_chunks=128)),
     # the step before the RMSNorms were folded into the projections (notelab.lm.folded): RMSNorm and residual kernels
     "layers=stacked": dict(layers=STACKED),
-    # the attention and SiLU kernels ask L2 for the next products' weights (shares of W_o, [W_gate; W_up], W_down,
-    # the next layer's [W_q; W_k; W_v]) while they run
-    **{
-        f"prefetch {o:g} {gu:g} {d:g} {nq:g}": dict(
-            layers=StackedLayers(
-                folded_weights, partial(folded_forward, prefetch=Prefetch(o, gu, d, nq)), folded_unsupported
-            )
-        )
-        for o, gu, d, nq in [(1, 0, 0, 0), (1, 0.25, 0.25, 0), (1, 0.5, 0.5, 0), (1, 0.25, 0.25, 1)]
-    },
     # inductor's Triton matmul templates benchmarked against cuBLAS per shape, pointwise epilogues fused into them
     "max-autotune": dict(
         compiler=partial(torch.compile, fullgraph=True, dynamic=False, mode="max-autotune-no-cudagraphs")

@@ -139,6 +139,29 @@ def test_engine_on_cuda_replays_graphs_with_the_reference_tokens():
     assert tokens_of(events[ids[2]]) == want
 
 
+def test_prefill_graphs_need_cuda():
+    with pytest.raises(ConfigError, match="prefill_graphs > 0 needs a CUDA device, got cpu"):
+        Engine(model_of(), max_batch=2, prefill_graphs=2)
+    assert Engine(model_of(), max_batch=2).prefill_graphs == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_captured_prompt_forwards_give_the_reference_tokens():
+    """Prompt shapes seen again replay their captured forward (at most two kept, the oldest dropped); every
+    request still gets the reference path's tokens, in whichever rows it lands."""
+    model = model_of(device="cuda")
+    engine = Engine(model, max_batch=3, prefill_graphs=2)
+    rounds = [[[5, 6, 7]], [[1, 2, 3, 4], [8, 8, 8, 8]], [[9, 9, 4]], [[2, 3, 4], [3, 4, 5]], [[7, 7, 7]]]
+    for prompts in rounds:
+        events: dict[int, list[TokenEvent]] = {}
+        ids = [engine.add(p, SamplingParams(max_new_tokens=6)) for p in prompts]
+        run(engine, events)
+        for rid, p in zip(ids, prompts):
+            assert tokens_of(events[rid]) == generate(model, [p], 6, path="reference")[0], p
+    assert list(engine.prefills) == [(2, 3), (1, 3)]  # (1, 3) seen three times, replayed twice; (2, 4) dropped
+
+
 @pytest.mark.parametrize("variant", [{}, dict(norm="layernorm", mlp="gelu", pos="learned")])
 def test_stacked_projections_give_the_reference_tokens_and_follow_weight_changes(variant):
     cfg = LlamaConfig(vocab_size=101, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=16, max_seq_len=64)

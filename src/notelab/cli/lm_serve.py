@@ -85,7 +85,8 @@ def _app(args: argparse.Namespace) -> tuple[object, str]:
         raise ConfigError(f"--max-len: expected 2 to the model's max_seq_len {context}, got {args.max_len}")
     max_len = args.max_len or min(context, DEFAULT_MAX_LEN)
     apply_dtype(model, args.dtype).eval()
-    engine = Engine(model, max_batch=args.max_batch, max_len=max_len)
+    # requests' prompts seldom repeat their (length, count) shape: their forwards run eagerly, not recorded
+    engine = Engine(model, max_batch=args.max_batch, max_len=max_len, prefill_graphs=0)
     cache = kv_cache_bytes(model.config, args.max_batch, max_len, engine.dtype)
     name = args.model_name or Path(args.checkpoint).resolve().name
     config = ServeConfig(

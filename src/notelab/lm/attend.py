@@ -21,17 +21,12 @@ few programs walking the whole cache. Without a GPU the kernels run through Trit
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-
 import torch
 
 from notelab.core.attention import KVCache
 from notelab.lm.triton_env import INTERPRET as _INTERPRET
-from notelab.lm.triton_env import kernels_unsupported, prefetch_lines, tl, triton
+from notelab.lm.triton_env import kernels_unsupported, tl, triton
 from notelab.lm.triton_env import pow2 as _pow2
-
-if triton is not None:
-    from notelab.lm.triton_env import l2_prefetch
 
 BLOCK_KEYS = 32  # keys a program reads (one block: the keys of a row are split over programs)
 
@@ -62,24 +57,18 @@ if triton is not None:
     @triton.jit
     def _split_kernel(  # noqa: ANN202
         q_ptr, sqb, sqh, kn_ptr, skb, skh, vn_ptr, svb, svh, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr,  # noqa: ANN001
-        part_ptr, ml_ptr, x_ptr, sxb, D, eps, S, scale, pa_ptr, pa_lines, pb_ptr, pb_lines,  # noqa: ANN001
+        part_ptr, ml_ptr, x_ptr, sxb, D, eps, S, scale,  # noqa: ANN001
         HD: tl.constexpr, G: tl.constexpr, GQ: tl.constexpr, GP: tl.constexpr, NSPLIT: tl.constexpr,
         NSP2: tl.constexpr, BLOCK_S: tl.constexpr, ROPE: tl.constexpr, IEEE: tl.constexpr, NORM: tl.constexpr,
-        DP2: tl.constexpr, PREFETCH: tl.constexpr,
+        DP2: tl.constexpr,
     ):  # fmt: skip
         """Program (split s, KV head g, row b): the G query heads of g over keys [s BLOCK_S, (s + 1) BLOCK_S) of
         the row's 0..p_b; its partial (max m, sum l of e^(score - m), sum of e^(score - m) v) per head. The program
         whose block holds p_b rotates the new key, writes the new key and value into the cache at p_b and uses
         them there (no other program reads slot p_b). ``NORM``: q, k, v are projections of the un-normalised
         residual row ``x_b`` (the RMSNorm's gain folded into the weights): times r_b = 1 / sqrt(mean(x_b^2) + eps)
-        first (``notelab.lm.folded``). ``PREFETCH``: every program (those past p_b too) first asks L2 for its share
-        of two regions of later products' weights (:func:`notelab.lm.triton_env.l2_prefetch`)."""
+        first (``notelab.lm.folded``)."""
         s, g, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        if PREFETCH:
-            ns, nkv_ = tl.num_programs(0), tl.num_programs(1)
-            pid, nprog = s + ns * (g + nkv_ * b), ns * nkv_ * tl.num_programs(2)
-            l2_prefetch(pa_ptr, pa_lines, pid, nprog)
-            l2_prefetch(pb_ptr, pb_lines, pid, nprog)
         n = tl.load(pos_ptr + b).to(tl.int32) + 1  # keys 0..p_b
         start = s * BLOCK_S
         if start < n:
@@ -165,45 +154,6 @@ if triton is not None:
         yrow = y_ptr + b.to(tl.int64) * (nkv * G * HD) + (g * G + i)[:, None] * HD + d[None, :]
         tl.store(yrow, y.to(y_ptr.dtype.element_ty), mask=(i < G)[:, None])
 
-    def _launch(
-        wrap: Callable,
-        q: torch.Tensor,
-        k_new: torch.Tensor,
-        v_new: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        pos: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        x: torch.Tensor,
-        eps: float,
-        rope: bool,
-        norm: bool,
-        block: int,
-        prefetch: list[torch.Tensor],
-        prefetch_bytes: list[int],
-    ) -> torch.Tensor:
-        """The two kernels, each launched through ``wrap`` (``torch.library.wrap_triton`` in an operator inductor
-        sees into)."""
-        B, nq, _, hd = q.shape
-        nkv, S = k.shape[1], k.shape[2]
-        G = nq // nkv
-        gq, nsplit = _pow2(G), -(-S // block)
-        f32 = dict(dtype=torch.float32, device=q.device)
-        part = torch.empty(B * nkv * nsplit * gq * hd, **f32)
-        ml = torch.empty(B * nkv * nsplit * gq * 2, **f32)
-        y = torch.empty(B, nq * hd, dtype=q.dtype, device=q.device)
-        sizes = dict(HD=hd, G=G, GQ=gq, NSPLIT=nsplit, NSP2=_pow2(nsplit), BLOCK_S=block)
-        (pa, pb), (na, nb) = prefetch_lines(prefetch, prefetch_bytes, q)
-        wrap(_split_kernel)[(nsplit, nkv, B)](
-            q, q.stride(0), q.stride(1), k_new, k_new.stride(0), k_new.stride(1), v_new, v_new.stride(0),
-            v_new.stride(1), k, v, cos, sin, pos, part, ml, x, x.stride(0), x.shape[-1], eps, S, hd**-0.5,
-            pa, na, pb, nb, GP=max(16, gq), ROPE=rope, IEEE=k.dtype == torch.float32 or _INTERPRET, NORM=norm,
-            DP2=max(2, _pow2(x.shape[-1])), PREFETCH=na + nb > 0, **sizes,
-        )  # fmt: skip
-        wrap(_combine_kernel)[(nkv, B)](pos, part, ml, y, **sizes)
-        return y
-
     @torch.library.triton_op("notelab::rope_attention", mutates_args=("k", "v"))
     def _rope_attention(
         q: torch.Tensor,
@@ -221,36 +171,23 @@ if triton is not None:
         block: int,
     ) -> torch.Tensor:
         """:func:`rope_attention` as an operator inductor compiles into its graph (the kernels launched as is)."""
-        args = (q, k_new, v_new, k, v, pos, cos, sin, x, eps, rope, norm, block)
-        return _launch(torch.library.wrap_triton, *args, [], [])
-
-    @torch.library.custom_op("notelab::rope_attention_ahead", mutates_args=("k", "v"))
-    def _rope_attention_ahead(
-        q: torch.Tensor,
-        k_new: torch.Tensor,
-        v_new: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        pos: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        x: torch.Tensor,
-        eps: float,
-        rope: bool,
-        norm: bool,
-        block: int,
-        prefetch: list[torch.Tensor],
-        prefetch_bytes: list[int],
-    ) -> torch.Tensor:
-        """:func:`rope_attention` with L2 prefetch requests, as an operator inductor does not see into: its kernel's
-        inline PTX defeats inductor's reading of which tensors a kernel writes (it would then take every input
-        as written and copy the weights it prefetches, measured slower)."""
-        args = (q, k_new, v_new, k, v, pos, cos, sin, x, eps, rope, norm, block)
-        return _launch(lambda kernel: kernel, *args, prefetch, prefetch_bytes)
-
-    @_rope_attention_ahead.register_fake
-    def _(q: torch.Tensor, *args) -> torch.Tensor:  # noqa: ANN002
-        return q.new_empty(q.shape[0], q.shape[1] * q.shape[3])
+        B, nq, _, hd = q.shape
+        nkv, S = k.shape[1], k.shape[2]
+        G = nq // nkv
+        gq, nsplit = _pow2(G), -(-S // block)
+        f32 = dict(dtype=torch.float32, device=q.device)
+        part = torch.empty(B * nkv * nsplit * gq * hd, **f32)
+        ml = torch.empty(B * nkv * nsplit * gq * 2, **f32)
+        y = torch.empty(B, nq * hd, dtype=q.dtype, device=q.device)
+        sizes = dict(HD=hd, G=G, GQ=gq, NSPLIT=nsplit, NSP2=_pow2(nsplit), BLOCK_S=block)
+        torch.library.wrap_triton(_split_kernel)[(nsplit, nkv, B)](
+            q, q.stride(0), q.stride(1), k_new, k_new.stride(0), k_new.stride(1), v_new, v_new.stride(0),
+            v_new.stride(1), k, v, cos, sin, pos, part, ml, x, x.stride(0), x.shape[-1], eps, S, hd**-0.5,
+            GP=max(16, gq), ROPE=rope, IEEE=k.dtype == torch.float32 or _INTERPRET, NORM=norm,
+            DP2=max(2, _pow2(x.shape[-1])), **sizes,
+        )  # fmt: skip
+        torch.library.wrap_triton(_combine_kernel)[(nkv, B)](pos, part, ml, y, **sizes)
+        return y
 
 
 def rope_attention(
@@ -262,7 +199,6 @@ def rope_attention(
     rope: tuple[torch.Tensor, torch.Tensor] | None,
     block: int = BLOCK_KEYS,
     norm: tuple[torch.Tensor, float] | None = None,
-    prefetch: Sequence[tuple[torch.Tensor, int]] = (),
 ) -> torch.Tensor:
     """Attention of the new token of each row: ``q`` ``(B, Hq, 1, D)``, ``k``, ``v`` ``(B, Hkv, 1, D)`` before RoPE,
     rotated by ``rope`` = (cos, sin) ``(B, 1, 1, D)`` tables of the rows' slots ``pos`` (None: no rotation); the
@@ -270,9 +206,8 @@ def rope_attention(
     keys ``0..pos[b]``; returns ``(B, Hq, 1, D)``, as the engine's torch attention (``rotated_attention``) does.
     ``norm`` = (x ``(B, dim)``, eps): q, k, v are projections of the residual rows x before their RMSNorm, its gain
     folded into the weights (``notelab.lm.folded``): scaled by 1 / sqrt(mean(x^2) + eps) first (None: as given).
-    ``block``: keys a program reads (at least 16). ``prefetch``: at most two (tensor, bytes from its start) regions
-    the kernel asks L2 to fetch for the products after it (a hint: the result is the same). The engine's attention
-    on CUDA (``Engine(attention=...)``); see :func:`attend_unsupported`."""
+    ``block``: keys a program reads (at least 16). The engine's attention on CUDA (``Engine(attention=...)``);
+    see :func:`attend_unsupported`."""
     B, nq, _, hd = q.shape
     why = attend_unsupported(q, hd)
     if why:
@@ -288,9 +223,7 @@ def rope_attention(
     else:
         x, eps = norm[0].reshape(B, -1), norm[1]
         x = x if x.stride(-1) == 1 else x.contiguous()
-    args = (q, k, v, cache.k, cache.v, pos, cos, sin, x, float(eps), rope is not None, norm is not None, max(16, block))
-    if prefetch:
-        y = torch.ops.notelab.rope_attention_ahead(*args, [t for t, _ in prefetch], [int(n) for _, n in prefetch])
-    else:
-        y = torch.ops.notelab.rope_attention(*args)
+    y = torch.ops.notelab.rope_attention(
+        q, k, v, cache.k, cache.v, pos, cos, sin, x, float(eps), rope is not None, norm is not None, max(16, block)
+    )  # fmt: skip
     return y.view(B, nq, 1, hd)

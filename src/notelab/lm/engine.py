@@ -23,7 +23,7 @@ not depend on its batch or on the path that decoded it.
 from __future__ import annotations
 
 import warnings
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -52,6 +52,7 @@ from notelab.lm.sampling import (
 )
 
 RECOMPILE_LIMIT = 64  # compiled versions kept per decode function (kinds of processing x shapes)
+PREFILL_GRAPHS = 8  # prompt shapes (count, length) whose forward an engine on CUDA keeps captured by default
 
 
 @dataclass
@@ -144,6 +145,16 @@ def random_seed() -> int:
 
 
 @dataclass
+class _Prefill:
+    """A captured prompt forward: its input buffers (prompt tokens, cache rows), the graph and its logits."""
+
+    tokens: torch.Tensor
+    rows: torch.Tensor
+    graph: torch.cuda.CUDAGraph
+    logits: torch.Tensor | None = None
+
+
+@dataclass
 class _Request:
     id: int
     prompt: list[int]
@@ -184,14 +195,12 @@ def rotated_attention(
     pos: torch.Tensor,
     rope: tuple[torch.Tensor, torch.Tensor] | None,
     norm: tuple[torch.Tensor, float] | None = None,
-    prefetch: Sequence[tuple[torch.Tensor, int]] = (),
 ) -> torch.Tensor:
     """The stacked step's attention in torch, for the new token of each row: RoPE of ``q`` ``(B, Hq, 1, D)`` and ``k``
     ``(B, Hkv, 1, D)`` by ``rope`` (cos, sin of the rows' slots ``pos``; None: none), ``k``, ``v`` written into
     ``cache`` at ``pos[b]``, then :func:`decode_attention` over it, row ``b`` seeing keys ``0..pos[b]``. ``norm`` =
     (x ``(B, dim)``, eps): q, k, v first scaled by the RMSNorm statistic of the residual rows x, 1 / sqrt(mean(x^2)
-    + eps) (its gain folded into the weights: ``notelab.lm.folded``). ``prefetch``, the kernels' hint to the L2
-    cache (``notelab.lm.attend.rope_attention``), changes nothing here."""
+    + eps) (its gain folded into the weights: ``notelab.lm.folded``)."""
     if norm is not None:
         r = rms_scale(*norm).view(-1, 1, 1, 1)
         q, k, v = ((t.float() * r).to(t.dtype) for t in (q, k, v))
@@ -318,7 +327,11 @@ class Engine:
     CUDA with Triton, the kernels of ``notelab.lm.nucleus`` (``pivot_threshold``, ``draw_tokens``) and
     ``notelab.lm.attend.rope_attention``, and ``FOLDED`` where the model allows it; elsewhere the torch
     functions (a sort, or bisection on CUDA without Triton; ``gumbel_argmax``; ``rotated_attention``), which are
-    also the reference the kernels are tested against, and ``STACKED``."""
+    also the reference the kernels are tested against, and ``STACKED``. ``prefill_graphs`` (default: 8 on CUDA, 0
+    elsewhere): how many prompt shapes (prompts of one length admitted together, and their count) keep their
+    forward captured in a CUDA graph, the least recently used dropped first: a shape's first forward runs eagerly
+    and is then recorded, later ones replay it (a launch, not ~500; ``generate`` calls with the same prompts
+    repeat their shapes, a server's prompts seldom do)."""
 
     def __init__(
         self,
@@ -333,6 +346,7 @@ class Engine:
         attention: Callable[..., torch.Tensor] | None = None,
         layers: StackedLayers | None = None,
         compiler: Callable[[Callable], Callable] = compile_step,
+        prefill_graphs: int | None = None,
     ) -> None:
         c = model.config
         max_len = max_len or c.max_seq_len
@@ -401,6 +415,11 @@ class Engine:
         self.flip = 0
         self.pending: tuple | None = None  # the last launched step: (event, host copy, rows at launch, logprobs)
         self.steps: dict[Sampler, object] = {}  # the captured (or plain) decode step per kind of processing
+        self.prefill_graphs = (PREFILL_GRAPHS if cuda else 0) if prefill_graphs is None else prefill_graphs
+        if self.prefill_graphs and not cuda:
+            raise ConfigError(f"Engine: prefill_graphs > 0 needs a CUDA device, got {dev.type}")
+        self.prefills: OrderedDict[tuple[int, int], _Prefill] = OrderedDict()
+        self.pool = torch.cuda.graph_pool_handle() if self.prefill_graphs else None  # shared: replays never overlap
         self.warned: set[str] = set()
         if why:
             self._say_once(f"Engine: Triton kernels off ({why}); the torch functions run")
@@ -525,13 +544,7 @@ class Engine:
         dev, n = self.device, len(group)
         rows = torch.tensor([r.row for r in group], dtype=torch.long, device=dev)
         tokens = torch.tensor([r.prompt for r in group], dtype=torch.long, device=dev)
-        c = self.model.config
-        small = nn.ModuleList(
-            KVCache(n, c.n_kv_heads, P, c.head_dim, dtype=self.dtype, device=dev) for _ in range(c.n_layers)
-        )
-        logits = self.model._forward(tokens, 0, None, None, small, 1)[:, -1].float()
-        for big, part in zip(self.cache, small):
-            big.copy_rows(rows, part)
+        logits = self._prompts(tokens, rows)
         ps = [r.params for r in group]
         col = lambda xs, dt=torch.float32: torch.tensor(xs, dtype=dt, device=dev)[:, None]  # noqa: E731
         settings = (
@@ -561,6 +574,43 @@ class Engine:
         toks = first.tolist()
         lps = logprob.tolist() if logprob is not None else [None] * n
         return [self._emit(r, t, lp) for r, t, lp in zip(group, toks, lps)]
+
+    def _forward_prompts(self, tokens: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The forward of prompts ``tokens`` ``(n, P)`` into a cache of P slots, copied into rows ``rows`` of the
+        engine's cache; the last position's logits ``(n, V)`` in float32."""
+        (n, P), c = tokens.shape, self.model.config
+        small = nn.ModuleList(
+            KVCache(n, c.n_kv_heads, P, c.head_dim, dtype=self.dtype, device=self.device) for _ in range(c.n_layers)
+        )
+        logits = self.model._forward(tokens, 0, None, None, small, 1)[:, -1].float()
+        for big, part in zip(self.cache, small):
+            big.copy_rows(rows, part)
+        return logits
+
+    def _prompts(self, tokens: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """:meth:`_forward_prompts`, replayed from a graph where this shape was seen before (``prefill_graphs``)."""
+        key = tuple(tokens.shape)
+        held = self.prefills.get(key)
+        if held is not None:
+            self.prefills.move_to_end(key)
+            held.tokens.copy_(tokens)
+            held.rows.copy_(rows)
+            held.graph.replay()
+            return held.logits
+        logits = self._forward_prompts(tokens, rows)  # eagerly (also the warm-up of what is recorded next)
+        if self.prefill_graphs:
+            held = _Prefill(tokens.clone(), rows.clone(), torch.cuda.CUDAGraph())
+            try:
+                with torch.cuda.graph(held.graph, pool=self.pool):  # recorded, not run: the cache is not written
+                    held.logits = self._forward_prompts(held.tokens, held.rows)
+            except Exception as e:  # noqa: BLE001 - a forward that cannot be captured still runs eagerly
+                self._say_once(f"Engine: the prompt forward cannot be captured ({type(e).__name__}: {e}); eager")
+                self.prefill_graphs = 0
+                return logits
+            self.prefills[key] = held
+            while len(self.prefills) > self.prefill_graphs:
+                self.prefills.popitem(last=False)
+        return logits
 
     # -- the decode step: eager on CPU, compiled and captured on CUDA -------------------------------------
 
