@@ -48,7 +48,7 @@ from decode_defaults import SAMPLED, Bench, Phases, agreement, timed
 from notelab.lm import Llama, LlamaConfig, generate
 from notelab.lm.attend import rope_attention
 from notelab.lm.engine import STACKED, Engine, SamplingParams, rotated_attention
-from notelab.lm.nucleus import pivot_threshold
+from notelab.lm.nucleus import draw_tokens, pivot_threshold
 from notelab.lm.sampling import bisect_threshold, filter_threshold, gumbel_argmax
 
 TORCH = dict(threshold=bisect_threshold, draw=gumbel_argmax, attention=rotated_attention)
@@ -68,6 +68,9 @@ VARIANTS: dict[str, dict | Callable[[int, Llama], dict]] = {  # a callable: the 
     # fewer, longer programs a pass / more, shorter ones (the default aims at 512)
     "threshold=pivot 256 programs": dict(threshold=partial(pivot_threshold, programs=256)),
     "threshold=pivot 2048 programs": dict(threshold=partial(pivot_threshold, programs=2048, max_chunks=128)),
+    # programs loading 2,048 logits at once (the default: 1,024): half the iterations, twice the loads in flight
+    "threshold=pivot block 2048": dict(threshold=partial(pivot_threshold, block=2048)),
+    "draw=block 2048": dict(draw=partial(draw_tokens, block=2048)),
     # the step before the RMSNorms were folded into the projections (notelab.lm.folded): RMSNorm and residual kernels
     "layers=stacked": dict(layers=STACKED),
     # inductor's Triton matmul templates benchmarked against cuBLAS per shape, pointwise epilogues fused into them

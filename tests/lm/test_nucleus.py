@@ -37,15 +37,15 @@ def kept(logits: torch.Tensor, temperature: torch.Tensor, thr: torch.Tensor) -> 
     return (logits / torch.where(temperature > 0, temperature, 1.0)) >= thr
 
 
-def check_thresholds(V: int, dev: str, split_bits: int = nucleus.SPLIT_BITS) -> None:
+def check_thresholds(V: int, dev: str, split_bits: int = nucleus.SPLIT_BITS, **sizes) -> None:
     x, temperature, top_k, top_p = case(V, dev)
     for t in (temperature, None):
         tt = torch.ones_like(temperature) if t is None else t
-        got = nucleus.pivot_threshold(x, top_k, top_p, True, t, split_bits)
+        got = nucleus.pivot_threshold(x, top_k, top_p, True, t, split_bits, **sizes)
         assert torch.equal(kept(x, tt, got), kept(x, tt, filter_threshold(x, top_k, top_p, temperature=t)))
         assert torch.equal(kept(x, tt, got), kept(x, tt, bisect_threshold(x, top_k, top_p, temperature=t)))
     no_k = torch.full_like(top_k, V)
-    got = nucleus.pivot_threshold(x.bfloat16(), no_k, top_p, False, temperature, split_bits)  # bf16 logits read
+    got = nucleus.pivot_threshold(x.bfloat16(), no_k, top_p, False, temperature, split_bits, **sizes)  # bf16 read
     want = filter_threshold(x.bfloat16(), no_k, top_p, temperature=temperature)
     assert torch.equal(kept(x.bfloat16().float(), temperature, got), kept(x.bfloat16().float(), temperature, want))
 
@@ -82,6 +82,13 @@ def test_pivot_threshold_keeps_the_sorts_set(interp, split_bits, V):
     """Top-p alone, top-k alone, both and neither, greedy and scaled rows, float32 and bf16 logits: the kept set
     of the sort (``filter_threshold``) and of bisection."""
     check_thresholds(V, "cpu", split_bits)
+
+
+@pytest.mark.parametrize("split_bits", [2, 4])
+def test_pivot_threshold_in_long_loops(interp, split_bits):
+    """One program a row (``programs`` 4 for 6 rows), loading 256 logits at once (64 at s = 4): each pass loops
+    over a row's 12 blocks (47 at s = 4) after its first."""
+    check_thresholds(3000, "cpu", split_bits, programs=4, block=256)
 
 
 def test_pivot_threshold_ties_and_tiny_nuclei(interp):

@@ -44,7 +44,8 @@ from notelab.lm.triton_env import pow2 as _pow2
 
 SPLIT_BITS = 2  # s (1 to 4): each pass splits the bracket into 2^s parts
 PROGRAMS = 512  # programs a pass aims at, all rows together
-BLOCK = 1024  # elements a program loads at once
+BLOCK = 1024  # elements a program loads at once (at s = 2: fewer at s = 3, 4, whose sums take more registers)
+STATS_BLOCK = 4096  # elements the statistics' programs load at once (a maximum and a minimum each)
 MAX_CHUNKS = 64  # chunks of a row at most (each program reads every chunk's sums of the previous pass)
 
 
@@ -53,9 +54,12 @@ def pivot_unsupported(x: torch.Tensor) -> str:
     return kernels_unsupported(x)
 
 
-def _chunks(B: int, V: int, programs: int = PROGRAMS, max_chunks: int = MAX_CHUNKS) -> tuple[int, int]:
-    """Elements a program covers and chunks a row: about ``programs`` programs, at most ``max_chunks`` a row."""
-    chunk = max(_pow2(-(-V * B // programs)), _pow2(-(-V // max_chunks)), BLOCK)
+def _chunks(
+    B: int, V: int, programs: int = PROGRAMS, max_chunks: int = MAX_CHUNKS, block: int = BLOCK
+) -> tuple[int, int]:
+    """Elements a program covers and chunks a row: about ``programs`` programs, at most ``max_chunks`` a row, at
+    least ``block`` elements a program."""
+    chunk = max(_pow2(-(-V * B // programs)), _pow2(-(-V // max_chunks)), block)
     return chunk, -(-V // chunk)
 
 
@@ -107,9 +111,21 @@ if triton is not None:
         tl.store(mn_ptr + b * C + c, tl.min(lo, 0))
 
     @triton.jit
-    def _above(acc, key, lo, width, J: tl.constexpr, S: tl.constexpr, w):  # noqa: ANN001, ANN202
-        """``acc`` plus ``w`` where ``key`` reaches pivot J of 2^S over the bracket [lo, lo + width)."""
-        return acc + tl.where(key >= (lo + ((width * J) >> S)).to(tl.int32), w, 0.0)
+    def _accumulate(acc, raw, inside, piv, mraw, c2, t, MODE: tl.constexpr, SCALE: tl.constexpr, KEY16: tl.constexpr):  # noqa: ANN001, ANN202
+        """``acc`` ``(2^s, BLOCK)`` plus, per pivot j, the block's weights (1: count; 2: mass e^(x - m)) where the
+        key reaches ``piv[j]`` (j = 0: the bracket's low end)."""
+        if MODE == 1:
+            w = tl.where(inside, 1.0, 0.0)
+        else:
+            w = tl.exp2((raw.to(tl.float32) - mraw) * c2)  # 0 outside the row (-inf)
+        if KEY16:
+            key = _key16(raw)
+        else:
+            v = raw.to(tl.float32)
+            if SCALE:
+                v = tl.math.div_rn(v, t)
+            key = _key(v)
+        return acc + tl.where(key[None, :] >= piv[:, None], w[None, :], 0.0)
 
     @triton.jit
     def _bound_key(v, x_ptr, t, SCALE: tl.constexpr, KEY16: tl.constexpr):  # noqa: ANN001, ANN202
@@ -135,24 +151,41 @@ if triton is not None:
         cs = tl.arange(0, CP2)
         have = cs < C
         js = tl.arange(0, KP)
+        row = x_ptr + b.to(tl.int64) * stride
+        # Every load first: the first block of logits and the previous pass's results do not depend on each other
+        # (a reduction's barrier would otherwise hold the next loads back).
+        if not FINAL:
+            offs = c * CHUNK + tl.arange(0, BLOCK)
+            inside = offs < V
+            raw = tl.load(row + offs, mask=inside, other=float("-inf"))
         t = _temperature(temp_ptr, b, SCALE)
-        mraw = tl.max(tl.load(mx_ptr + b * C + cs, mask=have, other=float("-inf")), 0)
-        c2 = 1.4426950408889634 / t  # e^((x - max) / t) = 2^((x - max) c2)
-        top = _bound_key(mraw, x_ptr, t, SCALE, KEY16).to(tl.int64) + 1  # above every key of the row
+        mxs = tl.load(mx_ptr + b * C + cs, mask=have, other=float("-inf"))
         if PREV == 0:
-            mnraw = tl.min(tl.load(mn_ptr + b * C + cs, mask=have, other=float("inf")), 0)
-            lo = _bound_key(mnraw, x_ptr, t, SCALE, KEY16).to(tl.int64)
-            hi = top
+            mns = tl.load(mn_ptr + b * C + cs, mask=have, other=float("inf"))
         else:
             lo = tl.load(br_ptr + ((r - 1) * B + b) * 2)
             hi = tl.load(br_ptr + ((r - 1) * B + b) * 2 + 1)
             prev = part_ptr + ((r - 1) * B + b) * C * KP
-            tot = tl.sum(tl.load(prev + cs[:, None] * KP + js[None, :], mask=have[:, None], other=0.0), 0)
+            sums = tl.load(prev + cs[:, None] * KP + js[None, :], mask=have[:, None], other=0.0)
             if PREV == 1:
                 need = tl.load(k_ptr + b).to(tl.float32)
             else:  # p of the mass at the low end of the first top-p pass (t_k)
                 first = part_ptr + (first_p * B + b) * C * KP
-                need = tl.load(p_ptr + b) * tl.sum(tl.load(first + cs * KP, mask=have, other=0.0), 0)
+                base = tl.load(first + cs * KP, mask=have, other=0.0)
+                pb = tl.load(p_ptr + b)
+        if FINAL:
+            t_k = tl.load(br_ptr + (first_p * B + b) * 2)
+            p_row = tl.load(p_ptr + b)
+        mraw = tl.max(mxs, 0)
+        c2 = 1.4426950408889634 / t  # e^((x - max) / t) = 2^((x - max) c2)
+        top = _bound_key(mraw, x_ptr, t, SCALE, KEY16).to(tl.int64) + 1  # above every key of the row
+        if PREV == 0:
+            lo = _bound_key(tl.min(mns, 0), x_ptr, t, SCALE, KEY16).to(tl.int64)
+            hi = top
+        else:
+            tot = tl.sum(sums, 0)
+            if PREV == 2:
+                need = pb * tl.sum(base, 0)
             n = tl.sum(((tot >= need) & (js > 0)).to(tl.int64), 0)  # pivots that still keep enough
             width = hi - lo
             lo, hi = lo + ((width * n) >> S), lo + ((width * (n + 1)) >> S)
@@ -162,8 +195,7 @@ if triton is not None:
             tl.store(br_ptr + (r * B + b) * 2, lo)
             tl.store(br_ptr + (r * B + b) * 2 + 1, hi)
         if FINAL:
-            t_k = tl.load(br_ptr + (first_p * B + b) * 2)
-            kt = tl.where(tl.load(p_ptr + b) < 1.0, lo, t_k).to(tl.int32)
+            kt = tl.where(p_row < 1.0, lo, t_k).to(tl.int32)
             if KEY16:  # the 16-bit value of the key, scaled as the logits are
                 bits = tl.where(kt >= 0, kt, kt ^ 0x7FFF).to(tl.int16)
                 thr = bits.to(x_ptr.dtype.element_ty, bitcast=True).to(tl.float32)
@@ -172,80 +204,15 @@ if triton is not None:
             else:
                 thr = tl.where(kt >= 0, kt, kt ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
             tl.store(thr_ptr + b, thr)
-        else:  # one float32 sum a lane per pivot (at most 16), added over the lanes once at the end
-            width = hi - lo
-            lo32 = lo.to(tl.int32)
-            row = x_ptr + b.to(tl.int64) * stride
-            a0 = tl.zeros([BLOCK], tl.float32)
-            a1 = tl.zeros([BLOCK], tl.float32)
-            a2 = tl.zeros([BLOCK], tl.float32)
-            a3 = tl.zeros([BLOCK], tl.float32)
-            a4 = tl.zeros([BLOCK], tl.float32)
-            a5 = tl.zeros([BLOCK], tl.float32)
-            a6 = tl.zeros([BLOCK], tl.float32)
-            a7 = tl.zeros([BLOCK], tl.float32)
-            a8 = tl.zeros([BLOCK], tl.float32)
-            a9 = tl.zeros([BLOCK], tl.float32)
-            a10 = tl.zeros([BLOCK], tl.float32)
-            a11 = tl.zeros([BLOCK], tl.float32)
-            a12 = tl.zeros([BLOCK], tl.float32)
-            a13 = tl.zeros([BLOCK], tl.float32)
-            a14 = tl.zeros([BLOCK], tl.float32)
-            a15 = tl.zeros([BLOCK], tl.float32)
-            for start in range(0, CHUNK, BLOCK):
+        else:  # a float32 sum a lane per pivot, added over the lanes once at the end
+            piv = (lo + (((hi - lo) * js.to(tl.int64)) >> S)).to(tl.int32)
+            acc = _accumulate(tl.zeros([KP, BLOCK], tl.float32), raw, inside, piv, mraw, c2, t, MODE, SCALE, KEY16)
+            for start in range(BLOCK, CHUNK, BLOCK):
                 offs = c * CHUNK + start + tl.arange(0, BLOCK)
                 inside = offs < V
                 raw = tl.load(row + offs, mask=inside, other=float("-inf"))
-                if MODE == 1:
-                    w = tl.where(inside, 1.0, 0.0)
-                else:
-                    w = tl.exp2((raw.to(tl.float32) - mraw) * c2)  # 0 outside the row (-inf)
-                if KEY16:
-                    key = _key16(raw)
-                else:
-                    v = raw.to(tl.float32)
-                    if SCALE:
-                        v = tl.math.div_rn(v, t)
-                    key = _key(v)
-                a0 += tl.where(key >= lo32, w, 0.0)
-                a1 = _above(a1, key, lo, width, 1, S, w)
-                if S >= 2:
-                    a2 = _above(a2, key, lo, width, 2, S, w)
-                    a3 = _above(a3, key, lo, width, 3, S, w)
-                if S >= 3:
-                    a4 = _above(a4, key, lo, width, 4, S, w)
-                    a5 = _above(a5, key, lo, width, 5, S, w)
-                    a6 = _above(a6, key, lo, width, 6, S, w)
-                    a7 = _above(a7, key, lo, width, 7, S, w)
-                if S == 4:
-                    a8 = _above(a8, key, lo, width, 8, S, w)
-                    a9 = _above(a9, key, lo, width, 9, S, w)
-                    a10 = _above(a10, key, lo, width, 10, S, w)
-                    a11 = _above(a11, key, lo, width, 11, S, w)
-                    a12 = _above(a12, key, lo, width, 12, S, w)
-                    a13 = _above(a13, key, lo, width, 13, S, w)
-                    a14 = _above(a14, key, lo, width, 14, S, w)
-                    a15 = _above(a15, key, lo, width, 15, S, w)
-            cell = part_ptr + ((r * B + b) * C + c) * KP
-            tl.store(cell, tl.sum(a0, 0))
-            tl.store(cell + 1, tl.sum(a1, 0))
-            if S >= 2:
-                tl.store(cell + 2, tl.sum(a2, 0))
-                tl.store(cell + 3, tl.sum(a3, 0))
-            if S >= 3:
-                tl.store(cell + 4, tl.sum(a4, 0))
-                tl.store(cell + 5, tl.sum(a5, 0))
-                tl.store(cell + 6, tl.sum(a6, 0))
-                tl.store(cell + 7, tl.sum(a7, 0))
-            if S == 4:
-                tl.store(cell + 8, tl.sum(a8, 0))
-                tl.store(cell + 9, tl.sum(a9, 0))
-                tl.store(cell + 10, tl.sum(a10, 0))
-                tl.store(cell + 11, tl.sum(a11, 0))
-                tl.store(cell + 12, tl.sum(a12, 0))
-                tl.store(cell + 13, tl.sum(a13, 0))
-                tl.store(cell + 14, tl.sum(a14, 0))
-                tl.store(cell + 15, tl.sum(a15, 0))
+                acc = _accumulate(acc, raw, inside, piv, mraw, c2, t, MODE, SCALE, KEY16)
+            tl.store(part_ptr + ((r * B + b) * C + c) * KP + js, tl.sum(acc, 1))
 
     @triton.jit
     def _hash32(x):  # noqa: ANN001, ANN202
@@ -307,16 +274,17 @@ if triton is not None:
         counter: torch.Tensor,
         sample: bool,
         filtered: bool,
+        block: int,
     ) -> torch.Tensor:
         """:func:`draw_tokens` as an operator inductor compiles into its graph (the kernels launched as is)."""
         B, V = x.shape
-        chunk, C = _chunks(B, V)
+        chunk, C = _chunks(B, V, block=block)
         val = torch.empty(B * C, dtype=torch.float32, device=x.device)
         idx = torch.empty(B * C, dtype=torch.int32, device=x.device)
         out = torch.empty(B, dtype=torch.int64, device=x.device)
         torch.library.wrap_triton(_draw_kernel)[(C, B)](
             x, x.stride(0), V, temperature, thr, seed, counter, val, idx, C,
-            SAMPLE=sample, FILTER=filtered, CHUNK=chunk, BLOCK=BLOCK,
+            SAMPLE=sample, FILTER=filtered, CHUNK=chunk, BLOCK=block,
         )  # fmt: skip
         torch.library.wrap_triton(_pick_kernel)[(B,)](val, idx, out, C, CP2=max(2, _pow2(C)))
         return out
@@ -332,10 +300,11 @@ if triton is not None:
         split_bits: int,
         programs: int,
         max_chunks: int,
+        block: int,
     ) -> torch.Tensor:
         """:func:`pivot_threshold` as an operator inductor compiles into its graph (the kernels launched as is)."""
         B, V = x.shape
-        chunk, C = _chunks(B, V, programs, max_chunks)
+        chunk, C = _chunks(B, V, programs, max_chunks, block)
         key16 = x.element_size() == 2  # bf16 / fp16 logits: the search runs over their 2^16 values
         passes = -(-(16 if key16 else 32) // split_bits)
         nk = passes if with_top_k else 0
@@ -345,14 +314,16 @@ if triton is not None:
         br = torch.empty((total + 1) * B * 2, dtype=torch.int64, device=dev)
         part = torch.empty(total * B * C << split_bits, dtype=f32, device=dev)
         thr = torch.empty(B, dtype=f32, device=dev)
-        torch.library.wrap_triton(_stats_kernel)[(C, B)](x, x.stride(0), V, mx, mn, C, CHUNK=chunk, BLOCK=BLOCK)
+        torch.library.wrap_triton(_stats_kernel)[(C, B)](
+            x, x.stride(0), V, mx, mn, C, CHUNK=chunk, BLOCK=min(chunk, STATS_BLOCK)
+        )
         for r in range(total + 1):
             final = r == total
             prev = 0 if r == 0 else (1 if r - 1 < nk else 2)
             torch.library.wrap_triton(_pass_kernel)[(1 if final else C, B)](
                 x, x.stride(0), V, temperature, mx, mn, br, part, top_k, top_p, thr, B, C, r, nk,
                 PREV=prev, MODE=1 if r < nk else 2, FINAL=final, SCALE=scale, KEY16=key16, S=split_bits,
-                CP2=max(2, _pow2(C)), CHUNK=chunk, BLOCK=min(chunk, BLOCK >> max(0, split_bits - 2)),
+                CP2=max(2, _pow2(C)), CHUNK=chunk, BLOCK=min(chunk, block >> max(0, split_bits - 2)),
             )  # fmt: skip
         return thr
 
@@ -366,13 +337,14 @@ def pivot_threshold(
     split_bits: int = SPLIT_BITS,
     programs: int = PROGRAMS,
     max_chunks: int = MAX_CHUNKS,
+    block: int = BLOCK,
 ) -> torch.Tensor:
     """``notelab.lm.sampling.bisect_threshold`` by the pivot search above (``split_bits`` = s): per row ``(B, 1)``
     a threshold such that ``x >= threshold`` is the set top-k then top-p keep, ``x`` the scaled logits
     (``notelab.lm.sampling.scale_logits`` of ``logits`` ``(B, V)``, any float dtype and row stride, and
     ``temperature`` ``(B, 1)``; None: ``logits`` are scaled already). ``top_k`` ``(B, 1)`` int64 (V: none),
-    ``top_p`` ``(B, 1)`` (>= 1: none); about ``programs`` programs a pass, at most ``max_chunks`` a row. CUDA,
-    or Triton's interpreter (:func:`pivot_unsupported`)."""
+    ``top_p`` ``(B, 1)`` (>= 1: none); about ``programs`` programs a pass, at most ``max_chunks`` a row, each
+    loading ``block`` logits at once (a power of two). CUDA, or Triton's interpreter (:func:`pivot_unsupported`)."""
     if split_bits not in (1, 2, 3, 4):
         raise ValueError(f"pivot_threshold: expected split_bits 1, 2, 3 or 4, got {split_bits}")
     why = pivot_unsupported(logits)
@@ -384,7 +356,10 @@ def pivot_threshold(
     p = top_p.reshape(B).to(torch.float32).contiguous()
     t = _per_row(temperature, B, x.device)
     scaled = temperature is not None
-    return torch.ops.notelab.pivot_threshold(x, t, k, p, with_top_k, scaled, split_bits, programs, max_chunks)[:, None]
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"pivot_threshold: expected block a power of two >= 16, got {block}")
+    args = (x, t, k, p, with_top_k, scaled, split_bits, programs, max_chunks, block)
+    return torch.ops.notelab.pivot_threshold(*args)[:, None]
 
 
 def draw_tokens(
@@ -393,18 +368,21 @@ def draw_tokens(
     threshold: torch.Tensor | None,
     seed: torch.Tensor,
     counter: torch.Tensor,
+    block: int = BLOCK,
 ) -> torch.Tensor:
     """``notelab.lm.sampling.gumbel_argmax`` in two launches (see the module doc): the token ``(B,)`` of each row
-    of ``logits`` ``(B, V)`` (any float dtype and row stride). CUDA, or Triton's interpreter
-    (:func:`pivot_unsupported`)."""
+    of ``logits`` ``(B, V)`` (any float dtype and row stride), each program loading ``block`` logits at once (a
+    power of two). CUDA, or Triton's interpreter (:func:`pivot_unsupported`)."""
     why = pivot_unsupported(logits)
     if why:
         raise RuntimeError(f"draw_tokens: {why}")
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"draw_tokens: expected block a power of two >= 16, got {block}")
     B, dev = logits.shape[0], logits.device
     thr = _per_row(threshold, B, dev)
     return torch.ops.notelab.draw_tokens(
         _rows(logits), _per_row(temperature, B, dev), thr, seed.reshape(B).contiguous(),
-        counter.reshape(B).contiguous(), temperature is not None, threshold is not None,
+        counter.reshape(B).contiguous(), temperature is not None, threshold is not None, block,
     )  # fmt: skip
 
 
