@@ -51,6 +51,17 @@ def test_requests_joining_and_leaving_get_their_tokens_alone():
     assert not engine.has_work()
 
 
+def test_no_step_is_launched_past_the_last_requests_length():
+    """When every running request gets its last token from the step in flight, no further step is launched: the
+    longer request's row counts its prefill token and five decode steps, not six (the shorter one's row, still
+    running beside it, computes one step past its end, as rows do while a batch runs on)."""
+    engine = Engine(model_of(), max_batch=2)
+    for prompt, n in (([5, 6, 7], 4), ([9, 9], 6)):
+        engine.add(prompt, SamplingParams(max_new_tokens=n))
+    run(engine, {})
+    assert engine.count.tolist() == [5, 6]
+
+
 def test_cancel_frees_the_row_and_stop_tokens_end_a_request():
     model = model_of()
     engine = Engine(model, max_batch=1)

@@ -466,7 +466,9 @@ class Engine:
             del self.requests[r.id]
         events = self._admit()
         running = [r for r in self.rows if r is not None]
-        if not running:
+        launched = self.pending[2] if self.pending is not None else [None] * len(self.rows)
+        # no step when every running request gets its last token from the one in flight (a length limit)
+        if all(r.made + (launched[r.row] is r) >= r.budget for r in running):
             return events + self._drain()
         how = sampler_for([r.params for r in running])
         self._run(how)
