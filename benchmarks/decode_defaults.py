@@ -11,7 +11,10 @@ agreement with the reference path's (``path="reference"``, the eager loop) in bf
 sampling (``top_p=FactualNucleus``, Lee et al. 2022) at batches 1 and 8. Then ``notelab lm generate``
 (default options but ``--max-new-tokens N``) on a run folder of the same model saved in bf16 with a
 tokenizer of one entry per id, and the rates it prints. Phases run greedy at every batch first, then
-sampled, factual, the CLI; those that would start after ``--budget-s`` are skipped. ``--tiny``: a small
+sampled, factual, the CLI; those that would start after ``--budget-s`` are skipped, and with ``--only REGEX``
+those whose names do not match. ``--breakdown`` (CUDA): after each batched call, where its time went, timed on
+the engine ``generate`` holds: one decode step's replay with every row at the mean context, the captured prompt
+forward's replay and ``refresh_weights``; the rest of the call is the whole less N - 1 steps. ``--tiny``: a small
 model on CPU (a smoke test of the script).
 """
 
@@ -162,6 +165,32 @@ class Bench:
         return {"tokens_per_s": tps, "of_roofline_%": 100 * tps / self.roofline(batch)}
 
 
+def breakdown(bench: Bench, batch: int, whole_s: float) -> dict:
+    """Parts of the call just timed, on the engine ``generate`` holds for it (its last captured step and prompt
+    forward): the step replayed with every row at the mean context (rows held there), the prompt forward
+    replayed, ``refresh_weights``; and the whole call less N - 1 steps (prefill, first token, host work)."""
+    engine = sys.modules["notelab.lm.generate"]._HELD[bench.model]["engine"][1]
+
+    def mean_s(fn: Callable[[], object], n: int) -> float:
+        sync(bench.device)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        sync(bench.device)
+        return (time.perf_counter() - t0) / n
+
+    with torch.inference_mode():
+        engine.pos.fill_(bench.P + (bench.N - 1) // 2)
+        engine.active.zero_()  # the rows stay at that slot
+    step = mean_s(list(engine.steps.values())[-1].replay, 50)
+    prefill = list(engine.prefills.values())[-1].graph.replay if engine.prefills else None
+    res = {"step_replay_us": step * 1e6, "step_of_roofline_%": 100 * batch / step / bench.roofline(batch)}
+    res["prefill_replay_ms"] = mean_s(prefill, 5) * 1e3 if prefill else float("nan")
+    res["refresh_weights_ms"] = mean_s(engine.refresh_weights, 3) * 1e3
+    res["call_less_steps_ms"] = (whole_s - (bench.N - 1) * step) * 1e3
+    return res
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="llama3.2-1b")
@@ -173,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reference", action="store_true", help="greedy agreement with the (slow) eager reference path")
     p.add_argument("--tiny", action="store_true", help="small model and sizes: a CPU smoke test")
     p.add_argument("--out", help="write every figure as JSON here")
+    p.add_argument("--only", help="run only the phases whose names match this regular expression")
+    p.add_argument("--breakdown", action="store_true", help="time the parts of each batched call (CUDA)")
     args = p.parse_args(argv)
     if args.tiny:
         args.preset, args.prompt, args.new_tokens, args.batches = "llama3-tiny", 8, 12, [1, 3]
@@ -181,9 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     print(f"# generate() defaults on {gpu}, torch {torch.__version__}, preset {args.preset}, P={args.prompt}, "
           f"N={args.new_tokens}", flush=True)  # fmt: skip
-    phase = Phases(args.budget_s, args.out)
-    phase("card", bench.card)
-    phase("build bf16 model", bench.build)
+    phase = Phases(args.budget_s, args.out, args.only)
+    phase("card", bench.card, always=True)
+    phase("build bf16 model", bench.build, always=True)
     if bench.model is None:
         return 1
     print("# roofline tokens/s: " + ", ".join(f"B={b}: {bench.roofline(b):.0f}" for b in args.batches), flush=True)
@@ -213,6 +244,11 @@ def main(argv: list[str] | None = None) -> int:
             warm_s, _ = timed(dev, lambda: generate(bench.model, prompts, n, **kw))
             dt, out = timed(dev, lambda: generate(bench.model, prompts, n, **kw))
             res = {**bench.figures(batch, dt, out), "warmup_s": warm_s}
+            if args.breakdown and dev.type == "cuda" and batch > 1:
+                try:
+                    res.update(breakdown(bench, batch, dt))
+                except Exception as e:  # noqa: BLE001 - a diagnostic: the call's own figures stand
+                    res["breakdown_error"] = f"{type(e).__name__}: {e}"
             if not kw and batch in refs:
                 res["rows_equal_ref"], res["prefix_agree_ref"] = agreement(out, refs[batch])
             return res
