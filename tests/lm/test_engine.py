@@ -150,6 +150,17 @@ def test_engine_on_cuda_replays_graphs_with_the_reference_tokens():
     assert tokens_of(events[ids[2]]) == want
 
 
+def test_an_engine_built_in_inference_mode_refreshes_its_weights_outside_it():
+    model = model_of()
+    with torch.inference_mode():
+        engine = Engine(model, max_batch=2, stacked=True)
+    with torch.no_grad():
+        model.layers[0].self_attn.q_proj.weight.mul_(2.0)
+    engine.refresh_weights()  # in-place updates of the engine's inference tensors: inside inference mode
+    q_rows = model.layers[0].self_attn.q_proj.weight.shape[0]
+    assert torch.equal(engine.fused[0][0][:q_rows], model.layers[0].self_attn.q_proj.weight)
+
+
 def test_prefill_graphs_need_cuda():
     with pytest.raises(ConfigError, match="prefill_graphs > 0 needs a CUDA device, got cpu"):
         Engine(model_of(), max_batch=2, prefill_graphs=2)

@@ -616,8 +616,11 @@ class Engine:
 
     # -- the decode step: eager on CPU, compiled and captured on CUDA -------------------------------------
 
+    @torch.inference_mode()
     def refresh_weights(self) -> None:
-        """Copy the model's current weights into the stacked ones (in place: the captured graphs read them)."""
+        """Copy the model's current weights into the stacked ones (in place: the captured graphs read them); in
+        inference mode, as ``step`` runs, so an engine built there (``generate`` builds its own there) refreshes
+        from anywhere."""
         if self.fused is not None:
             self.layers.weights(self.model, out=self.fused)
 
