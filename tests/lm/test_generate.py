@@ -177,3 +177,20 @@ def test_every_path_on_cuda_gives_the_reference_tokens():
     kw = dict(temperature=0.8, top_p=0.95, seed=2)
     assert generate(model, prompts, 12, **kw) == generate(model, prompts, 12, path="reference", **kw)
     assert generate(model, prompts[:1], 12, **kw) == generate(model, prompts[:1], 12, path="reference", **kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_replaced_parameters_are_read_by_the_next_call():
+    """Graphs replay fixed addresses: after a parameter is replaced by a new tensor (not updated in place), the
+    next call of the same shapes builds new ones, and gives the reference path's tokens of the new weights."""
+    model = model_of().cuda()
+    prompts = [[1, 2, 3, 4, 5], [7, 8, 9, 10, 11]]  # one length: the engine's prompt forward is captured
+    for _ in range(2):  # the second call replays the captured prompt forward and step
+        assert generate(model, prompts, 8) == generate(model, prompts, 8, path="reference")
+    with torch.no_grad():
+        a = model.layers[1].self_attn
+        a.q_proj.weight = torch.nn.Parameter(a.q_proj.weight.flip(0) * 1.5)
+        model.layers[0].mlp.up_proj.weight = torch.nn.Parameter(model.layers[0].mlp.up_proj.weight.flip(1))
+    assert generate(model, prompts, 8) == generate(model, prompts, 8, path="reference")
+    assert generate(model, prompts[:1], 8) == generate(model, prompts[:1], 8, path="reference")  # the chain

@@ -88,7 +88,10 @@ _HELD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def _held(model: Llama, kind: str, key: tuple, build: Callable[[], object]) -> object:
     w = model.embed_tokens.weight
-    key = (*key, w.device, w.dtype, w.data_ptr())  # a graph replays fixed addresses: a moved model needs a new one
+    # A graph replays fixed addresses: a moved model, or one whose parameters were replaced (not updated in place),
+    # needs new ones. The addresses of every parameter and buffer, read at each call (~150 tensors: microseconds).
+    addresses = tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers()))
+    key = (*key, w.device, w.dtype, addresses)
     per_model = _HELD.setdefault(model, {})
     held = per_model.get(kind)
     if held is None or held[0] != key:
