@@ -330,7 +330,7 @@ class Engine:
     also the reference the kernels are tested against, and ``STACKED``. ``prefill_graphs`` (default: 8 on CUDA, 0
     elsewhere): how many prompt shapes (prompts of one length admitted together, and their count) keep their
     forward captured in a CUDA graph, the least recently used dropped first: a shape's first forward runs eagerly
-    and is then recorded, later ones replay it (a launch, not ~500; ``generate`` calls with the same prompts
+    and is then recorded, later ones replay it (one launch, not hundreds; ``generate`` calls with the same prompts
     repeat their shapes, a server's prompts seldom do)."""
 
     def __init__(
