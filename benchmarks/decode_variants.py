@@ -38,6 +38,7 @@ benchmarks/RESULTS.md; ``benchmarks/skinny_products.py`` times the products alon
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable
 from functools import partial
@@ -47,17 +48,41 @@ import torch
 from decode_defaults import SAMPLED, Bench, Phases, agreement, timed
 from notelab.lm import Llama, LlamaConfig, generate
 from notelab.lm.attend import rope_attention
-from notelab.lm.engine import STACKED, Engine, SamplingParams, rotated_attention
+from notelab.lm.engine import STACKED, Engine, SamplingParams, StackedLayers, rotated_attention
+from notelab.lm.folded import SKINNY, Products, folded_forward, folded_unsupported, folded_weights
 from notelab.lm.nucleus import draw_tokens, pivot_threshold
 from notelab.lm.sampling import bisect_threshold, filter_threshold, gumbel_argmax
+from notelab.lm.skinny import Tiles, skinny_add_, skinny_gated, skinny_linear
+
+
+def folded_with(products: Products) -> StackedLayers:
+    """The folded layers (the CUDA default) with ``products`` for their products."""
+    return StackedLayers(folded_weights, partial(folded_forward, products=products), folded_unsupported)
+
+
+def tuned_products(path: str) -> Products:
+    """``notelab.lm.skinny``'s products with the tiles ``skinny_products.py --tiles-out`` found fastest per (N, K,
+    B) (its default tiles for the shapes the file does not name)."""
+    with open(path) as f:
+        table = {(r["N"], r["K"], r["B"]): Tiles(*r["tiles"]) for r in json.load(f)}
+
+    def pick(x: torch.Tensor, w: torch.Tensor) -> Tiles:
+        return table.get((w.shape[0], w.shape[1], x.shape[0]), Tiles())
+
+    return Products(
+        lambda x, w: skinny_linear(x, w, pick(x, w)),
+        lambda y, x, w: skinny_add_(y, x, w, pick(x, w)),
+        lambda x, w, eps: skinny_gated(x, w, eps, pick(x, w)),
+    )
+
 
 TORCH = dict(threshold=bisect_threshold, draw=gumbel_argmax, attention=rotated_attention)
 VARIANTS: dict[str, dict | Callable[[int, Llama], dict]] = {  # a callable: the parts for (batch, model)
     "default": {},
     "torch parts": TORCH,
     "attention=torch": dict(attention=rotated_attention),
-    # half the programs, each computing the row's RMSNorm factor once for 64 keys (the folded step)
-    "attention blocks of 64": dict(attention=partial(rope_attention, block=64)),
+    # twice the programs, each reading 32 keys (the default reads 64)
+    "attention blocks of 32": dict(attention=partial(rope_attention, block=32)),
     "draw=torch": dict(draw=gumbel_argmax),
     "threshold=bisect": dict(threshold=bisect_threshold),
     "threshold=sort": dict(threshold=filter_threshold),
@@ -73,6 +98,8 @@ VARIANTS: dict[str, dict | Callable[[int, Llama], dict]] = {  # a callable: the 
     "draw=block 2048": dict(draw=partial(draw_tokens, block=2048)),
     # the step before the RMSNorms were folded into the projections (notelab.lm.folded): RMSNorm and residual kernels
     "layers=stacked": dict(layers=STACKED),
+    # the products by notelab.lm.skinny (the weight as the tall operand, epilogues fused; its default tiles)
+    "products=skinny": dict(layers=folded_with(SKINNY)),
     # inductor's Triton matmul templates benchmarked against cuBLAS per shape, pointwise epilogues fused into them
     "max-autotune": dict(
         compiler=partial(torch.compile, fullgraph=True, dynamic=False, mode="max-autotune-no-cudagraphs")
@@ -106,7 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", help="run only the phases whose names match this regular expression")
     p.add_argument("--profile", action="store_true", help="profile the default step's kernels (CUDA)")
     p.add_argument("--profile-variants", nargs="+", default=["default"], help="with --profile: these variants' steps")
+    p.add_argument("--skinny-tiles", help="skinny_products.py --tiles-out's JSON: adds 'products=skinny tuned'")
     args = p.parse_args(argv)
+    if args.skinny_tiles:
+        VARIANTS["products=skinny tuned"] = dict(layers=folded_with(tuned_products(args.skinny_tiles)))
     if args.tiny:
         args.preset, args.prompt, args.new_tokens, args.batches = "llama3-tiny", 8, 12, [2, 3]
     bench = Bench(args.preset, args.prompt, args.new_tokens, max(args.batches), args.tiny)
@@ -127,12 +157,13 @@ def main(argv: list[str] | None = None) -> int:
         ref = generate(small, prompts, 16, path="reference")
         ref_s = generate(small, prompts, 16, path="reference", **SAMPLED)
         res = {}
-        for name in ("default", "threshold=bisect", "threshold=sort", "torch parts", "layers=stacked"):
+        names = ("default", "threshold=bisect", "threshold=sort", "torch parts", "layers=stacked", "products=skinny")
+        for name in names:
             parts = VARIANTS[name]
             parts = parts(len(prompts), small) if callable(parts) else parts
             eng = Engine(small, len(prompts), 32, stacked=True, **parts)
             res[f"{name} sampled == reference"] = run_engine(eng, prompts, 16, True) == ref_s
-            if name in ("default", "torch parts", "layers=stacked"):
+            if name in ("default", "torch parts", "layers=stacked", "products=skinny"):
                 res[f"{name} greedy == reference"] = run_engine(eng, prompts, 16, False) == ref
         return res
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from triton_interpreter import GPU, engine_tokens, import_interpreted, run_file_in_child, use_interpreter
+from triton_interpreter import GPU, engine_tokens, import_interpreted, run_file_in_child, use_interpreter, with_gains
 from triton_interpreter import small_llama as model_of
 
 from notelab.core.norms import rms_norm
@@ -20,16 +20,6 @@ folded, IN_PROCESS = import_interpreted("notelab.lm.folded")
 @pytest.fixture
 def interp(monkeypatch):
     use_interpreter(IN_PROCESS, monkeypatch)
-
-
-def with_gains(model):  # noqa: ANN001, ANN201
-    """The model with RMSNorm gains away from 1 (a fold of all-ones gains would test nothing)."""
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for layer in model.layers:
-            for n in (layer.input_layernorm, layer.post_attention_layernorm):
-                n.weight.copy_(0.5 + torch.rand(n.weight.shape, generator=g).to(n.weight))
-    return model
 
 
 def test_folded_weights_carry_the_gains():

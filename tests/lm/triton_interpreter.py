@@ -88,6 +88,16 @@ def small_llama(dtype: torch.dtype = torch.float32, device: str = "cpu", **kw) -
     return model.to(device=device, dtype=dtype)
 
 
+def with_gains(model):  # noqa: ANN001, ANN201
+    """The model with RMSNorm gains away from 1 (a fold of all-ones gains would test nothing)."""
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for layer in model.layers:
+            for n in (layer.input_layernorm, layer.post_attention_layernorm):
+                n.weight.copy_(0.5 + torch.rand(n.weight.shape, generator=g).to(n.weight))
+    return model
+
+
 def engine_tokens(model: Llama, prompts: list[list[int]], kw: dict, **parts) -> list[list[int]]:
     """10 new tokens a prompt from an engine built with ``parts`` (row b seeded 3 + b, sampling settings ``kw``); a
     RuntimeWarning (on a GPU: a compile failure and the eager fallback) fails the test."""

@@ -28,7 +28,9 @@ from notelab.lm.triton_env import INTERPRET as _INTERPRET
 from notelab.lm.triton_env import kernels_unsupported, tl, triton
 from notelab.lm.triton_env import pow2 as _pow2
 
-BLOCK_KEYS = 32  # keys a program reads (one block: the keys of a row are split over programs)
+# keys a program reads (one block: the keys of a row are split over programs). 64 against 32: +0.7-0.9 points of
+# the roofline at 32 rows, equal at 8 (benchmarks/RESULTS.md, eleventh session)
+BLOCK_KEYS = 64
 
 
 def attend_unsupported(q: torch.Tensor, head_dim: int) -> str:

@@ -19,6 +19,7 @@ the same arithmetic up to those roundings (``tests/lm/test_folded.py`` checks th
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,7 @@ from torch import nn
 
 from notelab.core.norms import RMSNorm, rms_scale
 from notelab.lm.model import FusedWeights, Llama, decode_inputs, split_qkv
+from notelab.lm.skinny import skinny_add_, skinny_gated, skinny_linear
 from notelab.lm.triton_env import INTERPRET as _INTERPRET  # noqa: F401 - the tests read it here
 from notelab.lm.triton_env import kernels_unsupported, tl, triton
 from notelab.lm.triton_env import pow2 as _pow2
@@ -124,6 +126,26 @@ def gated_silu(gate_up: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tens
     return torch.ops.notelab.gated_silu(*rows, float(eps))
 
 
+def gated_linear(x: torch.Tensor, w_gate_up: torch.Tensor, eps: float) -> torch.Tensor:
+    """The folded SwiGLU's activation ``(B, I)``: :func:`gated_silu` of ``x [W_g; W_u]^T`` (cuBLAS, then one kernel)."""
+    return gated_silu(F.linear(x, w_gate_up), x, eps)
+
+
+@dataclass(frozen=True)
+class Products:
+    """How the folded step multiplies its rows by the weights: ``linear(x, w)`` = x w^T, ``add_(y, x, w)``:
+    y <- y + x w^T in place (the residual), ``gated(x, w_gate_up, eps)``: :func:`gated_silu_torch` of x w_gate_up^T
+    and x."""
+
+    linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    add_: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
+    gated: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+
+CUBLAS = Products(F.linear, add_linear_, gated_linear)
+SKINNY = Products(skinny_linear, skinny_add_, skinny_gated)  # notelab.lm.skinny: the weight as the tall operand
+
+
 def folded_forward(
     model: Llama,
     folded: FusedWeights,
@@ -131,19 +153,20 @@ def folded_forward(
     pos: torch.Tensor,
     cache: nn.ModuleList,
     attention: Callable[..., torch.Tensor],
+    products: Products = CUBLAS,
 ) -> torch.Tensor:
     """``Llama._forward`` for one token a row (``tok`` ``(B, 1)`` at cache slots ``pos`` ``(B,)``) over the folded
     weights of :func:`folded_weights`: logits ``(B, 1, V)``. ``attention(q, k, v, cache, pos, rope, norm=(x, eps))``
-    as ``notelab.lm.engine.rotated_attention``."""
+    as ``notelab.lm.engine.rotated_attention``; ``products`` the products' kernels."""
     B = tok.shape[0]
     x, rope = decode_inputs(model, tok, pos)
     x = x.reshape(B, -1)  # the residual rows, updated in place by the products
     for i, (layer, (w_qkv, w_gate_up)) in enumerate(zip(model.layers, folded, strict=True)):
         a = layer.self_attn
-        q, k, v = split_qkv(F.linear(x, w_qkv), a)
+        q, k, v = split_qkv(products.linear(x, w_qkv), a)
         y = attention(q, k, v, cache[i], pos, rope, norm=(x, layer.input_layernorm.eps))
         # (under autocast the products' outputs are of its dtype: the residual rows keep theirs)
-        add_linear_(x, y.transpose(1, 2).reshape(B, -1).to(x.dtype), a.o_proj.weight.to(x.dtype))
-        act = gated_silu(F.linear(x, w_gate_up), x, layer.post_attention_layernorm.eps)
-        add_linear_(x, act.to(x.dtype), layer.mlp.down_proj.weight.to(x.dtype))
+        products.add_(x, y.transpose(1, 2).reshape(B, -1).to(x.dtype), a.o_proj.weight.to(x.dtype))
+        act = products.gated(x, w_gate_up, layer.post_attention_layernorm.eps)
+        products.add_(x, act.to(x.dtype), layer.mlp.down_proj.weight.to(x.dtype))
     return model.lm_head(model.norm(x))[:, None]

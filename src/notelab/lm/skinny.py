@@ -1,0 +1,182 @@
+"""Products of a few rows by a wide weight, the decode step's shape, in one Triton kernel with the weight as the
+tall operand.
+
+A batched decode step multiplies ``B`` = 1-32 rows ``x`` ``(B, K)`` by each weight ``W`` ``(N, K)``: ``y = x W^T``,
+bound by reading ``W``. Here a program takes ``BN`` rows of ``W`` and computes the transposed block
+
+    y^T[n0 : n0 + BN, :] = W[n0 : n0 + BN, :] x^T        (tensor-core tiles of BN x BK times BK x BM, the rows of
+                                                         x padded to BM >= 16 by masked loads)
+
+streaming its ``BN x K`` slice of ``W`` through ``STAGES`` pipelined loads, so that even 2,048 outputs give
+``2048 / BN`` programs that each read a contiguous slice (no split over K, no partial sums to add). Three
+epilogues, the folded decode step's (``notelab.lm.folded``), each rounding where that step rounds:
+
+    plain        y = x W^T                                  rounded once to x's dtype
+    accumulate   y <- y + x W^T   (y the residual rows)     float32 sum, rounded once (cuBLAS's beta = 1)
+    gated        y = silu(r g) * (r u),  [g; u] = x [W_g; W_u]^T,  r = 1 / sqrt(mean(x^2) + eps)
+                 (the SwiGLU of a layer whose RMSNorm gain is folded into W; each factor rounded to x's dtype
+                 as ``notelab.lm.folded.gated_silu_torch`` rounds; r summed from the x blocks the program reads)
+
+Without a GPU the kernel runs through Triton's interpreter (``TRITON_INTERPRET=1``, read by
+``notelab.lm.triton_env``), which is how the tests check it against the torch functions on CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from notelab.lm.triton_env import INTERPRET as _INTERPRET
+from notelab.lm.triton_env import kernels_unsupported, tl, triton
+from notelab.lm.triton_env import pow2 as _pow2
+
+PLAIN, ACCUMULATE, GATED = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """A program's share: ``bn`` weight rows (outputs), read ``bk`` columns at a time through ``stages`` pipelined
+    loads, by ``warps`` warps."""
+
+    bn: int = 16
+    bk: int = 256
+    stages: int = 4
+    warps: int = 4
+
+
+TILES = Tiles()
+
+
+def skinny_unsupported(x: torch.Tensor, w: torch.Tensor) -> str:
+    """Why :func:`skinny_linear` cannot run on ``x`` and ``w`` ("" when it can)."""
+    why = kernels_unsupported(x)
+    if why:
+        return why
+    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
+        return f"expected x (B, K) and w (N, K), got {tuple(x.shape)} and {tuple(w.shape)}"
+    if x.shape[0] > 64:
+        return f"at most 64 rows (the kernel keeps them all in one tile), got {x.shape[0]}"
+    if x.dtype != w.dtype:
+        return f"x and w must share a dtype, got {x.dtype} and {w.dtype}"
+    return ""
+
+
+if triton is not None:
+
+    @triton.jit
+    def _skinny_kernel(  # noqa: ANN202
+        x_ptr, sx, w_ptr, sw, y_ptr, sy, B, N, K, eps,  # noqa: ANN001
+        MODE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):  # fmt: skip
+        """Program n: outputs [n BN, (n + 1) BN) of every row (see the module doc); ``MODE`` the epilogue (gated:
+        ``w`` is [W_g; W_u], 2N rows)."""
+        n = tl.program_id(0)
+        rn = n * BN + tl.arange(0, BN)
+        rm = tl.arange(0, BM)
+        live_n = rn < N
+        live_m = rm < B
+        wrow = w_ptr + rn.to(tl.int64)[:, None] * sw
+        acc = tl.zeros((BN, BM), dtype=tl.float32)
+        if MODE == 2:
+            acc_u = tl.zeros((BN, BM), dtype=tl.float32)
+            wrow_u = w_ptr + (rn + N).to(tl.int64)[:, None] * sw
+            ss = tl.zeros((BM,), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            rk = k0 + tl.arange(0, BK)
+            xmask, wmask = live_m[None, :], live_n[:, None]
+            if not EVEN_K:  # the last block is partial
+                xmask, wmask = xmask & (rk < K)[:, None], wmask & (rk < K)[None, :]
+            xt = tl.load(x_ptr + rm[None, :] * sx + rk[:, None], mask=xmask, other=0.0)
+            wt = tl.load(wrow + rk[None, :], mask=wmask, other=0.0, eviction_policy="evict_first")
+            if IEEE:  # float32 operands (exact for bf16 ones): float32 models, and the interpreter (no bf16 dot)
+                acc = tl.dot(wt.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(wt, xt, acc)
+            if MODE == 2:
+                wu = tl.load(wrow_u + rk[None, :], mask=wmask, other=0.0, eviction_policy="evict_first")
+                if IEEE:
+                    acc_u = tl.dot(wu.to(tl.float32), xt.to(tl.float32), acc_u, input_precision="ieee")
+                else:
+                    acc_u = tl.dot(wu, xt, acc_u)
+                xf = xt.to(tl.float32)
+                ss += tl.sum(xf * xf, 0)
+        dt = y_ptr.dtype.element_ty
+        ptrs = y_ptr + rm[None, :] * sy + rn[:, None]  # y^T's block: (BN, BM)
+        mask = live_n[:, None] & live_m[None, :]
+        if MODE == 0:
+            out = acc
+        elif MODE == 1:
+            out = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) + acc
+        else:
+            r = tl.math.rsqrt(ss / K + eps)[None, :]
+            gate = (acc.to(dt).to(tl.float32) * r).to(dt).to(tl.float32)
+            up = (acc_u.to(dt).to(tl.float32) * r).to(dt).to(tl.float32)
+            act = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32)  # F.silu, rounded
+            out = act * up
+        tl.store(ptrs, out.to(dt), mask=mask)
+
+    def _launch(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, mode: int, eps: float, tiles: Tiles) -> None:
+        B, K = x.shape
+        N = y.shape[1]
+        torch.library.wrap_triton(_skinny_kernel)[(triton.cdiv(N, tiles.bn),)](
+            x, x.stride(0), w, w.stride(0), y, y.stride(0), B, N, K, eps,
+            MODE=mode, BM=max(16, _pow2(B)), BN=tiles.bn, BK=tiles.bk, EVEN_K=K % tiles.bk == 0,
+            IEEE=w.dtype == torch.float32 or _INTERPRET,
+            num_warps=tiles.warps, num_stages=tiles.stages,
+        )  # fmt: skip
+
+    @torch.library.triton_op("notelab::skinny_linear", mutates_args=())
+    def _skinny_linear(x: torch.Tensor, w: torch.Tensor, bn: int, bk: int, stages: int, warps: int) -> torch.Tensor:
+        """:func:`skinny_linear` as an operator inductor compiles into its graph (the kernel launched as is)."""
+        y = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
+        _launch(x, w, y, PLAIN, 0.0, Tiles(bn, bk, stages, warps))
+        return y
+
+    @torch.library.triton_op("notelab::skinny_add_", mutates_args=("y",))
+    def _skinny_add_(
+        y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bn: int, bk: int, stages: int, warps: int
+    ) -> None:
+        """:func:`skinny_add_` as an operator."""
+        _launch(x, w, y, ACCUMULATE, 0.0, Tiles(bn, bk, stages, warps))
+
+    @torch.library.triton_op("notelab::skinny_gated", mutates_args=())
+    def _skinny_gated(
+        x: torch.Tensor, w: torch.Tensor, eps: float, bn: int, bk: int, stages: int, warps: int
+    ) -> torch.Tensor:
+        """:func:`skinny_gated` as an operator."""
+        y = torch.empty(x.shape[0], w.shape[0] // 2, dtype=x.dtype, device=x.device)
+        _launch(x, w, y, GATED, eps, Tiles(bn, bk, stages, warps))
+        return y
+
+
+def _checked(name: str, x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    why = skinny_unsupported(x, w)
+    if why:
+        raise RuntimeError(f"{name}: {why}")
+    return (x if x.stride(-1) == 1 else x.contiguous()), (w if w.stride(-1) == 1 else w.contiguous())
+
+
+def skinny_linear(x: torch.Tensor, w: torch.Tensor, tiles: Tiles = TILES) -> torch.Tensor:
+    """``x w^T`` (``x`` ``(B, K)``, ``w`` ``(N, K)``, B <= 64) by the kernel above."""
+    x, w = _checked("skinny_linear", x, w)
+    return torch.ops.notelab.skinny_linear(x, w, tiles.bn, tiles.bk, tiles.stages, tiles.warps)
+
+
+def skinny_add_(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, tiles: Tiles = TILES) -> None:
+    """``y <- y + x w^T`` in place (``y`` ``(B, N)`` with unit stride along a row), rounded once."""
+    x, w = _checked("skinny_add_", x, w)
+    if y.shape != (x.shape[0], w.shape[0]) or y.stride(-1) != 1 or y.dtype != x.dtype:
+        raise RuntimeError(f"skinny_add_: expected y {(x.shape[0], w.shape[0])} of {x.dtype}, unit stride; "
+                           f"got {tuple(y.shape)} of {y.dtype}, strides {y.stride()}")  # fmt: skip
+    torch.ops.notelab.skinny_add_(y, x, w, tiles.bn, tiles.bk, tiles.stages, tiles.warps)
+
+
+def skinny_gated(x: torch.Tensor, w: torch.Tensor, eps: float, tiles: Tiles = TILES) -> torch.Tensor:
+    """``silu(r g) * (r u)`` with ``[g; u] = x w^T`` (``w`` ``(2I, K)``: [W_g; W_u]) and r = 1 / sqrt(mean(x^2) +
+    eps) per row: ``notelab.lm.folded.gated_silu_torch(F.linear(x, w), x, eps)`` in one kernel, ``(B, I)``."""
+    x, w = _checked("skinny_gated", x, w)
+    if w.shape[0] % 2:
+        raise RuntimeError(f"skinny_gated: expected an even number of weight rows ([W_g; W_u]), got {w.shape[0]}")
+    return torch.ops.notelab.skinny_gated(x, w, float(eps), tiles.bn, tiles.bk, tiles.stages, tiles.warps)
