@@ -49,7 +49,7 @@ from decode_defaults import SAMPLED, Bench, Phases, agreement, timed
 from notelab.lm import Llama, LlamaConfig, generate
 from notelab.lm.attend import rope_attention
 from notelab.lm.engine import STACKED, Engine, SamplingParams, StackedLayers, rotated_attention
-from notelab.lm.folded import SKINNY, Products, folded_forward, folded_unsupported, folded_weights
+from notelab.lm.folded import CUBLAS, Products, folded_forward, folded_unsupported, folded_weights
 from notelab.lm.nucleus import draw_tokens, pivot_threshold
 from notelab.lm.sampling import bisect_threshold, filter_threshold, gumbel_argmax
 from notelab.lm.skinny import Tiles, skinny_add_, skinny_gated, skinny_linear
@@ -98,8 +98,8 @@ VARIANTS: dict[str, dict | Callable[[int, Llama], dict]] = {  # a callable: the 
     "draw=block 2048": dict(draw=partial(draw_tokens, block=2048)),
     # the step before the RMSNorms were folded into the projections (notelab.lm.folded): RMSNorm and residual kernels
     "layers=stacked": dict(layers=STACKED),
-    # the products by notelab.lm.skinny (the weight as the tall operand, epilogues fused; its default tiles)
-    "products=skinny": dict(layers=folded_with(SKINNY)),
+    # every product by cuBLAS, the SiLU product its own kernel (the step before notelab.lm.skinny)
+    "products=cublas": dict(layers=folded_with(CUBLAS)),
     # inductor's Triton matmul templates benchmarked against cuBLAS per shape, pointwise epilogues fused into them
     "max-autotune": dict(
         compiler=partial(torch.compile, fullgraph=True, dynamic=False, mode="max-autotune-no-cudagraphs")
@@ -157,13 +157,13 @@ def main(argv: list[str] | None = None) -> int:
         ref = generate(small, prompts, 16, path="reference")
         ref_s = generate(small, prompts, 16, path="reference", **SAMPLED)
         res = {}
-        names = ("default", "threshold=bisect", "threshold=sort", "torch parts", "layers=stacked", "products=skinny")
+        names = ("default", "threshold=bisect", "threshold=sort", "torch parts", "layers=stacked", "products=cublas")
         for name in names:
             parts = VARIANTS[name]
             parts = parts(len(prompts), small) if callable(parts) else parts
             eng = Engine(small, len(prompts), 32, stacked=True, **parts)
             res[f"{name} sampled == reference"] = run_engine(eng, prompts, 16, True) == ref_s
-            if name in ("default", "torch parts", "layers=stacked", "products=skinny"):
+            if name in ("default", "torch parts", "layers=stacked", "products=cublas"):
                 res[f"{name} greedy == reference"] = run_engine(eng, prompts, 16, False) == ref
         return res
 

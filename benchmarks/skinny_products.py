@@ -5,8 +5,9 @@
 
 At batch B (8-32 rows, one token each) a decode step multiplies the rows ``x`` ``(B, K)`` by every weight
 ``W`` ``(N, K)`` of the model once: ``y = x W^T``, bound by reading ``W``. Each product of the folded decode step
-(``notelab.lm.folded``) is timed the way the step computes it now (``CUBLAS``: ``F.linear``; the residual's
-``x.addmm_`` for o and down; ``F.linear`` then the SiLU-product kernel for [gate; up]) and by
+(``notelab.lm.folded``) is timed by cuBLAS (``CUBLAS``, the step's products before ``notelab.lm.skinny``:
+``F.linear``; the residual's ``x.addmm_`` for o and down; ``F.linear`` then the SiLU-product kernel for [gate;
+up]) and by
 ``notelab.lm.skinny`` (the weight as the tall operand, one program per ``bn`` outputs, the epilogue fused) at
 each of ``TILES``; with ``--cublas-ways``, also by other cuBLAS calls (cuBLASLt; the transposed problem; rows
 padded to 16 / 64; split-K by hand: all measured no faster in benchmarks/RESULTS.md, 2026-11-30).
@@ -48,8 +49,8 @@ TILES = [  # (bn, bk, stages, warps) of notelab.lm.skinny, tried per product and
 EPS = 1e-5
 
 
-def step_now(kind: str) -> Callable:
-    """The product as the folded decode step computes it now: ``fn(x, w, y)`` (``y`` the residual rows)."""
+def by_cublas(kind: str) -> Callable:
+    """The product by cuBLAS (and the SiLU-product kernel): ``fn(x, w, y)`` (``y`` the residual rows)."""
     return {
         "linear": lambda x, w, y: CUBLAS.linear(x, w),
         "add_": lambda x, w, y: CUBLAS.add_(y, x, w),
@@ -191,8 +192,16 @@ def measure(name: str, B: int, bw: float, args: argparse.Namespace, t_start: flo
         err = error_of(kind, fn, x, ws[0], y)
         return err, graph_time(lambda: [fn(x, w, y) for w in ws]) / copies
 
-    err, t = timed(step_now(kind))
-    row = {"product": name, "N": N, "K": K, "B": B, "now_us": t * 1e6, "now_%": 100 * nbytes / t / bw, "now_err": err}
+    err, t = timed(by_cublas(kind))
+    row = {
+        "product": name,
+        "N": N,
+        "K": K,
+        "B": B,
+        "cublas_us": t * 1e6,
+        "cublas_%": 100 * nbytes / t / bw,
+        "cublas_err": err,
+    }
     row["tiles"], row["ways"] = {}, {}
     for tiles in TILES:
         if time.perf_counter() - t_start > args.budget_s:
@@ -243,11 +252,13 @@ def main(argv: list[str] | None = None) -> int:
                     best.replace("(", "[").replace(")", "]"))})  # fmt: skip
             results["rows"].append(row)
             print(json.dumps(row), flush=True)
-    print("\n| product | N x K | B | the step now: us, % of copy bw | notelab.lm.skinny, fastest tiles | us | % |")
+    print("\n| product | N x K | B | cuBLAS: us, % of copy bw | notelab.lm.skinny, fastest tiles | us | % |")
     print("| --- | --- | ---: | ---: | --- | ---: | ---: |")
     for r in results["rows"]:
         tail = f"{r['best_tiles']} | {r['best_us']:.1f} | {r['best_pct']:.0f}%" if "best_tiles" in r else "- | - | -"
-        print(f"| {r['product']} | {r['N']} x {r['K']} | {r['B']} | {r['now_us']:.1f}, {r['now_%']:.0f}% | {tail} |")
+        print(
+            f"| {r['product']} | {r['N']} x {r['K']} | {r['B']} | {r['cublas_us']:.1f}, {r['cublas_%']:.0f}% | {tail} |"
+        )
     results["seconds"] = time.perf_counter() - t_start
     if args.tiles_out:
         with open(args.tiles_out, "w") as f:

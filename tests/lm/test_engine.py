@@ -7,7 +7,7 @@ import torch
 
 from notelab.core.errors import ConfigError, ShapeError
 from notelab.lm import Llama, LlamaConfig, generate
-from notelab.lm.engine import Engine, SamplingParams, TokenEvent, rotated_attention
+from notelab.lm.engine import FOLDED, Engine, SamplingParams, TokenEvent, rotated_attention
 
 
 def model_of(dtype=torch.float32, device="cpu") -> Llama:
@@ -159,6 +159,27 @@ def test_an_engine_built_in_inference_mode_refreshes_its_weights_outside_it():
     engine.refresh_weights()  # in-place updates of the engine's inference tensors: inside inference mode
     q_rows = model.layers[0].self_attn.q_proj.weight.shape[0]
     assert torch.equal(engine.fused[0][0][:q_rows], model.layers[0].self_attn.q_proj.weight)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_recorded_refresh_follows_in_place_changes_and_replaced_parameters():
+    """On CUDA ``refresh_weights`` replays a recording: the copies follow in-place updates, and a parameter
+    replaced by a new tensor (another address) is read after the refresh records itself again."""
+    model = model_of(device="cuda")
+    engine = Engine(model, max_batch=2, stacked=True)
+    q = model.layers[0].self_attn.q_proj
+    rows = q.weight.shape[0]
+    for change in ("in place", "replaced", "in place"):
+        with torch.no_grad():
+            if change == "in place":
+                q.weight.mul_(2.0)
+            else:
+                q.weight = torch.nn.Parameter(torch.randn_like(q.weight))
+        engine.refresh_weights()
+        torch.cuda.synchronize()
+        want = q.weight * model.layers[0].input_layernorm.weight if engine.layers is FOLDED else q.weight
+        torch.testing.assert_close(engine.fused[0][0][:rows], want.to(engine.fused[0][0].dtype), rtol=0, atol=0)
 
 
 def test_prefill_graphs_need_cuda():

@@ -77,7 +77,9 @@ def test_skinny_says_why_it_cannot_run():
 
 
 def skinny_layers() -> StackedLayers:
-    return StackedLayers(folded_weights, partial(folded.folded_forward, products=folded.SKINNY), folded_unsupported)
+    """The folded layers with every product by the kernel (the default takes it for some: ``folded.SKINNY``)."""
+    every = folded.Products(skinny.skinny_linear, skinny.skinny_add_, skinny.skinny_gated)
+    return StackedLayers(folded_weights, partial(folded.folded_forward, products=every), folded_unsupported)
 
 
 def check_engine(dev: str) -> None:
@@ -101,8 +103,9 @@ def test_skinny_tests_in_a_fresh_process():
 @pytest.mark.skipif(not GPU, reason="needs CUDA (the compiled kernel)")
 def test_skinny_products_on_cuda():
     for B in (1, 8, 32):
-        check("cuda", B, 2048, 2048, skinny.TILES)
-        check("cuda", B, 2048, 2048, skinny.TILES, torch.bfloat16)
+        for tiles in (skinny.ADD_TILES, skinny.GATED_TILES):
+            check("cuda", B, 2048, 2048, tiles)
+            check("cuda", B, 2048, 2048, tiles, torch.bfloat16)
 
 
 @pytest.mark.gpu

@@ -27,7 +27,7 @@ from torch import nn
 
 from notelab.core.norms import RMSNorm, rms_scale
 from notelab.lm.model import FusedWeights, Llama, decode_inputs, split_qkv
-from notelab.lm.skinny import skinny_add_, skinny_gated, skinny_linear
+from notelab.lm.skinny import skinny_add_, skinny_gated, skinny_unsupported
 from notelab.lm.triton_env import INTERPRET as _INTERPRET  # noqa: F401 - the tests read it here
 from notelab.lm.triton_env import kernels_unsupported, tl, triton
 from notelab.lm.triton_env import pow2 as _pow2
@@ -143,7 +143,29 @@ class Products:
 
 
 CUBLAS = Products(F.linear, add_linear_, gated_linear)
-SKINNY = Products(skinny_linear, skinny_add_, skinny_gated)  # notelab.lm.skinny: the weight as the tall operand
+SKINNY_MAX_K = 4096  # widest input of a residual product the skinny kernel takes (o: 2,048; down: 8,192, cuBLAS)
+
+
+def residual_add_(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
+    """``y <- y + x w^T``: ``notelab.lm.skinny``'s kernel for inputs up to ``SKINNY_MAX_K`` wide (o: 5.8-6.1 us
+    against cuBLAS's 6.3 at 8-32 rows; down, 8,192 wide: 13.9-14.8 against 13.9-14.1, benchmarks/RESULTS.md),
+    cuBLAS's otherwise or where the kernel cannot run."""
+    if w.shape[1] <= SKINNY_MAX_K and not skinny_unsupported(x, w):
+        skinny_add_(y, x, w)
+    else:
+        add_linear_(y, x, w)
+
+
+def skinny_gated_linear(x: torch.Tensor, w_gate_up: torch.Tensor, eps: float) -> torch.Tensor:
+    """:func:`gated_linear` in one ``notelab.lm.skinny`` kernel (the SiLU product its epilogue: 18.8-19.9 us
+    against 21.3-21.7 for cuBLAS and the SiLU kernel), or as is where the kernel cannot run."""
+    if skinny_unsupported(x, w_gate_up):
+        return gated_linear(x, w_gate_up, eps)
+    return skinny_gated(x, w_gate_up, eps)
+
+
+# The folded step's products: the skinny kernel where it measured faster, cuBLAS elsewhere ([q; k; v]: equal)
+SKINNY = Products(F.linear, residual_add_, skinny_gated_linear)
 
 
 def folded_forward(
@@ -153,7 +175,7 @@ def folded_forward(
     pos: torch.Tensor,
     cache: nn.ModuleList,
     attention: Callable[..., torch.Tensor],
-    products: Products = CUBLAS,
+    products: Products = SKINNY,
 ) -> torch.Tensor:
     """``Llama._forward`` for one token a row (``tok`` ``(B, 1)`` at cache slots ``pos`` ``(B,)``) over the folded
     weights of :func:`folded_weights`: logits ``(B, 1, V)``. ``attention(q, k, v, cache, pos, rope, norm=(x, eps))``

@@ -45,7 +45,11 @@ class Tiles:
     warps: int = 4
 
 
-TILES = Tiles()
+# Per epilogue, the tiles measured fastest for the Llama-3.2-1B step at 8 and 32 rows on an H200
+# (benchmarks/skinny_products.py; benchmarks/RESULTS.md, eleventh session)
+ADD_TILES = Tiles(16, 256, 4, 4)  # o: 2,048 outputs
+GATED_TILES = Tiles(64, 128, 4, 4)  # [gate; up]: 8,192 outputs, two weight tiles a stage
+LINEAR_TILES = Tiles(64, 128, 4, 4)  # the output projection: 128,256 outputs
 
 
 def skinny_unsupported(x: torch.Tensor, w: torch.Tensor) -> str:
@@ -59,6 +63,8 @@ def skinny_unsupported(x: torch.Tensor, w: torch.Tensor) -> str:
         return f"at most 64 rows (the kernel keeps them all in one tile), got {x.shape[0]}"
     if x.dtype != w.dtype:
         return f"x and w must share a dtype, got {x.dtype} and {w.dtype}"
+    if torch.is_autocast_enabled(x.device.type):
+        return "autocast is on (the products compute in its dtype)"
     return ""
 
 
@@ -158,13 +164,13 @@ def _checked(name: str, x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor,
     return (x if x.stride(-1) == 1 else x.contiguous()), (w if w.stride(-1) == 1 else w.contiguous())
 
 
-def skinny_linear(x: torch.Tensor, w: torch.Tensor, tiles: Tiles = TILES) -> torch.Tensor:
+def skinny_linear(x: torch.Tensor, w: torch.Tensor, tiles: Tiles = LINEAR_TILES) -> torch.Tensor:
     """``x w^T`` (``x`` ``(B, K)``, ``w`` ``(N, K)``, B <= 64) by the kernel above."""
     x, w = _checked("skinny_linear", x, w)
     return torch.ops.notelab.skinny_linear(x, w, tiles.bn, tiles.bk, tiles.stages, tiles.warps)
 
 
-def skinny_add_(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, tiles: Tiles = TILES) -> None:
+def skinny_add_(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, tiles: Tiles = ADD_TILES) -> None:
     """``y <- y + x w^T`` in place (``y`` ``(B, N)`` with unit stride along a row), rounded once."""
     x, w = _checked("skinny_add_", x, w)
     if y.shape != (x.shape[0], w.shape[0]) or y.stride(-1) != 1 or y.dtype != x.dtype:
@@ -173,7 +179,7 @@ def skinny_add_(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, tiles: Tiles 
     torch.ops.notelab.skinny_add_(y, x, w, tiles.bn, tiles.bk, tiles.stages, tiles.warps)
 
 
-def skinny_gated(x: torch.Tensor, w: torch.Tensor, eps: float, tiles: Tiles = TILES) -> torch.Tensor:
+def skinny_gated(x: torch.Tensor, w: torch.Tensor, eps: float, tiles: Tiles = GATED_TILES) -> torch.Tensor:
     """``silu(r g) * (r u)`` with ``[g; u] = x w^T`` (``w`` ``(2I, K)``: [W_g; W_u]) and r = 1 / sqrt(mean(x^2) +
     eps) per row: ``notelab.lm.folded.gated_silu_torch(F.linear(x, w), x, eps)`` in one kernel, ``(B, I)``."""
     x, w = _checked("skinny_gated", x, w)
