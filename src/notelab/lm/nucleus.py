@@ -215,6 +215,102 @@ if triton is not None:
             tl.store(part_ptr + ((r * B + b) * C + c) * KP + js, tl.sum(acc, 1))
 
     @triton.jit
+    def _row_barrier(cnt_ptr, target):  # noqa: ANN001, ANN202
+        """Wait until the row's counter reaches ``target`` after adding this program's arrival (the programs of a
+        row are resident together: a cooperative launch); every thread's stores are issued before the arrival."""
+        tl.debug_barrier()
+        tl.atomic_add(cnt_ptr, 1, sem="release")
+        seen = tl.atomic_add(cnt_ptr, 0, sem="acquire")
+        while seen < target:
+            seen = tl.atomic_add(cnt_ptr, 0, sem="acquire")
+        tl.debug_barrier()
+
+    @triton.jit
+    def _chunk_pass(row, c, V, piv, mraw, c2, t, MODE: tl.constexpr, SCALE: tl.constexpr, KEY16: tl.constexpr,  # noqa: ANN001, ANN202
+                    KP: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr):  # fmt: skip
+        """One pass over chunk c of a row, ``SUB`` logits at a time, the next block's loads issued before the
+        current block is summed (MODE 0: the max and min; 1 / 2: ``_accumulate``'s sums at the pivots ``piv``)."""
+        offs = c * CHUNK + tl.arange(0, SUB)
+        nxt = tl.load(row + offs, mask=offs < V, other=float("-inf"))
+        acc = tl.zeros([KP, SUB], tl.float32)
+        hi = tl.full([SUB], float("-inf"), tl.float32)
+        lo = tl.full([SUB], float("inf"), tl.float32)
+        for start in range(0, CHUNK, SUB):
+            raw, inside = nxt, offs < V
+            offs = offs + SUB
+            nxt = tl.load(row + offs, mask=(offs < V) & (start + SUB < CHUNK), other=float("-inf"))
+            if MODE == 0:
+                v = raw.to(tl.float32)
+                hi = tl.maximum(hi, v)
+                lo = tl.minimum(lo, tl.where(inside, v, float("inf")))
+            else:
+                acc = _accumulate(acc, raw, inside, piv, mraw, c2, t, MODE, SCALE, KEY16)
+        return acc, hi, lo
+
+    @triton.jit
+    def _row_kernel(  # noqa: ANN202
+        x_ptr, stride, V, temp_ptr, k_ptr, p_ptr, mx_ptr, mn_ptr, part_ptr, cnt_ptr, thr_ptr, B, C,  # noqa: ANN001
+        NK: tl.constexpr, PASSES: tl.constexpr, SCALE: tl.constexpr, KEY16: tl.constexpr, S: tl.constexpr,
+        CP2: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr,
+    ):  # fmt: skip
+        """The stats, the passes and the threshold of :func:`pivot_threshold` in one launch: program (c, b) reads
+        chunk c of row b at each step (from L1 after the first) and meets the row's other programs at a barrier
+        where ``_pass_kernel`` ends a launch (the same narrowing, the same pivots)."""
+        KP: tl.constexpr = 1 << S
+        c, b = tl.program_id(0), tl.program_id(1)
+        row = x_ptr + b.to(tl.int64) * stride
+        t = _temperature(temp_ptr, b, SCALE)
+        need_k = tl.load(k_ptr + b).to(tl.float32)
+        pb = tl.load(p_ptr + b)
+        cnt = cnt_ptr + b
+        cs = tl.arange(0, CP2)
+        have = cs < C
+        js = tl.arange(0, KP)
+        _, hi, lo = _chunk_pass(row, c, V, js, 0.0, 0.0, t, 0, SCALE, KEY16, KP, CHUNK, SUB)
+        tl.store(mx_ptr + b * C + c, tl.max(hi, 0))
+        tl.store(mn_ptr + b * C + c, tl.min(lo, 0))
+        _row_barrier(cnt, C)
+        mraw = tl.max(tl.load(mx_ptr + b * C + cs, mask=have, other=float("-inf"), cache_modifier=".cg"), 0)
+        mn = tl.min(tl.load(mn_ptr + b * C + cs, mask=have, other=float("inf"), cache_modifier=".cg"), 0)
+        c2 = 1.4426950408889634 / t  # e^((x - max) / t) = 2^((x - max) c2)
+        top = _bound_key(mraw, x_ptr, t, SCALE, KEY16).to(tl.int64) + 1  # above every key of the row
+        lo = _bound_key(mn, x_ptr, t, SCALE, KEY16).to(tl.int64)
+        hi = top
+        t_k = lo
+        base = 0.0
+        for r in tl.static_range(NK + PASSES):
+            piv = (lo + (((hi - lo) * js.to(tl.int64)) >> S)).to(tl.int32)
+            acc, _, _ = _chunk_pass(row, c, V, piv, mraw, c2, t, 1 if r < NK else 2, SCALE, KEY16, KP, CHUNK, SUB)
+            sums = tl.sum(acc, 1)
+            cell = part_ptr + ((r * B + b) * C) * KP
+            tl.store(cell + c * KP + js, sums)
+            _row_barrier(cnt, C * (r + 2))
+            sums = tl.load(cell + cs[:, None] * KP + js[None, :], mask=have[:, None], other=0.0, cache_modifier=".cg")
+            tot = tl.sum(sums, 0)
+            if r < NK:
+                need = need_k
+            else:
+                if r == NK:  # the mass top-k kept: at the low end of the first top-p pass
+                    base = tl.sum(tl.where(js == 0, tot, 0.0), 0)
+                need = pb * base
+            n = tl.sum(((tot >= need) & (js > 0)).to(tl.int64), 0)  # pivots that still keep enough
+            width = hi - lo
+            lo, hi = lo + ((width * n) >> S), lo + ((width * (n + 1)) >> S)
+            if r == NK - 1:  # t_k found: top-p searches above it
+                t_k = lo
+                hi = top
+        if c == 0:
+            kt = tl.where(pb < 1.0, lo, t_k).to(tl.int32)
+            if KEY16:  # the 16-bit value of the key, scaled as the logits are
+                bits = tl.where(kt >= 0, kt, kt ^ 0x7FFF).to(tl.int16)
+                thr = bits.to(x_ptr.dtype.element_ty, bitcast=True).to(tl.float32)
+                if SCALE:
+                    thr = tl.math.div_rn(thr, t)
+            else:
+                thr = tl.where(kt >= 0, kt, kt ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
+            tl.store(thr_ptr + b, thr)
+
+    @triton.jit
     def _hash32(x):  # noqa: ANN001, ANN202
         """``notelab.lm.sampling.hash32`` (lowbias32) on uint32."""
         x = x ^ (x >> 16)
@@ -326,6 +422,82 @@ if triton is not None:
                 CP2=max(2, _pow2(C)), CHUNK=chunk, BLOCK=min(chunk, block >> max(0, split_bits - 2)),
             )  # fmt: skip
         return thr
+
+
+def _row_chunks(B: int, V: int, programs: int) -> tuple[int, int]:
+    """Elements a program of :func:`row_threshold` holds and chunks a row: at most ``programs`` programs in all (1
+    chunk a row through the interpreter, which runs programs one after another: a barrier would wait forever)."""
+    if _INTERPRET:
+        return max(16, _pow2(V)), 1
+    chunk = max(1024, _pow2(-(-V // max(1, programs // B))))
+    return chunk, -(-V // chunk)
+
+
+@torch.library.custom_op("notelab::row_threshold", mutates_args=())
+def _row_threshold(
+    x: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, with_top_k: bool,
+    scale: bool, split_bits: int, programs: int, warps: int, block: int,
+) -> torch.Tensor:  # fmt: skip
+    """:func:`row_threshold` as an operator the compiled step calls as is (a cooperative launch, which inductor's
+    kernel launches do not make)."""
+    B, V = x.shape
+    chunk, C = _row_chunks(B, V, programs)
+    key16 = x.element_size() == 2
+    passes = -(-(16 if key16 else 32) // split_bits)
+    nk = passes if with_top_k else 0
+    f32, dev = torch.float32, x.device
+    mx, mn = torch.empty(B * C, dtype=f32, device=dev), torch.empty(B * C, dtype=f32, device=dev)
+    part = torch.empty((nk + passes) * B * C << split_bits, dtype=f32, device=dev)
+    cnt = torch.zeros(B, dtype=torch.int32, device=dev)
+    thr = torch.empty(B, dtype=f32, device=dev)
+    _row_kernel[(C, B)](
+        x, x.stride(0), V, temperature, top_k, top_p, mx, mn, part, cnt, thr, B, C,
+        NK=nk, PASSES=passes, SCALE=scale, KEY16=key16, S=split_bits, CP2=max(2, _pow2(C)), CHUNK=chunk,
+        SUB=min(chunk, block), num_warps=warps, launch_cooperative_grid=not _INTERPRET,
+    )  # fmt: skip
+    return thr
+
+
+@_row_threshold.register_fake
+def _(x, temperature, top_k, top_p, with_top_k, scale, split_bits, programs, warps, block):  # noqa: ANN001, ANN202
+    return x.new_empty(x.shape[0], dtype=torch.float32)
+
+
+def row_threshold(
+    logits: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    with_top_k: bool = True,
+    temperature: torch.Tensor | None = None,
+    split_bits: int = SPLIT_BITS,
+    programs: int | None = None,
+    warps: int = 8,
+    block: int = 2048,
+) -> torch.Tensor:
+    """:func:`pivot_threshold` in one launch (the same search, pivots and threshold): the programs of a row hold
+    its chunks of logits in registers and meet at a barrier after each pass instead of ending a launch, so the
+    passes cost a barrier each rather than a launch and reloads. The launch is cooperative (every program
+    resident at once, else it fails rather than waits), so there are at most ``programs`` programs (default:
+    one per multiprocessor), ``warps`` warps each, reading ``block`` logits at once (a power of two); more rows
+    than programs: :func:`pivot_threshold`."""
+    if split_bits not in (1, 2, 3, 4):
+        raise ValueError(f"row_threshold: expected split_bits 1, 2, 3 or 4, got {split_bits}")
+    why = pivot_unsupported(logits)
+    if why:
+        raise RuntimeError(f"row_threshold: {why}")
+    B = logits.shape[0]
+    if programs is None:
+        programs = torch.cuda.get_device_properties(logits.device).multi_processor_count if logits.is_cuda else 1
+    if B > programs:
+        return pivot_threshold(logits, top_k, top_p, with_top_k, temperature, split_bits)
+    x = _rows(logits)
+    k = top_k.reshape(B).to(torch.int64).contiguous()
+    p = top_p.reshape(B).to(torch.float32).contiguous()
+    t = _per_row(temperature, B, x.device)
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"row_threshold: expected block a power of two >= 16, got {block}")
+    args = (x, t, k, p, with_top_k, temperature is not None, split_bits, programs, warps, block)
+    return torch.ops.notelab.row_threshold(*args)[:, None]
 
 
 def pivot_threshold(
