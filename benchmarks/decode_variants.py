@@ -50,7 +50,7 @@ from notelab.lm import Llama, LlamaConfig, generate
 from notelab.lm.attend import rope_attention
 from notelab.lm.engine import STACKED, Engine, SamplingParams, StackedLayers, rotated_attention
 from notelab.lm.folded import CUBLAS, Products, folded_forward, folded_unsupported, folded_weights
-from notelab.lm.nucleus import draw_tokens, pivot_threshold, row_threshold
+from notelab.lm.nucleus import draw_tokens, pivot_threshold
 from notelab.lm.sampling import bisect_threshold, filter_threshold, gumbel_argmax
 from notelab.lm.skinny import Tiles, skinny_add_, skinny_gated, skinny_linear
 
@@ -86,8 +86,6 @@ VARIANTS: dict[str, dict | Callable[[int, Llama], dict]] = {  # a callable: the 
     "draw=torch": dict(draw=gumbel_argmax),
     "threshold=bisect": dict(threshold=bisect_threshold),
     "threshold=sort": dict(threshold=filter_threshold),
-    # the pivot search in one cooperative launch, the programs of a row meeting at barriers
-    "threshold=row": dict(threshold=row_threshold),
     "threshold=pivot s=1": dict(threshold=partial(pivot_threshold, split_bits=1)),
     # eight / sixteen parts a pass: 6 / 4 passes over bf16 logits (16-bit keys), against the default's 8
     "threshold=pivot s=3": dict(threshold=partial(pivot_threshold, split_bits=3)),
