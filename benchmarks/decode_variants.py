@@ -8,7 +8,8 @@ in a CUDA graph) built with injected parts (``VARIANTS``): how top-k / top-p fin
 token is taken (``draw``: the split kernels of ``notelab.lm.nucleus``, the default; torch's
 ``gumbel_argmax``), the stacked step's attention (``attention``: ``notelab.lm.attend.rope_attention``, the
 default; torch's ``rotated_attention``), how the layers run (``layers``: ``FOLDED``, the RMSNorms folded into
-the projections, the default; ``STACKED``) and how the step is compiled (``compiler``: inductor's default;
+the projections, the default, with ``notelab.lm.skinny``'s products where they measured faster; the same with
+every product by cuBLAS; ``STACKED``) and how the step is compiled (``compiler``: inductor's default;
 max-autotune). "torch parts" is the step as it was before the kernels (bisection, ``gumbel_argmax``,
 ``rotated_attention``). Llama-3.2-1B shape, random weights, bf16, P-token prompts, N new tokens, no stop
 tokens; tokens/s of the second run (the first compiles and captures) and % of the batch roofline B x copy

@@ -36,8 +36,8 @@ PLAIN, ACCUMULATE, GATED = 0, 1, 2
 
 @dataclass(frozen=True)
 class Tiles:
-    """A program's share: ``bn`` weight rows (outputs), read ``bk`` columns at a time through ``stages`` pipelined
-    loads, by ``warps`` warps."""
+    """A program's share: ``bn`` weight rows (outputs), read ``bk`` columns at a time (of 16-bit weights; half as
+    many of 32-bit ones) through ``stages`` pipelined loads, by ``warps`` warps."""
 
     bn: int = 16
     bk: int = 256
@@ -126,9 +126,10 @@ if triton is not None:
     def _launch(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, mode: int, eps: float, tiles: Tiles) -> None:
         B, K = x.shape
         N = y.shape[1]
+        bk = max(16, tiles.bk * 2 // w.element_size())  # the same bytes a stage in float32 (shared memory)
         torch.library.wrap_triton(_skinny_kernel)[(triton.cdiv(N, tiles.bn),)](
             x, x.stride(0), w, w.stride(0), y, y.stride(0), B, N, K, eps,
-            MODE=mode, BM=max(16, _pow2(B)), BN=tiles.bn, BK=tiles.bk, EVEN_K=K % tiles.bk == 0,
+            MODE=mode, BM=max(16, _pow2(B)), BN=tiles.bn, BK=bk, EVEN_K=K % bk == 0,
             IEEE=w.dtype == torch.float32 or _INTERPRET,
             num_warps=tiles.warps, num_stages=tiles.stages,
         )  # fmt: skip

@@ -1,5 +1,6 @@
 """Triton where it is installed, and whether its kernels run through its interpreter: what the kernel modules
-(``notelab.lm.chain``, ``notelab.lm.nucleus``, ``notelab.lm.attend``, ``notelab.lm.folded``) share.
+(``notelab.lm.chain``, ``notelab.lm.nucleus``, ``notelab.lm.attend``, ``notelab.lm.folded``,
+``notelab.lm.skinny``) share.
 
 ``TRITON_INTERPRET=1`` must be set before triton is first imported (``triton.jit`` reads it then), so it is read
 once, here, when the first kernel module is imported; the tests of the kernels run on CPU that way.
