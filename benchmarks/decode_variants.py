@@ -74,6 +74,7 @@ def tuned_products(path: str) -> Products:
         lambda x, w: skinny_linear(x, w, pick(x, w)),
         lambda y, x, w: skinny_add_(y, x, w, pick(x, w)),
         lambda x, w, eps: skinny_gated(x, w, eps, pick(x, w)),
+        lambda x, w: skinny_linear(x, w, pick(x, w)),
     )
 
 

@@ -194,3 +194,20 @@ def test_replaced_parameters_are_read_by_the_next_call():
         model.layers[0].mlp.up_proj.weight = torch.nn.Parameter(model.layers[0].mlp.up_proj.weight.flip(1))
     assert generate(model, prompts, 8) == generate(model, prompts, 8, path="reference")
     assert generate(model, prompts[:1], 8) == generate(model, prompts[:1], 8, path="reference")  # the chain
+
+
+def test_generate_runs_in_eval_mode_and_restores_the_modes():
+    """A model in training mode generates as in eval mode and is back in training mode after; one in eval mode
+    stays there (the modes are switched only when some module trains)."""
+    model = model_of()
+    want = generate(model, [[5, 6, 7]], 6)
+    model.train()
+    seen = []
+    hook = model.layers[0].register_forward_pre_hook(lambda m, args: seen.append(m.training))
+    assert generate(model, [[5, 6, 7]], 6) == want
+    hook.remove()
+    assert seen and not any(seen)
+    assert all(m.training for m in model.modules())
+    model.eval()
+    generate(model, [[5, 6, 7]], 6)
+    assert not any(m.training for m in model.modules())

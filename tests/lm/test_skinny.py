@@ -78,7 +78,7 @@ def test_skinny_says_why_it_cannot_run():
 
 def skinny_layers() -> StackedLayers:
     """The folded layers with every product by the kernel (the default takes it for some: ``folded.SKINNY``)."""
-    every = folded.Products(skinny.skinny_linear, skinny.skinny_add_, skinny.skinny_gated)
+    every = folded.Products(skinny.skinny_linear, skinny.skinny_add_, skinny.skinny_gated, skinny.skinny_linear)
     return StackedLayers(folded_weights, partial(folded.folded_forward, products=every), folded_unsupported)
 
 
