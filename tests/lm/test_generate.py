@@ -211,3 +211,18 @@ def test_generate_runs_in_eval_mode_and_restores_the_modes():
     model.eval()
     generate(model, [[5, 6, 7]], 6)
     assert not any(m.training for m in model.modules())
+
+
+def test_a_held_engine_serves_shorter_calls():
+    """The engine ``generate`` holds for a model is reused by a call needing no longer a cache (no new compile
+    and capture on CUDA), with the reference's tokens, and replaced by one with a longer cache when needed."""
+    from notelab.lm.generate import _HELD
+
+    model = model_of()
+    prompts = [[5, 6, 7], [1, 2, 3]]
+    engines = []
+    for n in (8, 4, 8, 12):
+        assert generate(model, prompts, n, path="engine") == generate(model, prompts, n, path="reference"), n
+        engines.append(_HELD[model]["engine"][1])
+    assert engines[0] is engines[1] is engines[2] and engines[0].max_len == 11
+    assert engines[3] is not engines[0] and engines[3].max_len == 15

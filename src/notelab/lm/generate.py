@@ -86,15 +86,20 @@ def _rows(prompts: Prompts) -> list[list[int]]:
 _HELD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _held(model: Llama, kind: str, key: tuple, build: Callable[[], object]) -> object:
+def _held(
+    model: Llama, kind: str, key: tuple, build: Callable[[], object], fits: Callable[[object], bool] | None = None
+) -> object:
+    """The ``kind`` of decoder held for ``model`` under ``key`` (built by ``build`` when there is none, the key
+    changed, or ``fits(held)`` is False)."""
     w = model.embed_tokens.weight
     # A graph replays fixed addresses: a moved model, or one whose parameters were replaced (not updated in place),
-    # needs new ones. The addresses of every parameter and buffer, read at each call (~150 tensors: microseconds).
+    # needs new ones. The addresses of every parameter and buffer, read at each call (~150 tensors: a fraction of
+    # a millisecond).
     addresses = tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers()))
     key = (*key, w.device, w.dtype, addresses)
     per_model = _HELD.setdefault(model, {})
     held = per_model.get(kind)
-    if held is None or held[0] != key:
+    if held is None or held[0] != key or (fits is not None and not fits(held[1])):
         per_model.pop(kind, None)  # free the old buffers before allocating new ones
         held = per_model[kind] = (key, build())
     return held[1]
@@ -246,8 +251,14 @@ def _stream_engine(
     c, w = model.config, model.embed_tokens.weight
     dtype = torch.get_autocast_dtype(w.device.type) if torch.is_autocast_enabled(w.device.type) else w.dtype
     max_len = min(c.max_seq_len, max(len(r) + n for r, n in zip(rows, budgets)))
+    # An engine with a longer cache serves shorter calls too (same tokens: a row reads its own slots only), so
+    # a call with fewer new tokens than the last does not compile and capture another step.
     engine: Engine = _held(
-        model, "engine", (len(rows), max_len, dtype), lambda: Engine(model, len(rows), max_len, dtype)
+        model,
+        "engine",
+        (len(rows), dtype),
+        lambda: Engine(model, len(rows), max_len, dtype),
+        fits=lambda e: e.max_len >= max_len,
     )
     for rid in list(engine.requests):  # an earlier stream left unfinished
         engine.cancel(rid)
