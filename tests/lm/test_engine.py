@@ -163,9 +163,9 @@ def test_an_engine_built_in_inference_mode_refreshes_its_weights_outside_it():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_recorded_refresh_follows_in_place_changes_and_replaced_parameters():
-    """On CUDA ``refresh_weights`` replays a recording: the copies follow in-place updates, and a parameter
-    replaced by a new tensor (another address) is read after the refresh records itself again."""
+def test_refresh_follows_in_place_changes_and_replaced_parameters():
+    """On CUDA (the folded copies): ``refresh_weights`` follows in-place updates and a parameter replaced by a new
+    tensor (another address)."""
     model = model_of(device="cuda")
     engine = Engine(model, max_batch=2, stacked=True)
     q = model.layers[0].self_attn.q_proj

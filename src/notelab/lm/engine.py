@@ -378,7 +378,6 @@ class Engine:
             warnings.warn(f"Engine: stacked projections off ({off})", RuntimeWarning, 2)
             stack = False
         self.fused = self.layers.weights(model) if stack else None
-        self.refresh: tuple[tuple[int, ...], torch.cuda.CUDAGraph] | None = None  # refresh_weights' recording
         if attention is not None and self.fused is None:
             raise ConfigError("Engine: an injected attention is part of the stacked step, which is off here")
         if attention is None and kernels and self.fused is not None:
@@ -622,21 +621,8 @@ class Engine:
         """Copy the model's current weights into the stacked ones (in place: the captured graphs read them); in
         inference mode, as ``step`` runs, so an engine built there (``generate`` builds its own there) refreshes
         from anywhere."""
-        if self.fused is None:
-            return
-        if self.device.type != "cuda":
+        if self.fused is not None:
             self.layers.weights(self.model, out=self.fused)
-            return
-        # On CUDA the refresh is ~80 small launches (1.9 ms a call from Python): recorded once and replayed. A
-        # graph reads fixed addresses, so a model whose parameters were replaced (not updated in place) is
-        # recorded again.
-        addresses = tuple(p.data_ptr() for p in self.model.parameters())
-        if self.refresh is None or self.refresh[0] != addresses:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self.layers.weights(self.model, out=self.fused)
-            self.refresh = (addresses, graph)
-        self.refresh[1].replay()
 
     def _buffers(self) -> tuple:
         return (self.fused, self.cache, self.tok, self.pos, self.active, self.count, self.seen, self.settings,
