@@ -14,6 +14,10 @@ product, down: no RMSNorm kernels and no residual additions (the torch step of `
 twice a layer, each a launch at batch 8-32, where a decode step is bound by launches and weight reads). The
 products round where the unfolded ones round: ``x W'^T`` to the activation dtype, then ``r`` times it again;
 the same arithmetic up to those roundings (``tests/lm/test_folded.py`` checks the tokens in float32).
+
+Which kernels compute the products is injected (:class:`Products`): ``CUBLAS`` as above, or ``SKINNY``, the
+default, with ``notelab.lm.skinny``'s kernel where it measured faster: [gate; up] with the SiLU product in its
+epilogue (one kernel instead of two), o accumulating into the residual, and the output projection.
 """
 
 from __future__ import annotations
