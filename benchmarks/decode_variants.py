@@ -32,8 +32,8 @@ step, ``notelab.lm.chain_rows``; radix selection for the top-p threshold; the pi
 with 4,096 programs, with s = 3; the last split of the attention combining the others; the products computed
 as the transposed problem or with rows padded to 16; programmatic dependent launch for inductor's kernels;
 cuBLASLt products; inductor's coordinate-descent tuning, combo kernels and unsplit reductions; L2 prefetch
-requests issued by the attention and SiLU-product kernels for the products after them) are in
-benchmarks/RESULTS.md; ``benchmarks/skinny_products.py`` times the products alone, every way.
+requests issued by the attention and SiLU-product kernels for the products after them; the pivot search in one
+cooperative launch) are in benchmarks/RESULTS.md; ``benchmarks/skinny_products.py`` times the products alone, every way.
 """
 
 from __future__ import annotations
