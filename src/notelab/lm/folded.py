@@ -95,6 +95,7 @@ def gated_silu_torch(gate_up: torch.Tensor, x: torch.Tensor, eps: float) -> torc
 
 
 if triton is not None:
+    from notelab.lm.skinny import swiglu_rounded as _swiglu_rounded
 
     @triton.jit
     def _gated_silu_kernel(gu_ptr, sgu, x_ptr, sx, out_ptr, I, D, eps, DP2: tl.constexpr, BLOCK: tl.constexpr):  # noqa: ANN001, ANN202
@@ -106,11 +107,9 @@ if triton is not None:
         inside = offs < I
         row = gu_ptr + b.to(tl.int64) * sgu
         gate = tl.load(row + offs, mask=inside, other=0.0)
-        dt = gate.dtype
-        gate = (gate.to(tl.float32) * r).to(dt).to(tl.float32)
-        up = (tl.load(row + I + offs, mask=inside, other=0.0).to(tl.float32) * r).to(dt).to(tl.float32)
-        act = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32)  # F.silu, rounded
-        tl.store(out_ptr + b.to(tl.int64) * I + offs, (act * up).to(dt), mask=inside)
+        up = tl.load(row + I + offs, mask=inside, other=0.0)
+        out = _swiglu_rounded(gate.to(tl.float32), up.to(tl.float32), r, gate.dtype)
+        tl.store(out_ptr + b.to(tl.int64) * I + offs, out.to(gate.dtype), mask=inside)
 
     @torch.library.triton_op("notelab::gated_silu", mutates_args=())
     def _gated_silu(gate_up: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:

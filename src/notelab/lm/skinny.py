@@ -71,6 +71,15 @@ def skinny_unsupported(x: torch.Tensor, w: torch.Tensor) -> str:
 if triton is not None:
 
     @triton.jit
+    def swiglu_rounded(g, u, r, dt: tl.constexpr):  # noqa: ANN001, ANN201
+        """``silu(r g) * (r u)`` in float32 from ``g``, ``u`` (values of dtype ``dt``, as float32) and the row
+        factor ``r``, each factor rounded to ``dt`` as ``notelab.lm.folded.gated_silu_torch`` rounds it."""
+        gate = (g * r).to(dt).to(tl.float32)
+        up = (u * r).to(dt).to(tl.float32)
+        act = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32)  # F.silu, rounded
+        return act * up
+
+    @triton.jit
     def _skinny_kernel(  # noqa: ANN202
         x_ptr, sx, w_ptr, sw, y_ptr, sy, B, N, K, eps,  # noqa: ANN001
         MODE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
@@ -117,10 +126,7 @@ if triton is not None:
             out = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) + acc
         else:
             r = tl.math.rsqrt(ss / K + eps)[None, :]
-            gate = (acc.to(dt).to(tl.float32) * r).to(dt).to(tl.float32)
-            up = (acc_u.to(dt).to(tl.float32) * r).to(dt).to(tl.float32)
-            act = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32)  # F.silu, rounded
-            out = act * up
+            out = swiglu_rounded(acc.to(dt).to(tl.float32), acc_u.to(dt).to(tl.float32), r, dt)
         tl.store(ptrs, out.to(dt), mask=mask)
 
     def _launch(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, mode: int, eps: float, tiles: Tiles) -> None:
