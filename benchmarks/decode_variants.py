@@ -53,7 +53,7 @@ from notelab.lm.engine import STACKED, Engine, SamplingParams, StackedLayers, ro
 from notelab.lm.folded import CUBLAS, Products, folded_forward, folded_unsupported, folded_weights
 from notelab.lm.nucleus import draw_tokens, pivot_threshold
 from notelab.lm.sampling import bisect_threshold, filter_threshold, gumbel_argmax
-from notelab.lm.skinny import Tiles, skinny_add_, skinny_gated, skinny_linear
+from notelab.lm.skinny import ADD_TILES, GATED_TILES, LINEAR_TILES, Tiles, skinny_add_, skinny_gated, skinny_linear
 
 
 def folded_with(products: Products) -> StackedLayers:
@@ -63,18 +63,18 @@ def folded_with(products: Products) -> StackedLayers:
 
 def tuned_products(path: str) -> Products:
     """``notelab.lm.skinny``'s products with the tiles ``skinny_products.py --tiles-out`` found fastest per (N, K,
-    B) (its default tiles for the shapes the file does not name)."""
+    B) (the default tiles of each for the shapes the file does not name)."""
     with open(path) as f:
         table = {(r["N"], r["K"], r["B"]): Tiles(*r["tiles"]) for r in json.load(f)}
 
-    def pick(x: torch.Tensor, w: torch.Tensor) -> Tiles:
-        return table.get((w.shape[0], w.shape[1], x.shape[0]), Tiles())
+    def pick(x: torch.Tensor, w: torch.Tensor, default: Tiles) -> Tiles:
+        return table.get((w.shape[0], w.shape[1], x.shape[0]), default)
 
     return Products(
-        lambda x, w: skinny_linear(x, w, pick(x, w)),
-        lambda y, x, w: skinny_add_(y, x, w, pick(x, w)),
-        lambda x, w, eps: skinny_gated(x, w, eps, pick(x, w)),
-        lambda x, w: skinny_linear(x, w, pick(x, w)),
+        lambda x, w: skinny_linear(x, w, pick(x, w, LINEAR_TILES)),
+        lambda y, x, w: skinny_add_(y, x, w, pick(x, w, ADD_TILES)),
+        lambda x, w, eps: skinny_gated(x, w, eps, pick(x, w, GATED_TILES)),
+        lambda x, w: skinny_linear(x, w, pick(x, w, LINEAR_TILES)),
     )
 
 

@@ -46,6 +46,11 @@ TILES = [  # (bn, bk, stages, warps) of notelab.lm.skinny, tried per product and
     (16, 128, 4, 4), (16, 256, 4, 4), (16, 256, 6, 4), (16, 512, 3, 4), (16, 512, 4, 4), (16, 256, 4, 2),
     (32, 128, 4, 4), (32, 256, 3, 4), (32, 256, 4, 4), (32, 256, 4, 8), (64, 128, 4, 4), (64, 256, 3, 4),
 ]  # fmt: skip
+SPLIT_TILES = [  # (bn, bk, stages, warps, split): K cut into `split` programs, tried on the products but the output's
+    (16, 256, 4, 4, 2), (16, 256, 4, 4, 4), (16, 512, 4, 4, 2), (32, 128, 4, 4, 4), (32, 256, 4, 4, 2),
+    (32, 256, 4, 4, 4), (32, 256, 4, 4, 8), (64, 64, 6, 4, 8), (64, 128, 4, 4, 2), (64, 128, 4, 4, 4),
+    (64, 128, 4, 4, 8), (64, 128, 6, 4, 4), (64, 256, 3, 4, 4), (128, 128, 3, 8, 4), (128, 128, 3, 8, 8),
+]  # fmt: skip
 EPS = 1e-5
 
 
@@ -165,7 +170,11 @@ def graph_time(fn, reps: int = 20) -> float:  # noqa: ANN001
 def tiny() -> int:
     """Interpreter smoke test: every kind of product by the kernel against float32 torch on small shapes."""
     torch.manual_seed(0)
-    for B, (N, K), tiles in [(3, (40, 64), (16, 32, 1, 4)), (17, (96, 128), (32, 64, 1, 4))]:
+    for B, (N, K), tiles in [
+        (3, (40, 64), (16, 32, 1, 4)),
+        (17, (96, 128), (32, 64, 1, 4)),
+        (5, (48, 200), (16, 32, 2, 4, 3)),
+    ]:
         for kind in ("linear", "add_", "gated"):
             x, y = torch.randn(B, K), torch.randn(B, N)
             w = torch.randn(2 * N if kind == "gated" else N, K)
@@ -203,7 +212,7 @@ def measure(name: str, B: int, bw: float, args: argparse.Namespace, t_start: flo
         "cublas_err": err,
     }
     row["tiles"], row["ways"] = {}, {}
-    for tiles in TILES:
+    for tiles in TILES + (SPLIT_TILES if name != "lm_head" else []):
         if time.perf_counter() - t_start > args.budget_s:
             break
         try:

@@ -46,10 +46,13 @@ def check(dev: str, B: int, N: int, K: int, tiles, dtype=torch.float32) -> None:
         (5, 64, 96, (32, 64, 2, 4)),
         (17, 48, 200, (16, 64, 1, 2)),
         (33, 16, 32, (16, 32, 1, 4)),
+        (5, 40, 200, (16, 32, 2, 4, 3)),  # K in three parts: 96, 96 and the masked 8
+        (17, 64, 64, (32, 32, 1, 4, 4)),  # more parts than blocks: the last two add zeros
     ],
 )
 def test_skinny_products_equal_torch(interp, B, N, K, tiles):
-    """One row to 33 (rows padded to 16 / 64 by masks), outputs and K not multiples of the tiles (masked), float32."""
+    """One row to 33 (rows padded to 16 / 64 by masks), outputs and K not multiples of the tiles (masked), K split
+    over programs whose partial sums the last adds, float32."""
     check("cpu", B, N, K, skinny.Tiles(*tiles))
 
 
@@ -102,10 +105,18 @@ def test_skinny_tests_in_a_fresh_process():
 @pytest.mark.gpu
 @pytest.mark.skipif(not GPU, reason="needs CUDA (the compiled kernel)")
 def test_skinny_products_on_cuda():
+    """Each epilogue compiled, with and without K split; split products give the same bits every call (the partial
+    sums are added in a fixed order, whichever program arrives last)."""
+    split = skinny.Tiles(64, 128, 4, 4, 4)
     for B in (1, 8, 32):
-        for tiles in (skinny.ADD_TILES, skinny.GATED_TILES):
+        for tiles in (skinny.ADD_TILES, skinny.GATED_TILES, split):
             check("cuda", B, 2048, 2048, tiles)
             check("cuda", B, 2048, 2048, tiles, torch.bfloat16)
+    x = torch.randn(32, 8192, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(2048, 8192, device="cuda", dtype=torch.bfloat16) / 90
+    first = skinny.skinny_linear(x, w, split)
+    for _ in range(20):
+        assert torch.equal(skinny.skinny_linear(x, w, split), first)
 
 
 @pytest.mark.gpu

@@ -23,7 +23,7 @@ Without a GPU the kernel runs through Triton's interpreter (``TRITON_INTERPRET=1
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 import torch
 
@@ -37,12 +37,14 @@ PLAIN, ACCUMULATE, GATED = 0, 1, 2
 @dataclass(frozen=True)
 class Tiles:
     """A program's share: ``bn`` weight rows (outputs), read ``bk`` columns at a time (of 16-bit weights; half as
-    many of 32-bit ones) through ``stages`` pipelined loads, by ``warps`` warps."""
+    many of 32-bit ones) through ``stages`` pipelined loads, by ``warps`` warps; with ``split`` > 1, K is cut into
+    ``split`` parts, one program each, whose float32 partial sums the last of them adds (in a fixed order)."""
 
     bn: int = 16
     bk: int = 256
     stages: int = 4
     warps: int = 4
+    split: int = 1
 
 
 # Per epilogue, the tiles measured fastest for the Llama-3.2-1B step at 8 and 32 rows on an H200
@@ -80,25 +82,38 @@ if triton is not None:
         return act * up
 
     @triton.jit
+    def _epilogue(acc, acc_u, ss, y_ptr, sy, rn, rm, live_n, live_m, K, eps, MODE: tl.constexpr):  # noqa: ANN001, ANN202
+        dt = y_ptr.dtype.element_ty
+        ptrs = y_ptr + rm[None, :] * sy + rn[:, None]  # y^T's block: (BN, BM)
+        mask = live_n[:, None] & live_m[None, :]
+        if MODE == 0:
+            out = acc
+        elif MODE == 1:
+            out = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) + acc
+        else:
+            r = tl.math.rsqrt(ss / K + eps)[None, :]
+            out = swiglu_rounded(acc.to(dt).to(tl.float32), acc_u.to(dt).to(tl.float32), r, dt)
+        tl.store(ptrs, out.to(dt), mask=mask)
+
+    @triton.jit
     def _skinny_kernel(  # noqa: ANN202
-        x_ptr, sx, w_ptr, sw, y_ptr, sy, B, N, K, eps,  # noqa: ANN001
+        x_ptr, sx, w_ptr, sw, y_ptr, sy, ws_ptr, count_ptr, B, N, K, KS, eps,  # noqa: ANN001
         MODE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
-        IEEE: tl.constexpr,
+        SPLIT: tl.constexpr, IEEE: tl.constexpr,
     ):  # fmt: skip
-        """Program n: outputs [n BN, (n + 1) BN) of every row (see the module doc); ``MODE`` the epilogue (gated:
-        ``w`` is [W_g; W_u], 2N rows)."""
-        n = tl.program_id(0)
+        """Program (n, s): outputs [n BN, (n + 1) BN) of every row over columns [s KS, (s + 1) KS) of K (see the
+        module doc); ``MODE`` the epilogue (gated: ``w`` is [W_g; W_u], 2N rows)."""
+        n, s = tl.program_id(0), tl.program_id(1)
         rn = n * BN + tl.arange(0, BN)
         rm = tl.arange(0, BM)
         live_n = rn < N
         live_m = rm < B
         wrow = w_ptr + rn.to(tl.int64)[:, None] * sw
         acc = tl.zeros((BN, BM), dtype=tl.float32)
-        if MODE == 2:
-            acc_u = tl.zeros((BN, BM), dtype=tl.float32)
-            wrow_u = w_ptr + (rn + N).to(tl.int64)[:, None] * sw
-            ss = tl.zeros((BM,), dtype=tl.float32)
-        for k0 in range(0, K, BK):
+        acc_u = tl.zeros((BN, BM), dtype=tl.float32)
+        ss = tl.zeros((BM,), dtype=tl.float32)
+        wrow_u = w_ptr + (rn + N).to(tl.int64)[:, None] * sw
+        for k0 in range(s * KS, tl.minimum(s * KS + KS, K), BK):
             rk = k0 + tl.arange(0, BK)
             xmask, wmask = live_m[None, :], live_n[:, None]
             if not EVEN_K:  # the last block is partial
@@ -117,50 +132,65 @@ if triton is not None:
                     acc_u = tl.dot(wu, xt, acc_u)
                 xf = xt.to(tl.float32)
                 ss += tl.sum(xf * xf, 0)
-        dt = y_ptr.dtype.element_ty
-        ptrs = y_ptr + rm[None, :] * sy + rn[:, None]  # y^T's block: (BN, BM)
-        mask = live_n[:, None] & live_m[None, :]
-        if MODE == 0:
-            out = acc
-        elif MODE == 1:
-            out = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) + acc
-        else:
-            r = tl.math.rsqrt(ss / K + eps)[None, :]
-            out = swiglu_rounded(acc.to(dt).to(tl.float32), acc_u.to(dt).to(tl.float32), r, dt)
-        tl.store(ptrs, out.to(dt), mask=mask)
+        if SPLIT == 1:
+            _epilogue(acc, acc_u, ss, y_ptr, sy, rn, rm, live_n, live_m, K, eps, MODE)
+        else:  # partial sums to the workspace; the program of tile n that arrives last adds them, in order of s
+            size = 3 * BN * BM if MODE == 2 else BN * BM
+            block = tl.arange(0, BN)[:, None] * BM + rm[None, :]
+            mine = ws_ptr + (n * SPLIT + s).to(tl.int64) * size
+            tl.store(mine + block, acc)
+            if MODE == 2:
+                tl.store(mine + BN * BM + block, acc_u)
+                tl.store(mine + 2 * BN * BM + rm, ss)
+            tl.debug_barrier()  # every thread's partial stored before the count is raised
+            if tl.atomic_add(count_ptr + n, 1, sem="acq_rel", scope="gpu") == SPLIT - 1:
+                first = ws_ptr + (n * SPLIT).to(tl.int64) * size
+                acc = tl.zeros((BN, BM), dtype=tl.float32)
+                acc_u = tl.zeros((BN, BM), dtype=tl.float32)
+                ss = tl.zeros((BM,), dtype=tl.float32)
+                for j in range(SPLIT):
+                    acc += tl.load(first + j * size + block, cache_modifier=".cg")
+                    if MODE == 2:
+                        acc_u += tl.load(first + j * size + BN * BM + block, cache_modifier=".cg")
+                        ss += tl.load(first + j * size + 2 * BN * BM + rm, cache_modifier=".cg")
+                tl.store(count_ptr + n, 0)  # zero again for the next call
+                _epilogue(acc, acc_u, ss, y_ptr, sy, rn, rm, live_n, live_m, K, eps, MODE)
 
     def _launch(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, mode: int, eps: float, tiles: Tiles) -> None:
         B, K = x.shape
         N = y.shape[1]
         bk = max(16, tiles.bk * 2 // w.element_size())  # the same bytes a stage in float32 (shared memory)
-        torch.library.wrap_triton(_skinny_kernel)[(triton.cdiv(N, tiles.bn),)](
-            x, x.stride(0), w, w.stride(0), y, y.stride(0), B, N, K, eps,
-            MODE=mode, BM=max(16, _pow2(B)), BN=tiles.bn, BK=bk, EVEN_K=K % bk == 0,
+        bm, n_tiles = max(16, _pow2(B)), triton.cdiv(N, tiles.bn)
+        ks = triton.cdiv(triton.cdiv(K, tiles.split), bk) * bk  # columns a split, whole blocks
+        ws, count = y, y  # not read without a split
+        if tiles.split > 1:
+            ws = torch.empty(n_tiles * tiles.split * tiles.bn * bm * (3 if mode == GATED else 1), dtype=torch.float32,
+                             device=x.device)  # fmt: skip
+            count = torch.zeros(n_tiles, dtype=torch.int32, device=x.device)
+        torch.library.wrap_triton(_skinny_kernel)[(n_tiles, tiles.split)](
+            x, x.stride(0), w, w.stride(0), y, y.stride(0), ws, count, B, N, K, ks, eps,
+            MODE=mode, BM=bm, BN=tiles.bn, BK=bk, EVEN_K=K % bk == 0, SPLIT=tiles.split,
             IEEE=w.dtype == torch.float32 or _INTERPRET,
             num_warps=tiles.warps, num_stages=tiles.stages,
         )  # fmt: skip
 
     @torch.library.triton_op("notelab::skinny_linear", mutates_args=())
-    def _skinny_linear(x: torch.Tensor, w: torch.Tensor, bn: int, bk: int, stages: int, warps: int) -> torch.Tensor:
+    def _skinny_linear(x: torch.Tensor, w: torch.Tensor, tiles: list[int]) -> torch.Tensor:
         """:func:`skinny_linear` as an operator inductor compiles into its graph (the kernel launched as is)."""
         y = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
-        _launch(x, w, y, PLAIN, 0.0, Tiles(bn, bk, stages, warps))
+        _launch(x, w, y, PLAIN, 0.0, Tiles(*tiles))
         return y
 
     @torch.library.triton_op("notelab::skinny_add_", mutates_args=("y",))
-    def _skinny_add_(
-        y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bn: int, bk: int, stages: int, warps: int
-    ) -> None:
+    def _skinny_add_(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, tiles: list[int]) -> None:
         """:func:`skinny_add_` as an operator."""
-        _launch(x, w, y, ACCUMULATE, 0.0, Tiles(bn, bk, stages, warps))
+        _launch(x, w, y, ACCUMULATE, 0.0, Tiles(*tiles))
 
     @torch.library.triton_op("notelab::skinny_gated", mutates_args=())
-    def _skinny_gated(
-        x: torch.Tensor, w: torch.Tensor, eps: float, bn: int, bk: int, stages: int, warps: int
-    ) -> torch.Tensor:
+    def _skinny_gated(x: torch.Tensor, w: torch.Tensor, eps: float, tiles: list[int]) -> torch.Tensor:
         """:func:`skinny_gated` as an operator."""
         y = torch.empty(x.shape[0], w.shape[0] // 2, dtype=x.dtype, device=x.device)
-        _launch(x, w, y, GATED, eps, Tiles(bn, bk, stages, warps))
+        _launch(x, w, y, GATED, eps, Tiles(*tiles))
         return y
 
 
@@ -174,7 +204,7 @@ def _checked(name: str, x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor,
 def skinny_linear(x: torch.Tensor, w: torch.Tensor, tiles: Tiles = LINEAR_TILES) -> torch.Tensor:
     """``x w^T`` (``x`` ``(B, K)``, ``w`` ``(N, K)``, B <= 64) by the kernel above."""
     x, w = _checked("skinny_linear", x, w)
-    return torch.ops.notelab.skinny_linear(x, w, tiles.bn, tiles.bk, tiles.stages, tiles.warps)
+    return torch.ops.notelab.skinny_linear(x, w, list(astuple(tiles)))
 
 
 def skinny_add_(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, tiles: Tiles = ADD_TILES) -> None:
@@ -183,7 +213,7 @@ def skinny_add_(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, tiles: Tiles 
     if y.shape != (x.shape[0], w.shape[0]) or y.stride(-1) != 1 or y.dtype != x.dtype:
         raise RuntimeError(f"skinny_add_: expected y {(x.shape[0], w.shape[0])} of {x.dtype}, unit stride; "
                            f"got {tuple(y.shape)} of {y.dtype}, strides {y.stride()}")  # fmt: skip
-    torch.ops.notelab.skinny_add_(y, x, w, tiles.bn, tiles.bk, tiles.stages, tiles.warps)
+    torch.ops.notelab.skinny_add_(y, x, w, list(astuple(tiles)))
 
 
 def skinny_gated(x: torch.Tensor, w: torch.Tensor, eps: float, tiles: Tiles = GATED_TILES) -> torch.Tensor:
@@ -192,4 +222,4 @@ def skinny_gated(x: torch.Tensor, w: torch.Tensor, eps: float, tiles: Tiles = GA
     x, w = _checked("skinny_gated", x, w)
     if w.shape[0] % 2:
         raise RuntimeError(f"skinny_gated: expected an even number of weight rows ([W_g; W_u]), got {w.shape[0]}")
-    return torch.ops.notelab.skinny_gated(x, w, float(eps), tiles.bn, tiles.bk, tiles.stages, tiles.warps)
+    return torch.ops.notelab.skinny_gated(x, w, float(eps), list(astuple(tiles)))
