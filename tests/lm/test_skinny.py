@@ -11,6 +11,7 @@ from triton_interpreter import GPU, engine_tokens, import_interpreted, run_file_
 from triton_interpreter import small_llama as model_of
 
 from notelab.lm import generate
+from notelab.lm.attend import rope_attention
 from notelab.lm.engine import StackedLayers
 from notelab.lm.folded import folded_unsupported, folded_weights, gated_silu_torch
 
@@ -23,19 +24,20 @@ def interp(monkeypatch):
     use_interpreter(IN_PROCESS, monkeypatch)
 
 
-def check(dev: str, B: int, N: int, K: int, tiles, dtype=torch.float32) -> None:  # noqa: ANN001
-    """Each epilogue against float32 torch: to 1e-5 in float32, within a few bf16 roundings in bf16."""
+def check(dev: str, B: int, N: int, K: int, tiles, dtype=torch.float32, pdl: bool = False) -> None:  # noqa: ANN001
+    """Each epilogue against float32 torch: to 1e-5 in float32, within a few bf16 roundings in bf16 (``pdl``: the
+    kernels launched with programmatic dependent launch, through their opaque operator)."""
     g = torch.Generator().manual_seed(B * 1000 + N)
     x = (torch.randn(B, K, generator=g) * 2.0).to(dev, dtype)
     w = (torch.randn(2 * N, K, generator=g) / K**0.5).to(dev, dtype)
     y = torch.randn(B, N, generator=g).to(dev, dtype)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=0.03, atol=0.03)
     xf, wf = x.float(), w.float()
-    torch.testing.assert_close(skinny.skinny_linear(x, w[:N], tiles).float(), F.linear(xf, wf[:N]), **tol)
+    torch.testing.assert_close(skinny.skinny_linear(x, w[:N], tiles, pdl).float(), F.linear(xf, wf[:N]), **tol)
     acc = y.clone()
-    skinny.skinny_add_(acc, x, w[:N], tiles)
+    skinny.skinny_add_(acc, x, w[:N], tiles, pdl)
     torch.testing.assert_close(acc.float(), y.float() + F.linear(xf, wf[:N]), **tol)
-    got = skinny.skinny_gated(x, w, 1e-5, tiles).float()
+    got = skinny.skinny_gated(x, w, 1e-5, tiles, pdl).float()
     torch.testing.assert_close(got, gated_silu_torch(F.linear(xf, wf), xf, 1e-5), **tol)
 
 
@@ -60,6 +62,10 @@ def test_skinny_products_in_bf16(interp):
     check("cpu", 6, 40, 96, skinny.Tiles(16, 32, 1, 4), torch.bfloat16)
 
 
+def test_skinny_products_through_the_pdl_operator(interp):
+    check("cpu", 5, 40, 200, skinny.Tiles(16, 32, 2, 4, 3), pdl=True)
+
+
 def test_skinny_says_why_it_cannot_run():
     x, w = torch.zeros(3, 8), torch.zeros(5, 8)
     if skinny.triton is None:
@@ -79,19 +85,25 @@ def test_skinny_says_why_it_cannot_run():
         skinny.skinny_gated(x, w, 1e-5)
 
 
-def skinny_layers() -> StackedLayers:
-    """The folded layers with every product by the kernel (the default takes it for some: ``folded.SKINNY``)."""
-    every = folded.Products(skinny.skinny_linear, skinny.skinny_add_, skinny.skinny_gated, skinny.skinny_linear)
+def skinny_layers(pdl: bool = False) -> StackedLayers:
+    """The folded layers with every product by the kernel (the default takes it for some: ``folded.SKINNY``), down
+    split over K."""
+    s = skinny
+    down = s.Tiles(64, 128, 4, 4, 4)
+    add_ = lambda y, x, w: s.skinny_add_(y, x, w, down if w.shape[1] > 64 else s.ADD_TILES, pdl)  # noqa: E731
+    every = folded.Products(partial(s.skinny_linear, pdl=pdl), add_, partial(s.skinny_gated, pdl=pdl),
+                            partial(s.skinny_linear, pdl=pdl))  # fmt: skip
     return StackedLayers(folded_weights, partial(folded.folded_forward, products=every), folded_unsupported)
 
 
-def check_engine(dev: str) -> None:
+def check_engine(dev: str, pdl: bool = False) -> None:
     """The folded engine with these products: the reference loop's greedy and sampled tokens (float32)."""
     model = with_gains(model_of(device=dev))
     prompts = [[5, 6, 7], list(range(1, 12)), [9, 9, 4]]
+    parts = dict(attention=partial(rope_attention, pdl=True)) if pdl else {}
     for kw in (dict(temperature=0.9, top_p=0.8), {}):
         want = [generate(model, [p], 10, path="reference", seed=3 + b, **kw)[0] for b, p in enumerate(prompts)]
-        assert engine_tokens(model, prompts, kw, layers=skinny_layers()) == want, kw
+        assert engine_tokens(model, prompts, kw, layers=skinny_layers(pdl), **parts) == want, kw
 
 
 def test_engine_with_skinny_products(interp):
@@ -110,8 +122,9 @@ def test_skinny_products_on_cuda():
     split = skinny.Tiles(64, 128, 4, 4, 4)
     for B in (1, 8, 32):
         for tiles in (skinny.ADD_TILES, skinny.GATED_TILES, split):
-            check("cuda", B, 2048, 2048, tiles)
-            check("cuda", B, 2048, 2048, tiles, torch.bfloat16)
+            for pdl in (False, True):
+                check("cuda", B, 2048, 2048, tiles, pdl=pdl)
+                check("cuda", B, 2048, 2048, tiles, torch.bfloat16, pdl)
     x = torch.randn(32, 8192, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(2048, 8192, device="cuda", dtype=torch.bfloat16) / 90
     first = skinny.skinny_linear(x, w, split)
@@ -122,5 +135,7 @@ def test_skinny_products_on_cuda():
 @pytest.mark.gpu
 @pytest.mark.skipif(not GPU, reason="needs CUDA (the compiled kernels)")
 def test_skinny_engine_on_cuda():
-    """Compiled and captured with these products (no fallback): the reference tokens (float32)."""
+    """Compiled and captured with these products (no fallback), with and without programmatic dependent launch
+    (theirs and the attention's): the reference tokens (float32)."""
     check_engine("cuda")
+    check_engine("cuda", pdl=True)

@@ -21,11 +21,13 @@ few programs walking the whole cache. Without a GPU the kernels run through Trit
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from notelab.core.attention import KVCache
 from notelab.lm.triton_env import INTERPRET as _INTERPRET
-from notelab.lm.triton_env import kernels_unsupported, tl, triton
+from notelab.lm.triton_env import gdc_launch_dependents, gdc_wait, kernels_unsupported, tl, triton
 from notelab.lm.triton_env import pow2 as _pow2
 
 # keys a program reads (one block: the keys of a row are split over programs). 64 against 32: +0.7-0.9 points of
@@ -62,7 +64,7 @@ if triton is not None:
         part_ptr, ml_ptr, x_ptr, sxb, D, eps, S, scale,  # noqa: ANN001
         HD: tl.constexpr, G: tl.constexpr, GQ: tl.constexpr, GP: tl.constexpr, NSPLIT: tl.constexpr,
         NSP2: tl.constexpr, BLOCK_S: tl.constexpr, ROPE: tl.constexpr, IEEE: tl.constexpr, NORM: tl.constexpr,
-        DP2: tl.constexpr,
+        DP2: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """Program (split s, KV head g, row b): the G query heads of g over keys [s BLOCK_S, (s + 1) BLOCK_S) of
         the row's 0..p_b; its partial (max m, sum l of e^(score - m), sum of e^(score - m) v) per head. The program
@@ -70,6 +72,9 @@ if triton is not None:
         them there (no other program reads slot p_b). ``NORM``: q, k, v are projections of the un-normalised
         residual row ``x_b`` (the RMSNorm's gain folded into the weights): times r_b = 1 / sqrt(mean(x_b^2) + eps)
         first (``notelab.lm.folded``)."""
+        if PDL:  # launched before the kernel ahead of it ends: wait for it, then let the next one launch
+            gdc_wait()
+            gdc_launch_dependents()
         s, g, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         n = tl.load(pos_ptr + b).to(tl.int32) + 1  # keys 0..p_b
         start = s * BLOCK_S
@@ -135,10 +140,13 @@ if triton is not None:
     def _combine_kernel(  # noqa: ANN202
         pos_ptr, part_ptr, ml_ptr, y_ptr,  # noqa: ANN001
         HD: tl.constexpr, G: tl.constexpr, GQ: tl.constexpr, NSPLIT: tl.constexpr, NSP2: tl.constexpr,
-        BLOCK_S: tl.constexpr,
+        BLOCK_S: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """Program (KV head g, row b): y_h = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s over the row's splits,
         M = max_s m_s (flash-decoding's combination), written where o_proj reads head h."""
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
         g, b = tl.program_id(0), tl.program_id(1)
         nkv = tl.num_programs(0)
         n = tl.load(pos_ptr + b).to(tl.int32) + 1
@@ -156,40 +164,55 @@ if triton is not None:
         yrow = y_ptr + b.to(tl.int64) * (nkv * G * HD) + (g * G + i)[:, None] * HD + d[None, :]
         tl.store(yrow, y.to(y_ptr.dtype.element_ty), mask=(i < G)[:, None])
 
-    @torch.library.triton_op("notelab::rope_attention", mutates_args=("k", "v"))
-    def _rope_attention(
-        q: torch.Tensor,
-        k_new: torch.Tensor,
-        v_new: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        pos: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        x: torch.Tensor,
-        eps: float,
-        rope: bool,
-        norm: bool,
-        block: int,
-    ) -> torch.Tensor:
-        """:func:`rope_attention` as an operator inductor compiles into its graph (the kernels launched as is)."""
+    def _attend(
+        q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, x: torch.Tensor, eps: float, rope: bool, norm: bool,
+        block: int, pdl: bool, wrap: Callable,
+    ) -> torch.Tensor:  # fmt: skip
         B, nq, _, hd = q.shape
         nkv, S = k.shape[1], k.shape[2]
         G = nq // nkv
+        pdl = pdl and q.is_cuda  # (not through the interpreter)
         gq, nsplit = _pow2(G), -(-S // block)
         f32 = dict(dtype=torch.float32, device=q.device)
         part = torch.empty(B * nkv * nsplit * gq * hd, **f32)
         ml = torch.empty(B * nkv * nsplit * gq * 2, **f32)
         y = torch.empty(B, nq * hd, dtype=q.dtype, device=q.device)
-        sizes = dict(HD=hd, G=G, GQ=gq, NSPLIT=nsplit, NSP2=_pow2(nsplit), BLOCK_S=block)
-        torch.library.wrap_triton(_split_kernel)[(nsplit, nkv, B)](
+        sizes = dict(HD=hd, G=G, GQ=gq, NSPLIT=nsplit, NSP2=_pow2(nsplit), BLOCK_S=block, PDL=pdl)
+        launch = {"launch_pdl": True} if pdl else {}
+        wrap(_split_kernel)[(nsplit, nkv, B)](
             q, q.stride(0), q.stride(1), k_new, k_new.stride(0), k_new.stride(1), v_new, v_new.stride(0),
             v_new.stride(1), k, v, cos, sin, pos, part, ml, x, x.stride(0), x.shape[-1], eps, S, hd**-0.5,
             GP=max(16, gq), ROPE=rope, IEEE=k.dtype == torch.float32 or _INTERPRET, NORM=norm,
-            DP2=max(2, _pow2(x.shape[-1])), **sizes,
+            DP2=max(2, _pow2(x.shape[-1])), **sizes, **launch,
         )  # fmt: skip
-        torch.library.wrap_triton(_combine_kernel)[(nkv, B)](pos, part, ml, y, **sizes)
+        wrap(_combine_kernel)[(nkv, B)](pos, part, ml, y, **sizes, **launch)
         return y
+
+    @torch.library.triton_op("notelab::rope_attention", mutates_args=("k", "v"))
+    def _rope_attention(
+        q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, x: torch.Tensor, eps: float, rope: bool, norm: bool,
+        block: int,
+    ) -> torch.Tensor:  # fmt: skip
+        """:func:`rope_attention` as an operator inductor compiles into its graph (the kernels launched as is)."""
+        return _attend(
+            q, k_new, v_new, k, v, pos, cos, sin, x, eps, rope, norm, block, False, torch.library.wrap_triton
+        )
+
+    @torch.library.custom_op("notelab::rope_attention_pdl", mutates_args=("k", "v"))
+    def _rope_attention_pdl(
+        q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, x: torch.Tensor, eps: float, rope: bool, norm: bool,
+        block: int,
+    ) -> torch.Tensor:  # fmt: skip
+        """The same with programmatic dependent launch, an opaque operator (a compiled graph calls it as it is: the
+        kernels launch themselves with an option inductor does not pass on)."""
+        return _attend(q, k_new, v_new, k, v, pos, cos, sin, x, eps, rope, norm, block, True, lambda kernel: kernel)
+
+    @_rope_attention_pdl.register_fake
+    def _(q, k_new, v_new, k, v, pos, cos, sin, x, eps, rope, norm, block):  # noqa: ANN001, ANN202
+        return q.new_empty(q.shape[0], q.shape[1] * q.shape[3])
 
 
 def rope_attention(
@@ -201,6 +224,7 @@ def rope_attention(
     rope: tuple[torch.Tensor, torch.Tensor] | None,
     block: int = BLOCK_KEYS,
     norm: tuple[torch.Tensor, float] | None = None,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """Attention of the new token of each row: ``q`` ``(B, Hq, 1, D)``, ``k``, ``v`` ``(B, Hkv, 1, D)`` before RoPE,
     rotated by ``rope`` = (cos, sin) ``(B, 1, 1, D)`` tables of the rows' slots ``pos`` (None: no rotation); the
@@ -208,7 +232,9 @@ def rope_attention(
     keys ``0..pos[b]``; returns ``(B, Hq, 1, D)``, as the engine's torch attention (``rotated_attention``) does.
     ``norm`` = (x ``(B, dim)``, eps): q, k, v are projections of the residual rows x before their RMSNorm, its gain
     folded into the weights (``notelab.lm.folded``): scaled by 1 / sqrt(mean(x^2) + eps) first (None: as given).
-    ``block``: keys a program reads (at least 16). The engine's attention on CUDA (``Engine(attention=...)``);
+    ``block``: keys a program reads (at least 16); ``pdl``: the kernels launched before the kernel ahead of them
+    ends (programmatic dependent launch, sm_90+), waiting for it before reading anything. The engine's
+    attention on CUDA (``Engine(attention=...)``);
     see :func:`attend_unsupported`."""
     B, nq, _, hd = q.shape
     why = attend_unsupported(q, hd)
@@ -225,7 +251,6 @@ def rope_attention(
     else:
         x, eps = norm[0].reshape(B, -1), norm[1]
         x = x if x.stride(-1) == 1 else x.contiguous()
-    y = torch.ops.notelab.rope_attention(
-        q, k, v, cache.k, cache.v, pos, cos, sin, x, float(eps), rope is not None, norm is not None, max(16, block)
-    )  # fmt: skip
+    op = torch.ops.notelab.rope_attention_pdl if pdl else torch.ops.notelab.rope_attention
+    y = op(q, k, v, cache.k, cache.v, pos, cos, sin, x, float(eps), rope is not None, norm is not None, max(16, block))
     return y.view(B, nq, 1, hd)

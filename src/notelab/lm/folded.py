@@ -71,8 +71,34 @@ def folded_weights(model: Llama, out: FusedWeights | None = None) -> FusedWeight
             (w_gate_up, (m.gate_proj, m.up_proj), layer.post_attention_layernorm),
         ):
             for rows, p in zip(w.split([p.weight.shape[0] for p in parts]), parts, strict=True):
-                torch.mul(p.weight, norm.weight, out=rows)
+                scale_columns(p.weight, norm.weight, out=rows)
     return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _scale_columns_kernel(w_ptr, g_ptr, out_ptr, numel, C, BLOCK: tl.constexpr):  # noqa: ANN001, ANN202
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        inside = offs < numel
+        w = tl.load(w_ptr + offs, mask=inside, other=0.0, eviction_policy="evict_first")
+        g = tl.load(g_ptr + offs % C, mask=inside, other=0.0)
+        tl.store(out_ptr + offs, (w.to(tl.float32) * g.to(tl.float32)).to(w.dtype), mask=inside)
+
+
+def scale_columns(w: torch.Tensor, g: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = w * g`` (``w`` ``(R, C)``, a gain ``g`` ``(C,)`` per column), computed in float32 and rounded once,
+    as ``torch.mul`` does; where the kernels run, one Triton kernel reading ``w`` in contiguous 16-byte loads
+    (``torch.mul`` broadcasting ``g`` falls back to its kernel for strided operands: 1.4 TB/s on an H200)."""
+    contiguous = all(t.is_contiguous() for t in (w, g, out)) and w.dtype == g.dtype == out.dtype
+    if not w.is_cuda or kernels_unsupported(w) or not contiguous or out.shape != w.shape or g.shape != w.shape[-1:]:
+        torch.mul(w, g, out=out)  # (the interpreter would round float32 to bf16 by truncation: CUDA only)
+        return
+    _scale_columns(w, g, out)
+
+
+def _scale_columns(w: torch.Tensor, g: torch.Tensor, out: torch.Tensor, block: int = 4096) -> None:
+    _scale_columns_kernel[(triton.cdiv(w.numel(), block),)](w, g, out, w.numel(), w.shape[-1], BLOCK=block)
 
 
 @torch.library.custom_op("notelab::add_linear_", mutates_args=("x",))

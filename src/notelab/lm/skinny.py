@@ -23,12 +23,13 @@ Without a GPU the kernel runs through Triton's interpreter (``TRITON_INTERPRET=1
 
 from __future__ import annotations
 
+import functools
 from dataclasses import astuple, dataclass
 
 import torch
 
 from notelab.lm.triton_env import INTERPRET as _INTERPRET
-from notelab.lm.triton_env import kernels_unsupported, tl, triton
+from notelab.lm.triton_env import gdc_launch_dependents, gdc_wait, kernels_unsupported, tl, triton
 from notelab.lm.triton_env import pow2 as _pow2
 
 PLAIN, ACCUMULATE, GATED = 0, 1, 2
@@ -99,10 +100,13 @@ if triton is not None:
     def _skinny_kernel(  # noqa: ANN202
         x_ptr, sx, w_ptr, sw, y_ptr, sy, ws_ptr, count_ptr, B, N, K, KS, eps,  # noqa: ANN001
         MODE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
-        SPLIT: tl.constexpr, IEEE: tl.constexpr,
+        SPLIT: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """Program (n, s): outputs [n BN, (n + 1) BN) of every row over columns [s KS, (s + 1) KS) of K (see the
         module doc); ``MODE`` the epilogue (gated: ``w`` is [W_g; W_u], 2N rows)."""
+        if PDL:  # launched before the kernel ahead of it ends: wait for it, then let the next one launch
+            gdc_wait()
+            gdc_launch_dependents()
         n, s = tl.program_id(0), tl.program_id(1)
         rn = n * BN + tl.arange(0, BN)
         rm = tl.arange(0, BM)
@@ -156,9 +160,18 @@ if triton is not None:
                 tl.store(count_ptr + n, 0)  # zero again for the next call
                 _epilogue(acc, acc_u, ss, y_ptr, sy, rn, rm, live_n, live_m, K, eps, MODE)
 
-    def _launch(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, mode: int, eps: float, tiles: Tiles) -> None:
+    @functools.cache
+    def _zeroed_counts(device: torch.device, n: int) -> torch.Tensor:
+        """Arrival counts of the split programs, one a tile: zero between calls (the last program of a tile zeroes
+        its count), so held once per device rather than zeroed by a launch before each product."""
+        return torch.zeros(n, dtype=torch.int32, device=device)
+
+    def _launch(
+        x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, mode: int, eps: float, tiles: Tiles, pdl: bool = False
+    ) -> None:
         B, K = x.shape
         N = y.shape[1]
+        pdl = pdl and x.is_cuda  # (not through the interpreter)
         bk = max(16, tiles.bk * 2 // w.element_size())  # the same bytes a stage in float32 (shared memory)
         bm, n_tiles = max(16, _pow2(B)), triton.cdiv(N, tiles.bn)
         ks = triton.cdiv(triton.cdiv(K, tiles.split), bk) * bk  # columns a split, whole blocks
@@ -166,12 +179,14 @@ if triton is not None:
         if tiles.split > 1:
             ws = torch.empty(n_tiles * tiles.split * tiles.bn * bm * (3 if mode == GATED else 1), dtype=torch.float32,
                              device=x.device)  # fmt: skip
-            count = torch.zeros(n_tiles, dtype=torch.int32, device=x.device)
-        torch.library.wrap_triton(_skinny_kernel)[(n_tiles, tiles.split)](
+            count = _zeroed_counts(x.device, max(1024, _pow2(n_tiles)))
+        # under inductor (the triton_op below) through wrap_triton; with programmatic dependent launch, directly
+        kernel = _skinny_kernel if pdl else torch.library.wrap_triton(_skinny_kernel)
+        kernel[(n_tiles, tiles.split)](
             x, x.stride(0), w, w.stride(0), y, y.stride(0), ws, count, B, N, K, ks, eps,
             MODE=mode, BM=bm, BN=tiles.bn, BK=bk, EVEN_K=K % bk == 0, SPLIT=tiles.split,
-            IEEE=w.dtype == torch.float32 or _INTERPRET,
-            num_warps=tiles.warps, num_stages=tiles.stages,
+            IEEE=w.dtype == torch.float32 or _INTERPRET, PDL=pdl,
+            num_warps=tiles.warps, num_stages=tiles.stages, **({"launch_pdl": True} if pdl else {}),
         )  # fmt: skip
 
     @torch.library.triton_op("notelab::skinny_linear", mutates_args=())
@@ -193,6 +208,22 @@ if triton is not None:
         _launch(x, w, y, GATED, eps, Tiles(*tiles))
         return y
 
+    # The same with programmatic dependent launch: opaque operators (a compiled graph calls them as they are),
+    # the kernel launching itself with an option inductor does not pass on; ``mode`` the epilogue
+    @torch.library.custom_op("notelab::skinny_pdl", mutates_args=("y",))
+    def _skinny_pdl(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, mode: int, eps: float, tiles: list[int]) -> None:
+        _launch(x, w, y, mode, eps, Tiles(*tiles), pdl=True)
+
+    @_skinny_pdl.register_fake
+    def _(y, x, w, mode, eps, tiles):  # noqa: ANN001, ANN202
+        return None
+
+
+def _pdl(x: torch.Tensor, w: torch.Tensor, n: int, mode: int, eps: float, tiles: Tiles, y: torch.Tensor | None = None):  # noqa: ANN202
+    y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device) if y is None else y
+    torch.ops.notelab.skinny_pdl(y, x, w, mode, eps, list(astuple(tiles)))
+    return y
+
 
 def _checked(name: str, x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     why = skinny_unsupported(x, w)
@@ -201,25 +232,35 @@ def _checked(name: str, x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor,
     return (x if x.stride(-1) == 1 else x.contiguous()), (w if w.stride(-1) == 1 else w.contiguous())
 
 
-def skinny_linear(x: torch.Tensor, w: torch.Tensor, tiles: Tiles = LINEAR_TILES) -> torch.Tensor:
-    """``x w^T`` (``x`` ``(B, K)``, ``w`` ``(N, K)``, B <= 64) by the kernel above."""
+def skinny_linear(x: torch.Tensor, w: torch.Tensor, tiles: Tiles = LINEAR_TILES, pdl: bool = False) -> torch.Tensor:
+    """``x w^T`` (``x`` ``(B, K)``, ``w`` ``(N, K)``, B <= 64) by the kernel above; ``pdl``: launched before the
+    kernel ahead of it ends (programmatic dependent launch, sm_90+), waiting for it before reading anything."""
     x, w = _checked("skinny_linear", x, w)
+    if pdl:
+        return _pdl(x, w, w.shape[0], PLAIN, 0.0, tiles)
     return torch.ops.notelab.skinny_linear(x, w, list(astuple(tiles)))
 
 
-def skinny_add_(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, tiles: Tiles = ADD_TILES) -> None:
+def skinny_add_(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, tiles: Tiles = ADD_TILES, pdl: bool = False) -> None:
     """``y <- y + x w^T`` in place (``y`` ``(B, N)`` with unit stride along a row), rounded once."""
     x, w = _checked("skinny_add_", x, w)
     if y.shape != (x.shape[0], w.shape[0]) or y.stride(-1) != 1 or y.dtype != x.dtype:
         raise RuntimeError(f"skinny_add_: expected y {(x.shape[0], w.shape[0])} of {x.dtype}, unit stride; "
                            f"got {tuple(y.shape)} of {y.dtype}, strides {y.stride()}")  # fmt: skip
-    torch.ops.notelab.skinny_add_(y, x, w, list(astuple(tiles)))
+    if pdl:
+        _pdl(x, w, w.shape[0], ACCUMULATE, 0.0, tiles, y)
+    else:
+        torch.ops.notelab.skinny_add_(y, x, w, list(astuple(tiles)))
 
 
-def skinny_gated(x: torch.Tensor, w: torch.Tensor, eps: float, tiles: Tiles = GATED_TILES) -> torch.Tensor:
+def skinny_gated(
+    x: torch.Tensor, w: torch.Tensor, eps: float, tiles: Tiles = GATED_TILES, pdl: bool = False
+) -> torch.Tensor:
     """``silu(r g) * (r u)`` with ``[g; u] = x w^T`` (``w`` ``(2I, K)``: [W_g; W_u]) and r = 1 / sqrt(mean(x^2) +
     eps) per row: ``notelab.lm.folded.gated_silu_torch(F.linear(x, w), x, eps)`` in one kernel, ``(B, I)``."""
     x, w = _checked("skinny_gated", x, w)
     if w.shape[0] % 2:
         raise RuntimeError(f"skinny_gated: expected an even number of weight rows ([W_g; W_u]), got {w.shape[0]}")
+    if pdl:
+        return _pdl(x, w, w.shape[0] // 2, GATED, float(eps), tiles)
     return torch.ops.notelab.skinny_gated(x, w, float(eps), list(astuple(tiles)))

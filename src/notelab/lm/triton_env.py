@@ -15,9 +15,13 @@ import torch
 try:  # triton is optional: without it the kernel paths say why they cannot run and the torch functions run
     import triton
     import triton.language as tl
+
+    # programmatic dependent launch (sm_90+): a kernel waits for the one ahead of it / lets the next one launch
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # pragma: no cover - depends on the environment
     triton = None
     tl = None
+    gdc_launch_dependents = gdc_wait = None
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
