@@ -78,12 +78,15 @@ def folded_weights(model: Llama, out: FusedWeights | None = None) -> FusedWeight
 if triton is not None:
 
     @triton.jit
-    def _scale_columns_kernel(w_ptr, g_ptr, out_ptr, numel, C, BLOCK: tl.constexpr):  # noqa: ANN001, ANN202
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        inside = offs < numel
-        w = tl.load(w_ptr + offs, mask=inside, other=0.0, eviction_policy="evict_first")
-        g = tl.load(g_ptr + offs % C, mask=inside, other=0.0)
-        tl.store(out_ptr + offs, (w.to(tl.float32) * g.to(tl.float32)).to(w.dtype), mask=inside)
+    def _scale_columns_kernel(w_ptr, g_ptr, out_ptr, R, C, ROWS: tl.constexpr, BLOCK: tl.constexpr):  # noqa: ANN001, ANN202
+        """Program (r, c): rows [r ROWS, (r + 1) ROWS) by columns [c BLOCK, (c + 1) BLOCK)."""
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        inside = (rows < R)[:, None] & (cols < C)[None, :]
+        at = rows.to(tl.int64)[:, None] * C + cols[None, :]
+        w = tl.load(w_ptr + at, mask=inside, other=0.0, eviction_policy="evict_first")
+        g = tl.load(g_ptr + cols, mask=cols < C, other=0.0)
+        tl.store(out_ptr + at, (w.to(tl.float32) * g.to(tl.float32)[None, :]).to(w.dtype), mask=inside)
 
 
 def scale_columns(w: torch.Tensor, g: torch.Tensor, out: torch.Tensor) -> None:
@@ -97,8 +100,9 @@ def scale_columns(w: torch.Tensor, g: torch.Tensor, out: torch.Tensor) -> None:
     _scale_columns(w, g, out)
 
 
-def _scale_columns(w: torch.Tensor, g: torch.Tensor, out: torch.Tensor, block: int = 4096) -> None:
-    _scale_columns_kernel[(triton.cdiv(w.numel(), block),)](w, g, out, w.numel(), w.shape[-1], BLOCK=block)
+def _scale_columns(w: torch.Tensor, g: torch.Tensor, out: torch.Tensor, rows: int = 8, block: int = 1024) -> None:
+    (R, C), grid = w.shape, (triton.cdiv(w.shape[0], rows), triton.cdiv(w.shape[1], block))
+    _scale_columns_kernel[grid](w, g, out, R, C, ROWS=rows, BLOCK=block)
 
 
 @torch.library.custom_op("notelab::add_linear_", mutates_args=("x",))

@@ -8,14 +8,22 @@ bound by reading ``W``. Here a program takes ``BN`` rows of ``W`` and computes t
                                                          x padded to BM >= 16 by masked loads)
 
 streaming its ``BN x K`` slice of ``W`` through ``STAGES`` pipelined loads, so that even 2,048 outputs give
-``2048 / BN`` programs that each read a contiguous slice (no split over K, no partial sums to add). Three
-epilogues, the folded decode step's (``notelab.lm.folded``), each rounding where that step rounds:
+``2048 / BN`` programs that each read a contiguous slice. A wide K (down: 8,192) can be cut into ``split``
+parts, a program each: each writes its float32 partial block, raises its tile's arrival count, and the last to
+arrive adds the parts in the order of K (the same bits whichever arrives last), zeroes the count and runs the
+epilogue. Three epilogues, the folded decode step's (``notelab.lm.folded``), each rounding where that step
+rounds:
 
     plain        y = x W^T                                  rounded once to x's dtype
     accumulate   y <- y + x W^T   (y the residual rows)     float32 sum, rounded once (cuBLAS's beta = 1)
     gated        y = silu(r g) * (r u),  [g; u] = x [W_g; W_u]^T,  r = 1 / sqrt(mean(x^2) + eps)
                  (the SwiGLU of a layer whose RMSNorm gain is folded into W; each factor rounded to x's dtype
                  as ``notelab.lm.folded.gated_silu_torch`` rounds; r summed from the x blocks the program reads)
+
+With ``pdl`` (CUDA, sm_90+) a kernel is launched with programmatic dependent launch: it may start before the
+kernel ahead of it ends, waits for it (``gdc_wait``) before reading anything, then lets the next kernel launch;
+a chain of such kernels hides the launch between them. Inductor does not pass that launch option to the kernels
+of a compiled graph, so those products are an opaque operator that launches the kernel itself.
 
 Without a GPU the kernel runs through Triton's interpreter (``TRITON_INTERPRET=1``, read by
 ``notelab.lm.triton_env``), which is how the tests check it against the torch functions on CPU.
@@ -179,7 +187,10 @@ if triton is not None:
         if tiles.split > 1:
             ws = torch.empty(n_tiles * tiles.split * tiles.bn * bm * (3 if mode == GATED else 1), dtype=torch.float32,
                              device=x.device)  # fmt: skip
-            count = _zeroed_counts(x.device, max(1024, _pow2(n_tiles)))
+            # held zero between calls where the kernel launches itself; zeroed by a launch under inductor (which
+            # traces this function with stand-in tensors, not a tensor held outside)
+            zeros = _zeroed_counts(x.device, max(1024, _pow2(n_tiles))) if pdl else None
+            count = torch.zeros(n_tiles, dtype=torch.int32, device=x.device) if zeros is None else zeros
         # under inductor (the triton_op below) through wrap_triton; with programmatic dependent launch, directly
         kernel = _skinny_kernel if pdl else torch.library.wrap_triton(_skinny_kernel)
         kernel[(n_tiles, tiles.split)](
@@ -209,19 +220,23 @@ if triton is not None:
         return y
 
     # The same with programmatic dependent launch: opaque operators (a compiled graph calls them as they are),
-    # the kernel launching itself with an option inductor does not pass on; ``mode`` the epilogue
+    # the kernel launching itself with an option inductor does not pass on
     @torch.library.custom_op("notelab::skinny_pdl", mutates_args=("y",))
-    def _skinny_pdl(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, mode: int, eps: float, tiles: list[int]) -> None:
-        _launch(x, w, y, mode, eps, Tiles(*tiles), pdl=True)
+    def _skinny_pdl(
+        y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, epilogue: int, eps: float, tiles: list[int]
+    ) -> None:
+        _launch(x, w, y, epilogue, eps, Tiles(*tiles), pdl=True)
 
     @_skinny_pdl.register_fake
-    def _(y, x, w, mode, eps, tiles):  # noqa: ANN001, ANN202
+    def _(y, x, w, epilogue, eps, tiles):  # noqa: ANN001, ANN202
         return None
 
 
-def _pdl(x: torch.Tensor, w: torch.Tensor, n: int, mode: int, eps: float, tiles: Tiles, y: torch.Tensor | None = None):  # noqa: ANN202
+def _pdl(
+    x: torch.Tensor, w: torch.Tensor, n: int, epilogue: int, eps: float, tiles: Tiles, y: torch.Tensor | None = None
+) -> torch.Tensor:
     y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device) if y is None else y
-    torch.ops.notelab.skinny_pdl(y, x, w, mode, eps, list(astuple(tiles)))
+    torch.ops.notelab.skinny_pdl(y, x, w, epilogue, eps, list(astuple(tiles)))
     return y
 
 
