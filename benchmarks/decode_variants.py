@@ -45,16 +45,25 @@ from collections.abc import Callable
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 
 from decode_defaults import SAMPLED, Bench, Phases, agreement, timed
 from notelab.lm import Llama, LlamaConfig, generate
 from notelab.lm.attend import rope_attention
 from notelab.lm.engine import STACKED, Engine, SamplingParams, StackedLayers, rotated_attention
-from notelab.lm.folded import CUBLAS, Products, folded_forward, folded_unsupported, folded_weights
+from notelab.lm.folded import CUBLAS, WIDE_K, Products, folded_forward, folded_unsupported, folded_weights
 from notelab.lm.nucleus import draw_tokens, pivot_threshold
 from notelab.lm.sampling import bisect_threshold, filter_threshold, gumbel_argmax
-from notelab.lm.skinny import ADD_TILES, GATED_TILES, LINEAR_TILES, Tiles, skinny_add_, skinny_gated, skinny_linear
+from notelab.lm.skinny import (
+    ADD_TILES,
+    DOWN_TILES,
+    GATED_TILES,
+    LINEAR_TILES,
+    QKV_TILES,
+    Tiles,
+    skinny_add_,
+    skinny_gated,
+    skinny_linear,
+)
 
 
 def folded_with(products: Products) -> StackedLayers:
@@ -79,19 +88,15 @@ def tuned_products(path: str) -> Products:
     )
 
 
-DOWN_SPLIT = Tiles(64, 128, 4, 4, 4)  # down (8,192 wide) cut into four parts over K
-QKV_TILES = Tiles(16, 256, 4, 2)
-
-
-def skinny_everywhere(pdl: bool, qkv_by_cublas: bool = False) -> Products:
-    """Every product by ``notelab.lm.skinny`` (down split over K; [q; k; v] by cuBLAS if ``qkv_by_cublas``), each
-    kernel with programmatic dependent launch if ``pdl``."""
+def skinny_products(pdl: bool) -> Products:
+    """The default products (every one by ``notelab.lm.skinny``), each kernel launched with programmatic dependent
+    launch if ``pdl`` at any batch (the default: at up to ``notelab.lm.triton_env.PDL_MAX_ROWS`` rows)."""
 
     def add_(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
-        skinny_add_(y, x, w, DOWN_SPLIT if w.shape[1] > 4096 else ADD_TILES, pdl)
+        skinny_add_(y, x, w, DOWN_TILES if w.shape[1] > WIDE_K else ADD_TILES, pdl)
 
-    qkv = F.linear if qkv_by_cublas else partial(skinny_linear, tiles=QKV_TILES, pdl=pdl)
-    return Products(qkv, add_, partial(skinny_gated, pdl=pdl), partial(skinny_linear, pdl=pdl))
+    return Products(partial(skinny_linear, tiles=QKV_TILES, pdl=pdl), add_, partial(skinny_gated, pdl=pdl),
+                    partial(skinny_linear, pdl=pdl))  # fmt: skip
 
 
 TORCH = dict(threshold=bisect_threshold, draw=gumbel_argmax, attention=rotated_attention)
@@ -118,13 +123,9 @@ VARIANTS: dict[str, dict | Callable[[int, Llama], dict]] = {  # a callable: the 
     "layers=stacked": dict(layers=STACKED),
     # every product by cuBLAS, the SiLU product its own kernel (the step before notelab.lm.skinny)
     "products=cublas": dict(layers=folded_with(CUBLAS)),
-    # every product by the skinny kernel, down split over K; then each kernel of the layers (products and
-    # attention) launched before the one ahead of it ends (programmatic dependent launch)
-    "products=skinny everywhere": dict(layers=folded_with(skinny_everywhere(False))),
-    "pdl": dict(layers=folded_with(skinny_everywhere(True)), attention=partial(rope_attention, pdl=True)),
-    "pdl, qkv by cuBLAS": dict(
-        layers=folded_with(skinny_everywhere(True, qkv_by_cublas=True)), attention=partial(rope_attention, pdl=True)
-    ),
+    # programmatic dependent launch for the products' and the attention's kernels at every batch / at none
+    "pdl on": dict(layers=folded_with(skinny_products(True)), attention=partial(rope_attention, pdl=True)),
+    "pdl off": dict(layers=folded_with(skinny_products(False)), attention=partial(rope_attention, pdl=False)),
     # inductor's Triton matmul templates benchmarked against cuBLAS per shape, pointwise epilogues fused into them
     "max-autotune": dict(
         compiler=partial(torch.compile, fullgraph=True, dynamic=False, mode="max-autotune-no-cudagraphs")

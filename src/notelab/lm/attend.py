@@ -27,7 +27,15 @@ import torch
 
 from notelab.core.attention import KVCache
 from notelab.lm.triton_env import INTERPRET as _INTERPRET
-from notelab.lm.triton_env import gdc_launch_dependents, gdc_wait, kernels_unsupported, tl, triton
+from notelab.lm.triton_env import (
+    gdc_launch_dependents,
+    gdc_wait,
+    kernels_unsupported,
+    pdl_auto,
+    pdl_capable,
+    tl,
+    triton,
+)
 from notelab.lm.triton_env import pow2 as _pow2
 
 # keys a program reads (one block: the keys of a row are split over programs). 64 against 32: +0.7-0.9 points of
@@ -172,7 +180,7 @@ if triton is not None:
         B, nq, _, hd = q.shape
         nkv, S = k.shape[1], k.shape[2]
         G = nq // nkv
-        pdl = pdl and q.is_cuda  # (not through the interpreter)
+        pdl = pdl and q.is_cuda and pdl_capable(q.device)  # (not through the interpreter, nor before sm_90)
         gq, nsplit = _pow2(G), -(-S // block)
         f32 = dict(dtype=torch.float32, device=q.device)
         part = torch.empty(B * nkv * nsplit * gq * hd, **f32)
@@ -224,7 +232,7 @@ def rope_attention(
     rope: tuple[torch.Tensor, torch.Tensor] | None,
     block: int = BLOCK_KEYS,
     norm: tuple[torch.Tensor, float] | None = None,
-    pdl: bool = False,
+    pdl: bool | None = None,
 ) -> torch.Tensor:
     """Attention of the new token of each row: ``q`` ``(B, Hq, 1, D)``, ``k``, ``v`` ``(B, Hkv, 1, D)`` before RoPE,
     rotated by ``rope`` = (cos, sin) ``(B, 1, 1, D)`` tables of the rows' slots ``pos`` (None: no rotation); the
@@ -233,7 +241,8 @@ def rope_attention(
     ``norm`` = (x ``(B, dim)``, eps): q, k, v are projections of the residual rows x before their RMSNorm, its gain
     folded into the weights (``notelab.lm.folded``): scaled by 1 / sqrt(mean(x^2) + eps) first (None: as given).
     ``block``: keys a program reads (at least 16); ``pdl``: the kernels launched before the kernel ahead of them
-    ends (programmatic dependent launch, sm_90+), waiting for it before reading anything. The engine's
+    ends (programmatic dependent launch, sm_90+), waiting for it before reading anything (None: at up to
+    ``notelab.lm.triton_env.PDL_MAX_ROWS`` rows). The engine's
     attention on CUDA (``Engine(attention=...)``);
     see :func:`attend_unsupported`."""
     B, nq, _, hd = q.shape
@@ -251,6 +260,6 @@ def rope_attention(
     else:
         x, eps = norm[0].reshape(B, -1), norm[1]
         x = x if x.stride(-1) == 1 else x.contiguous()
-    op = torch.ops.notelab.rope_attention_pdl if pdl else torch.ops.notelab.rope_attention
+    op = torch.ops.notelab.rope_attention_pdl if pdl_auto(pdl, B) else torch.ops.notelab.rope_attention
     y = op(q, k, v, cache.k, cache.v, pos, cos, sin, x, float(eps), rope is not None, norm is not None, max(16, block))
     return y.view(B, nq, 1, hd)

@@ -16,8 +16,10 @@ products round where the unfolded ones round: ``x W'^T`` to the activation dtype
 the same arithmetic up to those roundings (``tests/lm/test_folded.py`` checks the tokens in float32).
 
 Which kernels compute the products is injected (:class:`Products`): ``CUBLAS`` as above, or ``SKINNY``, the
-default, with ``notelab.lm.skinny``'s kernel where it measured faster: [gate; up] with the SiLU product in its
-epilogue (one kernel instead of two), o accumulating into the residual, and the output projection.
+default, every product by ``notelab.lm.skinny``'s kernel: [gate; up] with the SiLU product in its epilogue (one
+kernel instead of two), o and down (cut into parts over K) accumulating into the residual, [q; k; v] and the
+output projection; at up to ``notelab.lm.triton_env.PDL_MAX_ROWS`` rows they and the attention's kernels launch
+with programmatic dependent launch (each may start before the one ahead of it ends).
 """
 
 from __future__ import annotations
@@ -31,7 +33,15 @@ from torch import nn
 
 from notelab.core.norms import RMSNorm, rms_scale
 from notelab.lm.model import FusedWeights, Llama, decode_inputs, split_qkv
-from notelab.lm.skinny import skinny_add_, skinny_gated, skinny_linear, skinny_unsupported
+from notelab.lm.skinny import (
+    ADD_TILES,
+    DOWN_TILES,
+    QKV_TILES,
+    skinny_add_,
+    skinny_gated,
+    skinny_linear,
+    skinny_unsupported,
+)
 from notelab.lm.triton_env import INTERPRET as _INTERPRET  # noqa: F401 - the tests read it here
 from notelab.lm.triton_env import kernels_unsupported, tl, triton
 from notelab.lm.triton_env import pow2 as _pow2
@@ -71,38 +81,8 @@ def folded_weights(model: Llama, out: FusedWeights | None = None) -> FusedWeight
             (w_gate_up, (m.gate_proj, m.up_proj), layer.post_attention_layernorm),
         ):
             for rows, p in zip(w.split([p.weight.shape[0] for p in parts]), parts, strict=True):
-                scale_columns(p.weight, norm.weight, out=rows)
+                torch.mul(p.weight, norm.weight, out=rows)
     return out
-
-
-if triton is not None:
-
-    @triton.jit
-    def _scale_columns_kernel(w_ptr, g_ptr, out_ptr, R, C, ROWS: tl.constexpr, BLOCK: tl.constexpr):  # noqa: ANN001, ANN202
-        """Program (r, c): rows [r ROWS, (r + 1) ROWS) by columns [c BLOCK, (c + 1) BLOCK)."""
-        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        inside = (rows < R)[:, None] & (cols < C)[None, :]
-        at = rows.to(tl.int64)[:, None] * C + cols[None, :]
-        w = tl.load(w_ptr + at, mask=inside, other=0.0, eviction_policy="evict_first")
-        g = tl.load(g_ptr + cols, mask=cols < C, other=0.0)
-        tl.store(out_ptr + at, (w.to(tl.float32) * g.to(tl.float32)[None, :]).to(w.dtype), mask=inside)
-
-
-def scale_columns(w: torch.Tensor, g: torch.Tensor, out: torch.Tensor) -> None:
-    """``out = w * g`` (``w`` ``(R, C)``, a gain ``g`` ``(C,)`` per column), computed in float32 and rounded once,
-    as ``torch.mul`` does; where the kernels run, one Triton kernel reading ``w`` in contiguous 16-byte loads
-    (``torch.mul`` broadcasting ``g`` falls back to its kernel for strided operands: 1.4 TB/s on an H200)."""
-    contiguous = all(t.is_contiguous() for t in (w, g, out)) and w.dtype == g.dtype == out.dtype
-    if not w.is_cuda or kernels_unsupported(w) or not contiguous or out.shape != w.shape or g.shape != w.shape[-1:]:
-        torch.mul(w, g, out=out)  # (the interpreter would round float32 to bf16 by truncation: CUDA only)
-        return
-    _scale_columns(w, g, out)
-
-
-def _scale_columns(w: torch.Tensor, g: torch.Tensor, out: torch.Tensor, rows: int = 8, block: int = 1024) -> None:
-    (R, C), grid = w.shape, (triton.cdiv(w.shape[0], rows), triton.cdiv(w.shape[1], block))
-    _scale_columns_kernel[grid](w, g, out, R, C, ROWS=rows, BLOCK=block)
 
 
 @torch.library.custom_op("notelab::add_linear_", mutates_args=("x",))
@@ -179,17 +159,23 @@ class Products:
 
 
 CUBLAS = Products(F.linear, add_linear_, gated_linear, F.linear)
-SKINNY_MAX_K = 4096  # widest input of a residual product the skinny kernel takes (o: 2,048; down: 8,192, cuBLAS)
+WIDE_K = 4096  # a residual product wider than this (down: 8,192) is cut into parts over K (skinny.DOWN_TILES)
+
+
+def skinny_qkv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x w^T`` for [q; k; v] by ``notelab.lm.skinny`` (alone 7.3-7.8 us against cuBLAS's 6.7-7.0 at 8-32 rows,
+    but in the step with the other products' kernels it measured faster: benchmarks/RESULTS.md, twelfth
+    session), or by cuBLAS where the kernel cannot run."""
+    return F.linear(x, w) if skinny_unsupported(x, w) else skinny_linear(x, w, QKV_TILES)
 
 
 def residual_add_(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
-    """``y <- y + x w^T``: ``notelab.lm.skinny``'s kernel for inputs up to ``SKINNY_MAX_K`` wide (o: 5.8-6.1 us
-    against cuBLAS's 6.3 at 8-32 rows; down, 8,192 wide: 13.9-14.8 against 13.9-14.1, benchmarks/RESULTS.md),
-    cuBLAS's otherwise or where the kernel cannot run."""
-    if w.shape[1] <= SKINNY_MAX_K and not skinny_unsupported(x, w):
-        skinny_add_(y, x, w)
-    else:
+    """``y <- y + x w^T`` by ``notelab.lm.skinny``'s kernel (o: 5.8-6.1 us against cuBLAS's 6.3 at 8-32 rows;
+    down, 8,192 wide, cut into four parts over K: 13.2-14.0 against 14.0-14.3), by cuBLAS where it cannot run."""
+    if skinny_unsupported(x, w):
         add_linear_(y, x, w)
+    else:
+        skinny_add_(y, x, w, DOWN_TILES if w.shape[1] > WIDE_K else ADD_TILES)
 
 
 def skinny_gated_linear(x: torch.Tensor, w_gate_up: torch.Tensor, eps: float) -> torch.Tensor:
@@ -206,8 +192,9 @@ def skinny_head(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return F.linear(x, w) if skinny_unsupported(x, w) else skinny_linear(x, w)
 
 
-# The folded step's products: the skinny kernel where it measured faster, cuBLAS elsewhere ([q; k; v]: equal)
-SKINNY = Products(F.linear, residual_add_, skinny_gated_linear, skinny_head)
+# The folded step's products: every one by the skinny kernel (launched with programmatic dependent launch at up
+# to notelab.lm.triton_env.PDL_MAX_ROWS rows), cuBLAS where it cannot run
+SKINNY = Products(skinny_qkv, residual_add_, skinny_gated_linear, skinny_head)
 
 
 def folded_forward(

@@ -37,7 +37,15 @@ from dataclasses import astuple, dataclass
 import torch
 
 from notelab.lm.triton_env import INTERPRET as _INTERPRET
-from notelab.lm.triton_env import gdc_launch_dependents, gdc_wait, kernels_unsupported, tl, triton
+from notelab.lm.triton_env import (
+    gdc_launch_dependents,
+    gdc_wait,
+    kernels_unsupported,
+    pdl_auto,
+    pdl_capable,
+    tl,
+    triton,
+)
 from notelab.lm.triton_env import pow2 as _pow2
 
 PLAIN, ACCUMULATE, GATED = 0, 1, 2
@@ -59,6 +67,8 @@ class Tiles:
 # Per epilogue, the tiles measured fastest for the Llama-3.2-1B step at 8 and 32 rows on an H200
 # (benchmarks/skinny_products.py; benchmarks/RESULTS.md, eleventh session)
 ADD_TILES = Tiles(16, 256, 4, 4)  # o: 2,048 outputs
+DOWN_TILES = Tiles(64, 128, 4, 4, 4)  # down: 2,048 outputs of 8,192 inputs, cut into four parts over K
+QKV_TILES = Tiles(16, 256, 4, 2)  # [q; k; v]: 3,072 outputs
 GATED_TILES = Tiles(64, 128, 4, 4)  # [gate; up]: 8,192 outputs, two weight tiles a stage
 LINEAR_TILES = Tiles(64, 128, 4, 4)  # the output projection: 128,256 outputs
 
@@ -179,7 +189,7 @@ if triton is not None:
     ) -> None:
         B, K = x.shape
         N = y.shape[1]
-        pdl = pdl and x.is_cuda  # (not through the interpreter)
+        pdl = pdl and x.is_cuda and pdl_capable(x.device)  # (not through the interpreter, nor before sm_90)
         bk = max(16, tiles.bk * 2 // w.element_size())  # the same bytes a stage in float32 (shared memory)
         bm, n_tiles = max(16, _pow2(B)), triton.cdiv(N, tiles.bn)
         ks = triton.cdiv(triton.cdiv(K, tiles.split), bk) * bk  # columns a split, whole blocks
@@ -247,11 +257,14 @@ def _checked(name: str, x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor,
     return (x if x.stride(-1) == 1 else x.contiguous()), (w if w.stride(-1) == 1 else w.contiguous())
 
 
-def skinny_linear(x: torch.Tensor, w: torch.Tensor, tiles: Tiles = LINEAR_TILES, pdl: bool = False) -> torch.Tensor:
+def skinny_linear(
+    x: torch.Tensor, w: torch.Tensor, tiles: Tiles = LINEAR_TILES, pdl: bool | None = None
+) -> torch.Tensor:
     """``x w^T`` (``x`` ``(B, K)``, ``w`` ``(N, K)``, B <= 64) by the kernel above; ``pdl``: launched before the
-    kernel ahead of it ends (programmatic dependent launch, sm_90+), waiting for it before reading anything."""
+    kernel ahead of it ends (programmatic dependent launch, sm_90+), waiting for it before reading anything (None:
+    at up to ``notelab.lm.triton_env.PDL_MAX_ROWS`` rows)."""
     x, w = _checked("skinny_linear", x, w)
-    if pdl:
+    if pdl_auto(pdl, x.shape[0]):
         return _pdl(x, w, w.shape[0], PLAIN, 0.0, tiles)
     return torch.ops.notelab.skinny_linear(x, w, list(astuple(tiles)))
 
@@ -262,20 +275,20 @@ def skinny_add_(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, tiles: Tiles 
     if y.shape != (x.shape[0], w.shape[0]) or y.stride(-1) != 1 or y.dtype != x.dtype:
         raise RuntimeError(f"skinny_add_: expected y {(x.shape[0], w.shape[0])} of {x.dtype}, unit stride; "
                            f"got {tuple(y.shape)} of {y.dtype}, strides {y.stride()}")  # fmt: skip
-    if pdl:
+    if pdl_auto(pdl, x.shape[0]):
         _pdl(x, w, w.shape[0], ACCUMULATE, 0.0, tiles, y)
     else:
         torch.ops.notelab.skinny_add_(y, x, w, list(astuple(tiles)))
 
 
 def skinny_gated(
-    x: torch.Tensor, w: torch.Tensor, eps: float, tiles: Tiles = GATED_TILES, pdl: bool = False
+    x: torch.Tensor, w: torch.Tensor, eps: float, tiles: Tiles = GATED_TILES, pdl: bool | None = None
 ) -> torch.Tensor:
     """``silu(r g) * (r u)`` with ``[g; u] = x w^T`` (``w`` ``(2I, K)``: [W_g; W_u]) and r = 1 / sqrt(mean(x^2) +
     eps) per row: ``notelab.lm.folded.gated_silu_torch(F.linear(x, w), x, eps)`` in one kernel, ``(B, I)``."""
     x, w = _checked("skinny_gated", x, w)
     if w.shape[0] % 2:
         raise RuntimeError(f"skinny_gated: expected an even number of weight rows ([W_g; W_u]), got {w.shape[0]}")
-    if pdl:
+    if pdl_auto(pdl, x.shape[0]):
         return _pdl(x, w, w.shape[0] // 2, GATED, float(eps), tiles)
     return torch.ops.notelab.skinny_gated(x, w, float(eps), list(astuple(tiles)))

@@ -8,6 +8,7 @@ once, here, when the first kernel module is imported; the tests of the kernels r
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -39,3 +40,20 @@ def kernels_unsupported(t: torch.Tensor) -> str:
     if not (t.is_cuda or INTERPRET):
         return "the tensors are not on a CUDA device (and TRITON_INTERPRET is not set)"
     return ""
+
+
+# Programmatic dependent launch for the decode step's kernels (notelab.lm.skinny, notelab.lm.attend) at up to this
+# many rows: measured faster at 8 rows (58.4% of the roofline against 55.2%), slower at 32 (47.0% against 50.1%;
+# benchmarks/RESULTS.md, twelfth session)
+PDL_MAX_ROWS = 8
+
+
+def pdl_auto(pdl: bool | None, rows: int) -> bool:
+    """``pdl`` as given, or (None) whether ``rows`` is at most ``PDL_MAX_ROWS``."""
+    return rows <= PDL_MAX_ROWS if pdl is None else pdl
+
+
+@functools.cache
+def pdl_capable(device: torch.device) -> bool:
+    """Whether kernels on ``device`` can be launched with programmatic dependent launch (CUDA, sm_90+)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
