@@ -8,8 +8,9 @@ in a CUDA graph) built with injected parts (``VARIANTS``): how top-k / top-p fin
 token is taken (``draw``: the split kernels of ``notelab.lm.nucleus``, the default; torch's
 ``gumbel_argmax``), the stacked step's attention (``attention``: ``notelab.lm.attend.rope_attention``, the
 default; torch's ``rotated_attention``), how the layers run (``layers``: ``FOLDED``, the RMSNorms folded into
-the projections, the default, with ``notelab.lm.skinny``'s products where they measured faster; the same with
-every product by cuBLAS; ``STACKED``) and how the step is compiled (``compiler``: inductor's default;
+the projections, the default, every product by ``notelab.lm.skinny``; the same with every product by cuBLAS;
+``STACKED``; programmatic dependent launch for the products and the attention at every batch or at none, where
+the default takes it at up to 8 rows) and how the step is compiled (``compiler``: inductor's default;
 max-autotune). "torch parts" is the step as it was before the kernels (bisection, ``gumbel_argmax``,
 ``rotated_attention``). Llama-3.2-1B shape, random weights, bf16, P-token prompts, N new tokens, no stop
 tokens; tokens/s of the second run (the first compiles and captures) and % of the batch roofline B x copy
@@ -33,7 +34,8 @@ with 4,096 programs, with s = 3; the last split of the attention combining the o
 as the transposed problem or with rows padded to 16; programmatic dependent launch for inductor's kernels;
 cuBLASLt products; inductor's coordinate-descent tuning, combo kernels and unsplit reductions; L2 prefetch
 requests issued by the attention and SiLU-product kernels for the products after them; the pivot search in one
-cooperative launch) are in benchmarks/RESULTS.md; ``benchmarks/skinny_products.py`` times the products alone, every way.
+cooperative launch; a Triton kernel for the weight refresh) are in benchmarks/RESULTS.md;
+``benchmarks/skinny_products.py`` times the products alone, every way.
 """
 
 from __future__ import annotations

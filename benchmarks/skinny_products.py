@@ -9,7 +9,8 @@ At batch B (8-32 rows, one token each) a decode step multiplies the rows ``x`` `
 ``F.linear``; the residual's ``x.addmm_`` for o and down; ``F.linear`` then the SiLU-product kernel for [gate;
 up]) and by
 ``notelab.lm.skinny`` (the weight as the tall operand, one program per ``bn`` outputs, the epilogue fused) at
-each of ``TILES``; with ``--cublas-ways``, also by other cuBLAS calls (cuBLASLt; the transposed problem; rows
+each of ``TILES`` (and of ``SPLIT_TILES``, K cut over programs, but for the output projection); with
+``--cublas-ways``, also by other cuBLAS calls (cuBLASLt; the transposed problem; rows
 padded to 16 / 64; split-K by hand: all measured no faster in benchmarks/RESULTS.md, 2026-11-30).
 
 Every product of the Llama-3.2-1B shape (stacked [q; k; v], o, stacked [gate; up], down; 16 layers, so the

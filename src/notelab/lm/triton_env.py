@@ -3,7 +3,8 @@
 ``notelab.lm.skinny``) share.
 
 ``TRITON_INTERPRET=1`` must be set before triton is first imported (``triton.jit`` reads it then), so it is read
-once, here, when the first kernel module is imported; the tests of the kernels run on CPU that way.
+once, here, when the first kernel module is imported; the tests of the kernels run on CPU that way. Also here:
+the grid-dependency instructions of programmatic dependent launch and when the decode step's kernels use it.
 """
 
 from __future__ import annotations
