@@ -128,6 +128,8 @@ VARIANTS: dict[str, dict | Callable[[int, Llama], dict]] = {  # a callable: the 
     # programmatic dependent launch for the products' and the attention's kernels at every batch / at none
     "pdl on": dict(layers=folded_with(skinny_products(True)), attention=partial(rope_attention, pdl=True)),
     "pdl off": dict(layers=folded_with(skinny_products(False)), attention=partial(rope_attention, pdl=False)),
+    "pdl products only": dict(layers=folded_with(skinny_products(True)), attention=partial(rope_attention, pdl=False)),
+    "pdl attention only": dict(layers=folded_with(skinny_products(False)), attention=partial(rope_attention, pdl=True)),
     # inductor's Triton matmul templates benchmarked against cuBLAS per shape, pointwise epilogues fused into them
     "max-autotune": dict(
         compiler=partial(torch.compile, fullgraph=True, dynamic=False, mode="max-autotune-no-cudagraphs")
