@@ -9,8 +9,9 @@ token is taken (``draw``: the split kernels of ``notelab.lm.nucleus``, the defau
 ``gumbel_argmax``), the stacked step's attention (``attention``: ``notelab.lm.attend.rope_attention``, the
 default; torch's ``rotated_attention``), how the layers run (``layers``: ``FOLDED``, the RMSNorms folded into
 the projections, the default, every product by ``notelab.lm.skinny``; the same with every product by cuBLAS;
-``STACKED``; programmatic dependent launch for the products and the attention at every batch or at none, where
-the default takes it at up to 8 rows) and how the step is compiled (``compiler``: inductor's default;
+``STACKED``; programmatic dependent launch for the products and the attention at every batch, at none, for the
+products only, for the attention only, where the default takes it for the products and, at up to 8 rows, the
+attention) and how the step is compiled (``compiler``: inductor's default;
 max-autotune). "torch parts" is the step as it was before the kernels (bisection, ``gumbel_argmax``,
 ``rotated_attention``). Llama-3.2-1B shape, random weights, bf16, P-token prompts, N new tokens, no stop
 tokens; tokens/s of the second run (the first compiles and captures) and % of the batch roofline B x copy
@@ -92,7 +93,7 @@ def tuned_products(path: str) -> Products:
 
 def skinny_products(pdl: bool) -> Products:
     """The default products (every one by ``notelab.lm.skinny``), each kernel launched with programmatic dependent
-    launch if ``pdl`` at any batch (the default: at up to ``notelab.lm.triton_env.PDL_MAX_ROWS`` rows)."""
+    launch if ``pdl`` (the default: with it)."""
 
     def add_(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
         skinny_add_(y, x, w, DOWN_TILES if w.shape[1] > WIDE_K else ADD_TILES, pdl)

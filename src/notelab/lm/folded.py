@@ -18,8 +18,8 @@ the same arithmetic up to those roundings (``tests/lm/test_folded.py`` checks th
 Which kernels compute the products is injected (:class:`Products`): ``CUBLAS`` as above, or ``SKINNY``, the
 default, every product by ``notelab.lm.skinny``'s kernel: [gate; up] with the SiLU product in its epilogue (one
 kernel instead of two), o and down (cut into parts over K) accumulating into the residual, [q; k; v] and the
-output projection; at up to ``notelab.lm.triton_env.PDL_MAX_ROWS`` rows they and the attention's kernels launch
-with programmatic dependent launch (each may start before the one ahead of it ends).
+output projection, each launched with programmatic dependent launch (it may start before the kernel ahead of it
+ends; the attention's kernels too at up to ``notelab.lm.triton_env.PDL_MAX_ROWS`` rows).
 """
 
 from __future__ import annotations
@@ -192,8 +192,8 @@ def skinny_head(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return F.linear(x, w) if skinny_unsupported(x, w) else skinny_linear(x, w)
 
 
-# The folded step's products: every one by the skinny kernel (launched with programmatic dependent launch at up
-# to notelab.lm.triton_env.PDL_MAX_ROWS rows), cuBLAS where it cannot run
+# The folded step's products: every one by the skinny kernel (with programmatic dependent launch), cuBLAS where it
+# cannot run
 SKINNY = Products(skinny_qkv, residual_add_, skinny_gated_linear, skinny_head)
 
 

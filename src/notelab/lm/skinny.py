@@ -41,7 +41,6 @@ from notelab.lm.triton_env import (
     gdc_launch_dependents,
     gdc_wait,
     kernels_unsupported,
-    pdl_auto,
     pdl_capable,
     tl,
     triton,
@@ -257,38 +256,36 @@ def _checked(name: str, x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor,
     return (x if x.stride(-1) == 1 else x.contiguous()), (w if w.stride(-1) == 1 else w.contiguous())
 
 
-def skinny_linear(
-    x: torch.Tensor, w: torch.Tensor, tiles: Tiles = LINEAR_TILES, pdl: bool | None = None
-) -> torch.Tensor:
+def skinny_linear(x: torch.Tensor, w: torch.Tensor, tiles: Tiles = LINEAR_TILES, pdl: bool = True) -> torch.Tensor:
     """``x w^T`` (``x`` ``(B, K)``, ``w`` ``(N, K)``, B <= 64) by the kernel above; ``pdl``: launched before the
-    kernel ahead of it ends (programmatic dependent launch, sm_90+), waiting for it before reading anything (None:
-    at up to ``notelab.lm.triton_env.PDL_MAX_ROWS`` rows)."""
+    kernel ahead of it ends (programmatic dependent launch, sm_90+, else as usual), waiting for it before reading
+    anything (False: launched as inductor launches the kernels of a compiled graph)."""
     x, w = _checked("skinny_linear", x, w)
-    if pdl_auto(pdl, x.shape[0]):
+    if pdl:
         return _pdl(x, w, w.shape[0], PLAIN, 0.0, tiles)
     return torch.ops.notelab.skinny_linear(x, w, list(astuple(tiles)))
 
 
-def skinny_add_(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, tiles: Tiles = ADD_TILES, pdl: bool = False) -> None:
+def skinny_add_(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, tiles: Tiles = ADD_TILES, pdl: bool = True) -> None:
     """``y <- y + x w^T`` in place (``y`` ``(B, N)`` with unit stride along a row), rounded once."""
     x, w = _checked("skinny_add_", x, w)
     if y.shape != (x.shape[0], w.shape[0]) or y.stride(-1) != 1 or y.dtype != x.dtype:
         raise RuntimeError(f"skinny_add_: expected y {(x.shape[0], w.shape[0])} of {x.dtype}, unit stride; "
                            f"got {tuple(y.shape)} of {y.dtype}, strides {y.stride()}")  # fmt: skip
-    if pdl_auto(pdl, x.shape[0]):
+    if pdl:
         _pdl(x, w, w.shape[0], ACCUMULATE, 0.0, tiles, y)
     else:
         torch.ops.notelab.skinny_add_(y, x, w, list(astuple(tiles)))
 
 
 def skinny_gated(
-    x: torch.Tensor, w: torch.Tensor, eps: float, tiles: Tiles = GATED_TILES, pdl: bool | None = None
+    x: torch.Tensor, w: torch.Tensor, eps: float, tiles: Tiles = GATED_TILES, pdl: bool = True
 ) -> torch.Tensor:
     """``silu(r g) * (r u)`` with ``[g; u] = x w^T`` (``w`` ``(2I, K)``: [W_g; W_u]) and r = 1 / sqrt(mean(x^2) +
     eps) per row: ``notelab.lm.folded.gated_silu_torch(F.linear(x, w), x, eps)`` in one kernel, ``(B, I)``."""
     x, w = _checked("skinny_gated", x, w)
     if w.shape[0] % 2:
         raise RuntimeError(f"skinny_gated: expected an even number of weight rows ([W_g; W_u]), got {w.shape[0]}")
-    if pdl_auto(pdl, x.shape[0]):
+    if pdl:
         return _pdl(x, w, w.shape[0] // 2, GATED, float(eps), tiles)
     return torch.ops.notelab.skinny_gated(x, w, float(eps), list(astuple(tiles)))

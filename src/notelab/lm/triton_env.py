@@ -43,9 +43,10 @@ def kernels_unsupported(t: torch.Tensor) -> str:
     return ""
 
 
-# Programmatic dependent launch for the decode step's kernels (notelab.lm.skinny, notelab.lm.attend) at up to this
-# many rows: measured faster at 8 rows (58.4% of the roofline against 55.2%), slower at 32 (47.0% against 50.1%;
-# benchmarks/RESULTS.md, twelfth session)
+# Programmatic dependent launch for the attention's kernels (notelab.lm.attend) at up to this many rows: with it
+# for the products and the attention, 8 rows measured 58.4% of the roofline against 55.2% without; at 32 rows it
+# for the attention too measured 46.9% against 50.7% for the products alone (benchmarks/RESULTS.md, twelfth
+# session). The products (notelab.lm.skinny) take it at any batch.
 PDL_MAX_ROWS = 8
 
 
