@@ -127,10 +127,15 @@ VARIANTS: dict[str, dict | Callable[[int, Llama], dict]] = {  # a callable: the 
     # every product by cuBLAS, the SiLU product its own kernel (the step before notelab.lm.skinny)
     "products=cublas": dict(layers=folded_with(CUBLAS)),
     # programmatic dependent launch for the products' and the attention's kernels at every batch / at none
-    "pdl on": dict(layers=folded_with(skinny_products(True)), attention=partial(rope_attention, pdl=True)),
-    "pdl off": dict(layers=folded_with(skinny_products(False)), attention=partial(rope_attention, pdl=False)),
-    "pdl products only": dict(layers=folded_with(skinny_products(True)), attention=partial(rope_attention, pdl=False)),
-    "pdl attention only": dict(layers=folded_with(skinny_products(False)), attention=partial(rope_attention, pdl=True)),
+    "pdl on": dict(layers=folded_with(skinny_products(True)), attention=partial(rope_attention, launch="pdl")),
+    "pdl off": dict(layers=folded_with(skinny_products(False)), attention=partial(rope_attention, launch="inductor")),
+    "pdl products only": dict(attention=partial(rope_attention, launch="inductor")),
+    "pdl attention only": dict(
+        layers=folded_with(skinny_products(False)), attention=partial(rope_attention, launch="pdl")
+    ),
+    # the attention's kernels launching themselves without programmatic dependent launch (an opaque operator: no
+    # per-layer kernel preparing its inputs, which inductor adds before the triton_op)
+    "attention launched directly": dict(attention=partial(rope_attention, launch="direct")),
     # inductor's Triton matmul templates benchmarked against cuBLAS per shape, pointwise epilogues fused into them
     "max-autotune": dict(
         compiler=partial(torch.compile, fullgraph=True, dynamic=False, mode="max-autotune-no-cudagraphs")

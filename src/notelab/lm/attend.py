@@ -28,10 +28,10 @@ import torch
 from notelab.core.attention import KVCache
 from notelab.lm.triton_env import INTERPRET as _INTERPRET
 from notelab.lm.triton_env import (
+    PDL_MAX_ROWS,
     gdc_launch_dependents,
     gdc_wait,
     kernels_unsupported,
-    pdl_auto,
     pdl_capable,
     tl,
     triton,
@@ -208,19 +208,22 @@ if triton is not None:
             q, k_new, v_new, k, v, pos, cos, sin, x, eps, rope, norm, block, False, torch.library.wrap_triton
         )
 
-    @torch.library.custom_op("notelab::rope_attention_pdl", mutates_args=("k", "v"))
-    def _rope_attention_pdl(
+    @torch.library.custom_op("notelab::rope_attention_direct", mutates_args=("k", "v"))
+    def _rope_attention_direct(
         q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, x: torch.Tensor, eps: float, rope: bool, norm: bool,
-        block: int,
+        block: int, pdl: bool,
     ) -> torch.Tensor:  # fmt: skip
-        """The same with programmatic dependent launch, an opaque operator (a compiled graph calls it as it is: the
-        kernels launch themselves with an option inductor does not pass on)."""
-        return _attend(q, k_new, v_new, k, v, pos, cos, sin, x, eps, rope, norm, block, True, lambda kernel: kernel)
+        """The same as an opaque operator (a compiled graph calls it as it is: the kernels launch themselves, with
+        programmatic dependent launch if ``pdl``, an option inductor does not pass on)."""
+        return _attend(q, k_new, v_new, k, v, pos, cos, sin, x, eps, rope, norm, block, pdl, lambda kernel: kernel)
 
-    @_rope_attention_pdl.register_fake
-    def _(q, k_new, v_new, k, v, pos, cos, sin, x, eps, rope, norm, block):  # noqa: ANN001, ANN202
+    @_rope_attention_direct.register_fake
+    def _(q, k_new, v_new, k, v, pos, cos, sin, x, eps, rope, norm, block, pdl):  # noqa: ANN001, ANN202
         return q.new_empty(q.shape[0], q.shape[1] * q.shape[3])
+
+
+LAUNCHES = ("inductor", "direct", "pdl")
 
 
 def rope_attention(
@@ -232,7 +235,7 @@ def rope_attention(
     rope: tuple[torch.Tensor, torch.Tensor] | None,
     block: int = BLOCK_KEYS,
     norm: tuple[torch.Tensor, float] | None = None,
-    pdl: bool | None = None,
+    launch: str | None = None,
 ) -> torch.Tensor:
     """Attention of the new token of each row: ``q`` ``(B, Hq, 1, D)``, ``k``, ``v`` ``(B, Hkv, 1, D)`` before RoPE,
     rotated by ``rope`` = (cos, sin) ``(B, 1, 1, D)`` tables of the rows' slots ``pos`` (None: no rotation); the
@@ -240,12 +243,15 @@ def rope_attention(
     keys ``0..pos[b]``; returns ``(B, Hq, 1, D)``, as the engine's torch attention (``rotated_attention``) does.
     ``norm`` = (x ``(B, dim)``, eps): q, k, v are projections of the residual rows x before their RMSNorm, its gain
     folded into the weights (``notelab.lm.folded``): scaled by 1 / sqrt(mean(x^2) + eps) first (None: as given).
-    ``block``: keys a program reads (at least 16); ``pdl``: the kernels launched before the kernel ahead of them
-    ends (programmatic dependent launch, sm_90+), waiting for it before reading anything (None: at up to
-    ``notelab.lm.triton_env.PDL_MAX_ROWS`` rows). The engine's
+    ``block``: keys a program reads (at least 16). ``launch``: how the kernels are launched in a compiled step:
+    "inductor" (by the compiled graph), "direct" (they launch themselves), "pdl" (themselves, with programmatic
+    dependent launch, sm_90+: each may start before the kernel ahead of it ends and waits for it before reading
+    anything); None: "pdl" at up to ``notelab.lm.triton_env.PDL_MAX_ROWS`` rows, else "inductor". The engine's
     attention on CUDA (``Engine(attention=...)``);
     see :func:`attend_unsupported`."""
     B, nq, _, hd = q.shape
+    if launch is not None and launch not in LAUNCHES:
+        raise ValueError(f"rope_attention: expected launch one of {LAUNCHES} or None, got {launch!r}")
     why = attend_unsupported(q, hd)
     if why:
         raise RuntimeError(f"rope_attention: {why}")
@@ -260,6 +266,10 @@ def rope_attention(
     else:
         x, eps = norm[0].reshape(B, -1), norm[1]
         x = x if x.stride(-1) == 1 else x.contiguous()
-    op = torch.ops.notelab.rope_attention_pdl if pdl_auto(pdl, B) else torch.ops.notelab.rope_attention
-    y = op(q, k, v, cache.k, cache.v, pos, cos, sin, x, float(eps), rope is not None, norm is not None, max(16, block))
+    launch = launch or ("pdl" if B <= PDL_MAX_ROWS else "inductor")
+    args = (q, k, v, cache.k, cache.v, pos, cos, sin, x, float(eps), rope is not None, norm is not None, max(16, block))
+    if launch == "inductor":
+        y = torch.ops.notelab.rope_attention(*args)
+    else:
+        y = torch.ops.notelab.rope_attention_direct(*args, launch == "pdl")
     return y.view(B, nq, 1, hd)

@@ -50,11 +50,6 @@ def kernels_unsupported(t: torch.Tensor) -> str:
 PDL_MAX_ROWS = 8
 
 
-def pdl_auto(pdl: bool | None, rows: int) -> bool:
-    """``pdl`` as given, or (None) whether ``rows`` is at most ``PDL_MAX_ROWS``."""
-    return rows <= PDL_MAX_ROWS if pdl is None else pdl
-
-
 @functools.cache
 def pdl_capable(device: torch.device) -> bool:
     """Whether kernels on ``device`` can be launched with programmatic dependent launch (CUDA, sm_90+)."""
