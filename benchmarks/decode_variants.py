@@ -136,6 +136,14 @@ VARIANTS: dict[str, dict | Callable[[int, Llama], dict]] = {  # a callable: the 
     # the attention's kernels launching themselves without programmatic dependent launch (an opaque operator: no
     # per-layer kernel preparing its inputs, which inductor adds before the triton_op)
     "attention launched directly": dict(attention=partial(rope_attention, launch="direct")),
+    # the token choice's kernels (top-p search, draw) launching themselves, without / with programmatic dependent
+    # launch
+    "token choice launched directly": dict(
+        threshold=partial(pivot_threshold, launch="direct"), draw=partial(draw_tokens, launch="direct")
+    ),
+    "token choice with pdl": dict(
+        threshold=partial(pivot_threshold, launch="pdl"), draw=partial(draw_tokens, launch="pdl")
+    ),
     # inductor's Triton matmul templates benchmarked against cuBLAS per shape, pointwise epilogues fused into them
     "max-autotune": dict(
         compiler=partial(torch.compile, fullgraph=True, dynamic=False, mode="max-autotune-no-cudagraphs")
