@@ -6,7 +6,8 @@ Each variant is the engine (``notelab.lm.engine.Engine``: static cache, step com
 in a CUDA graph) built with injected parts (``VARIANTS``): how top-k / top-p find their threshold
 (``threshold``: the pivot search of ``notelab.lm.nucleus``, the default on CUDA; bisection; a sort), how the
 token is taken (``draw``: the split kernels of ``notelab.lm.nucleus``, the default; torch's
-``gumbel_argmax``), the stacked step's attention (``attention``: ``notelab.lm.attend.rope_attention``, the
+``gumbel_argmax``; both kernels' launches: by the compiled graph, the default, by themselves, with programmatic
+dependent launch), the stacked step's attention (``attention``: ``notelab.lm.attend.rope_attention``, the
 default; torch's ``rotated_attention``), how the layers run (``layers``: ``FOLDED``, the RMSNorms folded into
 the projections, the default, every product by ``notelab.lm.skinny``; the same with every product by cuBLAS;
 ``STACKED``; programmatic dependent launch for the products and the attention at every batch, at none, for the
