@@ -27,15 +27,7 @@ import torch
 
 from notelab.core.attention import KVCache
 from notelab.lm.triton_env import INTERPRET as _INTERPRET
-from notelab.lm.triton_env import (
-    PDL_MAX_ROWS,
-    gdc_launch_dependents,
-    gdc_wait,
-    kernels_unsupported,
-    pdl_capable,
-    tl,
-    triton,
-)
+from notelab.lm.triton_env import LAUNCHES, PDL_MAX_ROWS, kernels_unsupported, pdl_usable, tl, triton
 from notelab.lm.triton_env import pow2 as _pow2
 
 # keys a program reads (one block: the keys of a row are split over programs). 64 against 32: +0.7-0.9 points of
@@ -54,6 +46,7 @@ def attend_unsupported(q: torch.Tensor, head_dim: int) -> str:
 
 
 if triton is not None:
+    from notelab.lm.triton_env import dependent_launch
 
     @triton.jit
     def _rope_rows(xa, x_ptrs_b, mask, d, c, sn, r, HALF: tl.constexpr, HD: tl.constexpr, dt: tl.constexpr):  # noqa: ANN001, ANN202
@@ -80,9 +73,7 @@ if triton is not None:
         them there (no other program reads slot p_b). ``NORM``: q, k, v are projections of the un-normalised
         residual row ``x_b`` (the RMSNorm's gain folded into the weights): times r_b = 1 / sqrt(mean(x_b^2) + eps)
         first (``notelab.lm.folded``)."""
-        if PDL:  # launched before the kernel ahead of it ends: wait for it, then let the next one launch
-            gdc_wait()
-            gdc_launch_dependents()
+        dependent_launch(PDL)
         s, g, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         n = tl.load(pos_ptr + b).to(tl.int32) + 1  # keys 0..p_b
         start = s * BLOCK_S
@@ -152,9 +143,7 @@ if triton is not None:
     ):  # fmt: skip
         """Program (KV head g, row b): y_h = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s over the row's splits,
         M = max_s m_s (flash-decoding's combination), written where o_proj reads head h."""
-        if PDL:
-            gdc_wait()
-            gdc_launch_dependents()
+        dependent_launch(PDL)
         g, b = tl.program_id(0), tl.program_id(1)
         nkv = tl.num_programs(0)
         n = tl.load(pos_ptr + b).to(tl.int32) + 1
@@ -180,7 +169,7 @@ if triton is not None:
         B, nq, _, hd = q.shape
         nkv, S = k.shape[1], k.shape[2]
         G = nq // nkv
-        pdl = pdl and q.is_cuda and pdl_capable(q.device)  # (not through the interpreter, nor before sm_90)
+        pdl = pdl_usable(pdl, q)
         gq, nsplit = _pow2(G), -(-S // block)
         f32 = dict(dtype=torch.float32, device=q.device)
         part = torch.empty(B * nkv * nsplit * gq * hd, **f32)
@@ -221,9 +210,6 @@ if triton is not None:
     @_rope_attention_direct.register_fake
     def _(q, k_new, v_new, k, v, pos, cos, sin, x, eps, rope, norm, block, pdl):  # noqa: ANN001, ANN202
         return q.new_empty(q.shape[0], q.shape[1] * q.shape[3])
-
-
-LAUNCHES = ("inductor", "direct", "pdl")
 
 
 def rope_attention(

@@ -41,7 +41,7 @@ from collections.abc import Callable
 import torch
 
 from notelab.lm.triton_env import INTERPRET as _INTERPRET  # noqa: F401 - the tests read it here
-from notelab.lm.triton_env import gdc_launch_dependents, gdc_wait, kernels_unsupported, pdl_capable, tl, triton
+from notelab.lm.triton_env import LAUNCHES, kernels_unsupported, pdl_usable, tl, triton
 from notelab.lm.triton_env import pow2 as _pow2
 
 SPLIT_BITS = 2  # s (1 to 4): each pass splits the bracket into 2^s parts
@@ -66,6 +66,7 @@ def _chunks(
 
 
 if triton is not None:
+    from notelab.lm.triton_env import dependent_launch
 
     @triton.jit
     def _key(x):  # noqa: ANN001, ANN202
@@ -95,17 +96,11 @@ if triton is not None:
         return tl.where(bits >= 0, bits, bits ^ 0x7FFF)
 
     @triton.jit
-    def _dependent(PDL: tl.constexpr):  # noqa: ANN202
-        if PDL:  # launched before the kernel ahead of it ends: wait for it, then let the next one launch
-            gdc_wait()
-            gdc_launch_dependents()
-
-    @triton.jit
     def _stats_kernel(  # noqa: ANN202
         x_ptr, stride, V, mx_ptr, mn_ptr, C, CHUNK: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False,  # noqa: ANN001
     ):  # fmt: skip
         """Per chunk, the max and min of the logits as read (float32: exact for bf16 and fp16)."""
-        _dependent(PDL)
+        dependent_launch(PDL)
         c, b = tl.program_id(0), tl.program_id(1)
         row = x_ptr + b.to(tl.int64) * stride
         hi = tl.full([BLOCK], float("-inf"), tl.float32)
@@ -156,7 +151,7 @@ if triton is not None:
         BLOCK: tl.constexpr, PDL: tl.constexpr = False,
     ):  # fmt: skip
         KP: tl.constexpr = 1 << S  # columns: the bracket's low end, then 2^S - 1 pivots
-        _dependent(PDL)
+        dependent_launch(PDL)
         c, b = tl.program_id(0), tl.program_id(1)
         cs = tl.arange(0, CP2)
         have = cs < C
@@ -239,7 +234,7 @@ if triton is not None:
         SAMPLE: tl.constexpr, FILTER: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
         PDL: tl.constexpr = False,
     ):  # fmt: skip
-        _dependent(PDL)
+        dependent_launch(PDL)
         c, b = tl.program_id(0), tl.program_id(1)
         row = x_ptr + b.to(tl.int64) * stride
         t = _temperature(temp_ptr, b, SAMPLE)
@@ -271,7 +266,7 @@ if triton is not None:
 
     @triton.jit
     def _pick_kernel(val_ptr, idx_ptr, out_ptr, C, CP2: tl.constexpr, PDL: tl.constexpr = False):  # noqa: ANN001, ANN202
-        _dependent(PDL)
+        dependent_launch(PDL)
         b = tl.program_id(0)
         cs = tl.arange(0, CP2)
         vals = tl.load(val_ptr + b * C + cs, mask=cs < C, other=float("-inf"))
@@ -287,7 +282,7 @@ if triton is not None:
         val = torch.empty(B * C, dtype=torch.float32, device=x.device)
         idx = torch.empty(B * C, dtype=torch.int32, device=x.device)
         out = torch.empty(B, dtype=torch.int64, device=x.device)
-        pdl = pdl and x.is_cuda and pdl_capable(x.device)  # (not through the interpreter, nor before sm_90)
+        pdl = pdl_usable(pdl, x)
         launch = {"PDL": True, "launch_pdl": True} if pdl else {}
         wrap(_draw_kernel)[(C, B)](
             x, x.stride(0), V, temperature, thr, seed, counter, val, idx, C,
@@ -332,7 +327,7 @@ if triton is not None:
         br = torch.empty((total + 1) * B * 2, dtype=torch.int64, device=dev)
         part = torch.empty(total * B * C << split_bits, dtype=f32, device=dev)
         thr = torch.empty(B, dtype=f32, device=dev)
-        pdl = pdl and x.is_cuda and pdl_capable(x.device)  # (not through the interpreter, nor before sm_90)
+        pdl = pdl_usable(pdl, x)
         launch = {"PDL": True, "launch_pdl": True} if pdl else {}
         wrap(_stats_kernel)[(C, B)](x, x.stride(0), V, mx, mn, C, CHUNK=chunk, BLOCK=min(chunk, STATS_BLOCK), **launch)
         for r in range(total + 1):
@@ -367,9 +362,6 @@ if triton is not None:
     @_pivot_threshold_direct.register_fake
     def _(x, temperature, top_k, top_p, with_top_k, scale, split_bits, programs, max_chunks, block, pdl):  # noqa: ANN001, ANN202
         return x.new_empty(x.shape[0], dtype=torch.float32)
-
-
-LAUNCHES = ("inductor", "direct", "pdl")
 
 
 def _launched(name: str, launch: str) -> tuple:

@@ -37,14 +37,7 @@ from dataclasses import astuple, dataclass
 import torch
 
 from notelab.lm.triton_env import INTERPRET as _INTERPRET
-from notelab.lm.triton_env import (
-    gdc_launch_dependents,
-    gdc_wait,
-    kernels_unsupported,
-    pdl_capable,
-    tl,
-    triton,
-)
+from notelab.lm.triton_env import kernels_unsupported, pdl_usable, tl, triton
 from notelab.lm.triton_env import pow2 as _pow2
 
 PLAIN, ACCUMULATE, GATED = 0, 1, 2
@@ -89,6 +82,7 @@ def skinny_unsupported(x: torch.Tensor, w: torch.Tensor) -> str:
 
 
 if triton is not None:
+    from notelab.lm.triton_env import dependent_launch
 
     @triton.jit
     def swiglu_rounded(g, u, r, dt: tl.constexpr):  # noqa: ANN001, ANN201
@@ -121,9 +115,7 @@ if triton is not None:
     ):  # fmt: skip
         """Program (n, s): outputs [n BN, (n + 1) BN) of every row over columns [s KS, (s + 1) KS) of K (see the
         module doc); ``MODE`` the epilogue (gated: ``w`` is [W_g; W_u], 2N rows)."""
-        if PDL:  # launched before the kernel ahead of it ends: wait for it, then let the next one launch
-            gdc_wait()
-            gdc_launch_dependents()
+        dependent_launch(PDL)
         n, s = tl.program_id(0), tl.program_id(1)
         rn = n * BN + tl.arange(0, BN)
         rm = tl.arange(0, BM)
@@ -188,7 +180,7 @@ if triton is not None:
     ) -> None:
         B, K = x.shape
         N = y.shape[1]
-        pdl = pdl and x.is_cuda and pdl_capable(x.device)  # (not through the interpreter, nor before sm_90)
+        pdl = pdl_usable(pdl, x)
         bk = max(16, tiles.bk * 2 // w.element_size())  # the same bytes a stage in float32 (shared memory)
         bm, n_tiles = max(16, _pow2(B)), triton.cdiv(N, tiles.bn)
         ks = triton.cdiv(triton.cdiv(K, tiles.split), bk) * bk  # columns a split, whole blocks

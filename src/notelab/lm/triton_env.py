@@ -17,13 +17,10 @@ import torch
 try:  # triton is optional: without it the kernel paths say why they cannot run and the torch functions run
     import triton
     import triton.language as tl
-
-    # programmatic dependent launch (sm_90+): a kernel waits for the one ahead of it / lets the next one launch
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # pragma: no cover - depends on the environment
     triton = None
     tl = None
-    gdc_launch_dependents = gdc_wait = None
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -50,7 +47,26 @@ def kernels_unsupported(t: torch.Tensor) -> str:
 PDL_MAX_ROWS = 8
 
 
+LAUNCHES = ("inductor", "direct", "pdl")  # how a decode kernel launches in a compiled step (notelab.lm.attend)
+
+
 @functools.cache
-def pdl_capable(device: torch.device) -> bool:
-    """Whether kernels on ``device`` can be launched with programmatic dependent launch (CUDA, sm_90+)."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+def _sm90(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def pdl_usable(pdl: bool, t: torch.Tensor) -> bool:
+    """Whether kernels asked to launch with programmatic dependent launch (``pdl``) on ``t``'s device can: CUDA,
+    sm_90+ (not through the interpreter)."""
+    return pdl and t.is_cuda and _sm90(t.device)
+
+
+if triton is not None:
+
+    @triton.jit
+    def dependent_launch(PDL: tl.constexpr):  # noqa: ANN201
+        """First in a kernel launched with programmatic dependent launch (``PDL``), which may start before the kernel
+        ahead of it ends: wait for that one (its writes visible after), then let the next kernel launch."""
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
