@@ -97,7 +97,7 @@ if triton is not None:
 
     @triton.jit
     def _stats_kernel(  # noqa: ANN202
-        x_ptr, stride, V, mx_ptr, mn_ptr, C, CHUNK: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False,  # noqa: ANN001
+        x_ptr, stride, V, mx_ptr, mn_ptr, C, CHUNK: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,  # noqa: ANN001
     ):  # fmt: skip
         """Per chunk, the max and min of the logits as read (float32: exact for bf16 and fp16)."""
         dependent_launch(PDL)
@@ -148,7 +148,7 @@ if triton is not None:
         MODE: tl.constexpr,  # 1: count; 2: sum masses
         FINAL: tl.constexpr,  # only narrow the bracket and write the threshold
         SCALE: tl.constexpr, KEY16: tl.constexpr, S: tl.constexpr, CP2: tl.constexpr, CHUNK: tl.constexpr,
-        BLOCK: tl.constexpr, PDL: tl.constexpr = False,
+        BLOCK: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         KP: tl.constexpr = 1 << S  # columns: the bracket's low end, then 2^S - 1 pivots
         dependent_launch(PDL)
@@ -232,7 +232,7 @@ if triton is not None:
     def _draw_kernel(  # noqa: ANN202
         x_ptr, stride, V, temp_ptr, thr_ptr, seed_ptr, count_ptr, val_ptr, idx_ptr, C,  # noqa: ANN001
         SAMPLE: tl.constexpr, FILTER: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
-        PDL: tl.constexpr = False,
+        PDL: tl.constexpr,
     ):  # fmt: skip
         dependent_launch(PDL)
         c, b = tl.program_id(0), tl.program_id(1)
@@ -265,7 +265,7 @@ if triton is not None:
         tl.store(idx_ptr + b * C + c, tl.min(tl.where(best == top, at, V), 0))
 
     @triton.jit
-    def _pick_kernel(val_ptr, idx_ptr, out_ptr, C, CP2: tl.constexpr, PDL: tl.constexpr = False):  # noqa: ANN001, ANN202
+    def _pick_kernel(val_ptr, idx_ptr, out_ptr, C, CP2: tl.constexpr, PDL: tl.constexpr):  # noqa: ANN001, ANN202
         dependent_launch(PDL)
         b = tl.program_id(0)
         cs = tl.arange(0, CP2)
@@ -283,7 +283,8 @@ if triton is not None:
         idx = torch.empty(B * C, dtype=torch.int32, device=x.device)
         out = torch.empty(B, dtype=torch.int64, device=x.device)
         pdl = pdl_usable(pdl, x)
-        launch = {"PDL": True, "launch_pdl": True} if pdl else {}
+        launch = dict(PDL=pdl, **({"launch_pdl": True} if pdl else {}))  # PDL given even when False: inductor
+        # launches a triton_op's kernels with every argument by position, and none for a defaulted constexpr
         wrap(_draw_kernel)[(C, B)](
             x, x.stride(0), V, temperature, thr, seed, counter, val, idx, C,
             SAMPLE=sample, FILTER=filtered, CHUNK=chunk, BLOCK=block, **launch,
@@ -328,7 +329,8 @@ if triton is not None:
         part = torch.empty(total * B * C << split_bits, dtype=f32, device=dev)
         thr = torch.empty(B, dtype=f32, device=dev)
         pdl = pdl_usable(pdl, x)
-        launch = {"PDL": True, "launch_pdl": True} if pdl else {}
+        launch = dict(PDL=pdl, **({"launch_pdl": True} if pdl else {}))  # PDL given even when False: inductor
+        # launches a triton_op's kernels with every argument by position, and none for a defaulted constexpr
         wrap(_stats_kernel)[(C, B)](x, x.stride(0), V, mx, mn, C, CHUNK=chunk, BLOCK=min(chunk, STATS_BLOCK), **launch)
         for r in range(total + 1):
             final = r == total
