@@ -312,24 +312,25 @@ def _decode_step(
 class Engine:
     """Continuous batching on a static KV cache of ``max_batch`` rows (see the module docstring).
 
-    ``add`` queues a request and returns its id; ``step`` admits queued requests into free rows (their first tokens
-    come from the prefill), launches one decode step for every active row and returns the new tokens as
-    :class:`TokenEvent` s: the prefills' and the previous step's (one step behind, so the device is never idle while
-    Python handles events); ``cancel`` drops a request (no more events for it; its row is free at the next step).
-    ``dtype``: of the cache (default: the autocast dtype, else the weights'). ``max_len`` defaults to the model's
-    context. ``stacked`` (default: on CUDA) multiplies by stacked projection copies (``stacked_forward``); call
-    ``refresh_weights`` after changing the model's weights in place (the next ``step`` copies them). Injectable
-    parts: ``threshold`` (how top-k / top-p find their threshold) and ``draw`` (how the token is taken; both
-    ``notelab.lm.sampling.choose_tokens``), the stacked step's ``attention`` (:func:`stacked_forward`) and
-    ``layers`` (:class:`StackedLayers`: ``STACKED``, or ``FOLDED``, the RMSNorms folded into the projections) and
-    ``compiler`` (how the step is compiled on CUDA). Defaults: on CUDA with Triton, the kernels of
-    ``notelab.lm.nucleus`` (``pivot_threshold``, ``draw_tokens``) and ``notelab.lm.attend.rope_attention``, and
-    ``FOLDED`` where the model allows it; elsewhere the torch functions (a sort, or bisection on CUDA without
-    Triton; ``gumbel_argmax``; ``rotated_attention``), which are also the reference the kernels are tested against,
-    and ``STACKED``. ``prefill_graphs`` (default: 8 on CUDA, 0 elsewhere): how many prompt shapes (prompts of one
-    length admitted together, and their count) keep their forward captured in a CUDA graph, the least recently used
-    dropped first: a shape's first forward runs eagerly and is then recorded, later ones replay it (one launch, not
-    hundreds; ``generate`` calls with the same prompts repeat their shapes, a server's prompts seldom do)."""
+    ``add`` queues a request and returns its id; ``step`` admits queued requests into free rows (their first
+    tokens come from the prefill), launches one decode step for every active row and returns the new tokens as
+    :class:`TokenEvent` s: the prefills' and the previous step's (one step behind, so the device is never idle
+    while Python handles events); ``cancel`` drops a request (no more events for it; its row is free at the
+    next step). ``dtype``: of the cache (default: the
+    autocast dtype, else the weights'). ``max_len`` defaults to the model's context. ``stacked`` (default: on
+    CUDA) multiplies by stacked projection copies (``stacked_forward``); call ``refresh_weights`` after changing
+    the model's weights in place. Injectable parts: ``threshold`` (how top-k / top-p find their threshold) and
+    ``draw`` (how the token is taken; both ``notelab.lm.sampling.choose_tokens``), the stacked step's
+    ``attention`` (:func:`stacked_forward`) and ``layers`` (:class:`StackedLayers`: ``STACKED``, or ``FOLDED``,
+    the RMSNorms folded into the projections) and ``compiler`` (how the step is compiled on CUDA). Defaults: on
+    CUDA with Triton, the kernels of ``notelab.lm.nucleus`` (``pivot_threshold``, ``draw_tokens``) and
+    ``notelab.lm.attend.rope_attention``, and ``FOLDED`` where the model allows it; elsewhere the torch
+    functions (a sort, or bisection on CUDA without Triton; ``gumbel_argmax``; ``rotated_attention``), which are
+    also the reference the kernels are tested against, and ``STACKED``. ``prefill_graphs`` (default: 8 on CUDA, 0
+    elsewhere): how many prompt shapes (prompts of one length admitted together, and their count) keep their
+    forward captured in a CUDA graph, the least recently used dropped first: a shape's first forward runs eagerly
+    and is then recorded, later ones replay it (one launch, not hundreds; ``generate`` calls with the same prompts
+    repeat their shapes, a server's prompts seldom do)."""
 
     def __init__(
         self,
@@ -418,8 +419,6 @@ class Engine:
             raise ConfigError(f"Engine: prefill_graphs > 0 needs a CUDA device, got {dev.type}")
         self.prefills: OrderedDict[tuple[int, int], _Prefill] = OrderedDict()
         self.pool = torch.cuda.graph_pool_handle() if self.prefill_graphs else None  # shared: replays never overlap
-        self.stale = False  # refresh_weights asked for a copy of the weights at the next step
-        self.copier = torch.cuda.Stream(dev) if cuda and self.fused is not None else None  # the side stream of it
         self.warned: set[str] = set()
         if why:
             self._say_once(f"Engine: Triton kernels off ({why}); the torch functions run")
@@ -464,10 +463,7 @@ class Engine:
         self.queue = deque(r for r in self.queue if not r.cancelled)
         for r in [r for r in self.requests.values() if r.cancelled and r.row < 0]:
             del self.requests[r.id]
-        copied = self._refresh()
-        events = self._admit()  # the prompts' forwards queued beside the copy
-        if copied is not None:
-            torch.cuda.current_stream(self.device).wait_event(copied)
+        events = self._admit()
         running = [r for r in self.rows if r is not None]
         launched = self.pending[2] if self.pending is not None else [None] * len(self.rows)
         # no step when every running request gets its last token from the one in flight (a length limit)
@@ -618,28 +614,13 @@ class Engine:
 
     # -- the decode step: eager on CPU, compiled and captured on CUDA -------------------------------------
 
+    @torch.inference_mode()
     def refresh_weights(self) -> None:
-        """Have the next :meth:`step` copy the model's weights, as they are then, into the stacked ones (in place:
-        the captured graphs read them) before its decode step. On CUDA the copy runs on a side stream beside that
-        step's prompt forwards, which read the model's own weights (Llama-3.2-1B's shape on an H200: the copy
-        ~1.9 ms, the forward of 32 prompts of 64 tokens ~10.5 ms; benchmarks/RESULTS.md); the step returns once
-        the device is ordered after it, so whatever is queued later (an optimizer step) cannot change a weight while
-        it is read."""
-        self.stale = self.fused is not None
-
-    def _refresh(self) -> torch.cuda.Event | None:
-        """The copy :meth:`refresh_weights` asked for, queued (on CUDA after all the work queued before it, on the
-        side stream; the event the decode step waits on)."""
-        if not self.stale:
-            return None
-        self.stale = False
-        if self.copier is None:
+        """Copy the model's current weights into the stacked ones (in place: the captured graphs read them); in
+        inference mode, as ``step`` runs, so an engine built there (``generate`` builds its own there) refreshes
+        from anywhere."""
+        if self.fused is not None:
             self.layers.weights(self.model, out=self.fused)
-            return None
-        self.copier.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.copier):
-            self.layers.weights(self.model, out=self.fused)
-        return self.copier.record_event()
 
     def _buffers(self) -> tuple:
         return (self.fused, self.cache, self.tok, self.pos, self.active, self.count, self.seen, self.settings,

@@ -18,8 +18,8 @@ the same arithmetic up to those roundings (``tests/lm/test_folded.py`` checks th
 Which kernels compute the products is injected (:class:`Products`): ``CUBLAS`` as above, or ``SKINNY``, the
 default, every product by ``notelab.lm.skinny``'s kernel: [gate; up] with the SiLU product in its epilogue (one
 kernel instead of two), o and down (cut into parts over K) accumulating into the residual, [q; k; v] and the
-output projection; at up to ``notelab.lm.triton_env.PDL_MAX_ROWS`` rows they and the attention's kernels launch
-with programmatic dependent launch (each may start before the kernel ahead of it ends).
+output projection, each launched with programmatic dependent launch (it may start before the kernel ahead of it
+ends; the attention's kernels too at up to ``notelab.lm.triton_env.PDL_MAX_ROWS`` rows).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from notelab.lm.skinny import (
     skinny_unsupported,
 )
 from notelab.lm.triton_env import INTERPRET as _INTERPRET  # noqa: F401 - the tests read it here
-from notelab.lm.triton_env import PDL_MAX_ROWS, kernels_unsupported, tl, triton
+from notelab.lm.triton_env import kernels_unsupported, tl, triton
 from notelab.lm.triton_env import pow2 as _pow2
 
 BLOCK = 1024  # outputs of the SiLU product a program writes
@@ -162,16 +162,11 @@ CUBLAS = Products(F.linear, add_linear_, gated_linear, F.linear)
 WIDE_K = 4096  # a residual product wider than this (down: 8,192) is cut into parts over K (skinny.DOWN_TILES)
 
 
-def _pdl(x: torch.Tensor) -> bool:
-    """Whether a product of ``x``'s rows launches with programmatic dependent launch: at up to ``PDL_MAX_ROWS``."""
-    return x.shape[0] <= PDL_MAX_ROWS
-
-
 def skinny_qkv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``x w^T`` for [q; k; v] by ``notelab.lm.skinny`` (alone 7.3-7.8 us against cuBLAS's 6.7-7.0 at 8-32 rows,
     but in the step with the other products' kernels it measured faster: benchmarks/RESULTS.md, twelfth
     session), or by cuBLAS where the kernel cannot run."""
-    return F.linear(x, w) if skinny_unsupported(x, w) else skinny_linear(x, w, QKV_TILES, _pdl(x))
+    return F.linear(x, w) if skinny_unsupported(x, w) else skinny_linear(x, w, QKV_TILES)
 
 
 def residual_add_(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
@@ -180,7 +175,7 @@ def residual_add_(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
     if skinny_unsupported(x, w):
         add_linear_(y, x, w)
     else:
-        skinny_add_(y, x, w, DOWN_TILES if w.shape[1] > WIDE_K else ADD_TILES, _pdl(x))
+        skinny_add_(y, x, w, DOWN_TILES if w.shape[1] > WIDE_K else ADD_TILES)
 
 
 def skinny_gated_linear(x: torch.Tensor, w_gate_up: torch.Tensor, eps: float) -> torch.Tensor:
@@ -188,17 +183,17 @@ def skinny_gated_linear(x: torch.Tensor, w_gate_up: torch.Tensor, eps: float) ->
     against 21.3-21.7 for cuBLAS and the SiLU kernel), or as is where the kernel cannot run."""
     if skinny_unsupported(x, w_gate_up):
         return gated_linear(x, w_gate_up, eps)
-    return skinny_gated(x, w_gate_up, eps, pdl=_pdl(x))
+    return skinny_gated(x, w_gate_up, eps)
 
 
 def skinny_head(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """The output projection ``x w^T`` by ``notelab.lm.skinny`` (126.6-136.1 us against cuBLAS's 131.6-138.8 for
     the Llama 3 vocabulary at 8-32 rows), or by cuBLAS where the kernel cannot run."""
-    return F.linear(x, w) if skinny_unsupported(x, w) else skinny_linear(x, w, pdl=_pdl(x))
+    return F.linear(x, w) if skinny_unsupported(x, w) else skinny_linear(x, w)
 
 
-# The folded step's products: every one by the skinny kernel (with programmatic dependent launch at up to
-# PDL_MAX_ROWS rows), cuBLAS where it cannot run
+# The folded step's products: every one by the skinny kernel (with programmatic dependent launch), cuBLAS where it
+# cannot run
 SKINNY = Products(skinny_qkv, residual_add_, skinny_gated_linear, skinny_head)
 
 
