@@ -2,23 +2,22 @@
 
     python benchmarks/decode_variants.py [--batches 8 32] [--budget-s 230] [--out FILE.json] [--profile]
 
-Each variant is the engine (``notelab.lm.engine.Engine``: static cache, step compiled by inductor and captured
-in a CUDA graph) built with injected parts (``VARIANTS``): how top-k / top-p find their threshold
-(``threshold``: the pivot search of ``notelab.lm.nucleus``, the default on CUDA; bisection; a sort), how the
-token is taken (``draw``: the split kernels of ``notelab.lm.nucleus``, the default; torch's
-``gumbel_argmax``; both kernels' launches: by the compiled graph, the default, by themselves, with programmatic
-dependent launch), the stacked step's attention (``attention``: ``notelab.lm.attend.rope_attention``, the
-default; torch's ``rotated_attention``), how the layers run (``layers``: ``FOLDED``, the RMSNorms folded into
-the projections, the default, every product by ``notelab.lm.skinny``; the same with every product by cuBLAS;
-``STACKED``; programmatic dependent launch for the products and the attention at every batch, at none, for the
-products only, for the attention only, where the default takes it for the products and, at up to 8 rows, the
-attention) and how the step is compiled (``compiler``: inductor's default;
-max-autotune). "torch parts" is the step as it was before the kernels (bisection, ``gumbel_argmax``,
-``rotated_attention``). Llama-3.2-1B shape, random weights, bf16, P-token prompts, N new tokens, no stop
-tokens; tokens/s of the second run (the first compiles and captures) and % of the batch roofline B x copy
-bandwidth / (weight bytes + KV bytes a step reads at the mean context P + (N - 1) / 2), the definition of
-``benchmarks/llama_gpu.py``; tokens compared with the default step's. Phases, each skipped once
-``--budget-s`` has passed:
+Each variant is the engine (``notelab.lm.engine.Engine``: static cache, step compiled by inductor and captured in a
+CUDA graph) built with injected parts (``VARIANTS``): how top-k / top-p find their threshold (``threshold``: the
+pivot search of ``notelab.lm.nucleus``, the default on CUDA; bisection; a sort), how the token is taken (``draw``:
+the split kernels of ``notelab.lm.nucleus``, the default; torch's ``gumbel_argmax``; both kernels' launches: by the
+compiled graph, the default, by themselves, with programmatic dependent launch), the stacked step's attention
+(``attention``: ``notelab.lm.attend.rope_attention``, the default; torch's ``rotated_attention``), how the layers
+run (``layers``: ``FOLDED``, the RMSNorms folded into the projections, the default, every product by
+``notelab.lm.skinny``; the same with every product by cuBLAS; ``STACKED``; programmatic dependent launch for the
+products and the attention at every batch, at none, for the products only, for the attention only, where the default
+takes it for the products and, at up to 8 rows, the attention, whose kernels launch themselves above 8 rows, or
+launched by the compiled graph) and how the step is compiled (``compiler``: inductor's default; max-autotune).
+"torch parts" is the step as it was before the kernels (bisection, ``gumbel_argmax``, ``rotated_attention``).
+Llama-3.2-1B shape, random weights, bf16, P-token prompts, N new tokens, no stop tokens; tokens/s of the second run
+(the first compiles and captures) and % of the batch roofline B x copy bandwidth / (weight bytes + KV bytes a step
+reads at the mean context P + (N - 1) / 2), the definition of ``benchmarks/llama_gpu.py``; tokens compared with the
+default step's. Phases, each skipped once ``--budget-s`` has passed:
 
   (0) the card's copy bandwidth; the model; with ``--profile``, the default step's kernels (or those of
       ``--profile-variants``) at each batch, greedy and sampled (torch.profiler over the captured graph's
@@ -134,9 +133,11 @@ VARIANTS: dict[str, dict | Callable[[int, Llama], dict]] = {  # a callable: the 
     "pdl attention only": dict(
         layers=folded_with(skinny_products(False)), attention=partial(rope_attention, launch="pdl")
     ),
-    # the attention's kernels launching themselves without programmatic dependent launch (an opaque operator: no
-    # per-layer kernel preparing its inputs, which inductor adds before the triton_op)
+    # the attention's kernels launching themselves without programmatic dependent launch at every batch (an opaque
+    # operator: no per-layer kernel preparing its inputs, which inductor adds before the triton_op; the default
+    # above 8 rows) / launched by the compiled graph (the default before)
     "attention launched directly": dict(attention=partial(rope_attention, launch="direct")),
+    "attention launched by inductor": dict(attention=partial(rope_attention, launch="inductor")),
     # the token choice's kernels (top-p search, draw) launching themselves, without / with programmatic dependent
     # launch
     "token choice launched directly": dict(

@@ -232,7 +232,7 @@ def rope_attention(
     ``block``: keys a program reads (at least 16). ``launch``: how the kernels are launched in a compiled step:
     "inductor" (by the compiled graph), "direct" (they launch themselves), "pdl" (themselves, with programmatic
     dependent launch, sm_90+: each may start before the kernel ahead of it ends and waits for it before reading
-    anything); None: "pdl" at up to ``notelab.lm.triton_env.PDL_MAX_ROWS`` rows, else "inductor". The engine's
+    anything); None: "pdl" at up to ``notelab.lm.triton_env.PDL_MAX_ROWS`` rows, else "direct". The engine's
     attention on CUDA (``Engine(attention=...)``);
     see :func:`attend_unsupported`."""
     B, nq, _, hd = q.shape
@@ -252,7 +252,7 @@ def rope_attention(
     else:
         x, eps = norm[0].reshape(B, -1), norm[1]
         x = x if x.stride(-1) == 1 else x.contiguous()
-    launch = launch or ("pdl" if B <= PDL_MAX_ROWS else "inductor")
+    launch = launch or ("pdl" if B <= PDL_MAX_ROWS else "direct")
     args = (q, k, v, cache.k, cache.v, pos, cos, sin, x, float(eps), rope is not None, norm is not None, max(16, block))
     if launch == "inductor":
         y = torch.ops.notelab.rope_attention(*args)
