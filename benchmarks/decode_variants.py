@@ -11,13 +11,13 @@ compiled graph, the default, by themselves, with programmatic dependent launch),
 run (``layers``: ``FOLDED``, the RMSNorms folded into the projections, the default, every product by
 ``notelab.lm.skinny``; the same with every product by cuBLAS; ``STACKED``; programmatic dependent launch for the
 products and the attention at every batch, at none, for the products only, for the attention only, where the default
-takes it for the products and, at up to 8 rows, the attention, whose kernels launch themselves above 8 rows, or
-launched by the compiled graph) and how the step is compiled (``compiler``: inductor's default; max-autotune).
-"torch parts" is the step as it was before the kernels (bisection, ``gumbel_argmax``, ``rotated_attention``).
-Llama-3.2-1B shape, random weights, bf16, P-token prompts, N new tokens, no stop tokens; tokens/s of the second run
-(the first compiles and captures) and % of the batch roofline B x copy bandwidth / (weight bytes + KV bytes a step
-reads at the mean context P + (N - 1) / 2), the definition of ``benchmarks/llama_gpu.py``; tokens compared with the
-default step's. Phases, each skipped once ``--budget-s`` has passed:
+takes it for the products and, at up to 8 rows, the attention) and how the step is compiled (``compiler``:
+inductor's default; max-autotune). "torch parts" is the step as it was before the kernels (bisection,
+``gumbel_argmax``, ``rotated_attention``). Llama-3.2-1B shape, random weights, bf16, P-token prompts, N new tokens,
+no stop tokens; tokens/s of the second run (the first compiles and captures) and % of the batch roofline B x copy
+bandwidth / (weight bytes + KV bytes a step reads at the mean context P + (N - 1) / 2), the definition of
+``benchmarks/llama_gpu.py``; tokens compared with the default step's. Phases, each skipped once ``--budget-s`` has
+passed:
 
   (0) the card's copy bandwidth; the model; with ``--profile``, the default step's kernels (or those of
       ``--profile-variants``) at each batch, greedy and sampled (torch.profiler over the captured graph's
@@ -35,7 +35,8 @@ with 4,096 programs, with s = 3; the last split of the attention combining the o
 as the transposed problem or with rows padded to 16; programmatic dependent launch for inductor's kernels;
 cuBLASLt products; inductor's coordinate-descent tuning, combo kernels and unsplit reductions; L2 prefetch
 requests issued by the attention and SiLU-product kernels for the products after them; the pivot search in one
-cooperative launch; a Triton kernel for the weight refresh) are in benchmarks/RESULTS.md;
+cooperative launch; a Triton kernel for the weight refresh; the attention's kernels launched by the compiled graph,
+a ``triton_op``) are in benchmarks/RESULTS.md;
 ``benchmarks/skinny_products.py`` times the products alone, every way.
 """
 
@@ -127,17 +128,10 @@ VARIANTS: dict[str, dict | Callable[[int, Llama], dict]] = {  # a callable: the 
     # every product by cuBLAS, the SiLU product its own kernel (the step before notelab.lm.skinny)
     "products=cublas": dict(layers=folded_with(CUBLAS)),
     # programmatic dependent launch for the products' and the attention's kernels at every batch / at none
-    "pdl on": dict(layers=folded_with(skinny_products(True)), attention=partial(rope_attention, launch="pdl")),
-    "pdl off": dict(layers=folded_with(skinny_products(False)), attention=partial(rope_attention, launch="inductor")),
-    "pdl products only": dict(attention=partial(rope_attention, launch="inductor")),
-    "pdl attention only": dict(
-        layers=folded_with(skinny_products(False)), attention=partial(rope_attention, launch="pdl")
-    ),
-    # the attention's kernels launching themselves without programmatic dependent launch at every batch (an opaque
-    # operator: no per-layer kernel preparing its inputs, which inductor adds before the triton_op; the default
-    # above 8 rows) / launched by the compiled graph (the default before)
-    "attention launched directly": dict(attention=partial(rope_attention, launch="direct")),
-    "attention launched by inductor": dict(attention=partial(rope_attention, launch="inductor")),
+    "pdl on": dict(layers=folded_with(skinny_products(True)), attention=partial(rope_attention, pdl=True)),
+    "pdl off": dict(layers=folded_with(skinny_products(False)), attention=partial(rope_attention, pdl=False)),
+    "pdl products only": dict(attention=partial(rope_attention, pdl=False)),
+    "pdl attention only": dict(layers=folded_with(skinny_products(False)), attention=partial(rope_attention, pdl=True)),
     # the token choice's kernels (top-p search, draw) launching themselves, without / with programmatic dependent
     # launch
     "token choice launched directly": dict(

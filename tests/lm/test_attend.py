@@ -42,9 +42,9 @@ def copy_of(cache: KVCache) -> KVCache:
 
 def check(dev: str, heads=(8, 2), block=16, D=16) -> None:
     q, k, v, cache, pos, rope = case(Hq=heads[0], Hkv=heads[1], D=D, dev=dev)
-    for r, launch in ((rope, None), (None, None), (rope, "inductor"), (rope, "direct"), (rope, "pdl")):
+    for r, pdl in ((rope, None), (None, None), (rope, False), (rope, True)):
         ours, ref = copy_of(cache), copy_of(cache)
-        got = attend.rope_attention(q, k, v, ours, pos, r, block, launch=launch)
+        got = attend.rope_attention(q, k, v, ours, pos, r, block, pdl=pdl)
         torch.testing.assert_close(got, rotated_attention(q, k, v, ref, pos, r), rtol=1e-5, atol=1e-5)
         # the new keys (rotated: one rounding apart where the GPU fuses a multiply-add) and values written
         torch.testing.assert_close(ours.k, ref.k, rtol=1e-6, atol=1e-6)
@@ -84,8 +84,6 @@ def test_rope_attention_says_why_it_cannot_run():
         assert attend.attend_unsupported(torch.zeros(1), 16) == "triton is not installed"
         return
     q, k, v, cache, pos, rope = case()
-    with pytest.raises(ValueError, match="expected launch one of .* got 'fast'"):
-        attend.rope_attention(q, k, v, cache, pos, rope, launch="fast")
     if not attend._INTERPRET:
         assert "CUDA" in attend.attend_unsupported(torch.zeros(1), 16)
         with pytest.raises(RuntimeError, match="rope_attention: .*CUDA"):

@@ -100,7 +100,7 @@ def check_engine(dev: str, pdl: bool = False) -> None:
     """The folded engine with these products: the reference loop's greedy and sampled tokens (float32)."""
     model = with_gains(model_of(device=dev))
     prompts = [[5, 6, 7], list(range(1, 12)), [9, 9, 4]]
-    parts = dict(attention=partial(rope_attention, launch="pdl")) if pdl else {}
+    parts = dict(attention=partial(rope_attention, pdl=True)) if pdl else {}
     for kw in (dict(temperature=0.9, top_p=0.8), {}):
         want = [generate(model, [p], 10, path="reference", seed=3 + b, **kw)[0] for b, p in enumerate(prompts)]
         assert engine_tokens(model, prompts, kw, layers=skinny_layers(pdl), **parts) == want, kw

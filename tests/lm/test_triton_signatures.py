@@ -27,4 +27,3 @@ def test_no_kernel_parameter_has_a_default(name):
     for kernel_name, kernel in found.items():
         defaulted = [p.name for p in inspect.signature(kernel.fn).parameters.values() if p.default is not p.empty]
         assert not defaulted, f"{name}.{kernel_name}: parameters with a default {defaulted}"
-

@@ -21,13 +21,11 @@ few programs walking the whole cache. Without a GPU the kernels run through Trit
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from notelab.core.attention import KVCache
 from notelab.lm.triton_env import INTERPRET as _INTERPRET
-from notelab.lm.triton_env import LAUNCHES, PDL_MAX_ROWS, kernels_unsupported, pdl_usable, tl, triton
+from notelab.lm.triton_env import PDL_MAX_ROWS, kernels_unsupported, pdl_usable, tl, triton
 from notelab.lm.triton_env import pow2 as _pow2
 
 # keys a program reads (one block: the keys of a row are split over programs). 64 against 32: +0.7-0.9 points of
@@ -164,7 +162,7 @@ if triton is not None:
     def _attend(
         q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, x: torch.Tensor, eps: float, rope: bool, norm: bool,
-        block: int, pdl: bool, wrap: Callable,
+        block: int, pdl: bool,
     ) -> torch.Tensor:  # fmt: skip
         B, nq, _, hd = q.shape
         nkv, S = k.shape[1], k.shape[2]
@@ -177,37 +175,28 @@ if triton is not None:
         y = torch.empty(B, nq * hd, dtype=q.dtype, device=q.device)
         sizes = dict(HD=hd, G=G, GQ=gq, NSPLIT=nsplit, NSP2=_pow2(nsplit), BLOCK_S=block, PDL=pdl)
         launch = {"launch_pdl": True} if pdl else {}
-        wrap(_split_kernel)[(nsplit, nkv, B)](
+        _split_kernel[(nsplit, nkv, B)](
             q, q.stride(0), q.stride(1), k_new, k_new.stride(0), k_new.stride(1), v_new, v_new.stride(0),
             v_new.stride(1), k, v, cos, sin, pos, part, ml, x, x.stride(0), x.shape[-1], eps, S, hd**-0.5,
             GP=max(16, gq), ROPE=rope, IEEE=k.dtype == torch.float32 or _INTERPRET, NORM=norm,
             DP2=max(2, _pow2(x.shape[-1])), **sizes, **launch,
         )  # fmt: skip
-        wrap(_combine_kernel)[(nkv, B)](pos, part, ml, y, **sizes, **launch)
+        _combine_kernel[(nkv, B)](pos, part, ml, y, **sizes, **launch)
         return y
 
-    @torch.library.triton_op("notelab::rope_attention", mutates_args=("k", "v"))
+    @torch.library.custom_op("notelab::rope_attention", mutates_args=("k", "v"))
     def _rope_attention(
-        q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-        pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, x: torch.Tensor, eps: float, rope: bool, norm: bool,
-        block: int,
-    ) -> torch.Tensor:  # fmt: skip
-        """:func:`rope_attention` as an operator inductor compiles into its graph (the kernels launched as is)."""
-        return _attend(
-            q, k_new, v_new, k, v, pos, cos, sin, x, eps, rope, norm, block, False, torch.library.wrap_triton
-        )
-
-    @torch.library.custom_op("notelab::rope_attention_direct", mutates_args=("k", "v"))
-    def _rope_attention_direct(
         q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, x: torch.Tensor, eps: float, rope: bool, norm: bool,
         block: int, pdl: bool,
     ) -> torch.Tensor:  # fmt: skip
-        """The same as an opaque operator (a compiled graph calls it as it is: the kernels launch themselves, with
-        programmatic dependent launch if ``pdl``, an option inductor does not pass on)."""
-        return _attend(q, k_new, v_new, k, v, pos, cos, sin, x, eps, rope, norm, block, pdl, lambda kernel: kernel)
+        """:func:`rope_attention` as an opaque operator: a compiled graph calls it as it is and its kernels launch
+        themselves, with programmatic dependent launch if ``pdl`` (an option inductor does not pass on to the
+        kernels of a ``triton_op``, which also needed a kernel a layer preparing their inputs: measured slower at 8
+        and 32 rows, benchmarks/RESULTS.md)."""
+        return _attend(q, k_new, v_new, k, v, pos, cos, sin, x, eps, rope, norm, block, pdl)
 
-    @_rope_attention_direct.register_fake
+    @_rope_attention.register_fake
     def _(q, k_new, v_new, k, v, pos, cos, sin, x, eps, rope, norm, block, pdl):  # noqa: ANN001, ANN202
         return q.new_empty(q.shape[0], q.shape[1] * q.shape[3])
 
@@ -221,7 +210,7 @@ def rope_attention(
     rope: tuple[torch.Tensor, torch.Tensor] | None,
     block: int = BLOCK_KEYS,
     norm: tuple[torch.Tensor, float] | None = None,
-    launch: str | None = None,
+    pdl: bool | None = None,
 ) -> torch.Tensor:
     """Attention of the new token of each row: ``q`` ``(B, Hq, 1, D)``, ``k``, ``v`` ``(B, Hkv, 1, D)`` before RoPE,
     rotated by ``rope`` = (cos, sin) ``(B, 1, 1, D)`` tables of the rows' slots ``pos`` (None: no rotation); the
@@ -229,15 +218,11 @@ def rope_attention(
     keys ``0..pos[b]``; returns ``(B, Hq, 1, D)``, as the engine's torch attention (``rotated_attention``) does.
     ``norm`` = (x ``(B, dim)``, eps): q, k, v are projections of the residual rows x before their RMSNorm, its gain
     folded into the weights (``notelab.lm.folded``): scaled by 1 / sqrt(mean(x^2) + eps) first (None: as given).
-    ``block``: keys a program reads (at least 16). ``launch``: how the kernels are launched in a compiled step:
-    "inductor" (by the compiled graph), "direct" (they launch themselves), "pdl" (themselves, with programmatic
-    dependent launch, sm_90+: each may start before the kernel ahead of it ends and waits for it before reading
-    anything); None: "pdl" at up to ``notelab.lm.triton_env.PDL_MAX_ROWS`` rows, else "direct". The engine's
-    attention on CUDA (``Engine(attention=...)``);
-    see :func:`attend_unsupported`."""
+    ``block``: keys a program reads (at least 16). ``pdl``: the kernels launch with programmatic dependent launch
+    (sm_90+: each may start before the kernel ahead of it ends and waits for it before reading anything); None: at
+    up to ``notelab.lm.triton_env.PDL_MAX_ROWS`` rows (measured faster there, slower at 32). The engine's attention
+    on CUDA (``Engine(attention=...)``); see :func:`attend_unsupported`."""
     B, nq, _, hd = q.shape
-    if launch is not None and launch not in LAUNCHES:
-        raise ValueError(f"rope_attention: expected launch one of {LAUNCHES} or None, got {launch!r}")
     why = attend_unsupported(q, hd)
     if why:
         raise RuntimeError(f"rope_attention: {why}")
@@ -252,10 +237,6 @@ def rope_attention(
     else:
         x, eps = norm[0].reshape(B, -1), norm[1]
         x = x if x.stride(-1) == 1 else x.contiguous()
-    launch = launch or ("pdl" if B <= PDL_MAX_ROWS else "direct")
+    pdl = B <= PDL_MAX_ROWS if pdl is None else pdl
     args = (q, k, v, cache.k, cache.v, pos, cos, sin, x, float(eps), rope is not None, norm is not None, max(16, block))
-    if launch == "inductor":
-        y = torch.ops.notelab.rope_attention(*args)
-    else:
-        y = torch.ops.notelab.rope_attention_direct(*args, launch == "pdl")
-    return y.view(B, nq, 1, hd)
+    return torch.ops.notelab.rope_attention(*args, pdl).view(B, nq, 1, hd)

@@ -47,9 +47,6 @@ def kernels_unsupported(t: torch.Tensor) -> str:
 PDL_MAX_ROWS = 8
 
 
-LAUNCHES = ("inductor", "direct", "pdl")  # how a decode kernel launches in a compiled step (notelab.lm.attend)
-
-
 @functools.cache
 def _sm90(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 9
