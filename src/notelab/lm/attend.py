@@ -25,7 +25,7 @@ import torch
 
 from notelab.core.attention import KVCache
 from notelab.lm.triton_env import INTERPRET as _INTERPRET
-from notelab.lm.triton_env import PDL_MAX_ROWS, kernels_unsupported, pdl_usable, tl, triton
+from notelab.lm.triton_env import PDL_MAX_ROWS, kernels_unsupported, launch_options, pdl_usable, tl, triton
 from notelab.lm.triton_env import pow2 as _pow2
 
 # keys a program reads (one block: the keys of a row are split over programs). 64 against 32: +0.7-0.9 points of
@@ -173,8 +173,8 @@ if triton is not None:
         part = torch.empty(B * nkv * nsplit * gq * hd, **f32)
         ml = torch.empty(B * nkv * nsplit * gq * 2, **f32)
         y = torch.empty(B, nq * hd, dtype=q.dtype, device=q.device)
-        sizes = dict(HD=hd, G=G, GQ=gq, NSPLIT=nsplit, NSP2=_pow2(nsplit), BLOCK_S=block, PDL=pdl)
-        launch = {"launch_pdl": True} if pdl else {}
+        sizes = dict(HD=hd, G=G, GQ=gq, NSPLIT=nsplit, NSP2=_pow2(nsplit), BLOCK_S=block)
+        launch = launch_options(pdl)
         _split_kernel[(nsplit, nkv, B)](
             q, q.stride(0), q.stride(1), k_new, k_new.stride(0), k_new.stride(1), v_new, v_new.stride(0),
             v_new.stride(1), k, v, cos, sin, pos, part, ml, x, x.stride(0), x.shape[-1], eps, S, hd**-0.5,

@@ -65,8 +65,8 @@ from notelab.lm.model import FusedWeights, Llama
 from notelab.lm.nucleus import draw_tokens, pivot_threshold
 from notelab.lm.sampling import Sampler, choose_tokens
 from notelab.lm.triton_env import INTERPRET as _INTERPRET
+from notelab.lm.triton_env import launch_options, tl, triton
 from notelab.lm.triton_env import pow2 as _pow2
-from notelab.lm.triton_env import tl, triton
 
 RECOMPILE_LIMIT = 64  # compiled versions of the sampler kept (kinds of processing x cache lengths)
 
@@ -503,7 +503,7 @@ class DecodeChain:
     def step(self) -> None:
         """Launch the 2 + 5 n_layers kernels of one token (all on the current stream)."""
         m, w = self.model, self.warps
-        pk = {"PDL": self.pdl, "EARLY": self.early, **({"launch_pdl": True} if self.pdl else {})}
+        pk = {"EARLY": self.early, **launch_options(self.pdl)}
         D, hd, half = self.D, self.hd, self.hd // 2
         _embed_kernel[(triton.cdiv(D, 1024),)](self.tok, m.embed_tokens.weight, self.x, D, BLOCK=1024, **pk)
         n_qkv = (self.nq + 2 * self.nkv) * (half // self.block_pair)

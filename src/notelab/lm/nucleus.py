@@ -41,7 +41,7 @@ from collections.abc import Callable
 import torch
 
 from notelab.lm.triton_env import INTERPRET as _INTERPRET  # noqa: F401 - the tests read it here
-from notelab.lm.triton_env import kernels_unsupported, pdl_usable, tl, triton
+from notelab.lm.triton_env import kernels_unsupported, launch_options, pdl_usable, tl, triton
 from notelab.lm.triton_env import pow2 as _pow2
 
 SPLIT_BITS = 2  # s (1 to 4): each pass splits the bracket into 2^s parts
@@ -284,8 +284,7 @@ if triton is not None:
         idx = torch.empty(B * C, dtype=torch.int32, device=x.device)
         out = torch.empty(B, dtype=torch.int64, device=x.device)
         pdl = pdl_usable(pdl, x)
-        launch = dict(PDL=pdl, **({"launch_pdl": True} if pdl else {}))  # PDL given even when False: inductor
-        # launches a triton_op's kernels with every argument by position, and none for a defaulted constexpr
+        launch = launch_options(pdl)
         wrap(_draw_kernel)[(C, B)](
             x, x.stride(0), V, temperature, thr, seed, counter, val, idx, C,
             SAMPLE=sample, FILTER=filtered, CHUNK=chunk, BLOCK=block, **launch,
@@ -330,8 +329,7 @@ if triton is not None:
         part = torch.empty(total * B * C << split_bits, dtype=f32, device=dev)
         thr = torch.empty(B, dtype=f32, device=dev)
         pdl = pdl_usable(pdl, x)
-        launch = dict(PDL=pdl, **({"launch_pdl": True} if pdl else {}))  # PDL given even when False: inductor
-        # launches a triton_op's kernels with every argument by position, and none for a defaulted constexpr
+        launch = launch_options(pdl)
         wrap(_stats_kernel)[(C, B)](x, x.stride(0), V, mx, mn, C, CHUNK=chunk, BLOCK=min(chunk, STATS_BLOCK), **launch)
         for r in range(total + 1):
             final = r == total

@@ -37,7 +37,7 @@ from dataclasses import astuple, dataclass
 import torch
 
 from notelab.lm.triton_env import INTERPRET as _INTERPRET
-from notelab.lm.triton_env import kernels_unsupported, pdl_usable, tl, triton
+from notelab.lm.triton_env import kernels_unsupported, launch_options, pdl_usable, tl, triton
 from notelab.lm.triton_env import pow2 as _pow2
 
 PLAIN, ACCUMULATE, GATED = 0, 1, 2
@@ -197,8 +197,8 @@ if triton is not None:
         kernel[(n_tiles, tiles.split)](
             x, x.stride(0), w, w.stride(0), y, y.stride(0), ws, count, B, N, K, ks, eps,
             MODE=mode, BM=bm, BN=tiles.bn, BK=bk, EVEN_K=K % bk == 0, SPLIT=tiles.split,
-            IEEE=w.dtype == torch.float32 or _INTERPRET, PDL=pdl,
-            num_warps=tiles.warps, num_stages=tiles.stages, **({"launch_pdl": True} if pdl else {}),
+            IEEE=w.dtype == torch.float32 or _INTERPRET, num_warps=tiles.warps, num_stages=tiles.stages,
+            **launch_options(pdl),
         )  # fmt: skip
 
     @torch.library.triton_op("notelab::skinny_linear", mutates_args=())

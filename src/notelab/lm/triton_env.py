@@ -58,6 +58,13 @@ def pdl_usable(pdl: bool, t: torch.Tensor) -> bool:
     return pdl and t.is_cuda and _sm90(t.device)
 
 
+def launch_options(pdl: bool) -> dict:
+    """A kernel launch's keywords for :func:`dependent_launch`: its ``PDL`` (given even when False: inductor launches
+    a ``triton_op``'s kernels with every argument by position, with no slot for a defaulted one) and the launch
+    option that lets the kernel start early."""
+    return {"PDL": True, "launch_pdl": True} if pdl else {"PDL": False}
+
+
 if triton is not None:
 
     @triton.jit
