@@ -35,8 +35,8 @@ with 4,096 programs, with s = 3; the last split of the attention combining the o
 as the transposed problem or with rows padded to 16; programmatic dependent launch for inductor's kernels;
 cuBLASLt products; inductor's coordinate-descent tuning, combo kernels and unsplit reductions; L2 prefetch
 requests issued by the attention and SiLU-product kernels for the products after them; the pivot search in one
-cooperative launch; a Triton kernel for the weight refresh; the attention's kernels launched by the compiled graph,
-a ``triton_op``) are in benchmarks/RESULTS.md;
+cooperative launch; a Triton kernel for the weight refresh; the attention's kernels and the products launched by
+the compiled graph, as ``triton_op`` s) are in benchmarks/RESULTS.md;
 ``benchmarks/skinny_products.py`` times the products alone, every way.
 """
 

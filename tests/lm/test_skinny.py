@@ -26,7 +26,8 @@ def interp(monkeypatch):
 
 def check(dev: str, B: int, N: int, K: int, tiles, dtype=torch.float32, pdl: bool = False) -> None:  # noqa: ANN001
     """Each epilogue against float32 torch: to 1e-5 in float32, within a few bf16 roundings in bf16 (``pdl``: the
-    kernels launched with programmatic dependent launch, through their opaque operator)."""
+    kernels launched with programmatic dependent launch where it can run). The three products one after another
+    share the split programs' held arrival counts: each must leave them zero for the next."""
     g = torch.Generator().manual_seed(B * 1000 + N)
     x = (torch.randn(B, K, generator=g) * 2.0).to(dev, dtype)
     w = (torch.randn(2 * N, K, generator=g) / K**0.5).to(dev, dtype)
@@ -62,7 +63,8 @@ def test_skinny_products_in_bf16(interp):
     check("cpu", 6, 40, 96, skinny.Tiles(16, 32, 1, 4), torch.bfloat16)
 
 
-def test_skinny_products_through_the_pdl_operator(interp):
+def test_skinny_products_asked_for_pdl_where_it_cannot_run(interp):
+    """Through the interpreter (no programmatic dependent launch) the kernel launches as usual."""
     check("cpu", 5, 40, 200, skinny.Tiles(16, 32, 2, 4, 3), pdl=True)
 
 

@@ -23,7 +23,7 @@ rounds:
 With ``pdl`` (CUDA, sm_90+) a kernel is launched with programmatic dependent launch: it may start before the
 kernel ahead of it ends, waits for it (``gdc_wait``) before reading anything, then lets the next kernel launch;
 a chain of such kernels hides the launch between them. Inductor does not pass that launch option to the kernels
-of a compiled graph, so those products are an opaque operator that launches the kernel itself.
+of a compiled graph, so the products are an opaque operator that launches the kernel itself (with or without it).
 
 Without a GPU the kernel runs through Triton's interpreter (``TRITON_INTERPRET=1``, read by
 ``notelab.lm.triton_env``), which is how the tests check it against the torch functions on CPU.
@@ -172,11 +172,13 @@ if triton is not None:
     @functools.cache
     def _zeroed_counts(device: torch.device, n: int) -> torch.Tensor:
         """Arrival counts of the split programs, one a tile: zero between calls (the last program of a tile zeroes
-        its count), so held once per device rather than zeroed by a launch before each product."""
+        its count), so held once per device rather than zeroed by a launch before each product (the products run
+        one after another on a stream; with programmatic dependent launch a kernel touches them only after the one
+        ahead of it has ended)."""
         return torch.zeros(n, dtype=torch.int32, device=device)
 
     def _launch(
-        x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, mode: int, eps: float, tiles: Tiles, pdl: bool = False
+        x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, mode: int, eps: float, tiles: Tiles, pdl: bool
     ) -> None:
         B, K = x.shape
         N = y.shape[1]
@@ -188,56 +190,35 @@ if triton is not None:
         if tiles.split > 1:
             ws = torch.empty(n_tiles * tiles.split * tiles.bn * bm * (3 if mode == GATED else 1), dtype=torch.float32,
                              device=x.device)  # fmt: skip
-            # held zero between calls where the kernel launches itself; zeroed by a launch under inductor (which
-            # traces this function with stand-in tensors, not a tensor held outside)
-            zeros = _zeroed_counts(x.device, max(1024, _pow2(n_tiles))) if pdl else None
-            count = torch.zeros(n_tiles, dtype=torch.int32, device=x.device) if zeros is None else zeros
-        # under inductor (the triton_op below) through wrap_triton; with programmatic dependent launch, directly
-        kernel = _skinny_kernel if pdl else torch.library.wrap_triton(_skinny_kernel)
-        kernel[(n_tiles, tiles.split)](
+            count = _zeroed_counts(x.device, max(1024, _pow2(n_tiles)))
+        _skinny_kernel[(n_tiles, tiles.split)](
             x, x.stride(0), w, w.stride(0), y, y.stride(0), ws, count, B, N, K, ks, eps,
             MODE=mode, BM=bm, BN=tiles.bn, BK=bk, EVEN_K=K % bk == 0, SPLIT=tiles.split,
             IEEE=w.dtype == torch.float32 or _INTERPRET, num_warps=tiles.warps, num_stages=tiles.stages,
             **launch_options(pdl),
         )  # fmt: skip
 
-    @torch.library.triton_op("notelab::skinny_linear", mutates_args=())
-    def _skinny_linear(x: torch.Tensor, w: torch.Tensor, tiles: list[int]) -> torch.Tensor:
-        """:func:`skinny_linear` as an operator inductor compiles into its graph (the kernel launched as is)."""
-        y = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
-        _launch(x, w, y, PLAIN, 0.0, Tiles(*tiles))
-        return y
-
-    @torch.library.triton_op("notelab::skinny_add_", mutates_args=("y",))
-    def _skinny_add_(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, tiles: list[int]) -> None:
-        """:func:`skinny_add_` as an operator."""
-        _launch(x, w, y, ACCUMULATE, 0.0, Tiles(*tiles))
-
-    @torch.library.triton_op("notelab::skinny_gated", mutates_args=())
-    def _skinny_gated(x: torch.Tensor, w: torch.Tensor, eps: float, tiles: list[int]) -> torch.Tensor:
-        """:func:`skinny_gated` as an operator."""
-        y = torch.empty(x.shape[0], w.shape[0] // 2, dtype=x.dtype, device=x.device)
-        _launch(x, w, y, GATED, eps, Tiles(*tiles))
-        return y
-
-    # The same with programmatic dependent launch: opaque operators (a compiled graph calls them as they are),
-    # the kernel launching itself with an option inductor does not pass on
-    @torch.library.custom_op("notelab::skinny_pdl", mutates_args=("y",))
-    def _skinny_pdl(
-        y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, epilogue: int, eps: float, tiles: list[int]
+    @torch.library.custom_op("notelab::skinny", mutates_args=("y",))
+    def _skinny(
+        y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, epilogue: int, eps: float, tiles: list[int], pdl: bool
     ) -> None:
-        _launch(x, w, y, epilogue, eps, Tiles(*tiles), pdl=True)
+        """The products as an opaque operator: a compiled graph calls it as it is and the kernel launches itself,
+        with programmatic dependent launch if ``pdl`` (an option inductor does not pass on to the kernels of a
+        ``triton_op``; launched by the compiled graph they measured slower at 32 rows, and at 8 with the
+        attention's kernels: benchmarks/RESULTS.md, twelfth and thirteenth sessions)."""
+        _launch(x, w, y, epilogue, eps, Tiles(*tiles), pdl)
 
-    @_skinny_pdl.register_fake
-    def _(y, x, w, epilogue, eps, tiles):  # noqa: ANN001, ANN202
+    @_skinny.register_fake
+    def _(y, x, w, epilogue, eps, tiles, pdl):  # noqa: ANN001, ANN202
         return None
 
 
-def _pdl(
-    x: torch.Tensor, w: torch.Tensor, n: int, epilogue: int, eps: float, tiles: Tiles, y: torch.Tensor | None = None
-) -> torch.Tensor:
+def _product(
+    x: torch.Tensor, w: torch.Tensor, n: int, epilogue: int, eps: float, tiles: Tiles, pdl: bool,
+    y: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
     y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device) if y is None else y
-    torch.ops.notelab.skinny_pdl(y, x, w, epilogue, eps, list(astuple(tiles)))
+    torch.ops.notelab.skinny(y, x, w, epilogue, eps, list(astuple(tiles)), pdl)
     return y
 
 
@@ -251,11 +232,9 @@ def _checked(name: str, x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor,
 def skinny_linear(x: torch.Tensor, w: torch.Tensor, tiles: Tiles = LINEAR_TILES, pdl: bool = True) -> torch.Tensor:
     """``x w^T`` (``x`` ``(B, K)``, ``w`` ``(N, K)``, B <= 64) by the kernel above; ``pdl``: launched before the
     kernel ahead of it ends (programmatic dependent launch, sm_90+, else as usual), waiting for it before reading
-    anything (False: launched as inductor launches the kernels of a compiled graph)."""
+    anything."""
     x, w = _checked("skinny_linear", x, w)
-    if pdl:
-        return _pdl(x, w, w.shape[0], PLAIN, 0.0, tiles)
-    return torch.ops.notelab.skinny_linear(x, w, list(astuple(tiles)))
+    return _product(x, w, w.shape[0], PLAIN, 0.0, tiles, pdl)
 
 
 def skinny_add_(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, tiles: Tiles = ADD_TILES, pdl: bool = True) -> None:
@@ -264,10 +243,7 @@ def skinny_add_(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, tiles: Tiles 
     if y.shape != (x.shape[0], w.shape[0]) or y.stride(-1) != 1 or y.dtype != x.dtype:
         raise RuntimeError(f"skinny_add_: expected y {(x.shape[0], w.shape[0])} of {x.dtype}, unit stride; "
                            f"got {tuple(y.shape)} of {y.dtype}, strides {y.stride()}")  # fmt: skip
-    if pdl:
-        _pdl(x, w, w.shape[0], ACCUMULATE, 0.0, tiles, y)
-    else:
-        torch.ops.notelab.skinny_add_(y, x, w, list(astuple(tiles)))
+    _product(x, w, w.shape[0], ACCUMULATE, 0.0, tiles, pdl, y)
 
 
 def skinny_gated(
@@ -278,6 +254,4 @@ def skinny_gated(
     x, w = _checked("skinny_gated", x, w)
     if w.shape[0] % 2:
         raise RuntimeError(f"skinny_gated: expected an even number of weight rows ([W_g; W_u]), got {w.shape[0]}")
-    if pdl:
-        return _pdl(x, w, w.shape[0] // 2, GATED, float(eps), tiles)
-    return torch.ops.notelab.skinny_gated(x, w, float(eps), list(astuple(tiles)))
+    return _product(x, w, w.shape[0] // 2, GATED, float(eps), tiles, pdl)
