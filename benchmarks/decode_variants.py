@@ -5,8 +5,7 @@
 Each variant is the engine (``notelab.lm.engine.Engine``: static cache, step compiled by inductor and captured in a
 CUDA graph) built with injected parts (``VARIANTS``): how top-k / top-p find their threshold (``threshold``: the
 pivot search of ``notelab.lm.nucleus``, the default on CUDA; bisection; a sort), how the token is taken (``draw``:
-the split kernels of ``notelab.lm.nucleus``, the default; torch's ``gumbel_argmax``; both kernels' launches: by the
-compiled graph, the default, by themselves, with programmatic dependent launch), the stacked step's attention
+the split kernels of ``notelab.lm.nucleus``, the default; torch's ``gumbel_argmax``), the stacked step's attention
 (``attention``: ``notelab.lm.attend.rope_attention``, the default; torch's ``rotated_attention``), how the layers
 run (``layers``: ``FOLDED``, the RMSNorms folded into the projections, the default, every product by
 ``notelab.lm.skinny``; the same with every product by cuBLAS; ``STACKED``; programmatic dependent launch for the
@@ -36,7 +35,8 @@ as the transposed problem or with rows padded to 16; programmatic dependent laun
 cuBLASLt products; inductor's coordinate-descent tuning, combo kernels and unsplit reductions; L2 prefetch
 requests issued by the attention and SiLU-product kernels for the products after them; the pivot search in one
 cooperative launch; a Triton kernel for the weight refresh; the attention's kernels and the products launched by
-the compiled graph, as ``triton_op`` s) are in benchmarks/RESULTS.md;
+the compiled graph, as ``triton_op`` s; the token choice's kernels launching themselves, with or without
+programmatic dependent launch) are in benchmarks/RESULTS.md;
 ``benchmarks/skinny_products.py`` times the products alone, every way.
 """
 
@@ -132,14 +132,6 @@ VARIANTS: dict[str, dict | Callable[[int, Llama], dict]] = {  # a callable: the 
     "pdl off": dict(layers=folded_with(skinny_products(False)), attention=partial(rope_attention, pdl=False)),
     "pdl products only": dict(attention=partial(rope_attention, pdl=False)),
     "pdl attention only": dict(layers=folded_with(skinny_products(False)), attention=partial(rope_attention, pdl=True)),
-    # the token choice's kernels (top-p search, draw) launching themselves, without / with programmatic dependent
-    # launch
-    "token choice launched directly": dict(
-        threshold=partial(pivot_threshold, launch="direct"), draw=partial(draw_tokens, launch="direct")
-    ),
-    "token choice with pdl": dict(
-        threshold=partial(pivot_threshold, launch="pdl"), draw=partial(draw_tokens, launch="pdl")
-    ),
     # inductor's Triton matmul templates benchmarked against cuBLAS per shape, pointwise epilogues fused into them
     "max-autotune": dict(
         compiler=partial(torch.compile, fullgraph=True, dynamic=False, mode="max-autotune-no-cudagraphs")

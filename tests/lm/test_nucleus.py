@@ -3,8 +3,6 @@ torch functions (the sort, bisection, ``gumbel_argmax``), on CPU through Triton'
 a child process where another module imported triton first); the ``gpu`` tests run the compiled kernels, also
 inside the engine's compiled, captured step."""
 
-from functools import partial
-
 import pytest
 import torch
 from triton_interpreter import GPU, engine_tokens, import_interpreted, run_file_in_child, use_interpreter
@@ -40,7 +38,6 @@ def kept(logits: torch.Tensor, temperature: torch.Tensor, thr: torch.Tensor) -> 
 
 
 def check_thresholds(V: int, dev: str, split_bits: int = nucleus.SPLIT_BITS, **sizes) -> None:
-    """The kept sets of the sort's and bisection's (``sizes``: the search's options, e.g. ``launch``)."""
     x, temperature, top_k, top_p = case(V, dev)
     for t in (temperature, None):
         tt = torch.ones_like(temperature) if t is None else t
@@ -53,14 +50,14 @@ def check_thresholds(V: int, dev: str, split_bits: int = nucleus.SPLIT_BITS, **s
     assert torch.equal(kept(x.bfloat16().float(), temperature, got), kept(x.bfloat16().float(), temperature, want))
 
 
-def check_draws(V: int, dev: str, launch: str = "inductor") -> None:
+def check_draws(V: int, dev: str) -> None:
     x, temperature, top_k, top_p = case(V, dev)
     x[3, [7, 70 % V]] = 50.0  # tied maxima of a greedy row: the first
     seed = torch.arange(6, device=dev) * 977
     counter = torch.tensor([0, 5, 6, 7, 8, 9], device=dev)
     thr = nucleus.pivot_threshold(x, top_k, top_p, True, temperature)
     for t, th in ((temperature, thr), (temperature, None), (None, None)):
-        got = nucleus.draw_tokens(x, t, th, seed, counter, launch=launch)
+        got = nucleus.draw_tokens(x, t, th, seed, counter)
         assert torch.equal(got, gumbel_argmax(x, t, th, seed, counter)), (t is None, th is None)
     assert nucleus.draw_tokens(x, None, None, seed, counter)[3] == 7
     draws = {int(nucleus.draw_tokens(x, temperature, None, seed, counter + i)[1]) for i in range(6)}
@@ -115,16 +112,6 @@ def test_draw_tokens_equals_gumbel_argmax(interp, V):
     check_draws(V, "cpu")
 
 
-def test_every_launch_gives_the_same_results(interp):
-    """The kernels launched by the compiled graph's operator, by themselves (an opaque operator), with programmatic
-    dependent launch (which the interpreter runs as the second)."""
-    for launch in nucleus.LAUNCHES:
-        check_thresholds(101, "cpu", launch=launch)
-        check_draws(101, "cpu", launch)
-    with pytest.raises(ValueError, match="pivot_threshold: expected launch one of"):
-        nucleus.pivot_threshold(torch.zeros(1, 4), torch.ones(1, 1, dtype=torch.long), torch.ones(1, 1), launch="x")
-
-
 def test_engine_with_the_kernels_gives_the_reference_tokens(interp):
     from notelab.lm.attend import rope_attention
 
@@ -154,10 +141,3 @@ def test_the_kernels_on_cuda():
     check_thresholds(3000, "cuda")
     check_draws(5000, "cuda")
     check_engine("cuda")
-    for launch in ("direct", "pdl"):
-        check_thresholds(3000, "cuda", launch=launch)
-        check_draws(5000, "cuda", launch)
-    pdl = dict(
-        threshold=partial(nucleus.pivot_threshold, launch="pdl"), draw=partial(nucleus.draw_tokens, launch="pdl")
-    )
-    check_engine("cuda", **pdl)

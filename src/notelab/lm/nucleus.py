@@ -36,12 +36,10 @@ Without a GPU the kernels run through Triton's interpreter (``TRITON_INTERPRET=1
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from notelab.lm.triton_env import INTERPRET as _INTERPRET  # noqa: F401 - the tests read it here
-from notelab.lm.triton_env import kernels_unsupported, launch_options, pdl_usable, tl, triton
+from notelab.lm.triton_env import kernels_unsupported, tl, triton
 from notelab.lm.triton_env import pow2 as _pow2
 
 SPLIT_BITS = 2  # s (1 to 4): each pass splits the bracket into 2^s parts
@@ -49,7 +47,6 @@ PROGRAMS = 512  # programs a pass aims at, all rows together
 BLOCK = 1024  # elements a program loads at once (at s = 2: fewer at s = 3, 4, whose sums take more registers)
 STATS_BLOCK = 4096  # elements the statistics' programs load at once (a maximum and a minimum each)
 MAX_CHUNKS = 64  # chunks of a row at most (each program reads every chunk's sums of the previous pass)
-LAUNCHES = ("inductor", "direct", "pdl")  # how the kernels launch in a compiled step (pivot_threshold's doc)
 
 
 def pivot_unsupported(x: torch.Tensor) -> str:
@@ -67,7 +64,6 @@ def _chunks(
 
 
 if triton is not None:
-    from notelab.lm.triton_env import dependent_launch
 
     @triton.jit
     def _key(x):  # noqa: ANN001, ANN202
@@ -98,10 +94,9 @@ if triton is not None:
 
     @triton.jit
     def _stats_kernel(  # noqa: ANN202
-        x_ptr, stride, V, mx_ptr, mn_ptr, C, CHUNK: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,  # noqa: ANN001
+        x_ptr, stride, V, mx_ptr, mn_ptr, C, CHUNK: tl.constexpr, BLOCK: tl.constexpr,  # noqa: ANN001
     ):  # fmt: skip
         """Per chunk, the max and min of the logits as read (float32: exact for bf16 and fp16)."""
-        dependent_launch(PDL)
         c, b = tl.program_id(0), tl.program_id(1)
         row = x_ptr + b.to(tl.int64) * stride
         hi = tl.full([BLOCK], float("-inf"), tl.float32)
@@ -149,10 +144,9 @@ if triton is not None:
         MODE: tl.constexpr,  # 1: count; 2: sum masses
         FINAL: tl.constexpr,  # only narrow the bracket and write the threshold
         SCALE: tl.constexpr, KEY16: tl.constexpr, S: tl.constexpr, CP2: tl.constexpr, CHUNK: tl.constexpr,
-        BLOCK: tl.constexpr, PDL: tl.constexpr,
+        BLOCK: tl.constexpr,
     ):  # fmt: skip
         KP: tl.constexpr = 1 << S  # columns: the bracket's low end, then 2^S - 1 pivots
-        dependent_launch(PDL)
         c, b = tl.program_id(0), tl.program_id(1)
         cs = tl.arange(0, CP2)
         have = cs < C
@@ -233,9 +227,7 @@ if triton is not None:
     def _draw_kernel(  # noqa: ANN202
         x_ptr, stride, V, temp_ptr, thr_ptr, seed_ptr, count_ptr, val_ptr, idx_ptr, C,  # noqa: ANN001
         SAMPLE: tl.constexpr, FILTER: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
-        PDL: tl.constexpr,
     ):  # fmt: skip
-        dependent_launch(PDL)
         c, b = tl.program_id(0), tl.program_id(1)
         row = x_ptr + b.to(tl.int64) * stride
         t = _temperature(temp_ptr, b, SAMPLE)
@@ -266,57 +258,51 @@ if triton is not None:
         tl.store(idx_ptr + b * C + c, tl.min(tl.where(best == top, at, V), 0))
 
     @triton.jit
-    def _pick_kernel(val_ptr, idx_ptr, out_ptr, C, CP2: tl.constexpr, PDL: tl.constexpr):  # noqa: ANN001, ANN202
-        dependent_launch(PDL)
+    def _pick_kernel(val_ptr, idx_ptr, out_ptr, C, CP2: tl.constexpr):  # noqa: ANN001, ANN202
         b = tl.program_id(0)
         cs = tl.arange(0, CP2)
         vals = tl.load(val_ptr + b * C + cs, mask=cs < C, other=float("-inf"))
         first = tl.min(tl.where(vals == tl.max(vals, 0), cs, CP2), 0)
         tl.store(out_ptr + b, tl.load(idx_ptr + b * C + first).to(tl.int64))
 
-    def _draw(
-        x: torch.Tensor, temperature: torch.Tensor, thr: torch.Tensor, seed: torch.Tensor, counter: torch.Tensor,
-        sample: bool, filtered: bool, block: int, pdl: bool, wrap: Callable,
-    ) -> torch.Tensor:  # fmt: skip
+    @torch.library.triton_op("notelab::draw_tokens", mutates_args=())
+    def _draw_tokens(
+        x: torch.Tensor,
+        temperature: torch.Tensor,
+        thr: torch.Tensor,
+        seed: torch.Tensor,
+        counter: torch.Tensor,
+        sample: bool,
+        filtered: bool,
+        block: int,
+    ) -> torch.Tensor:
+        """:func:`draw_tokens` as an operator inductor compiles into its graph (the kernels launched as is)."""
         B, V = x.shape
         chunk, C = _chunks(B, V, block=block)
         val = torch.empty(B * C, dtype=torch.float32, device=x.device)
         idx = torch.empty(B * C, dtype=torch.int32, device=x.device)
         out = torch.empty(B, dtype=torch.int64, device=x.device)
-        pdl = pdl_usable(pdl, x)
-        launch = launch_options(pdl)
-        wrap(_draw_kernel)[(C, B)](
+        torch.library.wrap_triton(_draw_kernel)[(C, B)](
             x, x.stride(0), V, temperature, thr, seed, counter, val, idx, C,
-            SAMPLE=sample, FILTER=filtered, CHUNK=chunk, BLOCK=block, **launch,
+            SAMPLE=sample, FILTER=filtered, CHUNK=chunk, BLOCK=block,
         )  # fmt: skip
-        wrap(_pick_kernel)[(B,)](val, idx, out, C, CP2=max(2, _pow2(C)), **launch)
+        torch.library.wrap_triton(_pick_kernel)[(B,)](val, idx, out, C, CP2=max(2, _pow2(C)))
         return out
 
-    @torch.library.triton_op("notelab::draw_tokens", mutates_args=())
-    def _draw_tokens(
-        x: torch.Tensor, temperature: torch.Tensor, thr: torch.Tensor, seed: torch.Tensor, counter: torch.Tensor,
-        sample: bool, filtered: bool, block: int,
-    ) -> torch.Tensor:  # fmt: skip
-        """:func:`draw_tokens` as an operator inductor compiles into its graph (the kernels launched as is)."""
-        return _draw(x, temperature, thr, seed, counter, sample, filtered, block, False, torch.library.wrap_triton)
-
-    @torch.library.custom_op("notelab::draw_tokens_direct", mutates_args=())
-    def _draw_tokens_direct(
-        x: torch.Tensor, temperature: torch.Tensor, thr: torch.Tensor, seed: torch.Tensor, counter: torch.Tensor,
-        sample: bool, filtered: bool, block: int, pdl: bool,
-    ) -> torch.Tensor:  # fmt: skip
-        """The same as an opaque operator: the kernels launch themselves (with programmatic dependent launch if
-        ``pdl``, an option inductor does not pass on)."""
-        return _draw(x, temperature, thr, seed, counter, sample, filtered, block, pdl, lambda kernel: kernel)
-
-    @_draw_tokens_direct.register_fake
-    def _(x, temperature, thr, seed, counter, sample, filtered, block, pdl):  # noqa: ANN001, ANN202
-        return x.new_empty(x.shape[0], dtype=torch.int64)
-
-    def _threshold(
-        x: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, with_top_k: bool,
-        scale: bool, split_bits: int, programs: int, max_chunks: int, block: int, pdl: bool, wrap: Callable,
-    ) -> torch.Tensor:  # fmt: skip
+    @torch.library.triton_op("notelab::pivot_threshold", mutates_args=())
+    def _pivot_threshold(
+        x: torch.Tensor,
+        temperature: torch.Tensor,
+        top_k: torch.Tensor,
+        top_p: torch.Tensor,
+        with_top_k: bool,
+        scale: bool,
+        split_bits: int,
+        programs: int,
+        max_chunks: int,
+        block: int,
+    ) -> torch.Tensor:
+        """:func:`pivot_threshold` as an operator inductor compiles into its graph (the kernels launched as is)."""
         B, V = x.shape
         chunk, C = _chunks(B, V, programs, max_chunks, block)
         key16 = x.element_size() == 2  # bf16 / fp16 logits: the search runs over their 2^16 values
@@ -328,50 +314,18 @@ if triton is not None:
         br = torch.empty((total + 1) * B * 2, dtype=torch.int64, device=dev)
         part = torch.empty(total * B * C << split_bits, dtype=f32, device=dev)
         thr = torch.empty(B, dtype=f32, device=dev)
-        pdl = pdl_usable(pdl, x)
-        launch = launch_options(pdl)
-        wrap(_stats_kernel)[(C, B)](x, x.stride(0), V, mx, mn, C, CHUNK=chunk, BLOCK=min(chunk, STATS_BLOCK), **launch)
+        torch.library.wrap_triton(_stats_kernel)[(C, B)](
+            x, x.stride(0), V, mx, mn, C, CHUNK=chunk, BLOCK=min(chunk, STATS_BLOCK)
+        )
         for r in range(total + 1):
             final = r == total
             prev = 0 if r == 0 else (1 if r - 1 < nk else 2)
-            wrap(_pass_kernel)[(1 if final else C, B)](
+            torch.library.wrap_triton(_pass_kernel)[(1 if final else C, B)](
                 x, x.stride(0), V, temperature, mx, mn, br, part, top_k, top_p, thr, B, C, r, nk,
                 PREV=prev, MODE=1 if r < nk else 2, FINAL=final, SCALE=scale, KEY16=key16, S=split_bits,
-                CP2=max(2, _pow2(C)), CHUNK=chunk, BLOCK=min(chunk, block >> max(0, split_bits - 2)), **launch,
+                CP2=max(2, _pow2(C)), CHUNK=chunk, BLOCK=min(chunk, block >> max(0, split_bits - 2)),
             )  # fmt: skip
         return thr
-
-    @torch.library.triton_op("notelab::pivot_threshold", mutates_args=())
-    def _pivot_threshold(
-        x: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, with_top_k: bool,
-        scale: bool, split_bits: int, programs: int, max_chunks: int, block: int,
-    ) -> torch.Tensor:  # fmt: skip
-        """:func:`pivot_threshold` as an operator inductor compiles into its graph (the kernels launched as is)."""
-        args = (x, temperature, top_k, top_p, with_top_k, scale, split_bits, programs, max_chunks, block)
-        return _threshold(*args, False, torch.library.wrap_triton)
-
-    @torch.library.custom_op("notelab::pivot_threshold_direct", mutates_args=())
-    def _pivot_threshold_direct(
-        x: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, with_top_k: bool,
-        scale: bool, split_bits: int, programs: int, max_chunks: int, block: int, pdl: bool,
-    ) -> torch.Tensor:  # fmt: skip
-        """The same as an opaque operator: the kernels launch themselves (with programmatic dependent launch if
-        ``pdl``)."""
-        args = (x, temperature, top_k, top_p, with_top_k, scale, split_bits, programs, max_chunks, block)
-        return _threshold(*args, pdl, lambda kernel: kernel)
-
-    @_pivot_threshold_direct.register_fake
-    def _(x, temperature, top_k, top_p, with_top_k, scale, split_bits, programs, max_chunks, block, pdl):  # noqa: ANN001, ANN202
-        return x.new_empty(x.shape[0], dtype=torch.float32)
-
-
-def _launched(name: str, launch: str) -> tuple:
-    """The operator ``name`` launching its kernels as ``launch`` says, and its extra arguments."""
-    if launch not in LAUNCHES:
-        raise ValueError(f"{name}: expected launch one of {LAUNCHES}, got {launch!r}")
-    if launch == "inductor":
-        return getattr(torch.ops.notelab, name), ()
-    return getattr(torch.ops.notelab, name + "_direct"), (launch == "pdl",)
 
 
 def pivot_threshold(
@@ -384,19 +338,13 @@ def pivot_threshold(
     programs: int = PROGRAMS,
     max_chunks: int = MAX_CHUNKS,
     block: int = BLOCK,
-    launch: str = "inductor",
 ) -> torch.Tensor:
     """``notelab.lm.sampling.bisect_threshold`` by the pivot search above (``split_bits`` = s): per row ``(B, 1)``
     a threshold such that ``x >= threshold`` is the set top-k then top-p keep, ``x`` the scaled logits
     (``notelab.lm.sampling.scale_logits`` of ``logits`` ``(B, V)``, any float dtype and row stride, and
     ``temperature`` ``(B, 1)``; None: ``logits`` are scaled already). ``top_k`` ``(B, 1)`` int64 (V: none),
     ``top_p`` ``(B, 1)`` (>= 1: none); about ``programs`` programs a pass, at most ``max_chunks`` a row, each
-    loading ``block`` logits at once (a power of two). CUDA, or Triton's interpreter (:func:`pivot_unsupported`).
-    ``launch``: how the kernels launch in a compiled step: "inductor" (by the compiled graph, a ``triton_op``),
-    "direct" (they launch themselves: an opaque operator), "pdl" (themselves, with programmatic dependent launch,
-    sm_90+); at 32 sampled rows launched directly measured within 0.2 points of the default, with programmatic
-    dependent launch 0.8 below it (benchmarks/RESULTS.md)."""
-    op, extra = _launched("pivot_threshold", launch)
+    loading ``block`` logits at once (a power of two). CUDA, or Triton's interpreter (:func:`pivot_unsupported`)."""
     if split_bits not in (1, 2, 3, 4):
         raise ValueError(f"pivot_threshold: expected split_bits 1, 2, 3 or 4, got {split_bits}")
     why = pivot_unsupported(logits)
@@ -411,7 +359,7 @@ def pivot_threshold(
     if block < 16 or block & (block - 1):
         raise ValueError(f"pivot_threshold: expected block a power of two >= 16, got {block}")
     args = (x, t, k, p, with_top_k, scaled, split_bits, programs, max_chunks, block)
-    return op(*args, *extra)[:, None]
+    return torch.ops.notelab.pivot_threshold(*args)[:, None]
 
 
 def draw_tokens(
@@ -421,13 +369,10 @@ def draw_tokens(
     seed: torch.Tensor,
     counter: torch.Tensor,
     block: int = BLOCK,
-    launch: str = "inductor",
 ) -> torch.Tensor:
     """``notelab.lm.sampling.gumbel_argmax`` in two launches (see the module doc): the token ``(B,)`` of each row
     of ``logits`` ``(B, V)`` (any float dtype and row stride), each program loading ``block`` logits at once (a
-    power of two); ``launch`` as :func:`pivot_threshold`'s. CUDA, or Triton's interpreter
-    (:func:`pivot_unsupported`)."""
-    op, extra = _launched("draw_tokens", launch)
+    power of two). CUDA, or Triton's interpreter (:func:`pivot_unsupported`)."""
     why = pivot_unsupported(logits)
     if why:
         raise RuntimeError(f"draw_tokens: {why}")
@@ -435,9 +380,9 @@ def draw_tokens(
         raise ValueError(f"draw_tokens: expected block a power of two >= 16, got {block}")
     B, dev = logits.shape[0], logits.device
     thr = _per_row(threshold, B, dev)
-    return op(
+    return torch.ops.notelab.draw_tokens(
         _rows(logits), _per_row(temperature, B, dev), thr, seed.reshape(B).contiguous(),
-        counter.reshape(B).contiguous(), temperature is not None, threshold is not None, block, *extra,
+        counter.reshape(B).contiguous(), temperature is not None, threshold is not None, block,
     )  # fmt: skip
 
 

@@ -59,9 +59,9 @@ def pdl_usable(pdl: bool, t: torch.Tensor) -> bool:
 
 
 def launch_options(pdl: bool) -> dict:
-    """A kernel launch's keywords for :func:`dependent_launch`: its ``PDL`` (given even when False: inductor launches
-    a ``triton_op``'s kernels with every argument by position, with no slot for a defaulted one) and the launch
-    option that lets the kernel start early."""
+    """A kernel launch's keywords for :func:`dependent_launch`: its ``PDL`` (given even when False: the kernels take
+    no defaulted parameter, which inductor's positional launch of a ``triton_op``'s kernels cannot fill,
+    tests/lm/test_triton_signatures.py) and the launch option that lets the kernel start early."""
     return {"PDL": True, "launch_pdl": True} if pdl else {"PDL": False}
 
 
